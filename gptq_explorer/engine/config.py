@@ -1,0 +1,144 @@
+"""Quantization settings and the result every quantizer returns.
+
+`QuantConfig` holds exactly the knobs of the GPTQ paper's reference code and of the GPTQ checkpoint
+format (bits, group_size, sym, damp_percent, desc_act, static_groups), plus the lazy-batch block size.
+Bad values fail here, at construction, with a message that names the parameter and its allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# Damping is raised x10 after a failed Cholesky factorization, up to this fraction of mean(diag H).
+MAX_DAMP_PERCENT = 1.0
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize one linear layer.
+
+    bits          2..8 bits per weight; codes are integers in [0, 2**bits - 1].
+    group_size    input columns sharing one (scale, zero) per output row; -1 = one group per row.
+    sym           symmetric grid: zero = 2**(bits-1) and range [-max|w|, max|w|].
+    damp_percent  lambda = damp_percent * mean(diag H) is added to diag H (paper, Step 3).
+    desc_act      process columns in order of decreasing diag(H) ("act-order").
+    static_groups compute every group's (scale, zero) from the original weights up front.
+    block_size    columns per lazy batch update (paper, Step 2). It changes speed, never the result.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    damp_percent: float = 0.01
+    desc_act: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_int("bits", self.bits)
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8 (2, 3, 4, 5, 6, 7 or 8), got {self.bits}")
+        _check_int("group_size", self.group_size)
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(
+                f"group_size must be -1 (one group per row) or a positive number of columns, "
+                f"got {self.group_size}"
+            )
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
+            raise ValueError(f"damp_percent must be a number in (0, 1), got {self.damp_percent!r}")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(
+                f"damp_percent must be strictly between 0 and 1 (0.01 = 1% of mean diag(H)), "
+                f"got {self.damp_percent}"
+            )
+        _check_int("block_size", self.block_size)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be a positive number of columns, got {self.block_size}")
+        for flag in ("sym", "desc_act", "static_groups"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code."""
+        return 2**self.bits - 1
+
+    def group_width(self, d_in: int) -> int:
+        """Columns per group for a layer with d_in inputs (the last group may be shorter)."""
+        return d_in if self.group_size == -1 else self.group_size
+
+    def n_groups(self, d_in: int) -> int:
+        width = self.group_width(d_in)
+        return -(-d_in // width)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    def label(self) -> str:
+        """Short human label, e.g. '4-bit g128 sym'."""
+        group = "per-row" if self.group_size == -1 else f"g{self.group_size}"
+        parts = [f"{self.bits}-bit", group, "sym" if self.sym else "asym"]
+        if self.desc_act:
+            parts.append("desc_act")
+        if self.static_groups:
+            parts.append("static")
+        return " ".join(parts)
+
+
+@dataclass
+class QuantResult:
+    """A quantized layer, in the nn.Linear layout (d_out, d_in).
+
+    weight[:, j] == scales[:, g] * (codes[:, j] - zeros[:, g]) with g = g_idx[j], exactly.
+    Arrays are NumPy or torch, matching what the caller passed in.
+
+    losses[j] is the OBS loss of original column j: sum over rows of (w - q)^2 / (2 [H_F^-1]_qq),
+    the paper's / reference code's definition, in the units of the H that was passed (RTN: None).
+    perm is the processing order (perm[p] = original column processed at step p).
+    """
+
+    weight: Any
+    codes: Any
+    scales: Any
+    zeros: Any
+    g_idx: Any
+    perm: Any
+    losses: Any
+    config: QuantConfig
+    method: str
+    damp_percent_used: float | None = None
+    dead_columns: Any = None
+
+    @property
+    def loss(self) -> float:
+        """Total OBS loss of the layer (sum of per-column losses)."""
+        if self.losses is None:
+            return float("nan")
+        return float(self.losses.sum())
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    def dequantize(self) -> Any:
+        """Rebuild the weights from codes, scales, zeros and g_idx (the checkpoint's view)."""
+        idx = self.g_idx
+        return self.scales[:, idx] * (self.codes - self.zeros[:, idx])

@@ -1,0 +1,270 @@
+"""GPTQ in NumPy: the reference algorithm, readable next to the paper, steppable column by column.
+
+Frantar, Ashkboos, Hoefler, Alistarh (2022), "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", Algorithm 1. Symbols follow the paper and its reference code:
+H (Hessian 2/n X X^T), U ("Hinv": the upper Cholesky factor of H^-1), Err1, Losses.
+
+Per layer, GPTQ minimizes ||W X - Q X||^2 one input column at a time. Quantizing column q to Q[:, q]
+leaves an error that the Optimal Brain Surgeon (OBS) update spreads over the columns not yet quantized:
+
+    delta_F = -(w_q - quant(w_q)) / [H_F^-1]_qq * (H_F^-1)_{q,:}           (paper, Eq. 3)
+
+with H_F the Hessian of the remaining columns. Row q of U gives exactly that update without
+re-inverting H_F after every column (Step 3, the Cholesky reformulation):
+U[q, q:] = (H_F^-1)_{q,:} / sqrt([H_F^-1]_qq).
+
+Two places where the reference code is wrong and this engine is right:
+  1. Groups inside a lazy-update block. With group_size < block_size the reference takes a group's
+     (scale, zero) from the global W, which lacks the updates of the current block; its result then
+     changes with block_size. Here block boundaries are also placed at every group start, so a group's
+     grid always comes from fully updated weights and the result never depends on block_size.
+  2. Symmetric groups with no negative weight: see grid.grid_params.
+Everywhere else the steps, their order and their quirks are the reference's (gptq-anchors.md, §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from . import checks
+from .config import QuantConfig, QuantResult
+from .grid import dequantize, grid_params, quantize_codes
+
+
+def hinv_cholesky_upper(H: np.ndarray) -> np.ndarray:
+    """Upper triangular U with H^-1 = U^T U (the reference's `Hinv`), from one Cholesky factorization.
+
+    The reference forms H^-1 (cholesky_inverse) and factors it again. Reversing the order of rows and
+    columns (J = the flip permutation) avoids both: if J H J = L L^T then H^-1 = (J L^-1 J)^T (J L^-1 J)
+    and J L^-1 J is upper triangular with a positive diagonal, so it IS the Cholesky factor of H^-1.
+    Raises np.linalg.LinAlgError when H is not positive definite.
+    """
+    L = np.linalg.cholesky(H[::-1, ::-1])
+    (trtri,) = scipy.linalg.get_lapack_funcs(("trtri",), (L,))
+    L_inv, info = trtri(L, lower=1)
+    if info != 0 or not np.all(np.isfinite(L_inv)):
+        raise np.linalg.LinAlgError(f"triangular inverse failed (info={info})")
+    return np.ascontiguousarray(L_inv[::-1, ::-1])
+
+
+@dataclass
+class GPTQStep:
+    """One column of GPTQ, as the algorithm saw it (processing order = the order of the steps).
+
+    update is the OBS correction applied to the columns not yet quantized (processing order
+    perm[position+1:]): the lazy batch schedule applies it in two parts, but its total is this.
+    """
+
+    position: int  # processing-order index p
+    column: int  # original column index perm[p]
+    group: int  # index into QuantResult.scales / zeros
+    weight: np.ndarray  # (d_out,) column before quantization, with every earlier update applied
+    quantized: np.ndarray  # (d_out,) dequantized values Q[:, column]
+    codes: np.ndarray  # (d_out,) integer codes
+    scale: np.ndarray  # (d_out,) grid in use
+    zero: np.ndarray  # (d_out,)
+    hinv_diag: float  # d = U[p, p] = sqrt([H_F^-1]_qq)
+    error: np.ndarray  # (d_out,) scaled error Err1 = (w - q) / d
+    hinv_row: np.ndarray  # U[p, p+1:]
+    loss: float  # this column's OBS loss: sum (w - q)^2 / d^2 / 2
+    running_loss: float  # sum of losses of the columns quantized so far
+
+    @property
+    def update(self) -> np.ndarray:
+        """(d_out, d_in - p - 1): delta W for columns perm[p+1:], i.e. -Err1 (x) U[p, p+1:]."""
+        return -np.outer(self.error, self.hinv_row)
+
+
+@dataclass
+class PreparedLayer:
+    """Everything fixed before the column loop: steps 1-4 of the reference's fasterquant."""
+
+    W: np.ndarray  # (d_out, d_in) after the dead-column fix, columns in processing order
+    H: np.ndarray  # damped Hessian, processing order
+    U: np.ndarray  # upper Cholesky factor of H^-1, processing order
+    perm: np.ndarray  # processing order -> original column
+    dead: np.ndarray  # (d_in,) bool, original order
+    damp_percent_used: float
+    row_grid: tuple[np.ndarray, np.ndarray] | None  # group_size == -1
+    static_grids: list[tuple[np.ndarray, np.ndarray]] | None  # static_groups, original group order
+
+
+def _as_float_array(name: str, x, dtype) -> np.ndarray:
+    arr = np.array(x, dtype=dtype, copy=True)
+    checks.check_finite(name, bool(np.all(np.isfinite(arr))))
+    return arr
+
+
+def prepare_layer(W, H, cfg: QuantConfig, dtype=np.float64) -> PreparedLayer:
+    checks.check_shapes(np.shape(W), np.shape(H))
+    W = _as_float_array("W", W, dtype)
+    H = _as_float_array("H", H, dtype)
+    checks.check_symmetric(float(np.max(np.abs(H - H.T))), float(np.max(np.abs(H))))
+    n = W.shape[1]
+    width = cfg.group_width(n)
+
+    # Per-row grid (group_size == -1): like the reference, from W as given, before the dead-column fix.
+    row_grid = grid_params(W, cfg.bits, cfg.sym) if cfg.group_size == -1 else None
+
+    # Dead inputs (always zero in the calibration data): H_ii = 1 and W[:, i] = 0, so they quantize
+    # to exactly 0 and neither give nor receive updates.
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static_grids = None
+    if cfg.static_groups and cfg.group_size != -1:
+        # Every group's grid from the original (unpermuted, not yet updated) weights.
+        static_grids = [grid_params(W[:, s : s + width], cfg.bits, cfg.sym) for s in range(0, n, width)]
+
+    # desc_act ("act-order"): the columns with the largest diag(H) first. Stable sort: ties keep
+    # their original order (the reference's torch.argsort leaves it unspecified).
+    perm = np.argsort(-np.diag(H), kind="stable") if cfg.desc_act else np.arange(n)
+    W = W[:, perm]
+    H = H[np.ix_(perm, perm)]
+
+    # Damping (paper, Step 3): lambda = damp_percent * mean(diag H). If H + lambda I is still not
+    # positive definite, raise lambda x10 (up to 100%) and warn, instead of crashing as the reference does.
+    mean_diag = float(np.mean(np.diag(H)))
+    for damp in checks.damping_schedule(cfg.damp_percent):
+        H_damped = H + damp * mean_diag * np.eye(n, dtype=H.dtype)
+        try:
+            U = hinv_cholesky_upper(H_damped)
+            break
+        except np.linalg.LinAlgError:
+            continue
+    else:
+        raise checks.not_positive_definite(cfg.damp_percent)
+    checks.warn_damping(cfg.damp_percent, damp)
+    return PreparedLayer(W, H_damped, U, perm, dead, damp, row_grid, static_grids)
+
+
+def _block_bounds(n: int, cfg: QuantConfig, dynamic_groups: bool) -> list[tuple[int, int]]:
+    starts = set(range(0, n, cfg.block_size))
+    if dynamic_groups:
+        starts |= set(range(0, n, cfg.group_width(n)))  # fix 1: a group never starts inside a block
+    starts = sorted(starts)
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GPTQStep]:
+    """The column loop (paper, Algorithm 1). Yields a GPTQStep per column if record; returns the result."""
+    W, U, perm = prep.W.copy(), prep.U, prep.perm
+    rows, n = W.shape
+    maxq, width = cfg.maxq, cfg.group_width(n)
+    dynamic_groups = cfg.group_size != -1 and not cfg.static_groups
+
+    Q = np.zeros_like(W)
+    codes = np.zeros((rows, n), dtype=np.int32)
+    losses = np.zeros(n, dtype=W.dtype)
+    scales, zeros = [], []
+    running_loss = 0.0
+    scale = zero = None
+
+    for i1, i2 in _block_bounds(n, cfg, dynamic_groups):
+        if dynamic_groups and i1 % width == 0:
+            # The group's grid from the current, error-compensated weights (all updates applied).
+            scale, zero = grid_params(W[:, i1 : i1 + width], cfg.bits, cfg.sym)
+            scales.append(scale)
+            zeros.append(zero)
+        W1 = W[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            p = i1 + i
+            if prep.row_grid is not None:
+                scale, zero = prep.row_grid
+            elif prep.static_grids is not None:
+                scale, zero = prep.static_grids[perm[p] // width]
+            w = W1[:, i]
+            c = quantize_codes(w, scale, zero, maxq)
+            q = dequantize(c, scale, zero)
+            d = U[p, p]
+            err = (w - q) / d
+            # OBS update of the block's remaining columns (Eq. 3 via row p of U).
+            W1[:, i + 1 :] -= np.outer(err, U[p, p + 1 : i2])
+            Err1[:, i] = err
+            Q[:, p] = q
+            codes[:, p] = c
+            losses[p] = np.sum((w - q) ** 2) / d**2 / 2
+            running_loss += float(losses[p])
+            if record:
+                group = p // width if dynamic_groups else (perm[p] // width if prep.static_grids else 0)
+                yield GPTQStep(
+                    position=p,
+                    column=int(perm[p]),
+                    group=int(group),
+                    weight=w.copy(),
+                    quantized=q,
+                    codes=c.astype(np.int32),
+                    scale=scale,
+                    zero=zero,
+                    hinv_diag=float(d),
+                    error=err,
+                    hinv_row=U[p, p + 1 :],
+                    loss=float(losses[p]),
+                    running_loss=running_loss,
+                )
+        # Lazy batch update (paper, Step 2): the block's errors reach all later columns at once.
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    invperm = np.argsort(perm)
+    if prep.row_grid is not None:
+        scales_arr, zeros_arr = prep.row_grid[0][:, None], prep.row_grid[1][:, None]
+        g_idx = np.zeros(n, dtype=np.int32)
+    elif prep.static_grids is not None:
+        scales_arr = np.stack([s for s, _ in prep.static_grids], axis=1)
+        zeros_arr = np.stack([z for _, z in prep.static_grids], axis=1)
+        g_idx = (np.arange(n) // width).astype(np.int32)
+    else:
+        scales_arr, zeros_arr = np.stack(scales, axis=1), np.stack(zeros, axis=1)
+        g_idx = (invperm // width).astype(np.int32)  # group of original column j in processing order
+    return QuantResult(
+        weight=Q[:, invperm],
+        codes=codes[:, invperm],
+        scales=scales_arr,
+        zeros=zeros_arr.astype(np.int32),
+        g_idx=g_idx,
+        perm=perm.astype(np.int64),
+        losses=losses[invperm],
+        config=cfg,
+        method="gptq",
+        damp_percent_used=prep.damp_percent_used,
+        dead_columns=prep.dead,
+    )
+
+
+def gptq_quantize_numpy(W, H, cfg: QuantConfig, dtype=np.float64) -> QuantResult:
+    steps = _iterate(prepare_layer(W, H, cfg, dtype), cfg, record=False)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+class GPTQStepper:
+    """Iterate GPTQ one column at a time: `for step in GPTQStepper(W, H, cfg): ...`.
+
+    `prepared` holds the permuted weights, the damped H and U before the first step; `result` holds
+    the QuantResult (identical to gptq_quantize's) once the iteration is finished.
+    """
+
+    def __init__(self, W, H, cfg: QuantConfig | None = None, dtype=np.float64):
+        self.config = cfg or QuantConfig()
+        self.prepared = prepare_layer(W, H, self.config, dtype)
+        self.result: QuantResult | None = None
+
+    def __len__(self) -> int:
+        return self.prepared.W.shape[1]
+
+    def __iter__(self) -> Iterator[GPTQStep]:
+        self.result = yield from _iterate(self.prepared, self.config, record=True)
+
+
+def gptq_steps(W, H, cfg: QuantConfig | None = None, dtype=np.float64) -> GPTQStepper:
+    """A GPTQStepper: one GPTQStep per column, in processing order."""
+    return GPTQStepper(W, H, cfg, dtype)

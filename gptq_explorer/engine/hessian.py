@@ -1,0 +1,85 @@
+"""The layer Hessian H = 2/n * sum_t x_t x_t^T, built from the inputs a linear layer sees.
+
+For the layer loss ||W X - Q X||^2 the Hessian with respect to each row of W is 2 X X^T, whatever the
+weights are; averaging over tokens keeps its scale independent of the calibration set's size.
+GPTQ's result does not depend on that scale (damping is relative); only the OBS losses do.
+
+Normalization: n counts tokens (rows of X), as GPTQModel does. The paper's reference code divides by
+the number of *sequences* instead, so its H (and its losses) are seqlen times ours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Tokens per accumulation chunk: bounds the float32 copy made from half-precision activations.
+CHUNK_TOKENS = 4096
+
+
+class Hessian:
+    """Running Hessian of one linear layer's inputs.
+
+    h = Hessian(d_in); h.add_batch(X)   # X: (tokens, d_in) or (batch, seq, d_in)
+    h.H                                 # (d_in, d_in): 2/n sum x x^T over every token added so far
+
+    backend="numpy" accumulates in float64; backend="torch" accumulates in float32 on `device`
+    (None = the first batch's device, "auto" = CUDA when available), in chunks of CHUNK_TOKENS rows,
+    so no (tokens x d_in) float64 copy is ever made.
+    """
+
+    def __init__(self, d_in: int, backend: str = "numpy", device=None):
+        if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+            raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+        if backend not in ("numpy", "torch"):
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+        self.d_in = d_in
+        self.backend = backend
+        self.n_tokens = 0
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device) if device is not None else None
+        self._sum = None  # sum_t x_t x_t^T
+
+    def _check(self, X) -> None:
+        if X.ndim not in (2, 3) or X.shape[-1] != self.d_in:
+            raise ValueError(
+                f"X must be (tokens, {self.d_in}) or (batch, seq, {self.d_in}); got shape {tuple(X.shape)}"
+            )
+
+    def add_batch(self, X) -> Hessian:
+        self._check(X)
+        if self.backend == "numpy":
+            x = np.asarray(X.detach().cpu() if isinstance(X, torch.Tensor) else X).reshape(-1, self.d_in)
+            if not np.all(np.isfinite(x)):
+                raise ValueError("activations contain NaN or Inf; the Hessian needs finite inputs")
+            if self._sum is None:
+                self._sum = np.zeros((self.d_in, self.d_in), dtype=np.float64)
+            for s in range(0, x.shape[0], CHUNK_TOKENS):
+                chunk = x[s : s + CHUNK_TOKENS].astype(np.float64)
+                self._sum += chunk.T @ chunk
+        else:
+            x = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
+            x = x.detach().reshape(-1, self.d_in)
+            if self._sum is None:
+                self.device = self.device or x.device
+                self._sum = torch.zeros((self.d_in, self.d_in), dtype=torch.float32, device=self.device)
+            for s in range(0, x.shape[0], CHUNK_TOKENS):
+                chunk = x[s : s + CHUNK_TOKENS].to(device=self.device, dtype=torch.float32)
+                if not bool(torch.isfinite(chunk).all()):
+                    raise ValueError("activations contain NaN or Inf; the Hessian needs finite inputs")
+                self._sum.addmm_(chunk.T, chunk)
+        self.n_tokens += int(np.prod(X.shape[:-1]))
+        return self
+
+    @property
+    def H(self):
+        if self._sum is None or self.n_tokens == 0:
+            raise ValueError("no calibration inputs yet: call add_batch(X) at least once")
+        return self._sum * (2.0 / self.n_tokens)
+
+    @property
+    def dead_columns(self):
+        """Inputs that were zero for every token (diag H == 0)."""
+        diag = self.H.diagonal()
+        return diag == 0

@@ -1,0 +1,14 @@
+"""Metrics: perplexity with the paper's protocol, per-layer output error, the bf16 study."""
+
+from .layer_error import (
+    layer_output_mse,
+    layer_output_sse,
+    layer_relative_error,
+    output_mse_from_hessian,
+)
+from .perplexity import PerplexityResult, perplexity, window_losses
+
+__all__ = [
+    "PerplexityResult", "perplexity", "window_losses", "layer_output_mse", "layer_output_sse",
+    "layer_relative_error", "output_mse_from_hessian",
+]

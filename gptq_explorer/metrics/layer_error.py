@@ -1,0 +1,65 @@
+"""Per-layer output error: what GPTQ minimises, ||X W^T - X Q^T||^2, reported per element.
+
+W, Q: (out, in) weights (original and quantized); X: (tokens, in) or (..., in) layer inputs.
+Works for NumPy arrays and torch tensors (the result is a Python float). Computed as X (W - Q)^T so the
+difference is formed before the matmul (no cancellation between two large products).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _is_torch(*xs) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in xs)
+
+
+def _prep(W, Q, X):
+    if _is_torch(W, Q, X):
+        W, Q, X = (torch.as_tensor(a) for a in (W, Q, X))
+        dt = torch.float64 if torch.float64 in (W.dtype, Q.dtype, X.dtype) else torch.float32
+        dev = W.device
+        W, Q, X = W.to(dev, dt), Q.to(dev, dt), X.to(dev, dt)
+    else:
+        W, Q, X = (np.asarray(a, dtype=np.float64) for a in (W, Q, X))
+    if W.shape != Q.shape or W.ndim != 2:
+        raise ValueError(f"W and Q must be the same (out, in) shape; got {tuple(W.shape)} and {tuple(Q.shape)}")
+    if X.shape[-1] != W.shape[1]:
+        raise ValueError(f"X's last dimension ({X.shape[-1]}) must equal in_features ({W.shape[1]})")
+    return W, Q, X.reshape(-1, X.shape[-1])
+
+
+def layer_output_sse(W, Q, X) -> float:
+    """||X W^T - X Q^T||^2 (sum of squared output errors)."""
+    W, Q, X = _prep(W, Q, X)
+    E = X @ (W - Q).T
+    return float((E * E).sum())
+
+
+def layer_output_mse(W, Q, X) -> float:
+    """||X W^T - X Q^T||^2 / numel(X W^T): mean squared error per output element."""
+    W, Q, X = _prep(W, Q, X)
+    E = X @ (W - Q).T
+    return float((E * E).sum()) / (X.shape[0] * W.shape[0])
+
+
+def layer_relative_error(W, Q, X) -> float:
+    """||X W^T - X Q^T||^2 / ||X W^T||^2 (0 = exact; scale-free, comparable across layers)."""
+    W, Q, X = _prep(W, Q, X)
+    E, Y = X @ (W - Q).T, X @ W.T
+    den = float((Y * Y).sum())
+    return float((E * E).sum()) / den if den > 0 else 0.0
+
+
+def output_mse_from_hessian(W, Q, H, hessian_scale: float = 2.0) -> float:
+    """The same MSE from a Hessian instead of the inputs: if H = hessian_scale * mean_t x_t x_t^T (the
+    reference code accumulates H = 2/n sum x x^T), then ||X D^T||^2 / (n * out) = tr(D H D^T) / (scale * out)
+    with D = W - Q. Saves keeping X around."""
+    if _is_torch(W, Q, H):
+        W, Q, H = (torch.as_tensor(a).to(torch.float64) for a in (W, Q, H))
+        D = W - Q.to(W.device)
+        return float(((D @ H.to(W.device)) * D).sum()) / (hessian_scale * W.shape[0])
+    W, Q, H = (np.asarray(a, dtype=np.float64) for a in (W, Q, H))
+    D = W - Q
+    return float(((D @ H) * D).sum()) / (hessian_scale * W.shape[0])
