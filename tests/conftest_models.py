@@ -25,8 +25,9 @@ def make_byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", model_max_length=1 << 30
+    )
 
 
 def tiny_config(family: str):
@@ -35,16 +36,39 @@ def tiny_config(family: str):
     common = dict(vocab_size=VOCAB, bos_token_id=256, eos_token_id=256)
     if family in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        return cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        return cls(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **common,
+        )
     if family == "opt":
-        return tf.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=257, **common)
+        return tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            pad_token_id=257,
+            **common,
+        )
     if family == "gpt2":
         return tf.GPT2Config(n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=256, **common)
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                max_position_embeddings=256, rotary_pct=0.25, **common)
+        return tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            rotary_pct=0.25,
+            **common,
+        )
     raise KeyError(family)
 
 
@@ -81,3 +105,13 @@ def smollm2():
     from gptq_explorer.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~5x faster than two contended ones.
+    Autouse: importing it into a test module (`from conftest_models import one_thread`) turns it on there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

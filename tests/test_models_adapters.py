@@ -3,7 +3,7 @@ blocks one at a time reproduces the full model's logits (the basis of the sequen
 
 import pytest
 import torch
-from conftest_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, tiny_dirs  # noqa: F401
+from conftest_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, one_thread, tiny_dirs  # noqa: F401
 
 from gptq_explorer.models import (
     SUPPORTED_MODEL_TYPES,
@@ -21,14 +21,35 @@ from gptq_explorer.models.adapters import find_linear_like
 
 H, F = 64, 96  # hidden and FFN sizes of the tiny models
 EXPECTED = {  # block-relative name -> (out, in), in true-sequential order
-    "llama": [("self_attn.k_proj", (32, H)), ("self_attn.v_proj", (32, H)), ("self_attn.q_proj", (H, H)),
-              ("self_attn.o_proj", (H, H)), ("mlp.up_proj", (F, H)), ("mlp.gate_proj", (F, H)),
-              ("mlp.down_proj", (H, F))],
-    "opt": [("self_attn.k_proj", (H, H)), ("self_attn.v_proj", (H, H)), ("self_attn.q_proj", (H, H)),
-            ("self_attn.out_proj", (H, H)), ("fc1", (F, H)), ("fc2", (H, F))],
-    "gpt2": [("attn.c_attn", (3 * H, H)), ("attn.c_proj", (H, H)), ("mlp.c_fc", (F, H)), ("mlp.c_proj", (H, F))],
-    "gpt_neox": [("attention.query_key_value", (3 * H, H)), ("attention.dense", (H, H)),
-                 ("mlp.dense_h_to_4h", (F, H)), ("mlp.dense_4h_to_h", (H, F))],
+    "llama": [
+        ("self_attn.k_proj", (32, H)),
+        ("self_attn.v_proj", (32, H)),
+        ("self_attn.q_proj", (H, H)),
+        ("self_attn.o_proj", (H, H)),
+        ("mlp.up_proj", (F, H)),
+        ("mlp.gate_proj", (F, H)),
+        ("mlp.down_proj", (H, F)),
+    ],
+    "opt": [
+        ("self_attn.k_proj", (H, H)),
+        ("self_attn.v_proj", (H, H)),
+        ("self_attn.q_proj", (H, H)),
+        ("self_attn.out_proj", (H, H)),
+        ("fc1", (F, H)),
+        ("fc2", (H, F)),
+    ],
+    "gpt2": [
+        ("attn.c_attn", (3 * H, H)),
+        ("attn.c_proj", (H, H)),
+        ("mlp.c_fc", (F, H)),
+        ("mlp.c_proj", (H, F)),
+    ],
+    "gpt_neox": [
+        ("attention.query_key_value", (3 * H, H)),
+        ("attention.dense", (H, H)),
+        ("mlp.dense_h_to_4h", (F, H)),
+        ("mlp.dense_4h_to_h", (H, F)),
+    ],
 }
 GROUP_SIZES = {"llama": [3, 1, 2, 1], "opt": [3, 1, 1, 1], "gpt2": [1, 1, 1, 1], "gpt_neox": [1, 1, 1, 1]}
 
@@ -121,8 +142,9 @@ def test_eager_attention_mask_is_caught(tiny_dirs):  # noqa: F811
     assert "position_embeddings" in caught.kwargs
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(head_logits(model, run_blocks(ad.get_blocks(model), caught, 3), ad), full,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        head_logits(model, run_blocks(ad.get_blocks(model), caught, 3), ad), full, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_never_quantizes_embeddings_head_norms(tiny):

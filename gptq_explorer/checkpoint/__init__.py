@@ -4,6 +4,7 @@ Format reference: shared/reference/gptq-anchors.md §3.
 """
 
 from .config import CheckpointConfig, LayerSpec, parse_quantization_config, quantization_config_dict
+from .export import ExportResult, LoaderSupport, save_quantized
 from .format import (
     UnpackedLinear,
     check_linear_shape,
@@ -13,6 +14,7 @@ from .format import (
     pack_linear,
     read_linear,
 )
+from .load import QuantizedCheckpoint, load_quantized
 from .packing import (
     CheckpointFormatError,
     decode_zeros,
@@ -26,6 +28,9 @@ from .packing import (
 __all__ = [
     "CheckpointConfig",
     "CheckpointFormatError",
+    "ExportResult",
+    "LoaderSupport",
+    "QuantizedCheckpoint",
     "LayerSpec",
     "UnpackedLinear",
     "check_linear_shape",
@@ -33,6 +38,7 @@ __all__ = [
     "default_g_idx",
     "dequantize",
     "encode_zeros",
+    "load_quantized",
     "n_groups",
     "pack_cols",
     "pack_linear",
@@ -40,6 +46,7 @@ __all__ = [
     "parse_quantization_config",
     "quantization_config_dict",
     "read_linear",
+    "save_quantized",
     "unpack_cols",
     "unpack_rows",
 ]

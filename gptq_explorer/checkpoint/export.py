@@ -64,15 +64,15 @@ class ExportResult:
     total_bytes: int
     quantization_config: dict
     loaders: list[LoaderSupport]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the loaders that should refuse the folder
 
     def summary(self) -> str:
         lines = [
-            f"GPTQ checkpoint ({self.format}) written to {self.folder}: {self.n_quantized} quantized linears, "
-            f"{self.total_bytes / 1e6:.1f} MB of tensors; files: {', '.join(self.files)}"
+            f"GPTQ checkpoint ({self.format}) written to {self.folder}: "
+            f"{self.n_quantized} quantized linears, {self.total_bytes / 1e6:.1f} MB of tensors; "
+            f"files: {', '.join(self.files)}"
         ]
         lines += [f"  {s.line()}" for s in self.loaders]
-        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -121,7 +121,8 @@ def _gather_layers(qm) -> list[_Layer]:
         g_idx = _integers(res.g_idx, f"{name}: g_idx")
         if codes.shape != (out_f, in_f):
             raise CheckpointFormatError(
-                f"{name}: codes have shape {codes.shape} but the module's weight is (out, in) = {(out_f, in_f)}"
+                f"{name}: codes have shape {codes.shape} but the module's weight is "
+                f"(out, in) = {(out_f, in_f)}"
             )
         want = n_groups(in_f, cfg.group_size)
         if scales.shape != (out_f, want):
@@ -131,7 +132,9 @@ def _gather_layers(qm) -> list[_Layer]:
             )
         if cfg.sym and not (zeros == 2 ** (bits - 1)).all():
             # Marlin ignores qzeros and assumes 2**(bits-1) for sym checkpoints (§3.4)
-            raise CheckpointFormatError(f"{name}: sym=True but some zero points differ from {2 ** (bits - 1)}")
+            raise CheckpointFormatError(
+                f"{name}: sym=True but some zero points differ from {2 ** (bits - 1)}"
+            )
         bias = getattr(module, "bias", None)
         layers.append(
             _Layer(
@@ -209,7 +212,9 @@ def loader_support(layers: list[_Layer], format: str, has_overrides: bool) -> li
     marlin = sym and set(bits) <= {4, 8} and all(L.group_size in MARLIN_GROUP_SIZES for L in layers)
     if vllm.ok:
         vllm.reasons.append(
-            "Marlin kernel auto-selected (sym 4/8-bit)" if marlin else "Marlin needs sym 4/8-bit; uses gptq_gemm"
+            "Marlin kernel auto-selected (sym 4/8-bit)"
+            if marlin
+            else "Marlin needs sym 4/8-bit; uses gptq_gemm"
         )
     if has_overrides:
         vllm.reasons.append("per-layer bits/group size come from the 'dynamic' field")
@@ -314,7 +319,12 @@ def save_quantized(
     for L in layers:
         diff = {
             k: v
-            for k, v in (("bits", L.bits), ("group_size", L.group_size), ("sym", L.sym), ("desc_act", L.desc_act))
+            for k, v in (
+                ("bits", L.bits),
+                ("group_size", L.group_size),
+                ("sym", L.sym),
+                ("desc_act", L.desc_act),
+            )
             if v != getattr(qcfg, k)
         }
         if diff:
@@ -374,6 +384,7 @@ def save_quantized(
         tok = getattr(quantized_model, "tokenizer", None)
         if tok is not None:
             tok.save_pretrained(tmp)
+        _apply_umask(tmp)
         _move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -394,6 +405,15 @@ def save_quantized(
         for m in msgs:
             warnings.warn(f"GPTQ export {folder}: {m}", stacklevel=2)
     return result
+
+
+def _apply_umask(tmp: Path) -> None:
+    """mkdtemp creates a private (0700) folder; give the checkpoint the permissions of a normal save."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    for p in tmp.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _move_into_place(tmp: Path, folder: Path) -> None:

@@ -14,6 +14,14 @@ from .corpora import (
 )
 
 __all__ = [
-    "CALIB_FRACTION", "CORPORA", "CorpusError", "CorpusInfo", "calibration_ids", "calibration_windows",
-    "corpus_info", "corpus_parts", "evaluation_ids", "load_corpus",
+    "CALIB_FRACTION",
+    "CORPORA",
+    "CorpusError",
+    "CorpusInfo",
+    "calibration_ids",
+    "calibration_windows",
+    "corpus_info",
+    "corpus_parts",
+    "evaluation_ids",
+    "load_corpus",
 ]

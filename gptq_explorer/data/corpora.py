@@ -89,8 +89,10 @@ def _code_docs() -> list[str]:
 
 def _read_text_file(path: Path) -> str:
     if not path.exists():
-        raise CorpusError(f"corpus file {path} does not exist. Pass an existing UTF-8 text file, or one of: "
-                          f"{', '.join(CORPORA)}.")
+        raise CorpusError(
+            f"corpus file {path} does not exist. Pass an existing UTF-8 text file, or one of: "
+            f"{', '.join(CORPORA)}."
+        )
     if not path.is_file():
         raise CorpusError(f"corpus path {path} is not a file (a folder?). Pass a UTF-8 text file.")
     data = path.read_bytes()
@@ -98,7 +100,7 @@ def _read_text_file(path: Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorpusError(
-            f"corpus file {path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}). "
+            f"corpus file {path} is not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}). "
             "Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`, or save it as UTF-8."
         ) from None
     if text.startswith("\ufeff"):
@@ -115,7 +117,7 @@ def _cut_docs(docs: list[str], sep: str) -> tuple[str, str]:
     while k < len(docs) - 1 and acc < CALIB_FRACTION * total:
         acc += len(docs[k]) + len(sep)
         k += 1
-    return sep.join(docs[:k]), sep.join(docs[k:])
+    return sep.join(docs[:k]) + sep, sep.join(docs[k:])  # calib + eval == the joined text
 
 
 def _cut_lines(text: str) -> tuple[str, str]:
@@ -137,17 +139,21 @@ def _local_parts(name: str) -> _Parts:
         text = "\n\n".join(docs)
         calib, ev = _cut_docs(docs, "\n\n")
         unit = "topic" if name == "prose" else "file"
-        src = (f"CPython {py} pydoc_data.topics ({len(docs)} topics sorted by key, joined with blank lines)"
-               if name == "prose" else
-               f"CPython {py} standard library, {len(docs)} top-level *.py files sorted by name")
+        src = (
+            f"CPython {py} pydoc_data.topics ({len(docs)} topics sorted by key, joined with blank lines)"
+            if name == "prose"
+            else f"CPython {py} standard library, {len(docs)} top-level *.py files sorted by name"
+        )
     else:
         path = Path(name).expanduser()
         text = _read_text_file(path)
         calib, ev = _cut_lines(text)
         unit = "line"
         src = f"text file {path.resolve()}"
-    split = (f"first {CALIB_FRACTION:.0%} of the characters (cut at a {unit} boundary) calibrate, "
-             f"the rest evaluates")
+    split = (
+        f"first {CALIB_FRACTION:.0%} of the characters (cut at a {unit} boundary) calibrate, "
+        f"the rest evaluates"
+    )
     info = CorpusInfo(name, src, _sha(text), py, len(text), len(calib), len(ev), split)
     return _Parts(info, calib, ev)
 
@@ -157,9 +163,9 @@ def _load_dataset(*args, **kwargs):
         import datasets  # noqa: F401  (optional, heavy: imported only here)
     except ImportError:
         raise CorpusError(
-            f"corpus '{args[0]}' needs the `datasets` package, which is not installed (pip install datasets), "
-            "plus access to the Hugging Face hub or a cached copy. Offline alternatives: 'prose', 'code' or a "
-            "path to a UTF-8 text file."
+            f"corpus '{args[0]}' needs the `datasets` package, which is not installed "
+            "(pip install datasets), plus access to the Hugging Face hub or a cached copy. "
+            "Offline alternatives: 'prose', 'code' or a path to a UTF-8 text file."
         ) from None
     from datasets import load_dataset
 
@@ -187,10 +193,14 @@ def _paper_parts(name: str) -> _Parts:
         calib, ev = "\n\n".join(train["sentence"]), "\n\n".join(val["sentence"])
         split, src = "train split calibrates, validation split evaluates", "ptb_text_only (datasets)"
     elif name == "c4":  # datautils.get_c4: first train shard, first validation shard
-        train = _load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
-                              split="train")
-        val = _load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                            split="validation")
+        train = _load_dataset(
+            "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"
+        )
+        val = _load_dataset(
+            "allenai/c4",
+            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+            split="validation",
+        )
         c4_docs = (train["text"], val["text"])
         calib, ev = "", ""  # c4 windows come from individual documents
         split = "train shard 0 calibrates, validation shard 0 evaluates (256 random windows, seed 0)"
@@ -198,7 +208,7 @@ def _paper_parts(name: str) -> _Parts:
     else:  # pragma: no cover
         raise CorpusError(name)
     h = hashlib.sha256()
-    for part in ([calib, ev] if c4_docs is None else [*c4_docs[0][:1000], *c4_docs[1][:1000]]):
+    for part in [calib, ev] if c4_docs is None else [*c4_docs[0][:1000], *c4_docs[1][:1000]]:
         h.update(part.encode("utf-8"))
     info = CorpusInfo(name, src, h.hexdigest(), py, len(calib) + len(ev), len(calib), len(ev), split)
     return _Parts(info, calib, ev, paper=True, c4_docs=c4_docs)
@@ -268,7 +278,9 @@ def calibration_ids(tokenizer, corpus) -> torch.Tensor:
     return _encode(tokenizer, p.calib, p.paper)
 
 
-def calibration_windows(tokenizer, corpus, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, corpus, nsamples: int = 128, seqlen: int = 512, seed: int = 0
+) -> torch.Tensor:
     """nsamples random windows of seqlen tokens from the calibration part, as a LongTensor
     (nsamples, seqlen). The same seed gives the same windows (the paper's sampler: random.seed(seed),
     start = randint(0, N - seqlen - 1)). Windows may overlap each other, never the evaluation part."""
@@ -282,12 +294,13 @@ def calibration_windows(tokenizer, corpus, nsamples: int = 128, seqlen: int = 51
     n = ids.numel()
     if n < seqlen + 1:
         raise ValueError(
-            f"the calibration part of corpus '{p.info.name}' has {n} tokens ({p.info.calib_chars} characters), "
-            f"fewer than one window of seqlen={seqlen} + 1. Use a shorter seqlen or a longer text "
+            f"the calibration part of corpus '{p.info.name}' has {n} tokens "
+            f"({p.info.calib_chars} characters), fewer than one window of seqlen={seqlen} + 1. "
+            "Use a shorter seqlen or a longer text "
             f"(it needs about {int((seqlen + 1) / max(n, 1) * p.info.chars) + 1} characters in all)."
         )
     starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s:s + seqlen] for s in starts])
+    return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
 def _c4_windows(tokenizer, docs, nsamples, seqlen, rng) -> torch.Tensor:
@@ -299,7 +312,7 @@ def _c4_windows(tokenizer, docs, nsamples, seqlen, rng) -> torch.Tensor:
             if enc.numel() > seqlen:
                 break
         s = rng.randint(0, enc.numel() - seqlen - 1)
-        out.append(enc[s:s + seqlen])
+        out.append(enc[s : s + seqlen])
     return torch.stack(out)
 
 
@@ -319,11 +332,15 @@ def evaluation_ids(tokenizer, corpus, n_tokens: int | None = None, seqlen: int |
         ids = _encode(tokenizer, p.eval, p.paper)
     n = ids.numel()
     if seqlen is not None and n < seqlen:
-        raise ValueError(f"the evaluation part of corpus '{p.info.name}' has {n} tokens, fewer than one window "
-                         f"of seqlen={seqlen}. Use a shorter seqlen or a longer text.")
+        raise ValueError(
+            f"the evaluation part of corpus '{p.info.name}' has {n} tokens, fewer than one window "
+            f"of seqlen={seqlen}. Use a shorter seqlen or a longer text."
+        )
     if n_tokens is not None:
         if n_tokens > n:
-            raise ValueError(f"asked for {n_tokens} evaluation tokens but the evaluation part of corpus "
-                             f"'{p.info.name}' has only {n}. Ask for at most {n}, or n_tokens=None for all.")
+            raise ValueError(
+                f"asked for {n_tokens} evaluation tokens but the evaluation part of corpus "
+                f"'{p.info.name}' has only {n}. Ask for at most {n}, or n_tokens=None for all."
+            )
         ids = ids[:n_tokens]
     return ids

@@ -22,7 +22,7 @@ import torch
 
 from . import checks
 from .config import QuantConfig, QuantResult
-from .grid import TIE_TOLERANCE
+from .grid import tie_tolerance
 
 
 def _grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,8 @@ def _grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
 def _round_half_even(x: torch.Tensor) -> torch.Tensor:
     """torch twin of grid.round_half_even: float-noise ties snapped to exact ties, then half to even."""
     half = torch.round(2 * x) / 2
-    x = torch.where((x - half).abs() <= TIE_TOLERANCE * x.abs().clamp(min=1.0), half, x)
+    tol = tie_tolerance(torch.finfo(x.dtype).eps)
+    x = torch.where((x - half).abs() <= tol * x.abs().clamp(min=1.0), half, x)
     return torch.round(x)
 
 

@@ -37,8 +37,14 @@ def grid_params(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.nda
     return scale, zero
 
 
-# Relative distance from a half-integer below which x / scale counts as an exact tie.
+# Relative distance from a half-integer below which x / scale counts as an exact tie: 1e-9, or 4
+# machine epsilons when that is larger (float32), well above division rounding, far below real gaps.
 TIE_TOLERANCE = 1e-9
+TIE_EPSILONS = 4
+
+
+def tie_tolerance(eps: float) -> float:
+    return max(TIE_TOLERANCE, TIE_EPSILONS * eps)
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:
@@ -47,10 +53,11 @@ def round_half_even(x: np.ndarray) -> np.ndarray:
     Ties are systematic here: on the symmetric grid a group's most negative weight, -max|w|, sits
     exactly half-way between codes 0 and 1. Whether a computed x lands a hair above or below .5 then
     depends on summation order (block size, BLAS, backend); snapping x to the half-integer when it is
-    within TIE_TOLERANCE makes the choice the same everywhere.
+    within the tie tolerance makes the choice the same everywhere.
     """
     half = np.round(2 * x) / 2
-    x = np.where(np.abs(x - half) <= TIE_TOLERANCE * np.maximum(np.abs(x), 1.0), half, x)
+    tol = tie_tolerance(float(np.finfo(x.dtype).eps))
+    x = np.where(np.abs(x - half) <= tol * np.maximum(np.abs(x), 1.0), half, x)
     return np.round(x)
 
 

@@ -1,6 +1,7 @@
 """Metrics: perplexity with the paper's protocol, per-layer output error, the bf16 study."""
 
 from .layer_error import (
+    heldout_layer_errors,
     layer_output_mse,
     layer_output_sse,
     layer_relative_error,
@@ -9,6 +10,12 @@ from .layer_error import (
 from .perplexity import PerplexityResult, perplexity, window_losses
 
 __all__ = [
-    "PerplexityResult", "perplexity", "window_losses", "layer_output_mse", "layer_output_sse",
-    "layer_relative_error", "output_mse_from_hessian",
+    "PerplexityResult",
+    "perplexity",
+    "window_losses",
+    "layer_output_mse",
+    "layer_output_sse",
+    "layer_relative_error",
+    "output_mse_from_hessian",
+    "heldout_layer_errors",
 ]

@@ -24,7 +24,9 @@ def _prep(W, Q, X):
     else:
         W, Q, X = (np.asarray(a, dtype=np.float64) for a in (W, Q, X))
     if W.shape != Q.shape or W.ndim != 2:
-        raise ValueError(f"W and Q must be the same (out, in) shape; got {tuple(W.shape)} and {tuple(Q.shape)}")
+        raise ValueError(
+            f"W and Q must be the same (out, in) shape; got {tuple(W.shape)} and {tuple(Q.shape)}"
+        )
     if X.shape[-1] != W.shape[1]:
         raise ValueError(f"X's last dimension ({X.shape[-1]}) must equal in_features ({W.shape[1]})")
     return W, Q, X.reshape(-1, X.shape[-1])
@@ -63,3 +65,57 @@ def output_mse_from_hessian(W, Q, H, hessian_scale: float = 2.0) -> float:
     W, Q, H = (np.asarray(a, dtype=np.float64) for a in (W, Q, H))
     D = W - Q
     return float(((D @ H) * D).sum()) / (hessian_scale * W.shape[0])
+
+
+@torch.no_grad()
+def heldout_layer_errors(
+    quantized_model, original_model, ids, seqlen: int = 512, batch_size: int = 1, max_windows=None, progress=True
+) -> dict[str, dict]:
+    """Per-layer output error on held-out tokens, the out-of-sample twin of the calibration-side
+    `output_mse` in quantize_model's report.
+
+    The quantized model runs on non-overlapping windows of `ids`; at every quantized linear its input x
+    (produced by the quantized layers upstream, exactly as during sequential GPTQ) gives
+    ||x W^T - x Q^T||^2 with W from original_model and Q from quantized_model. Returns
+    {module path: {"output_mse": ..., "output_rel_error": ..., "tokens": ...}}.
+    """
+    from tqdm.auto import tqdm
+
+    from gptq_explorer.models.adapters import get_weight, quantizable_modules
+
+    qmods = quantizable_modules(quantized_model)
+    omods = dict(original_model.named_modules())
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    n_windows = ids.numel() // seqlen if max_windows is None else min(ids.numel() // seqlen, max_windows)
+    if n_windows < 1:
+        raise ValueError(f"need at least one window: got {ids.numel()} tokens for seqlen={seqlen}")
+    acc = {n: [0.0, 0.0, 0] for n in qmods}  # sum squared error, sum squared reference output, tokens
+    diff = {n: (get_weight(omods[n]).float() - get_weight(m).float()) for n, m in qmods.items()}
+    ref = {n: get_weight(omods[n]).float() for n in qmods}
+
+    def hook(name):
+        def f(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            D, W = diff[name].to(x.device), ref[name].to(x.device)
+            e, y = x @ D.T, x @ W.T
+            a = acc[name]
+            a[0] += float((e * e).sum())
+            a[1] += float((y * y).sum())
+            a[2] += x.shape[0]
+
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in qmods.items()]
+    dev = next(quantized_model.parameters()).device
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    try:
+        for i in tqdm(range(0, n_windows, batch_size), desc="held-out layer error", disable=not progress):
+            quantized_model(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, (sse, ssy, t) in acc.items():
+        rows = diff[n].shape[0]
+        out[n] = {"output_mse": sse / (t * rows), "output_rel_error": sse / ssy if ssy > 0 else 0.0, "tokens": t}
+    return out

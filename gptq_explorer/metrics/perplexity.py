@@ -28,7 +28,9 @@ class PerplexityResult:
     n_windows: int
     n_tokens: int  # tokens in the evaluated windows (n_windows * seqlen)
     seqlen: int
-    nll: list[float] = field(default_factory=list)  # per-window mean CE (nats/token); paper's nll = this * seqlen
+    nll: list[float] = field(
+        default_factory=list
+    )  # per-window mean CE (nats/token); paper's nll = this * seqlen
     tokens_dropped: int = 0  # the tail shorter than one window
     seconds: float = 0.0
     dtype: str = "float32"  # the compute dtype of the forward passes
@@ -71,9 +73,17 @@ def window_losses(model, windows: torch.Tensor, amp_dtype=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, ids, seqlen: int = 2048, batch_size: int | None = None, progress: bool = True,
-               device=None, amp_dtype: torch.dtype | None = None, max_windows: int | None = None,
-               desc: str = "perplexity") -> PerplexityResult:
+def perplexity(
+    model,
+    ids,
+    seqlen: int = 2048,
+    batch_size: int | None = None,
+    progress: bool = True,
+    device=None,
+    amp_dtype: torch.dtype | None = None,
+    max_windows: int | None = None,
+    desc: str = "perplexity",
+) -> PerplexityResult:
     """Perplexity of a causal LM on a token stream with the paper's protocol (see the module doc).
 
     ids: 1-D LongTensor (or (1, N)). device: move the model there for the evaluation (and back after).
@@ -86,8 +96,10 @@ def perplexity(model, ids, seqlen: int = 2048, batch_size: int | None = None, pr
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
-        raise ValueError(f"perplexity needs at least one window: got {n} tokens for seqlen={seqlen}. "
-                         "Give more evaluation tokens or a shorter seqlen.")
+        raise ValueError(
+            f"perplexity needs at least one window: got {n} tokens for seqlen={seqlen}. "
+            "Give more evaluation tokens or a shorter seqlen."
+        )
     home = next(model.parameters()).device
     moved = device is not None and torch.device(device) != home
     if moved:
@@ -105,7 +117,7 @@ def perplexity(model, ids, seqlen: int = 2048, batch_size: int | None = None, pr
     try:
         with tqdm(total=n_windows, desc=desc, unit="win", disable=not progress, leave=False) as bar:
             for i in range(0, n_windows, bs):
-                losses += window_losses(model, windows[i:i + bs], amp_dtype).tolist()
+                losses += window_losses(model, windows[i : i + bs], amp_dtype).tolist()
                 bar.update(min(bs, n_windows - i))
                 bar.set_postfix(ppl=f"{math.exp(sum(losses) / len(losses)):.3f}")
     finally:
@@ -113,7 +125,12 @@ def perplexity(model, ids, seqlen: int = 2048, batch_size: int | None = None, pr
         if moved:
             model.to(home)
     return PerplexityResult(
-        ppl=math.exp(sum(losses) / len(losses)), n_windows=n_windows, n_tokens=n_windows * seqlen,
-        seqlen=seqlen, nll=losses, tokens_dropped=n - n_windows * seqlen,
-        seconds=time.perf_counter() - t0, dtype=str(amp_dtype or torch.float32).replace("torch.", ""),
+        ppl=math.exp(sum(losses) / len(losses)),
+        n_windows=n_windows,
+        n_tokens=n_windows * seqlen,
+        seqlen=seqlen,
+        nll=losses,
+        tokens_dropped=n - n_windows * seqlen,
+        seconds=time.perf_counter() - t0,
+        dtype=str(amp_dtype or torch.float32).replace("torch.", ""),
     )

@@ -76,46 +76,66 @@ def _register(adapter: Adapter) -> None:
         ADAPTERS[t] = adapter
 
 
-_register(Adapter(
-    family="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
-    blocks="model.layers",
-    pre_blocks=("model.embed_tokens", "model.rotary_emb"),
-    post_blocks=("model.norm",),
-    sequential=_LLAMA_GROUPS,
-    notes="LLaMA, Mistral, Qwen2/3 and SmolLM share one layout; rotary embeddings are computed once in the "
-          "model and handed to every block as position_embeddings.",
-))
-_register(Adapter(
-    family="opt",
-    model_types=("opt",),
-    blocks="model.decoder.layers",
-    pre_blocks=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-    post_blocks=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-    sequential=(("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.out_proj",),
-                ("fc1",), ("fc2",)),
-    notes="The GPTQ paper's own model family. project_in/out exist only in OPT-350m.",
-))
-_register(Adapter(
-    family="gpt2",
-    model_types=("gpt2",),
-    blocks="transformer.h",
-    pre_blocks=("transformer.wte", "transformer.wpe", "transformer.drop"),
-    post_blocks=("transformer.ln_f",),
-    sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-    conv1d=True,
-    notes="GPT-2 uses transformers' Conv1D: weight stored as (in, out), the transpose of nn.Linear.",
-))
-_register(Adapter(
-    family="gpt_neox",
-    model_types=("gpt_neox",),
-    blocks="gpt_neox.layers",
-    pre_blocks=("gpt_neox.embed_in", "gpt_neox.emb_dropout", "gpt_neox.rotary_emb"),
-    post_blocks=("gpt_neox.final_layer_norm",),
-    sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
-                ("mlp.dense_4h_to_h",)),
-    notes="Pythia. Parallel attention + MLP residual; q, k, v are one fused linear.",
-))
+_register(
+    Adapter(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        blocks="model.layers",
+        pre_blocks=("model.embed_tokens", "model.rotary_emb"),
+        post_blocks=("model.norm",),
+        sequential=_LLAMA_GROUPS,
+        notes="LLaMA, Mistral, Qwen2/3 and SmolLM share one layout; rotary embeddings are computed once "
+        "in the model and handed to every block as position_embeddings.",
+    )
+)
+_register(
+    Adapter(
+        family="opt",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        pre_blocks=(
+            "model.decoder.embed_tokens",
+            "model.decoder.embed_positions",
+            "model.decoder.project_in",
+        ),
+        post_blocks=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+        sequential=(
+            ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+        notes="The GPTQ paper's own model family. project_in/out exist only in OPT-350m.",
+    )
+)
+_register(
+    Adapter(
+        family="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        pre_blocks=("transformer.wte", "transformer.wpe", "transformer.drop"),
+        post_blocks=("transformer.ln_f",),
+        sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        conv1d=True,
+        notes="GPT-2 uses transformers' Conv1D: weight stored as (in, out), the transpose of nn.Linear.",
+    )
+)
+_register(
+    Adapter(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        pre_blocks=("gpt_neox.embed_in", "gpt_neox.emb_dropout", "gpt_neox.rotary_emb"),
+        post_blocks=("gpt_neox.final_layer_norm",),
+        sequential=(
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+        notes="Pythia. Parallel attention + MLP residual; q, k, v are one fused linear.",
+    )
+)
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ADAPTERS))
 
@@ -173,8 +193,10 @@ def set_weight(module: nn.Module, W: torch.Tensor) -> None:
     w = module.weight.data
     src = W.t() if is_conv1d(module) else W
     if tuple(src.shape) != tuple(w.shape):
-        raise ValueError(f"weight shape {tuple(W.shape)} (out, in) does not fit {type(module).__name__} "
-                         f"with stored shape {tuple(w.shape)}")
+        raise ValueError(
+            f"weight shape {tuple(W.shape)} (out, in) does not fit {type(module).__name__} "
+            f"with stored shape {tuple(w.shape)}"
+        )
     w.copy_(src.to(dtype=w.dtype, device=w.device))
 
 
@@ -233,8 +255,14 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def catch_block_inputs(model, ids: torch.Tensor, adapter: Adapter | None = None, batch_size: int = 8,
-                       device=None, dtype: torch.dtype | None = None) -> BlockInputs:
+def catch_block_inputs(
+    model,
+    ids: torch.Tensor,
+    adapter: Adapter | None = None,
+    batch_size: int = 8,
+    device=None,
+    dtype: torch.dtype | None = None,
+) -> BlockInputs:
     """Run the model on calibration ids (nsamples, seqlen) and stop at block 0, returning its inputs.
 
     Only the pre-block modules (embeddings, positions, rotary) run; with `device` set they are moved there
@@ -301,8 +329,10 @@ def run_blocks(blocks, inputs: BlockInputs, batch_size: int = 8, device=None) ->
     dev = torch.device(device) if device is not None else x.device
     kw = BlockInputs(x, _to(inputs.args, dev), _to(inputs.kwargs, dev))
     for block in blocks:
-        outs = [run_block(block, x[i:i + batch_size].to(dev), kw).to(x.device)
-                for i in range(0, x.shape[0], batch_size)]
+        outs = [
+            run_block(block, x[i : i + batch_size].to(dev), kw).to(x.device)
+            for i in range(0, x.shape[0], batch_size)
+        ]
         x = torch.cat(outs)
     return x
 

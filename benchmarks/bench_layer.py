@@ -1,0 +1,121 @@
+"""Per-layer GPTQ time: our torch path and NumPy engine vs the paper's reference code, side by side.
+
+    python benchmarks/bench_layer.py                       # all shapes, best of 3
+    python benchmarks/bench_layer.py --reference-dir DIR   # DIR holds IST-DASLab/gptq's gptq.py, quant.py
+    python benchmarks/bench_layer.py --quick               # SmolLM2 shapes only, best of 1
+
+Only ratios measured in one run mean anything: other load on the machine moves absolute times 10x.
+Without --reference-dir (or $GPTQ_REFERENCE_DIR) the reference is gptq_explorer.engine.reference, our
+faithful torch restatement of its fasterquant loop, and the table says so. The original is never vendored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from gptq_explorer import Hessian, QuantConfig, gptq_quantize
+from gptq_explorer.engine.reference import reference_fasterquant
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
+
+
+def load_original(ref_dir: str):
+    """Import the paper's GPTQ class from a user's checkout; patch its unconditional cuda.synchronize."""
+    sys.path.insert(0, ref_dir)
+    module = importlib.import_module("gptq")
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda *a, **k: None
+    return module
+
+
+def run_original(module, W, H, cfg: QuantConfig):
+    layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    layer.weight.data = W.clone()
+    g = module.GPTQ(layer)
+    g.H = H.clone()
+    g.quantizer = module.Quantizer()
+    g.quantizer.configure(cfg.bits, perchannel=True, sym=cfg.sym, mse=False)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints time and error
+        g.fasterquant(blocksize=cfg.block_size, percdamp=cfg.damp_percent, groupsize=cfg.group_size,
+                      actorder=cfg.desc_act)
+    return layer.weight.data
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(n=2048) -> float:
+    a = torch.randn(n, n)
+    a @ a
+    t = best_of(lambda: a @ a, 3)
+    return 2 * n**3 / t / 1e9
+
+
+def flop_bound(rows: int, cols: int, gflops: float) -> float:
+    """Seconds the unavoidable dense work takes at the measured matmul rate.
+
+    Cholesky of H (cols^3 / 3) plus the error propagation Err @ U, which touches every later column
+    (rows * cols^2 multiply-adds over the whole loop).
+    """
+    return (cols**3 / 3 + rows * cols**2) / (gflops * 1e9)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-dir", default=os.environ.get("GPTQ_REFERENCE_DIR"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    repeats = 1 if args.quick else args.repeats
+    original = load_original(args.reference_dir) if args.reference_dir else None
+    ref_name = "IST-DASLab gptq.py (original)" if original else "reference restated (engine/reference.py)"
+    gflops = matmul_gflops()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}; "
+          f"matmul {gflops:.0f} GFLOP/s (float32); {args.tokens} calibration tokens; best of {repeats}")
+    print(f"reference: {ref_name}")
+    print()
+    header = ("| shape (out x in) | desc_act | reference s | torch s | NumPy f64 s | torch / ref | "
+              "NumPy / torch | FLOP bound s |")
+    print(header)
+    print("|" + "---|" * 8)
+    rng = np.random.default_rng(0)
+    for rows, cols in shapes:
+        X = torch.from_numpy(rng.standard_normal((args.tokens, cols), dtype=np.float32))
+        X[:, : cols // 16] *= 4
+        H = Hessian(cols, backend="torch").add_batch(X).H
+        W = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)) * 0.02
+        Wn, Hn = W.double().numpy(), H.double().numpy()
+        for desc_act in (False, True):
+            cfg = QuantConfig(bits=4, group_size=128, desc_act=desc_act, sym=False)
+            if original:
+                t_ref = best_of(lambda: run_original(original, W, H, cfg), repeats)
+            else:
+                t_ref = best_of(lambda: reference_fasterquant(W, H, bits=4, groupsize=128, sym=False,
+                                                              actorder=desc_act), repeats)
+            t_torch = best_of(lambda: gptq_quantize(W, H, cfg), repeats)
+            t_np = best_of(lambda: gptq_quantize(Wn, Hn, cfg), repeats)
+            print(f"| {rows} x {cols} | {'on' if desc_act else 'off'} | {t_ref:.3f} | {t_torch:.3f} | "
+                  f"{t_np:.3f} | {t_torch / t_ref:.2f} | {t_np / t_torch:.2f} | "
+                  f"{flop_bound(rows, cols, gflops):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Layer Lab responsiveness on the synthetic 576x576 layer: control change -> redraw, and frame time.
+
+    python benchmarks/bench_ui.py [--frames 300] [--repeats 3]
+
+Targets (issue 6): a control change redraws in < 0.3 s; the animation runs at >= 15 frames/s, i.e. the
+kernel's work per frame must be a few ms (the browser round trip measured in the reference doc,
+47-80 ms, comes on top and is not measured here).
+
+What is timed is what a browser's message triggers in the kernel: setting a control's value (the
+observer runs GPTQ + RTN if needed and updates the figures) including the JSON encoding of every
+message the widgets send, through a comm that serializes like a kernel would (no socket). "uncached"
+means a config the lab has not computed yet; "cached" a config it has (runs are kept per lab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import comm
+from comm.base_comm import BaseComm
+
+
+class JsonComm(BaseComm):
+    """A comm that JSON-encodes what it would send and counts the bytes (buffers included)."""
+
+    kernel = True  # ipywidgets only sends state when the comm has a kernel
+    bytes_sent = 0
+    messages = 0
+
+    def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+        text = json.dumps({"data": data, "metadata": metadata}, default=str)
+        JsonComm.bytes_sent += len(text) + sum(memoryview(b).nbytes for b in buffers or [])
+        JsonComm.messages += 1
+
+
+comm.create_comm = lambda *args, **kwargs: JsonComm(*args, **kwargs)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.1f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=300, help="animation frames to time")
+    parser.add_argument("--repeats", type=int, default=3, help="cached revisits per control change")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    import numpy as np
+
+    from gptq_explorer.ui import LayerLab, SyntheticSource
+    from gptq_explorer.ui._blas import _libraries
+
+    t_import = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lab = LayerLab(source=SyntheticSource(), models={})
+    t_build = time.perf_counter() - t0
+    assert lab.errors == [], lab.errors
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f}; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; OpenBLAS threads {[g() for g, _ in _libraries()]} "
+          f"(the lab uses 1 while computing a run)")
+    print(f"layer: {lab.data.name}; crop {lab.state()['rows']}x{lab.state()['cols']}")
+    print(f"import gptq_explorer.ui: {t_import:.2f} s; first LayerLab(): {t_build:.2f} s "
+          f"(includes plotly's FigureWidget import on first use)")
+
+    # --- control change -> redraw -----------------------------------------------------------------
+    changes = [("bits", 3), ("bits", 2), ("group_size", 64), ("desc_act", True), ("damp_percent", 0.1),
+               ("sym", False), ("static_groups", True), ("block_size", 32)]
+    print("\ncontrol change -> redraw (observer: GPTQ + RTN run, figures + text updated, messages encoded)")
+    print(f"  {'change':28s} {'uncached':>10s} {'cached':>10s}   bytes   run alone")
+    uncached, cached = [], []
+    for key, value in changes:
+        ctrl = lab.controls[key]
+        old = ctrl.value
+        b0 = JsonComm.bytes_sent
+        t = time.perf_counter()
+        ctrl.value = value
+        first = time.perf_counter() - t
+        sent = JsonComm.bytes_sent - b0
+        assert lab.errors == [], lab.errors
+        run_s = lab.run.seconds
+        revisits = []
+        for _ in range(args.repeats):
+            ctrl.value = old
+            t = time.perf_counter()
+            ctrl.value = value
+            revisits.append(time.perf_counter() - t)
+        ctrl.value = old
+        uncached.append(first)
+        cached.append(statistics.median(revisits))
+        label = f"{key} -> {value}"
+        print(f"  {label:28s} {ms(first):>10s} {ms(cached[-1]):>10s} {sent:7d}  {ms(run_s)}")
+    print(f"  median: uncached {ms(statistics.median(uncached))}, cached {ms(statistics.median(cached))}; "
+          f"max uncached {ms(max(uncached))}   (target < 300 ms)")
+
+    # --- animation frames ---------------------------------------------------------------------------
+    col = lab.controls["col"]
+    n = lab.run.n
+    for k in range(5):
+        col.value = k
+    times, b0, m0 = [], JsonComm.bytes_sent, JsonComm.messages
+    for i in range(args.frames):
+        k = (10 + i) % n
+        t = time.perf_counter()
+        col.value = k  # what Play -> jslink -> slider -> kernel does every frame
+        times.append(time.perf_counter() - t)
+    frames = len(times)
+    per_bytes = (JsonComm.bytes_sent - b0) / frames
+    per_msgs = (JsonComm.messages - m0) / frames
+    times_ms = np.array(times) * 1000
+    med, p95 = float(np.median(times_ms)), float(np.percentile(times_ms, 95))
+    print(f"\nanimation frame (column slider -> cropped heatmaps, cursor, curves, text), {frames} frames:")
+    print(f"  median {med:.2f} ms, p95 {p95:.2f} ms, max {times_ms.max():.2f} ms; "
+          f"{per_msgs:.1f} messages, {per_bytes / 1024:.1f} KiB per frame")
+    print(f"  kernel-side capacity: {1000 / med:.0f} frames/s (target >= 15 frames/s = 66.7 ms per frame "
+          "including the browser round trip)")
+
+    # --- hover --------------------------------------------------------------------------------------
+    cols = lab.view("W")[2]
+    t = time.perf_counter()
+    for c in cols:
+        lab.highlight(int(c))
+    hover = (time.perf_counter() - t) / len(cols)
+    print(f"\nhover highlight (5 heatmaps + diag(H)): {hover * 1000:.2f} ms")
+
+    ok = statistics.median(uncached) < 0.3 and med < 1000 / 15
+    print(f"\nsummary: control change {ms(statistics.median(uncached)).strip()} (uncached median), "
+          f"frame {med:.2f} ms -> {'OK' if ok else 'SLOWER THAN TARGET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

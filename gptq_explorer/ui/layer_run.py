@@ -1,0 +1,217 @@
+"""The numbers behind the Layer Lab: one GPTQ run per config, replayable at any column in O(crop).
+
+`compute_run(data, cfg)` drives the engine's stepper once over every column and keeps, in processing
+order (the desc_act order when it is on):
+  W0   the weights before any step (the engine's prepared W: permuted, dead columns zeroed)
+  U    the upper Cholesky factor of (H + lambda I)^-1
+  Err  the scaled errors e_p = (w_p - q_p) / U_pp of every step (the reference's Err1)
+  Wq   each column as it was when it got quantized (w_p, every earlier update applied)
+  Q    the quantized columns
+Because every update is linear, the state of the not-yet-quantized columns after step k is one matmul:
+
+    W_state[:, j] = W0[:, j] - Err[:, :k+1] @ U[:k+1, j]        (j > k)
+
+so `frame(run, k, ...)` rebuilds any moment of the algorithm on a crop without re-running it.
+
+Running output-error curves (GPTQ vs RTN, per column): with D_k = W - (the layer after k columns: quantized
+columns so far, the rest as GPTQ left them), 1/2 tr(D_k (H + lambda I) D_k^T) is exactly the running OBS
+loss of the first k columns (the engine's running_loss). For RTN the same expression with the RTN-rounded
+columns and the rest untouched. Divided by d_out, both read as the calibration output MSE per element
+(H = 2/n X^T X, so 1/2 tr(D H D^T) = ||X D^T||^2 / n).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine import QuantConfig, gptq_steps, rtn_quantize
+from ..metrics.layer_error import output_mse_from_hessian
+from .layer_source import LayerData
+
+
+@dataclass
+class Run:
+    cfg: QuantConfig
+    name: str
+    perm: np.ndarray  # processing position -> original column
+    W0: np.ndarray  # (d_out, n) processing order
+    U: np.ndarray  # (n, n)
+    Err: np.ndarray  # (d_out, n)
+    Wq: np.ndarray  # (d_out, n)
+    Q: np.ndarray  # (d_out, n)
+    group: np.ndarray  # (n,) index into scales
+    scales: np.ndarray  # (d_out, n_groups)
+    hinv_diag: np.ndarray  # (n,) U[p, p]
+    losses: np.ndarray  # (n,) OBS loss of each step
+    running: np.ndarray  # (n,) running OBS loss, GPTQ
+    running_rtn: np.ndarray  # (n,) the same for RTN
+    diag_h: np.ndarray  # (n,) undamped diag(H), processing order
+    group_starts: np.ndarray  # positions where a new group starts
+    block_starts: np.ndarray  # positions where a lazy-update block starts
+    summary: dict
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return self.W0.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.W0.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.W0, self.U, self.Err, self.Wq, self.Q))
+
+    @property
+    def curve_gptq(self) -> np.ndarray:
+        """Calibration output MSE per element of the layer after each step (GPTQ)."""
+        return self.running / self.d_out
+
+    @property
+    def curve_rtn(self) -> np.ndarray:
+        return self.running_rtn / self.d_out
+
+    def state(self, k: int, cols: slice | None = None) -> np.ndarray:
+        """The engine's working weights after step k (every column in processing order: quantized columns
+        keep the value they had when quantized, later ones carry every update so far)."""
+        cols = cols or slice(0, self.n)
+        idx = np.arange(self.n)[cols]
+        out = np.empty((self.d_out, idx.size))
+        done = idx <= k
+        out[:, done] = self.Wq[:, idx[done]]
+        rest = idx[~done]
+        if rest.size:
+            out[:, ~done] = self.W0[:, rest] - self.Err[:, : k + 1] @ self.U[: k + 1, rest]
+        return out
+
+    def next_boundary(self, k: int, kind: str) -> int:
+        starts = self.group_starts if kind == "group" else self.block_starts
+        later = starts[starts > k]
+        return int(later[0]) if later.size else self.n - 1
+
+    def block_of(self, k: int) -> tuple[int, int]:
+        i = int(np.searchsorted(self.block_starts, k, side="right")) - 1
+        end = int(self.block_starts[i + 1]) if i + 1 < self.block_starts.size else self.n
+        return int(self.block_starts[i]), end
+
+
+def _running_loss(D: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """r[k] = 1/2 sum_{i,j<=k} (D^T D)_ij H_ij: the loss of a layer whose first k+1 columns carry D."""
+    M = (D.T @ D) * H
+    return 0.5 * np.cumsum(2.0 * np.triu(M, 1).sum(axis=0) + np.diag(M))
+
+
+def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
+    """Run GPTQ (the engine's stepper, every column recorded) and RTN on one layer, with the summary."""
+    t0 = time.perf_counter()
+    W = data.W
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stepper = gptq_steps(W, data.H, cfg)
+        steps = list(stepper)
+    result = stepper.result
+    prep = stepper.prepared
+    perm = prep.perm
+    n = W.shape[1]
+
+    Err = np.stack([s.error for s in steps], axis=1)
+    Wq = np.stack([s.weight for s in steps], axis=1)
+    Q = np.stack([s.quantized for s in steps], axis=1)
+    group = np.array([s.group for s in steps], dtype=np.int64)
+    hinv_diag = np.array([s.hinv_diag for s in steps])
+    losses = np.array([s.loss for s in steps])
+    running = np.array([s.running_loss for s in steps])
+
+    rtn = rtn_quantize(W, cfg)
+    running_rtn = _running_loss((W - rtn.weight)[:, perm], prep.H)
+
+    group_starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    starts = set(range(0, n, cfg.block_size))
+    if cfg.group_size != -1 and not cfg.static_groups:  # the engine starts a block at every group start
+        starts |= set(range(0, n, cfg.group_width(n)))
+    block_starts = np.array(sorted(starts), dtype=np.int64)
+
+    H_held = data.H_heldout
+    mse_g = output_mse_from_hessian(W, result.weight, H_held)
+    mse_r = output_mse_from_hessian(W, rtn.weight, H_held)
+    summary = {
+        "weight_mse_gptq": float(np.mean((W - result.weight) ** 2)),
+        "weight_mse_rtn": float(np.mean((W - rtn.weight) ** 2)),
+        "heldout_mse_gptq": mse_g,
+        "heldout_mse_rtn": mse_r,
+        "heldout_ratio": mse_r / mse_g if mse_g > 0 else float("inf"),
+        "loss_gptq": result.loss,
+        "loss_rtn": float(running_rtn[-1]),
+        "calib_tokens": int(data.X_calib.shape[0]),
+        "heldout_tokens": int(data.X_heldout.shape[0]),
+        "damp_percent_used": prep.damp_percent_used,
+    }
+    return Run(
+        cfg=cfg, name=data.name, perm=perm, W0=prep.W, U=prep.U, Err=Err, Wq=Wq, Q=Q, group=group,
+        scales=np.asarray(result.scales), hinv_diag=hinv_diag, losses=losses, running=running,
+        running_rtn=running_rtn, diag_h=np.diag(data.H)[perm].copy(), group_starts=group_starts,
+        block_starts=block_starts, summary=summary, warnings=[str(w.message) for w in caught],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class Window:
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.arange(self.r0, self.r1)
+
+    @property
+    def cols(self) -> np.ndarray:
+        return np.arange(self.c0, self.c1)
+
+
+def window(run: Run, k: int, rows: int, cols: int, row0: int) -> Window:
+    """The crop: `rows` rows from row0 and `cols` columns around the cursor k (clipped to the layer).
+
+    The column window turns pages rather than scrolling: pages start every cols - 2*margin columns, so k
+    is always at least `margin` columns from an edge (except at the layer's ends), and the window stays
+    still for most frames: easier to watch, and its coordinates need not be re-sent. It depends on k
+    alone, so a link reproduces it."""
+    rows, cols = min(rows, run.d_out), min(cols, run.n)
+    r0 = int(np.clip(row0, 0, run.d_out - rows))
+    margin = cols // 8
+    step = max(cols - 2 * margin, 1)
+    c0 = int(np.clip((k - margin) // step * step, 0, run.n - cols))
+    return Window(r0, r0 + rows, c0, c0 + cols)
+
+
+def frame(run: Run, k: int, win: Window) -> dict[str, np.ndarray]:
+    """The five heatmaps of step k on the crop (processing order), NaN where a view has no value yet.
+
+    W            the original weights
+    updated      the engine's working weights after step k (see Run.state)
+    Q            quantized columns (0..k)
+    error        w - q of the quantized columns (what the updates compensate)
+    compensation the update step k applied to the later columns: -e_k U[k, j]
+    """
+    r, c = slice(win.r0, win.r1), slice(win.c0, win.c1)
+    ncols = win.c1 - win.c0
+    split = int(np.clip(k + 1 - win.c0, 0, ncols))  # crop columns [0, split) are quantized
+    a = win.c0 + split  # first not-yet-quantized column of the crop
+    nan = np.full((win.r1 - win.r0, ncols), np.nan)
+    updated = np.empty_like(nan)
+    updated[:, :split] = run.Wq[r, win.c0:a]
+    Q, error, comp = nan.copy(), nan.copy(), nan
+    Q[:, :split] = run.Q[r, win.c0:a]
+    error[:, :split] = run.Wq[r, win.c0:a] - run.Q[r, win.c0:a]
+    if a < win.c1:
+        updated[:, split:] = run.W0[r, a:win.c1] - run.Err[r, : k + 1] @ run.U[: k + 1, a:win.c1]
+        comp[:, split:] = -np.outer(run.Err[r, k], run.U[k, a:win.c1])
+    return {"W": run.W0[r, c], "updated": updated, "Q": Q, "error": error, "compensation": comp}

@@ -1,0 +1,376 @@
+"""Where the Layer Lab's layer comes from: a weight matrix and the inputs it sees.
+
+A layer source gives `LayerData`: W (d_out, d_in) float64 in the nn.Linear layout, calibration inputs
+X_calib (tokens, d_in) that build the Hessian H = 2/n X^T X, held-out inputs X_heldout (tokens, d_in) that
+measure the output error on text GPTQ never saw, a name and a one-line description.
+
+Two sources:
+  * SyntheticSource: correlated Gaussian inputs with a few large "outlier" channels (as real LLM
+    activations have) and heavy-tailed weights. Instant, no model: tests, benchmarks, the offline fallback.
+  * ModelSource: a real model's sublayer. The model runs over a few calibration windows with a forward hook
+    on the chosen linear that records its input and then stops the forward pass (nothing after that
+    linear runs); the held-out activations come the same way from the corpus' evaluation part. Results
+    are cached in memory per (model, block, sublayer, corpus, nsamples, ...).
+
+The ui package depends on the engine, models and data packages, never the other way round.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..engine import Hessian
+
+Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
+ShouldCancel = Callable[[], bool]
+
+SYNTHETIC = "synthetic"  # the model name the Layer Lab uses for the synthetic source
+
+
+class Cancelled(Exception):
+    """Raised inside a load when the user pressed Cancel."""
+
+
+def _noop_progress(fraction: float, message: str) -> None:
+    pass
+
+
+def _never() -> bool:
+    return False
+
+
+def _check_cancel(should_cancel: ShouldCancel) -> None:
+    if should_cancel():
+        raise Cancelled("cancelled")
+
+
+@dataclass
+class LayerData:
+    """One linear layer and its inputs. Unpacks as (W, X_calib, X_heldout, name, description)."""
+
+    W: np.ndarray  # (d_out, d_in) float64
+    X_calib: np.ndarray  # (tokens, d_in)
+    X_heldout: np.ndarray  # (tokens, d_in)
+    name: str
+    description: str
+    _H: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _H_heldout: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        W, Xc, Xh = self.W, self.X_calib, self.X_heldout
+        if W.ndim != 2 or Xc.ndim != 2 or Xh.ndim != 2:
+            raise ValueError(f"W, X_calib, X_heldout must be 2-D; got {W.shape}, {Xc.shape}, {Xh.shape}")
+        if Xc.shape[1] != W.shape[1] or Xh.shape[1] != W.shape[1]:
+            raise ValueError(f"inputs must have d_in = {W.shape[1]} columns; got {Xc.shape} and {Xh.shape}")
+        for a in (W, Xc, Xh):  # shared through caches: make accidental in-place edits fail loudly
+            a.flags.writeable = False
+
+    def __iter__(self):
+        return iter((self.W, self.X_calib, self.X_heldout, self.name, self.description))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.W.shape
+
+    @property
+    def H(self) -> np.ndarray:
+        """The layer Hessian 2/n X_calib^T X_calib (n = calibration tokens), from the engine's Hessian."""
+        if self._H is None:
+            H = Hessian(self.W.shape[1]).add_batch(self.X_calib).H
+            H.flags.writeable = False
+            self._H = H
+        return self._H
+
+    @property
+    def H_heldout(self) -> np.ndarray:
+        """2/m X_heldout^T X_heldout: the held-out output MSE of any Q is tr(D H_heldout D^T) / (2 d_out)."""
+        if self._H_heldout is None:
+            H = Hessian(self.W.shape[1]).add_batch(self.X_heldout).H
+            H.flags.writeable = False
+            self._H_heldout = H
+        return self._H_heldout
+
+
+@runtime_checkable
+class LayerSource(Protocol):
+    """Anything with a hashable `key` and a `load` that returns LayerData."""
+
+    @property
+    def key(self) -> tuple: ...
+
+    def load(self, progress: Progress | None = None,
+             should_cancel: ShouldCancel | None = None) -> LayerData: ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """A random layer whose inputs look like a transformer's: correlated, with a few outlier channels.
+
+    X = (F M + noise) * channel_scale, with F (tokens, rank) shared latent factors (the correlation), and
+    channel_scale log-normal with `n_outliers` channels 6-20x larger (they dominate diag(H), which is what
+    makes desc_act matter). W is Student-t (heavy tails, as trained weights are) with per-row scales.
+    """
+
+    d_out: int = 576
+    d_in: int = 576
+    n_calib: int = 2048
+    n_heldout: int = 1024
+    seed: int = 0
+    n_outliers: int = 8
+    rank: int = 48
+
+    @property
+    def key(self) -> tuple:
+        return ("synthetic", self.d_out, self.d_in, self.n_calib, self.n_heldout, self.seed, self.n_outliers,
+                self.rank)
+
+    @property
+    def name(self) -> str:
+        return f"synthetic {self.d_out}x{self.d_in} (seed {self.seed})"
+
+    def load(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None) -> LayerData:
+        return _synthetic(self)
+
+
+_SYNTH_CACHE: OrderedDict = OrderedDict()
+
+
+def _synthetic(src: SyntheticSource) -> LayerData:
+    if src.key in _SYNTH_CACHE:
+        _SYNTH_CACHE.move_to_end(src.key)
+        return _SYNTH_CACHE[src.key]
+    for name in ("d_out", "d_in", "n_calib", "n_heldout", "rank"):
+        if getattr(src, name) < 1:
+            raise ValueError(f"SyntheticSource.{name} must be positive, got {getattr(src, name)}")
+    rng = np.random.default_rng(src.seed)
+    d_in = src.d_in
+    rank = min(src.rank, d_in)
+    M = rng.standard_normal((rank, d_in)) / np.sqrt(rank)
+    channel = np.exp(0.4 * rng.standard_normal(d_in))
+    outliers = rng.choice(d_in, size=min(src.n_outliers, d_in), replace=False)
+    channel[outliers] *= rng.uniform(6.0, 20.0, size=outliers.size)
+
+    def inputs(n: int) -> np.ndarray:
+        F = rng.standard_normal((n, rank))
+        return ((F @ M + 0.5 * rng.standard_normal((n, d_in))) * channel).astype(np.float64)
+
+    X_calib, X_heldout = inputs(src.n_calib), inputs(src.n_heldout)
+    row_scale = np.exp(0.25 * rng.standard_normal((src.d_out, 1)))
+    W = 0.02 * row_scale * rng.standard_t(df=5, size=(src.d_out, d_in))
+    data = LayerData(
+        W, X_calib, X_heldout, src.name,
+        f"Synthetic {src.d_out}x{d_in} layer: correlated Gaussian inputs ({rank} shared factors), "
+        f"{outliers.size} outlier input channels, heavy-tailed weights; {src.n_calib} calibration and "
+        f"{src.n_heldout} held-out tokens. Instant, no model needed.",
+    )
+    _SYNTH_CACHE[src.key] = data
+    while len(_SYNTH_CACHE) > 8:
+        _SYNTH_CACHE.popitem(last=False)
+    return data
+
+
+SYNTHETIC_BLOCKS = 4  # the Layer Lab offers seeds 0..3 as "blocks" of the synthetic source
+SYNTHETIC_SUBLAYERS = ("576x576",)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a real model
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the linear's input is recorded: the rest of the model never runs."""
+
+
+_MODEL_LOCK = threading.RLock()
+_MODELS: OrderedDict = OrderedDict()  # model name -> LoadedModel (at most MAX_MODELS kept)
+MAX_MODELS = 1
+_ACTS_LOCK = threading.RLock()
+_ACTS: OrderedDict = OrderedDict()  # ModelSource.key -> LayerData
+MAX_CACHED_LAYERS = 6
+
+
+def models_available() -> bool:
+    """True when gptq_explorer.models and gptq_explorer.data import (torch + transformers present)."""
+    try:
+        from .. import data, models  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def curated_models() -> dict[str, str]:
+    """Model id -> description, from gptq_explorer.models.CURATED_MODELS ({} if that package is missing)."""
+    try:
+        from ..models import CURATED_MODELS
+    except Exception:  # pragma: no cover
+        return {}
+    return dict(CURATED_MODELS)
+
+
+def get_model(name: str, progress: Progress | None = None):
+    """The LoadedModel for a name (cached; loading another model evicts the oldest beyond MAX_MODELS)."""
+    progress = progress or _noop_progress
+    with _MODEL_LOCK:
+        if name in _MODELS:
+            _MODELS.move_to_end(name)
+            return _MODELS[name]
+        from ..models import load_model
+
+        progress(0.02, f"loading model {name} (first time: can take a minute)")
+        while len(_MODELS) >= MAX_MODELS:  # free memory before loading the next one
+            _MODELS.popitem(last=False)
+        lm = load_model(name)
+        _MODELS[name] = lm
+        return lm
+
+
+def model_structure(name: str, progress: Progress | None = None) -> tuple[int, list[str]]:
+    """(number of blocks, quantizable sublayer names of a block) for a model; loads it if needed."""
+    lm = get_model(name, progress)
+    adapter = _adapter(lm)
+    return len(adapter.get_blocks(lm.model)), adapter.linear_names()
+
+
+def _adapter(lm):
+    if lm.adapter is None:
+        from ..models import get_adapter
+
+        return get_adapter(lm.model)  # raises UnsupportedModelError with the list of supported families
+    return lm.adapter
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The inputs of one sublayer of a real model, captured with a forward hook on calibration text.
+
+    model: a name load_model accepts (the offline default, a curated hub id, or a local folder);
+    block: decoder block index; sublayer: block-relative linear name (e.g. "self_attn.q_proj");
+    corpus: "prose" or "code" (gptq_explorer.data); nsamples windows of seqlen tokens calibrate,
+    the first heldout_tokens tokens of the corpus' evaluation part measure the held-out error.
+    """
+
+    model: str = "smollm2-135m"
+    block: int = 0
+    sublayer: str = "self_attn.q_proj"
+    corpus: str = "prose"
+    nsamples: int = 16
+    seqlen: int = 256
+    heldout_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 4
+
+    @property
+    def key(self) -> tuple:
+        return ("model", self.model, self.block, self.sublayer, self.corpus, self.nsamples, self.seqlen,
+                self.heldout_tokens, self.seed)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} block {self.block} {self.sublayer}"
+
+    def load(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None) -> LayerData:
+        progress = progress or _noop_progress
+        should_cancel = should_cancel or _never
+        with _ACTS_LOCK:
+            if self.key in _ACTS:
+                _ACTS.move_to_end(self.key)
+                return _ACTS[self.key]
+        data = self._capture(progress, should_cancel)
+        with _ACTS_LOCK:
+            _ACTS[self.key] = data
+            while len(_ACTS) > MAX_CACHED_LAYERS:
+                _ACTS.popitem(last=False)
+        return data
+
+    def _capture(self, progress: Progress, should_cancel: ShouldCancel) -> LayerData:
+        import torch
+
+        from ..data import calibration_windows, evaluation_ids
+        from ..models import get_weight
+
+        for name in ("nsamples", "seqlen", "heldout_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        lm = get_model(self.model, progress)
+        _check_cancel(should_cancel)
+        adapter = _adapter(lm)
+        blocks = adapter.get_blocks(lm.model)
+        if not 0 <= self.block < len(blocks):
+            raise ValueError(f"block must be between 0 and {len(blocks) - 1} for {self.model}, "
+                             f"got {self.block}")
+        names = adapter.linear_names()
+        if self.sublayer not in names:
+            raise ValueError(f"sublayer must be one of {names} for {self.model}, got {self.sublayer!r}")
+        module = adapter.linears(blocks[self.block])[self.sublayer]
+        W = get_weight(module).detach().to("cpu", torch.float64).numpy().copy()
+
+        progress(0.1, f"tokenizing calibration text ({self.corpus})")
+        calib = calibration_windows(lm.tokenizer, self.corpus, self.nsamples, self.seqlen, self.seed)
+        n_eval = max(self.heldout_tokens // self.seqlen, 1) * self.seqlen
+        held = evaluation_ids(lm.tokenizer, self.corpus, n_tokens=n_eval).reshape(-1, self.seqlen)
+        _check_cancel(should_cancel)
+        X_calib = _capture_inputs(lm.model, module, calib, self.batch_size, should_cancel,
+                                  lambda f: progress(0.15 + 0.55 * f, f"calibration inputs: {f:.0%}"))
+        X_held = _capture_inputs(lm.model, module, held, self.batch_size, should_cancel,
+                                 lambda f: progress(0.7 + 0.25 * f, f"held-out inputs: {f:.0%}"))
+        progress(0.97, "done capturing")
+        return LayerData(
+            W, X_calib, X_held, self.name,
+            f"{self.model}, block {self.block}, {self.sublayer} ({W.shape[0]}x{W.shape[1]}): inputs captured "
+            f"with a forward hook on {self.nsamples} calibration windows of {self.seqlen} tokens from the "
+            f"'{self.corpus}' corpus; held-out: {X_held.shape[0]} tokens of its evaluation part.",
+        )
+
+
+def _capture_inputs(model, module, ids, batch_size: int, should_cancel: ShouldCancel,
+                    progress: Progress) -> np.ndarray:
+    """Run the model on ids (windows, seqlen) and return what `module` receives, (tokens, d_in) float32.
+
+    A forward hook records the input and raises, so only the part of the model up to this linear runs.
+    """
+    import torch
+
+    chunks: list[np.ndarray] = []
+
+    def hook(mod, inputs, output):
+        x = inputs[0].detach()
+        chunks.append(x.reshape(-1, x.shape[-1]).to("cpu", torch.float32).numpy())
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = module.register_forward_hook(hook)
+    try:
+        n = ids.shape[0]
+        for s in range(0, n, batch_size):
+            _check_cancel(should_cancel)
+            before = len(chunks)
+            with torch.no_grad():
+                try:
+                    model(input_ids=ids[s:s + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+            if len(chunks) == before:
+                raise RuntimeError("the model's forward pass never reached the chosen sublayer")
+            progress(min(s + batch_size, n) / n)
+    finally:
+        handle.remove()
+    return np.concatenate(chunks)
+
+
+def clear_caches() -> None:
+    """Forget cached models and captured activations (frees memory)."""
+    with _MODEL_LOCK:
+        _MODELS.clear()
+    with _ACTS_LOCK:
+        _ACTS.clear()
+    _SYNTH_CACHE.clear()

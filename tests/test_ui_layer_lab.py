@@ -1,0 +1,305 @@
+"""Layer Lab, driven from Python: set controls, then assert what the figures hold.
+
+Uses the synthetic 576x576 source (instant); one test captures a tiny random model's activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from plotly.callbacks import Points
+from traitlets import TraitError
+
+from gptq_explorer.engine import QuantConfig, gptq_steps
+from gptq_explorer.ui import LabInputError, LayerLab, ModelSource, SyntheticSource
+from gptq_explorer.ui import layer_lab as lab_module
+from gptq_explorer.ui.layer_lab import _array
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return LayerLab(models={})
+
+
+def curve_end(lab, trace):
+    y = _array(lab.fig_curves.data[trace].y)
+    return float(y[~np.isnan(y)][-1])
+
+
+def test_initial_view_is_complete(lab):
+    assert lab.errors == []
+    n = lab.run.n
+    assert (n, lab.run.d_out) == (576, 576)
+    for name in ("W", "updated", "Q", "error", "compensation"):
+        z, rows, cols = lab.view(name)
+        assert z.shape == (rows.size, cols.size) == (24, 32)
+    assert _array(lab.fig_curves.data[0].y).size == n
+    assert "Step 1 of 576" in lab.explain.value
+    assert "GPTQ" in lab.summary_html.value and "tokens" in lab.summary_html.value
+
+
+def test_bits_4_to_3_raises_the_output_error():
+    lab = LayerLab(models={})
+    lab.goto(575)
+    before = dict(lab.summary)
+    gptq4, rtn4 = curve_end(lab, 4), curve_end(lab, 5)
+    lab.set(bits=3)
+    assert lab.run.cfg.bits == 3 and lab.errors == []
+    after = lab.summary
+    assert after["heldout_mse_gptq"] > 2 * before["heldout_mse_gptq"]
+    assert after["heldout_mse_rtn"] > 2 * before["heldout_mse_rtn"]
+    assert after["loss_gptq"] > before["loss_gptq"]
+    assert curve_end(lab, 4) > gptq4 and curve_end(lab, 5) > rtn4  # the plotted running curves too
+    assert after["heldout_mse_gptq"] < after["heldout_mse_rtn"]  # GPTQ still beats RTN
+    assert "3-bit" in lab.summary_html.value
+
+
+def test_desc_act_reorders_diag_h():
+    lab = LayerLab(models={})
+    plain = _array(lab.fig_curves.data[0].y)
+    assert np.any(np.diff(plain) > 0)  # column order: not sorted
+    lab.set(desc_act=True)
+    ordered = _array(lab.fig_curves.data[0].y)
+    assert np.all(np.diff(ordered) <= 0)  # processing order: descending diag(H)
+    np.testing.assert_array_equal(np.sort(ordered), np.sort(plain))  # same values, permuted
+    np.testing.assert_allclose(ordered, np.diag(lab.data.H)[lab.run.perm], rtol=1e-6)
+    assert "decreasing diag(H)" in lab.fig_curves.layout.annotations[0].text
+
+
+@pytest.mark.parametrize("cfg", [dict(bits=4, group_size=128, desc_act=False),
+                                 dict(bits=3, group_size=-1, desc_act=True, block_size=32)])
+def test_heatmaps_match_the_engine_stepper(cfg):
+    lab = LayerLab(models={})
+    lab.set(**cfg, rows=16, cols=40, row0=200)
+    data = lab.data
+    stepper = gptq_steps(data.W, data.H, QuantConfig(**{**cfg, "block_size": cfg.get("block_size", 128)}))
+    steps = list(stepper)
+    U = stepper.prepared.U
+    for k in (0, 37, 129, 400, 575):
+        lab.goto(k)
+        assert f"Step {k + 1} of 576" in lab.explain.value
+        z, rows, cols = lab.view("updated")
+        q, _, _ = lab.view("Q")
+        comp, _, _ = lab.view("compensation")
+        assert cols[0] <= k <= cols[-1] and list(rows) == list(range(200, 216))
+        for j, c in enumerate(cols):
+            if c <= k:  # quantized: the column as the stepper saw it, and its quantized value
+                np.testing.assert_allclose(z[:, j], steps[c].weight[rows], rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(q[:, j], steps[c].quantized[rows], rtol=1e-5, atol=1e-7)
+                assert np.all(np.isnan(comp[:, j]))
+            else:  # not yet: W_perm[:, c] - sum over steps <= k of e_i U[i, c]
+                state = stepper.prepared.W[rows, c] - sum(steps[i].error[rows] * U[i, c]
+                                                          for i in range(k + 1))
+                np.testing.assert_allclose(z[:, j], state, rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(comp[:, j], steps[k].update[rows, c - k - 1], rtol=1e-5, atol=1e-9)
+                assert np.all(np.isnan(q[:, j]))
+        if k + 1 in cols:  # the next column is exactly what the stepper will quantize next
+            j = list(cols).index(k + 1)
+            np.testing.assert_allclose(z[:, j], steps[k + 1].weight[rows], rtol=1e-5, atol=1e-7)
+
+
+def test_running_curves_are_the_obs_loss(lab):
+    """GPTQ's curve is the engine's running OBS loss / d_out; it ends at the total loss."""
+    run = lab.run
+    np.testing.assert_allclose(run.curve_gptq[-1] * run.d_out, lab.summary["loss_gptq"], rtol=1e-9)
+    assert run.curve_gptq[-1] < run.curve_rtn[-1]
+    lab.goto(100)
+    y = _array(lab.fig_curves.data[4].y)
+    assert np.all(np.isfinite(y[:101])) and np.all(np.isnan(y[101:]))
+
+
+def test_navigation_and_boundaries():
+    lab = LayerLab(models={})
+    lab.set(group_size=128, block_size=32)
+    lab.goto(5)
+    lab.next_boundary("group")
+    assert lab.col == 128
+    lab.next_boundary("block")
+    assert lab.col == 160
+    lab.step(-1)
+    assert lab.col == 159
+    lab.goto(10_000)  # clamped
+    assert lab.col == 575
+    lab.next_boundary("group")
+    assert lab.col == 575
+
+
+def test_window_turns_pages_and_follows_the_cursor(lab):
+    lab.set(cols=32, col=0)
+    _, _, cols0 = lab.view("W")
+    lab.goto(10)
+    _, _, cols1 = lab.view("W")
+    assert list(cols1) == list(cols0)  # still inside: the window stays
+    lab.goto(31)
+    _, _, cols2 = lab.view("W")
+    assert cols2[0] <= 31 <= cols2[-1] and cols2[0] > 0
+
+
+def test_hover_highlights_the_column_everywhere(lab):
+    lab.goto(50)
+    _, _, cols = lab.view("W")
+    col = int(cols[3])
+    heat = lab.fig_maps.data[1]
+    points = Points(point_inds=[[0, 3]], xs=[col], ys=[0], trace_name="updated", trace_index=1)
+    lab._on_hover(heat, points, None)
+    for i in range(10, 15):  # the hover box of each of the five heatmaps
+        x = _array(lab.fig_maps.data[i].x)
+        assert x.size == 5 and x.min() == col - 0.5 and x.max() == col + 0.5
+    assert list(_array(lab.fig_curves.data[3].x)) == [col, col]  # and the diag(H) plot
+    lab.highlight(None)
+    assert _array(lab.fig_maps.data[10].x).size == 0
+
+
+def test_state_query_round_trips():
+    a = LayerLab(models={})
+    a.set(bits=3, group_size=64, desc_act=True, sym=False, damp_percent=10 ** -1.75, block_size=32,
+          rows=16, cols=40, row0=100, fps=10)
+    a.goto(123)
+    qs = a.state_query()
+    b = LayerLab.from_query("?" + qs, models={})
+    assert b.state() == a.state()
+    assert b.errors == [] and "not used" not in b.message.value
+    assert b.run.cfg == a.run.cfg
+    np.testing.assert_array_equal(b.view("updated")[0], a.view("updated")[0])
+    a._on_copy_link()
+    assert qs.replace("&", "&amp;") in a.link.value
+
+
+def test_bad_query_values_are_listed_not_applied():
+    lab = LayerLab.from_query("bits=9&group_size=7&desc_act=maybe&foo=1&model=/etc&bits=3", models={})
+    state = lab.state()
+    assert state["bits"] == 3 and state["group_size"] == 128 and state["model"] == "synthetic"
+    for word in ("bits", "group_size", "desc_act", "foo", "model"):
+        assert word in lab.message.value
+    with pytest.raises(LabInputError):
+        LayerLab.from_query("bits=9", strict=True, models={})
+
+
+def test_out_of_range_values_are_rejected(lab):
+    state = lab.state()
+    with pytest.raises(LabInputError, match="bits must be between 2 and 8"):
+        lab.set(bits=9)
+    assert lab.state() == state and "bits must be between 2 and 8" in lab.message.value
+    with pytest.raises(LabInputError):
+        lab.set(model="gpt2-evil")  # not in the curated list
+    with pytest.raises(LabInputError):
+        lab.set(group_size=100)
+    # what a browser could send: sliders clamp, dropdowns and checkboxes reject
+    lab.controls["rows"].set_state({"value": 10_000})
+    assert lab.controls["rows"].value == 96
+    with pytest.raises(TraitError):
+        lab.controls["group_size"].set_state({"index": 99})
+    with pytest.raises(TraitError):
+        lab.controls["model"].set_state({"index": 42})
+    with pytest.raises(TraitError):
+        lab.controls["desc_act"].set_state({"value": "rm -rf"})
+    assert lab.state()["group_size"] == state["group_size"] and lab.state()["model"] == "synthetic"
+    assert lab.local_path is None  # no free-text box outside local mode
+
+
+def test_a_failing_callback_shows_in_the_page(monkeypatch):
+    lab = LayerLab(models={})
+    shown = lab.run
+
+    def boom(data, cfg):
+        raise RuntimeError("boom: engine exploded")
+
+    monkeypatch.setattr(lab_module, "compute_run", boom)
+    lab.controls["bits"].value = 5  # as if the browser moved the slider: must not raise
+    assert "boom: engine exploded" in lab.message.value and "Try:" in lab.message.value
+    assert lab.run is shown  # the previous result stays on screen
+    lab._on_hover(lab.fig_maps.data[0], Points(point_inds=[], xs=["not a number"], ys=[], trace_name="W",
+                                               trace_index=0), None)
+    assert "ValueError" in lab.message.value
+    monkeypatch.undo()
+    lab.controls["bits"].value = 3
+    assert lab.run.cfg.bits == 3 and lab.message.value == ""
+
+
+def test_presets_apply_and_then_go_custom():
+    lab = LayerLab(models={})
+    name = "3-bit: where RTN collapses"
+    lab.preset.value = name
+    assert lab.run.cfg.bits == 3 and lab.preset.value == name and "RTN" in lab.message.value
+    lab.controls["desc_act"].value = True
+    assert lab.preset.value == "(custom)"
+
+
+def test_figures_stay_synced_for_late_browsers():
+    """Voila: a browser that connects after a change reads _widget_data; it must hold the change."""
+    lab = LayerLab(models={})
+    lab.set(bits=2)
+    for fig in (lab.fig_maps, lab.fig_curves):
+        assert fig._widget_data == fig._data
+        assert fig._widget_layout == fig._layout_obj._props
+    bundle = lab._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == lab.root.model_id
+
+
+def test_synthetic_blocks_are_seeds(lab):
+    lab.set(block=2)
+    assert lab.data.name == SyntheticSource(seed=2).name
+    assert lab.summary["heldout_mse_gptq"] > 0
+    lab.set(block=0)
+
+
+def test_model_source_captures_the_sublayer_inputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from conftest_models import make_tiny_model
+
+    from gptq_explorer.models import get_weight, load_model
+
+    folder = str(make_tiny_model("llama", tmp_path / "llama"))
+    src = ModelSource(model=folder, block=1, sublayer="mlp.down_proj", corpus="prose", nsamples=4, seqlen=32,
+                      heldout_tokens=64)
+    data = src.load()
+    assert data.W.shape == (64, 96) and data.X_calib.shape == (128, 96) and data.X_heldout.shape == (64, 96)
+    assert src.load() is data  # cached
+    # the captured inputs are what the linear really sees: its output is W x
+    lm = load_model(folder)
+    mod = lm.adapter.linears(lm.adapter.get_blocks(lm.model)[1])["mlp.down_proj"]
+    np.testing.assert_allclose(data.W, get_weight(mod).double().numpy())
+    x = torch.tensor(data.X_calib[:8])
+    np.testing.assert_allclose(mod(x).detach().numpy(), x.numpy() @ data.W.T, rtol=1e-4, atol=1e-5)
+
+    lab = LayerLab(source=src, threaded=False, models={})
+    assert lab.errors == [] and lab.run.n == 96
+    assert list(lab.controls["block"].options) == [0, 1]
+    assert "mlp.down_proj" in lab.controls["sublayer"].options
+    assert not lab.controls["corpus"].disabled
+    lab.set(sublayer="self_attn.q_proj")
+    assert lab.data.W.shape == (64, 64) and lab.state()["sublayer"] == "self_attn.q_proj"
+    with pytest.raises(LabInputError):
+        lab.set(block=7)
+    lab.set(model="synthetic")
+    assert lab.run.n == 576 and list(lab.controls["block"].options) == [0, 1, 2, 3]
+    assert lab.controls["corpus"].disabled
+
+
+def test_background_load_can_be_cancelled(tmp_path):
+    pytest.importorskip("transformers")
+    from conftest_models import make_tiny_model
+
+    folder = str(make_tiny_model("opt", tmp_path / "opt"))
+    lab = LayerLab(models={folder: "tiny opt"})  # threaded
+    lab.set(model=folder)
+    lab.wait(60)
+    assert lab.errors == [] and lab.state()["model"] == folder and lab.run.n == 64
+    assert lab.progress_box.layout.display == "none"
+
+    def slow_cancelled(self, progress=None, should_cancel=None):
+        lab._on_cancel()
+        assert should_cancel()
+        from gptq_explorer.ui.layer_source import Cancelled
+        raise Cancelled("cancelled")
+
+    orig = ModelSource.load
+    ModelSource.load = slow_cancelled
+    try:
+        lab.set(block=1)
+        lab.wait(60)
+    finally:
+        ModelSource.load = orig
+    assert "Cancelled" in lab.message.value
+    assert lab.state()["block"] == 0 and lab.run.n == 64  # back to what is on screen
