@@ -32,7 +32,7 @@ browser() {
 case "${1:-}" in
   app)
     setup
-    "$PY" -m gptq_explorer.models.prepare   # converts the offline model once (~1 min), then < 1 s
+    "$VENV/bin/gptq-explorer" prepare   # converts the offline model once (~1 min), then < 1 s
     cd notebooks
     exec "../$VENV/bin/voila" explorer.ipynb --port="${PORT:-8866}" --Voila.ip=127.0.0.1 --no-browser
     ;;

@@ -51,11 +51,11 @@ def run_original(module, W, H, cfg: QuantConfig):
     return layer.weight.data
 
 
-def best_of(fn, repeats: int) -> float:
+def best_of(fn, repeats: int, *args, **kwargs) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args, **kwargs)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -77,7 +77,8 @@ def flop_bound(rows: int, cols: int, gflops: float) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-dir", default=os.environ.get("GPTQ_REFERENCE_DIR"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=2048)
@@ -106,12 +107,12 @@ def main(argv=None) -> None:
         for desc_act in (False, True):
             cfg = QuantConfig(bits=4, group_size=128, desc_act=desc_act, sym=False)
             if original:
-                t_ref = best_of(lambda: run_original(original, W, H, cfg), repeats)
+                t_ref = best_of(run_original, repeats, original, W, H, cfg)
             else:
-                t_ref = best_of(lambda: reference_fasterquant(W, H, bits=4, groupsize=128, sym=False,
-                                                              actorder=desc_act), repeats)
-            t_torch = best_of(lambda: gptq_quantize(W, H, cfg), repeats)
-            t_np = best_of(lambda: gptq_quantize(Wn, Hn, cfg), repeats)
+                t_ref = best_of(reference_fasterquant, repeats, W, H, bits=4, groupsize=128, sym=False,
+                                actorder=desc_act)
+            t_torch = best_of(gptq_quantize, repeats, W, H, cfg)
+            t_np = best_of(gptq_quantize, repeats, Wn, Hn, cfg)
             print(f"| {rows} x {cols} | {'on' if desc_act else 'off'} | {t_ref:.3f} | {t_torch:.3f} | "
                   f"{t_np:.3f} | {t_torch / t_ref:.2f} | {t_np / t_torch:.2f} | "
                   f"{flop_bound(rows, cols, gflops):.3f} |", flush=True)

@@ -1,4 +1,11 @@
-"""GPTQ Explorer: learn and explore GPTQ post-training quantization of language models."""
+"""GPTQ Explorer: learn and explore GPTQ post-training quantization of language models.
+
+The engine (QuantConfig, Hessian, gptq_quantize, rtn_quantize, gptq_steps) imports only NumPy, SciPy and
+torch. Model, data, metric and checkpoint functions load transformers on first use, so a lesson that
+only steps through a layer starts fast.
+"""
+
+import importlib
 
 from .engine import (
     GPTQStep,
@@ -13,5 +20,29 @@ from .engine import (
 
 __version__ = "0.1.0"
 
+# name -> submodule that defines it, imported on first access
+_LAZY = {
+    "load_model": "models",
+    "LoadedModel": "models",
+    "CURATED_MODELS": "models",
+    "DEFAULT_MODEL": "models",
+    "quantize_model": "models.quantize",
+    "QuantizedModel": "models.quantize",
+    "load_corpus": "data",
+    "calibration_windows": "data",
+    "evaluation_ids": "data",
+    "perplexity": "metrics",
+    "save_quantized": "checkpoint",
+    "load_quantized": "checkpoint",
+}
+
 __all__ = ["QuantConfig", "QuantResult", "Hessian", "gptq_quantize", "rtn_quantize", "gptq_steps",
-           "GPTQStep", "GPTQStepper", "__version__"]
+           "GPTQStep", "GPTQStepper", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gptq_explorer' has no attribute {name!r}")

@@ -353,7 +353,7 @@ def test_bad_arrays():
     with pytest.raises(ValueError, match="X must be"):
         Hessian(16).add_batch(np.zeros((4, 8)))
     with pytest.raises(ValueError, match="no calibration inputs"):
-        Hessian(16).H
+        _ = Hessian(16).H
 
 
 def test_damping_is_raised_when_cholesky_fails():

@@ -13,7 +13,7 @@ from traitlets import TraitError
 from gptq_explorer.engine import QuantConfig, gptq_steps
 from gptq_explorer.ui import LabInputError, LayerLab, ModelSource, SyntheticSource
 from gptq_explorer.ui import layer_lab as lab_module
-from gptq_explorer.ui.layer_lab import _array
+from gptq_explorer.ui.layer_figure import SH_CURSOR, SH_HOVER, TR_DIAG, TR_GPTQ, TR_RTN, array
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def lab():
 
 
 def curve_end(lab, trace):
-    y = _array(lab.fig_curves.data[trace].y)
+    y = array(lab.fig.data[trace].y)
     return float(y[~np.isnan(y)][-1])
 
 
@@ -33,7 +33,7 @@ def test_initial_view_is_complete(lab):
     for name in ("W", "updated", "Q", "error", "compensation"):
         z, rows, cols = lab.view(name)
         assert z.shape == (rows.size, cols.size) == (24, 32)
-    assert _array(lab.fig_curves.data[0].y).size == n
+    assert array(lab.fig.data[TR_DIAG].y).size == n
     assert "Step 1 of 576" in lab.explain.value
     assert "GPTQ" in lab.summary_html.value and "tokens" in lab.summary_html.value
 
@@ -42,28 +42,28 @@ def test_bits_4_to_3_raises_the_output_error():
     lab = LayerLab(models={})
     lab.goto(575)
     before = dict(lab.summary)
-    gptq4, rtn4 = curve_end(lab, 4), curve_end(lab, 5)
+    gptq4, rtn4 = curve_end(lab, TR_GPTQ), curve_end(lab, TR_RTN)
     lab.set(bits=3)
     assert lab.run.cfg.bits == 3 and lab.errors == []
     after = lab.summary
     assert after["heldout_mse_gptq"] > 2 * before["heldout_mse_gptq"]
     assert after["heldout_mse_rtn"] > 2 * before["heldout_mse_rtn"]
     assert after["loss_gptq"] > before["loss_gptq"]
-    assert curve_end(lab, 4) > gptq4 and curve_end(lab, 5) > rtn4  # the plotted running curves too
+    assert curve_end(lab, TR_GPTQ) > gptq4 and curve_end(lab, TR_RTN) > rtn4  # the plotted running curves too
     assert after["heldout_mse_gptq"] < after["heldout_mse_rtn"]  # GPTQ still beats RTN
     assert "3-bit" in lab.summary_html.value
 
 
 def test_desc_act_reorders_diag_h():
     lab = LayerLab(models={})
-    plain = _array(lab.fig_curves.data[0].y)
+    plain = array(lab.fig.data[TR_DIAG].y)
     assert np.any(np.diff(plain) > 0)  # column order: not sorted
     lab.set(desc_act=True)
-    ordered = _array(lab.fig_curves.data[0].y)
+    ordered = array(lab.fig.data[TR_DIAG].y)
     assert np.all(np.diff(ordered) <= 0)  # processing order: descending diag(H)
     np.testing.assert_array_equal(np.sort(ordered), np.sort(plain))  # same values, permuted
     np.testing.assert_allclose(ordered, np.diag(lab.data.H)[lab.run.perm], rtol=1e-6)
-    assert "decreasing diag(H)" in lab.fig_curves.layout.annotations[0].text
+    assert "decreasing diag(H)" in lab.fig.layout.annotations[6].text
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=4, group_size=128, desc_act=False),
@@ -104,7 +104,7 @@ def test_running_curves_are_the_obs_loss(lab):
     np.testing.assert_allclose(run.curve_gptq[-1] * run.d_out, lab.summary["loss_gptq"], rtol=1e-9)
     assert run.curve_gptq[-1] < run.curve_rtn[-1]
     lab.goto(100)
-    y = _array(lab.fig_curves.data[4].y)
+    y = array(lab.fig.data[TR_GPTQ].y)
     assert np.all(np.isfinite(y[:101])) and np.all(np.isnan(y[101:]))
 
 
@@ -139,15 +139,22 @@ def test_hover_highlights_the_column_everywhere(lab):
     lab.goto(50)
     _, _, cols = lab.view("W")
     col = int(cols[3])
-    heat = lab.fig_maps.data[1]
+    heat = lab.fig.data[1]
     points = Points(point_inds=[[0, 3]], xs=[col], ys=[0], trace_name="updated", trace_index=1)
     lab._on_hover(heat, points, None)
-    for i in range(10, 15):  # the hover box of each of the five heatmaps
-        x = _array(lab.fig_maps.data[i].x)
-        assert x.size == 5 and x.min() == col - 0.5 and x.max() == col + 0.5
-    assert list(_array(lab.fig_curves.data[3].x)) == [col, col]  # and the diag(H) plot
+    hover = lab.fig.layout.shapes[SH_HOVER]
+    assert hover.visible and hover.path == lab.figure._column_path(col, lab._last_window)
+    # one box per grid column of heatmaps (the path spans both rows) plus the line on diag(H)
+    assert hover.path.count("M") == 4 and hover.path.count("Z") == 3
+    (a, b), _ = lab.figure._dom[1]
+    x0 = float(hover.path.split()[1])
+    assert abs(x0 - (a + (b - a) * 3 / cols.size)) < 1e-4  # the 4th column of the crop
+    (a7, b7), _ = lab.figure._dom[7]
+    assert abs(float(hover.path.split("M")[-1].split()[0]) - (a7 + (b7 - a7) * (col + 0.5) / 576)) < 1e-4
     lab.highlight(None)
-    assert _array(lab.fig_maps.data[10].x).size == 0
+    assert not lab.fig.layout.shapes[SH_HOVER].visible
+    lab.goto(52)  # the cursor: same kind of path, at the cursor
+    assert lab.fig.layout.shapes[SH_CURSOR].path == lab.figure._column_path(52, lab._last_window)
 
 
 def test_state_query_round_trips():
@@ -208,7 +215,7 @@ def test_a_failing_callback_shows_in_the_page(monkeypatch):
     lab.controls["bits"].value = 5  # as if the browser moved the slider: must not raise
     assert "boom: engine exploded" in lab.message.value and "Try:" in lab.message.value
     assert lab.run is shown  # the previous result stays on screen
-    lab._on_hover(lab.fig_maps.data[0], Points(point_inds=[], xs=["not a number"], ys=[], trace_name="W",
+    lab._on_hover(lab.fig.data[0], Points(point_inds=[], xs=["not a number"], ys=[], trace_name="W",
                                                trace_index=0), None)
     assert "ValueError" in lab.message.value
     monkeypatch.undo()
@@ -229,9 +236,8 @@ def test_figures_stay_synced_for_late_browsers():
     """Voila: a browser that connects after a change reads _widget_data; it must hold the change."""
     lab = LayerLab(models={})
     lab.set(bits=2)
-    for fig in (lab.fig_maps, lab.fig_curves):
-        assert fig._widget_data == fig._data
-        assert fig._widget_layout == fig._layout_obj._props
+    assert lab.fig._widget_data == lab.fig._data
+    assert lab.fig._widget_layout == lab.fig._layout_obj._props
     bundle = lab._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == lab.root.model_id
 

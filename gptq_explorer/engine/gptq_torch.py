@@ -17,6 +17,8 @@ No full-size inverse is ever formed; the result equals the NumPy engine's up to 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -54,6 +56,30 @@ def _quantize(w, scale, zero, maxq):
     return codes, scale * (codes - zero)
 
 
+# Layers with fewer multiply-adds than this (rows * cols^2) run on one CPU thread from start to end.
+SINGLE_THREAD_WORK = 4e9
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device, enabled: bool = True):
+    """Run on one CPU thread.
+
+    The column loop is a handful of tiny ops per column; with two or more OpenMP threads every op waits
+    for all of them, and when another process holds a core that wait costs milliseconds (measured: a
+    576x576 layer 34x slower on a busy 2-core machine). Small layers run single-threaded throughout;
+    large ones keep every thread for the factorization and the lazy-update matmuls.
+    """
+    if device.type != "cpu" or not enabled or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _to_tensor(x, device, dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device or x.device, dtype=dtype, copy=True)
@@ -84,6 +110,14 @@ def _state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, a: int, b: int) -
 
 def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32) -> QuantResult:
     checks.check_shapes(tuple(W.shape), tuple(H.shape))
+    rows, n = W.shape
+    target = torch.device(device) if device is not None else (W.device if isinstance(W, torch.Tensor)
+                                                               else torch.device("cpu"))
+    with _single_thread(target, enabled=rows * n * n < SINGLE_THREAD_WORK):
+        return _gptq_torch(W, H, cfg, device, dtype)
+
+
+def _gptq_torch(W, H, cfg: QuantConfig, device, dtype) -> QuantResult:
     device = torch.device(device) if device is not None else None
     W = _to_tensor(W, device, dtype)
     H = _to_tensor(H, W.device, dtype)
@@ -141,15 +175,16 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
         U1 = torch.linalg.solve_triangular(R[i1:i2, i1:i2], torch.eye(i2 - i1, device=W.device, dtype=dtype),
                                            upper=True)  # = U[i1:i2, i1:i2]
         d = torch.diagonal(U1)
-        for i in range(i2 - i1):
-            if static_grids is not None:
-                scale, zero = static_grids[perm_cpu[i1 + i] // width]
-            w = W1[:, i]
-            c, q = _quantize(w, scale, zero, maxq)
-            Q[:, i1 + i] = q
-            codes[:, i1 + i] = c.to(torch.int32)
-            err = (w - q) / d[i]
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)  # OBS update inside the block
+        with _single_thread(W.device):
+            for i in range(i2 - i1):
+                if static_grids is not None:
+                    scale, zero = static_grids[perm_cpu[i1 + i] // width]
+                w = W1[:, i]
+                c, q = _quantize(w, scale, zero, maxq)
+                Q[:, i1 + i] = q
+                codes[:, i1 + i] = c.to(torch.int32)
+                err = (w - q) / d[i]
+                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)  # OBS update inside the block
         D1 = W0[:, i1:i2] - Q[:, i1:i2]
         # Losses: (w - q)^2 / d^2 / 2 with w - q = Err * d; Err = D R for the block, as a batch.
         err_block = D1 @ R[i1:i2, i1:i2] + S[:, i1:i2]

@@ -1,6 +1,7 @@
 """Dashboards: the Layer Lab (one layer, animated GPTQ vs RTN). Widgets + plotly, served by Voila."""
 
-from .layer_lab import DEFAULTS, HEATMAPS, PRESETS, LabInputError, LayerLab
+from .layer_figure import HEATMAPS
+from .layer_lab import DEFAULTS, PRESETS, LabInputError, LayerLab
 from .layer_run import Run, compute_run
 from .layer_source import LayerData, LayerSource, ModelSource, SyntheticSource
 

@@ -7,17 +7,19 @@
 One object, one view. Controls pick the layer (model, block, sublayer, calibration corpus and size) and the
 GPTQ config; the engine's stepper runs once per config (cached) and every column can then be replayed on
 a crop in O(crop) (see layer_run). The animation is an ipywidgets Play jslinked to the column slider;
-each frame updates only the cropped heatmaps' z and a few small traces of two long-lived FigureWidgets.
+each frame updates only the cropped heatmaps' z and a few small traces of ONE long-lived FigureWidget
+(layer_figure), in one message.
 
-Voila rules followed here (../shared/reference/jupyter-stack.md): figures are built complete as go.Figure
-and then wrapped; later changes happen in callbacks inside batch_update; after every full redraw (and on
-display) the figures' synced state is refreshed so a browser that connects later sees the current figure.
-Every callback is wrapped: an error is shown in the page with the fix to try, never raised into the kernel.
+Voila rules followed here (../shared/reference/jupyter-stack.md): the figure is built complete as a
+go.Figure and then wrapped; later changes happen in callbacks; after every full redraw (and on display)
+its synced state is refreshed so a browser that connects later sees the current figure. Every callback
+is wrapped: an error is shown in the page with the fix to try, never raised into the kernel. Loading a
+model runs in a background thread with a progress bar and a Cancel button (cancellation takes effect
+between steps: the model load itself, one call, finishes first).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import functools
@@ -25,17 +27,15 @@ import html
 import logging
 import threading
 from collections import OrderedDict
-from copy import deepcopy
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 import ipywidgets as widgets
 import numpy as np
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from ..engine import QuantConfig
 from ._blas import single_blas_thread
+from .layer_figure import COLORS, LabFigure
 from .layer_run import Run, compute_run, frame, window
 from .layer_source import (
     SYNTHETIC,
@@ -66,17 +66,6 @@ CROP_COLS = (4, 128)
 FPS = (1, 30)
 MAX_CACHED_RUNS = 8
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
-
-COLORS = {
-    "w": "#1f77b4",  # weights being updated
-    "q": "#ff7f0e",  # quantized values
-    "err": "#d62728",  # quantization error w - q
-    "hinv": "#9467bd",  # H / H^-1 terms, diag(H)
-    "upd": "#2ca02c",  # the compensation (OBS update)
-    "rtn": "#7f7f7f",
-    "cursor": "#111111",
-    "hover": "#e377c2",
-}
 
 DEFAULTS: dict = {
     "model": SYNTHETIC, "block": 0, "sublayer": SYNTHETIC_SUBLAYERS[0], "corpus": "prose", "nsamples": 16,
@@ -119,16 +108,6 @@ PRESETS: dict[str, tuple[dict, str]] = {
 }
 CUSTOM = "(custom)"
 
-HEATMAPS = ("W", "updated", "Q", "error", "compensation")
-HEATMAP_TITLES = {
-    "W": ("W (original)", "#444"),
-    "updated": ("weights being updated", COLORS["w"]),
-    "Q": ("Q(W) so far", COLORS["q"]),
-    "error": ("error w − q", COLORS["err"]),
-    "compensation": ("compensation ΔW just applied", COLORS["upd"]),
-}
-
-
 class LabInputError(ValueError):
     """A value for the lab (from Python or a link) outside what the controls allow."""
 
@@ -160,27 +139,6 @@ def guarded(method):
             return None
 
     return wrapper
-
-
-def _spec(a) -> dict:
-    """A plotly typed-array spec (float32, base64). plotly.py passes it through without validating it
-    element by element (6x faster than a numpy array per assignment) and plotly.js decodes it."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    spec = {"dtype": "f4", "bdata": base64.b64encode(a.tobytes()).decode("ascii")}
-    if a.ndim > 1:
-        spec["shape"] = ",".join(str(s) for s in a.shape)
-    return spec
-
-
-def _array(v) -> np.ndarray:
-    """The numbers in a trace property: a typed-array spec, a numpy array, or a list."""
-    if isinstance(v, dict) and "bdata" in v:
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-        return a.reshape([int(s) for s in v["shape"].split(",")]) if "shape" in v else a
-    return np.asarray(v if v is not None else [], dtype=np.float64)
-
-
-_EMPTY = _spec(np.zeros(0))
 
 
 def _as_bool(value) -> bool:
@@ -334,7 +292,7 @@ class LayerLab:
         c["group_size"] = W.Dropdown(options=[("per row (-1)", -1)] + [(str(g), g) for g in GROUP_SIZES[1:]],
                                      value=128, description="group size", layout=lay, style=desc)
         c["damp_percent"] = W.FloatLogSlider(value=0.01, base=10, min=DAMP_EXP[0], max=DAMP_EXP[1], step=0.25,
-                                             description="damp %", readout_format=".3g",
+                                             description="damp_percent", readout_format=".3g",
                                              continuous_update=False, layout=lay, style=desc)
         c["desc_act"] = W.Checkbox(value=False, description="desc_act (act-order)", indent=False)
         c["sym"] = W.Checkbox(value=True, description="symmetric grid", indent=False)
@@ -409,94 +367,12 @@ class LayerLab:
         self.summary_html = W.HTML(value="", layout=W.Layout(width="330px"))
 
     def _build_figures(self) -> None:
-        """Build both figures complete (as go.Figure), then wrap them: never add traces afterwards."""
-        run, k = self.run, self.col
+        """The one figure, built complete from the current run (see layer_figure), then wrapped."""
+        k = self.col
         win = self._window(k)
-        fr = frame(run, k, win)
-        titles = [HEATMAP_TITLES[h][0] for h in HEATMAPS] + ["column being quantized: w, q, w − q"]
-        fig = make_subplots(rows=2, cols=3, subplot_titles=titles, horizontal_spacing=0.06,
-                            vertical_spacing=0.16)
-        wmax = float(np.percentile(np.abs(run.W0), 99.5)) or 1.0
-        x, y = _spec(win.cols), _spec(win.rows)
-        for i, name in enumerate(HEATMAPS):
-            caxis = {"W": "coloraxis", "updated": "coloraxis", "Q": "coloraxis", "error": "coloraxis2",
-                     "compensation": "coloraxis3"}[name]
-            fig.add_trace(go.Heatmap(
-                z=_spec(fr[name]), x=x, y=y, coloraxis=caxis, name=name, xgap=0, ygap=0,
-                hovertemplate="row %{y}, position %{x}<br>%{z:.4g}<extra>" + name + "</extra>"),
-                row=i // 3 + 1, col=i % 3 + 1)
-        for kind in ("cursor", "hover"):
-            for i in range(len(HEATMAPS)):
-                fig.add_trace(go.Scatter(
-                    x=_EMPTY, y=_EMPTY, mode="lines", hoverinfo="skip", showlegend=False, name=f"{kind}",
-                    line=dict(color=COLORS[kind], width=2, dash="solid" if kind == "cursor" else "dot")),
-                    row=i // 3 + 1, col=i % 3 + 1)
-        for name, color, mode in (("w", COLORS["w"], "lines+markers"), ("q", COLORS["q"], "markers"),
-                                  ("w − q", COLORS["err"], "lines")):
-            fig.add_trace(go.Scatter(x=_EMPTY, y=_EMPTY, mode=mode, name=name,
-                                     line=dict(color=color, width=1.5),
-                                     marker=dict(size=4, color=color), showlegend=True), row=2, col=3)
-        for i, h in enumerate(HEATMAPS):
-            fig.layout.annotations[i].font = dict(color=HEATMAP_TITLES[h][1], size=13)
-        fig.layout.annotations[5].font = dict(color="#444", size=13)
-        for i in range(1, 6):
-            fig.layout[f"yaxis{i if i > 1 else ''}"].autorange = "reversed"
-        fig.update_layout(
-            width=800, height=580, margin=dict(l=40, r=70, t=40, b=100), template="plotly_white",
-            legend=dict(orientation="h", x=0.72, y=-0.2, font=dict(size=11)),
-            coloraxis=dict(colorscale="RdBu_r", cmin=-wmax, cmax=wmax,
-                           colorbar=dict(x=1.01, y=0.78, len=0.42, thickness=10, title=dict(text="w"))),
-            coloraxis2=dict(colorscale="RdBu_r", cmid=0,
-                            colorbar=dict(orientation="h", x=0.15, y=-0.2, len=0.28, thickness=8,
-                                          title=dict(text="w − q", side="top"))),
-            coloraxis3=dict(colorscale="PiYG", cmid=0,
-                            colorbar=dict(orientation="h", x=0.5, y=-0.2, len=0.28, thickness=8,
-                                          title=dict(text="ΔW", side="top"))),
-            xaxis4=dict(title=dict(text="position p", font=dict(size=11), standoff=4)),
-            xaxis5=dict(title=dict(text="position p", font=dict(size=11), standoff=4)),
-            xaxis6=dict(title=dict(text="row", font=dict(size=11), standoff=4)),
-        )
-        # traces: 0-4 heatmaps, 5-9 cursor boxes, 10-14 hover boxes, 15-17 column profile
-        self.fig_maps = go.FigureWidget(fig)
-
-        curves = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=[
-            "diag(H): how much each input is used", "output error of the partly quantized layer"])
-        n = run.n
-        pos = _spec(np.arange(n))
-        curves.add_trace(go.Scatter(x=pos, y=_spec(run.diag_h), mode="lines", name="diag(H)",
-                                    line=dict(color=COLORS["hinv"], width=1.5), showlegend=False,
-                                    hovertemplate="position %{x}: diag(H) = %{y:.4g}<extra></extra>"),
-                         row=1, col=1)
-        curves.add_trace(go.Scatter(x=_EMPTY, y=_EMPTY, fill="toself", mode="lines", line=dict(width=0),
-                                    fillcolor="rgba(17,17,17,0.08)", hoverinfo="skip", showlegend=False,
-                                    name="crop"), row=1, col=1)
-        curves.add_trace(go.Scatter(x=_EMPTY, y=_EMPTY, mode="lines+markers", hoverinfo="skip",
-                                    showlegend=False,
-                                    name="cursor", line=dict(color=COLORS["cursor"], width=1.5),
-                                    marker=dict(size=[0, 9], color=COLORS["cursor"])), row=1, col=1)
-        curves.add_trace(go.Scatter(x=_EMPTY, y=_EMPTY, mode="lines", hoverinfo="skip", showlegend=False,
-                                    name="hover",
-                                    line=dict(color=COLORS["hover"], width=1.5, dash="dot")), row=1, col=1)
-        curves.add_trace(go.Scatter(x=pos, y=_spec(np.full(n, np.nan)), mode="lines", name="GPTQ",
-                                    line=dict(color=COLORS["upd"], width=2),
-                                    hovertemplate="after %{x}: %{y:.4g}<extra>GPTQ</extra>"), row=1, col=2)
-        curves.add_trace(go.Scatter(x=pos, y=_spec(np.full(n, np.nan)), mode="lines", name="RTN",
-                                    line=dict(color=COLORS["rtn"], width=2),
-                                    hovertemplate="after %{x}: %{y:.4g}<extra>RTN</extra>"), row=1, col=2)
-        curves.layout.annotations[0].font = dict(color=COLORS["hinv"], size=13)
-        curves.update_layout(
-            width=800, height=300, margin=dict(l=50, r=20, t=40, b=45), template="plotly_white",
-            legend=dict(x=0.56, y=0.98, bgcolor="rgba(255,255,255,0.6)"),
-            yaxis=dict(type="log"), xaxis=dict(title=dict(text="position p", font=dict(size=11))),
-            xaxis2=dict(title=dict(text="columns quantized", font=dict(size=11))),
-            yaxis2=dict(title=dict(text="calib. output MSE", font=dict(size=11))),
-        )
-        # traces: 0 diag(H), 1 crop band, 2 cursor, 3 hover, 4 GPTQ curve, 5 RTN curve
-        self.fig_curves = go.FigureWidget(curves)
-        for i in range(len(HEATMAPS)):
-            self.fig_maps.data[i].on_hover(self._on_hover)
-        self.fig_curves.data[0].on_hover(self._on_hover)
-        self.fig_curves.data[0].on_click(self._on_click_diag)
+        fr = frame(self.run, k, win)
+        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click_diag)
+        self.fig = self.figure.widget
 
     def _build_view(self) -> None:
         W = widgets
@@ -521,11 +397,7 @@ class LayerLab:
                       layout=W.Layout(flex_flow="row wrap", align_items="center"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Layer Lab</h3>"), self.preset,
                          self.copy_button], layout=W.Layout(align_items="center"))
-        main = W.VBox([
-            anim,
-            W.HBox([self.fig_maps, self.explain]),
-            W.HBox([self.fig_curves, self.summary_html]),
-        ])
+        main = W.VBox([anim, W.HBox([self.fig, W.VBox([self.explain, self.summary_html])])])
         self.root = W.VBox([header, self.link, self.message, self.progress_box, W.HBox([panel, main])])
 
     # -----------------------------------------------------------------------------------------------------
@@ -541,15 +413,8 @@ class LayerLab:
         return self.root._repr_mimebundle_(**kwargs)
 
     def _sync_figures(self) -> None:
-        """Make the figures' synced state equal to their current Python state.
-
-        plotly's FigureWidget syncs its full data only at construction and when displayed on its own;
-        inside a container, changes made before the browser connects (Voila) would be lost. Assigning
-        these traits updates the model that a connecting browser reads (live views ignore them)."""
         with self._lock:
-            for fig in (self.fig_maps, self.fig_curves):
-                fig._widget_layout = deepcopy(fig._layout_obj._props)
-                fig._widget_data = deepcopy(fig._data)
+            self.figure.sync()
 
     # -----------------------------------------------------------------------------------------------------
     # state
@@ -600,13 +465,21 @@ class LayerLab:
         return values, problems
 
     @classmethod
-    def from_query(cls, query: str, *, strict: bool = False, **kwargs) -> LayerLab:
+    def from_query(cls, query: str, *, strict: bool = False, source: LayerSource | None = None,
+                   **kwargs) -> LayerLab:
         """A lab in the state a query string describes. strict=True raises on any bad value; otherwise the
-        bad ones are skipped and listed in the page."""
+        bad ones are skipped and listed in the page. `source` is the layer to show when the query names no
+        model (default: the synthetic layer); other keyword arguments go to LayerLab()."""
         values, problems = cls.parse_query(query, local_mode=kwargs.get("local_mode", False),
                                            models=kwargs.get("models"))
         if problems and strict:
             raise LabInputError("; ".join(problems))
+        if "model" not in values and source is not None:
+            lab = cls(source=source, state=values, **kwargs)
+            if problems:
+                lab._info("Some settings in the link were not used: "
+                          + "; ".join(html.escape(p) for p in problems))
+            return lab
         merged = {**DEFAULTS, **values}
         if merged["model"] == SYNTHETIC:
             seed = int(merged["block"]) if 0 <= merged["block"] < SYNTHETIC_BLOCKS else 0
@@ -695,7 +568,8 @@ class LayerLab:
                     self._set_control(key, clean[key])
         if "fps" in clean:
             self.play.interval = round(1000 / clean["fps"])
-        self._mark_custom()
+        if any(k in clean for k in (*SOURCE_KEYS, *CONFIG_KEYS)):
+            self._mark_custom()
         if source_change:
             self._initial_view = {k: clean[k] for k in ("col", "row0") if k in clean}
             explicit = "block" in clean or "sublayer" in clean
@@ -791,116 +665,29 @@ class LayerLab:
         c = self.controls
         return window(self.run, k, int(c["rows"].value), int(c["cols"].value), int(c["row0"].value))
 
-    @staticmethod
-    def _box(col: int | None, win) -> tuple[dict, dict]:
-        """A rectangle around one column of the crop (empty when the column is outside it)."""
-        if col is None or not win.c0 <= col < win.c1:
-            return _EMPTY, _EMPTY
-        x0, x1, y0, y1 = col - 0.5, col + 0.5, win.r0 - 0.5, win.r1 - 0.5
-        return _spec([x0, x1, x1, x0, x0]), _spec([y0, y0, y1, y1, y0])
-
-    def _diag_span(self) -> tuple[float, float]:
-        d = self.run.diag_h
-        hi = float(d.max()) * 1.1 or 1.0
-        lo = float(d.min()) * 0.9
-        return (lo if lo > 0 else hi * 1e-6), hi
-
     def _render_full(self) -> None:
         """Everything that depends on the run (config or layer change), then the frame; then re-sync."""
-        run = self.run
         with self._lock:
-            pos = _spec(np.arange(run.n))
-            wmax = float(np.percentile(np.abs(run.W0), 99.5)) or 1.0
-            emax = float(np.percentile(np.abs(run.Wq - run.Q), 99.5)) or 1.0
-            top = float(max(run.curve_gptq[-1], run.curve_rtn[-1], 1e-30))
-            order = "processing order (desc_act: decreasing diag(H))" if run.cfg.desc_act else "column order"
-            with self.fig_curves.batch_update():
-                f = self.fig_curves
-                f.data[0].x, f.data[0].y = pos, _spec(run.diag_h)
-                f.data[4].x = f.data[5].x = pos
-                f.layout.xaxis.range = [-0.5, run.n - 0.5]
-                f.layout.xaxis2.range = [-0.5, run.n - 0.5]
-                f.layout.yaxis2.range = [0, 1.05 * top]
-                f.layout.annotations[0].text = f"diag(H), {order}"
-            with self.fig_maps.batch_update():
-                self.fig_maps.layout.coloraxis.update(cmin=-wmax, cmax=wmax)
-                self.fig_maps.layout.coloraxis2.update(cmin=-emax, cmax=emax)
-                title = "position p (desc_act order)" if run.cfg.desc_act else "position p (= column)"
-                self.fig_maps.layout.xaxis4.title.text = title
-                self.fig_maps.layout.xaxis5.title.text = title
+            self.figure.full(self.run, self.run.cfg.desc_act)
             self._render_frame(force=True)
             self._render_summary()
             self._sync_figures()
 
     def _render_frame(self, force: bool = False) -> None:
-        """One animation frame: the cropped heatmaps' z and the few small traces that follow the cursor.
-
-        The crop turns pages (see layer_run.window), so heatmap coordinates, W and the hover boxes are
-        re-sent only when it moves; a frame is 4 small z matrices, 5 cursor boxes, 3 short profiles and
-        2 curves, all as float32 typed-array specs, in one message per figure."""
+        """One animation frame: the cropped heatmaps, the column profile, the cursor, the curves, the text."""
         with self._lock:
             run = self.run
             k = int(np.clip(self.col, 0, run.n - 1))
             win = self._window(k)
-            moved = force or win != self._last_window
-            fr = frame(run, k, win)
-            fm = self.fig_maps
-            with fm.batch_update():
-                if moved:
-                    x, y = _spec(win.cols), _spec(win.rows)
-                for i, name in enumerate(HEATMAPS):
-                    if name == "W" and not moved:
-                        continue
-                    tr = fm.data[i]
-                    tr.z = _spec(fr[name])
-                    if moved:
-                        tr.x, tr.y = x, y
-                bx, by = self._box(k, win)
-                for i in range(len(HEATMAPS)):
-                    fm.data[5 + i].x = bx
-                    if moved:
-                        fm.data[5 + i].y = by
-                if moved:
-                    hx, hy = self._box(self._hover, win)
-                    rows = _spec(win.rows)
-                    for i in range(len(HEATMAPS)):
-                        fm.data[10 + i].x, fm.data[10 + i].y = hx, hy
-                    for i in range(3):
-                        fm.data[15 + i].x = rows
-                w, q = run.Wq[win.r0:win.r1, k], run.Q[win.r0:win.r1, k]
-                for i, vals in enumerate((w, q, w - q)):
-                    fm.data[15 + i].y = _spec(vals)
-            fc = self.fig_curves
-            lo, hi = self._diag_span()
-            with fc.batch_update():
-                if moved:
-                    a, b = win.c0 - 0.5, win.c1 - 0.5
-                    fc.data[1].x = _spec([a, b, b, a, a])
-                    fc.data[1].y = _spec([lo, lo, hi, hi, lo])
-                fc.data[2].x = _spec([k, k])
-                fc.data[2].y = _spec([lo, run.diag_h[k]])
-                g = np.full(run.n, np.nan, np.float32)
-                r = g.copy()
-                g[: k + 1] = run.curve_gptq[: k + 1]
-                r[: k + 1] = run.curve_rtn[: k + 1]
-                fc.data[4].y, fc.data[5].y = _spec(g), _spec(r)
+            if force:
+                self.figure.win = None
+            self.figure.frame(run, k, win, frame(run, k, win), self._hover)
             self._last_window = win
             self.explain.value = self._explain(k)
 
     def _render_hover(self) -> None:
         with self._lock:
-            win = self._last_window or self._window(self.col)
-            hx, hy = self._box(self._hover, win)
-            with self.fig_maps.batch_update():
-                for i in range(len(HEATMAPS)):
-                    self.fig_maps.data[10 + i].x, self.fig_maps.data[10 + i].y = hx, hy
-            with self.fig_curves.batch_update():
-                if self._hover is None:
-                    self.fig_curves.data[3].x = self.fig_curves.data[3].y = _EMPTY
-                else:
-                    lo, hi = self._diag_span()
-                    self.fig_curves.data[3].x = _spec([self._hover] * 2)
-                    self.fig_curves.data[3].y = _spec([lo, hi])
+            self.figure.hover(self._hover, self._last_window or self._window(self.col))
 
     def _explain(self, k: int) -> str:
         run = self.run
@@ -956,8 +743,8 @@ So far: {t(COLORS['upd'], f'GPTQ {run.running[k]:.4g}')} vs
              s["heldout_mse_rtn"]),
             ("OBS loss L (calibration)", s["loss_gptq"], s["loss_rtn"]),
         ]
-        body = "".join(f"<tr><td>{name}</td><td style='text-align:right'>{g:.4g}</td>"
-                       f"<td style='text-align:right'>{r:.4g}</td></tr>" for name, g, r in rows)
+        td = "<td style='text-align:right;padding-left:8px'>"
+        body = "".join(f"<tr><td>{name}</td>{td}{g:.3g}</td>{td}{r:.3g}</td></tr>" for name, g, r in rows)
         damp = ("" if abs(s["damp_percent_used"] - run.cfg.damp_percent) < 1e-12 else
                 f"<br><b>Damping raised to {s['damp_percent_used']:g}</b> to make H + λI invertible.")
         self.summary_html.value = f"""<div style='font-size:13px;padding:4px 6px'>
@@ -1011,9 +798,7 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
 
     def view(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A heatmap as plotted: (z (rows, cols), row indices, processing positions)."""
-        tr = self.fig_maps.data[HEATMAPS.index(name)]
-        z = _array(tr.z).astype(np.float64)
-        return z, _array(tr.y).astype(int), _array(tr.x).astype(int)
+        return self.figure.view(name)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the background job (model load / activation capture), if any, has finished."""
@@ -1110,6 +895,7 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
         c = self.controls
         model = c["model"].value
         if model == SYNTHETIC:
+            self._cancel_job()
             with self._quietly():
                 if list(c["block"].options) != list(range(SYNTHETIC_BLOCKS)):
                     c["block"].options = list(range(SYNTHETIC_BLOCKS))
@@ -1165,9 +951,15 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
             synthetic = c["model"].value == SYNTHETIC
             c["corpus"].disabled = c["nsamples"].disabled = synthetic
 
-    def _start_source_job(self, source: ModelSource, fresh_model: bool = False) -> None:
+    def _cancel_job(self) -> None:
+        """Drop the running job (its result will be ignored) and hide the progress bar."""
         if self._job is not None:
             self._job.cancel.set()
+            self._job = None
+            self.progress_box.layout.display = "none"
+
+    def _start_source_job(self, source: ModelSource, fresh_model: bool = False) -> None:
+        self._cancel_job()
         job = _Job(f"loading {source.model}")
         self._job = job
         self.progress.value = 0.0
