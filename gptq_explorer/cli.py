@@ -152,8 +152,10 @@ def run_quantize(args) -> dict:
 
 def print_report(report: dict, out=sys.stdout) -> None:
     cfg = QuantConfig.from_dict(report["config"])
-    what = "full precision (no quantization)" if report["method"] == "fp" else f"{report['method'].upper()} " \
-                                                                                f"{cfg.label()}"
+    if report["method"] == "fp":
+        what = "full precision (no quantization)"
+    else:
+        what = f"{report['method'].upper()} {cfg.label()}"
     print(f"\n{report['model']}: {what}", file=out)
     print(report["source"], file=out)
     if report.get("calibration"):

@@ -165,6 +165,7 @@ def test_state_query_round_trips():
     qs = a.state_query()
     b = LayerLab.from_query("?" + qs, models={})
     assert b.state() == a.state()
+    assert b.play.value == b.col == 123  # a connecting browser copies Play onto the slider (jslink)
     assert b.errors == [] and "not used" not in b.message.value
     assert b.run.cfg == a.run.cfg
     np.testing.assert_array_equal(b.view("updated")[0], a.view("updated")[0])

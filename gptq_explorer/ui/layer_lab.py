@@ -334,6 +334,9 @@ class LayerLab:
             c[key].observe(self._on_config_change, names="value")
         for key in VIEW_KEYS:
             c[key].observe(self._on_view_change, names="value")
+        # keep Play's value equal to the column on the Python side too: when a browser connects, jslink
+        # copies Play's value onto the slider, which would otherwise reset a restored column to 0
+        c["col"].observe(self._sync_play, names="value")
         c["col"].observe(self._on_col, names="value")
         c["fps"].observe(self._on_fps, names="value")
         self.preset.observe(self._on_preset, names="value")
@@ -649,8 +652,8 @@ class LayerLab:
         n, d_out = self.run.n, self.run.d_out
         c = self.controls
         with self._quietly():
-            c["col"].max = n - 1
             self.play.max = n - 1
+            c["col"].max = n - 1
             c["row0"].max = max(d_out - 1, 0)
             if "col" in self._initial_view:
                 c["col"].value = int(np.clip(self._initial_view["col"], 0, n - 1))
@@ -826,6 +829,11 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
         if self._quiet:
             return
         self._render_frame(force=True)
+
+    @guarded
+    def _sync_play(self, change) -> None:
+        if self.play.value != change["new"]:
+            self.play.value = change["new"]
 
     @guarded
     def _on_col(self, change) -> None:
