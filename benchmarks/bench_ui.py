@@ -75,15 +75,15 @@ def main() -> int:
     changes = [("bits", 3), ("bits", 2), ("group_size", 64), ("desc_act", True), ("damp_percent", 0.1),
                ("sym", False), ("static_groups", True), ("block_size", 32)]
     print("\ncontrol change -> redraw (observer: GPTQ + RTN run, figures + text updated, messages encoded)")
-    print(f"  {'change':28s} {'uncached':>10s} {'cached':>10s}   bytes   run alone")
-    uncached, cached = [], []
+    print(f"  {'change':28s} {'uncached':>10s} {'(CPU)':>10s} {'cached':>10s}   bytes   run alone")
+    uncached, uncached_cpu, cached = [], [], []
     for key, value in changes:
         ctrl = lab.controls[key]
         old = ctrl.value
         b0 = JsonComm.bytes_sent
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ctrl.value = value
-        first = time.perf_counter() - t
+        first, first_cpu = time.perf_counter() - t, time.process_time() - c
         sent = JsonComm.bytes_sent - b0
         assert lab.errors == [], lab.errors
         run_s = lab.run.seconds
@@ -95,11 +95,15 @@ def main() -> int:
             revisits.append(time.perf_counter() - t)
         ctrl.value = old
         uncached.append(first)
+        uncached_cpu.append(first_cpu)
         cached.append(statistics.median(revisits))
         label = f"{key} -> {value}"
-        print(f"  {label:28s} {ms(first):>10s} {ms(cached[-1]):>10s} {sent:7d}  {ms(run_s)}")
-    print(f"  median: uncached {ms(statistics.median(uncached))}, cached {ms(statistics.median(cached))}; "
-          f"max uncached {ms(max(uncached))}   (target < 300 ms)")
+        print(f"  {label:28s} {ms(first):>10s} {ms(first_cpu):>10s} {ms(cached[-1]):>10s} {sent:7d}  "
+              f"{ms(run_s)}")
+    med_wall, med_cpu = statistics.median(uncached), statistics.median(uncached_cpu)
+    print(f"  median: uncached {ms(med_wall)} wall, {ms(med_cpu)} CPU; "
+          f"cached {ms(statistics.median(cached))}; max uncached {ms(max(uncached))}   (target < 300 ms)")
+    print("  (CPU = process time, ~ the wall time on an idle core; on a busy machine wall > CPU)")
 
     # --- animation frames ---------------------------------------------------------------------------
     col = lab.controls["col"]
@@ -107,18 +111,20 @@ def main() -> int:
     for k in range(5):
         col.value = k
     times, b0, m0 = [], JsonComm.bytes_sent, JsonComm.messages
+    c = time.process_time()
     for i in range(args.frames):
         k = (10 + i) % n
         t = time.perf_counter()
         col.value = k  # what Play -> jslink -> slider -> kernel does every frame
         times.append(time.perf_counter() - t)
+    frame_cpu = (time.process_time() - c) / args.frames * 1000
     frames = len(times)
     per_bytes = (JsonComm.bytes_sent - b0) / frames
     per_msgs = (JsonComm.messages - m0) / frames
     times_ms = np.array(times) * 1000
     med, p95 = float(np.median(times_ms)), float(np.percentile(times_ms, 95))
     print(f"\nanimation frame (column slider -> cropped heatmaps, cursor, curves, text), {frames} frames:")
-    print(f"  median {med:.2f} ms, p95 {p95:.2f} ms, max {times_ms.max():.2f} ms; "
+    print(f"  median {med:.2f} ms, p95 {p95:.2f} ms, max {times_ms.max():.2f} ms, CPU {frame_cpu:.2f} ms; "
           f"{per_msgs:.1f} messages, {per_bytes / 1024:.1f} KiB per frame")
     print(f"  kernel-side capacity: {1000 / med:.0f} frames/s (target >= 15 frames/s = 66.7 ms per frame "
           "including the browser round trip)")
@@ -132,8 +138,9 @@ def main() -> int:
     print(f"\nhover highlight (5 heatmaps + diag(H)): {hover * 1000:.2f} ms")
 
     ok = statistics.median(uncached) < 0.3 and med < 1000 / 15
-    print(f"\nsummary: control change {ms(statistics.median(uncached)).strip()} (uncached median), "
-          f"frame {med:.2f} ms -> {'OK' if ok else 'SLOWER THAN TARGET'}")
+    print(f"\nsummary: control change {ms(statistics.median(uncached)).strip()} wall / "
+          f"{ms(statistics.median(uncached_cpu)).strip()} CPU (uncached median), frame {med:.2f} ms "
+          f"-> {'OK' if ok else 'SLOWER THAN TARGET (wall clock)'}")
     return 0
 
 

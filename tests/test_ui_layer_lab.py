@@ -310,3 +310,9 @@ def test_background_load_can_be_cancelled(tmp_path):
         ModelSource.load = orig
     assert "Cancelled" in lab.message.value
     assert lab.state()["block"] == 0 and lab.run.n == 64  # back to what is on screen
+
+
+def test_from_query_without_a_model_uses_the_given_source():
+    lab = LayerLab.from_query("bits=3&col=7", source=SyntheticSource(seed=2), models={})
+    assert lab.data.name == SyntheticSource(seed=2).name
+    assert lab.run.cfg.bits == 3 and lab.col == 7 and lab.state()["block"] == 2

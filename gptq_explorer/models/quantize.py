@@ -1,16 +1,27 @@
 """Whole-model quantization with the GPTQ paper's sequential method (opt.py / llama.py), on the torch path.
 
     1. catch the inputs of block 0 (hidden states + the kwargs every block gets);
-    2. for each block, for each true-sequential group of its linears:
-         hook the group's linears, run the block over all calibration samples (each hook adds its input
-         to a Hessian), quantize the group and write the de-quantized weights back;
-    3. re-run the (now quantized) block over all samples: its outputs are the next block's inputs, so
-       every block is calibrated on what the quantized model before it really produces.
-RTN needs no data: it quantizes every linear directly (with calib_ids it still runs the passes, only to
-fill the per-layer report with Hessian statistics and output errors).
+    2. for each block, for each true-sequential group of its linears (LLaMA: [k,v,q], [o], [up,gate],
+       [down]): collect the Hessian of the group's input over all calibration samples, quantize the
+       group and write the de-quantized weights back, so later groups see quantized outputs;
+    3. the block's outputs with all its weights quantized are the next block's inputs, so every block is
+       calibrated on what the quantized model before it really produces.
 
-Memory: the model, plus two activation buffers (nsamples x seqlen x hidden, float32: inputs and outputs
-of the current block), plus one block's Hessians. SmolLM2-135M with 128 x 512 samples: 2 x 151 MB.
+Two schedules give the same result:
+  * single pass (default when it fits in memory): all samples go through a block as ONE batch; a forward
+    pre-hook on each group quantizes the group when its input arrives, before the group runs. One block
+    forward per block.
+  * the paper's loop (single_pass=False, in batches of batch_size): one pass per group (stopped after the
+    group's last linear) plus a final pass for the outputs: ~2.7 block forwards per block, but only a
+    batch of activations alive at a time.
+RTN needs no data: without calib_ids it quantizes every linear directly; with them it runs the same
+schedule only to fill the per-layer report (Hessian statistics, output errors).
+
+Memory: the model + two (nsamples, seqlen, hidden) float32 buffers (block inputs and outputs; SmolLM2 at
+128 x 512: 2 x 151 MB) + one group's Hessian (at most 1536^2 floats = 9.4 MB for SmolLM2) + the
+activations of one block: for the whole calibration set in single-pass mode (about
+nsamples*seqlen*(3*intermediate + 8*hidden)*4 bytes; single_pass=None only picks it when that is under
+min(4 GiB, 30% of free RAM), or 25% of free GPU memory), for one batch otherwise.
 
 The model is changed in place (pass inplace=False to work on a copy). On cancel or any error the
 original weights are put back, so a half-quantized model is never left behind.

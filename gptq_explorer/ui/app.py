@@ -47,6 +47,7 @@ def explorer_app(query: str | None = None, *, local_mode: bool | None = None, so
     configure_threads()
     local = local_mode_from_env() if local_mode is None else local_mode
     query = page_query() if query is None else query
+    source = source if source is not None else ModelSource()
     if query:
-        return LayerLab.from_query(query, local_mode=local)
-    return LayerLab(source if source is not None else ModelSource(), local_mode=local)
+        return LayerLab.from_query(query, local_mode=local, source=source)
+    return LayerLab(source, local_mode=local)

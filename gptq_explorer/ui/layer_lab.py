@@ -774,9 +774,11 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
         else:
             self.controls["col"].value = k
 
+    @guarded
     def step(self, delta: int = 1) -> None:
         self.goto(self.col + int(delta))
 
+    @guarded
     def next_boundary(self, kind: str = "group") -> None:
         """Jump to the first column of the next group ("group") or lazy-update block ("block")."""
         if kind not in ("group", "block"):

@@ -265,7 +265,7 @@ class ModelSource:
     corpus: str = "prose"
     nsamples: int = 16
     seqlen: int = 256
-    heldout_tokens: int = 2048
+    heldout_tokens: int = 1024
     seed: int = 0
     batch_size: int = 4
 
