@@ -116,7 +116,10 @@ def test_smollm2_token_budget(smollm2):  # noqa: F811
     """Enough held-out tokens for the README runs: >= 64 windows of 1024 prose tokens, and the code split
     has far more; calibration has room for 128 x 512 random windows."""
     tok = smollm2.tokenizer
-    assert evaluation_ids(tok, "prose").numel() >= 65536
+    full = evaluation_ids(tok, "prose")
+    assert full.numel() >= 65536
+    # asking for a prefix tokenizes only a prefix of the text, with the same tokens
+    assert torch.equal(evaluation_ids(tok, "prose", n_tokens=20_000), full[:20_000])
     assert evaluation_ids(tok, "code", n_tokens=65536).numel() == 65536
     assert calibration_ids(tok, "prose").numel() > 40_000
     w = calibration_windows(tok, "prose", nsamples=128, seqlen=512)

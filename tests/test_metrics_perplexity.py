@@ -105,15 +105,12 @@ def test_smollm2_perplexity_equals_hf_loss(smollm2):  # noqa: F811
     """Our windows + CE agree with transformers' own shifted LM loss, and the value is sane."""
     from gptq_explorer.data import evaluation_ids
 
-    ids = evaluation_ids(smollm2.tokenizer, "prose", n_tokens=3 * 256 + 10)
-    r = perplexity(smollm2.model, ids, seqlen=256, progress=False)
+    L = 128  # short windows: this test is about the protocol, not the number
+    ids = evaluation_ids(smollm2.tokenizer, "prose", n_tokens=2 * L + 10)
+    r = perplexity(smollm2.model, ids, seqlen=L, progress=False)
     with torch.no_grad():
-        hf = [
-            smollm2.model(
-                input_ids=ids[i * 256 : (i + 1) * 256][None], labels=ids[i * 256 : (i + 1) * 256][None]
-            ).loss.item()
-            for i in range(3)
-        ]
+        win = [ids[i * L : (i + 1) * L][None] for i in range(2)]
+        hf = [smollm2.model(input_ids=w, labels=w).loss.item() for w in win]
     assert r.nll == pytest.approx(hf, rel=1e-4)
-    assert r.ppl == pytest.approx(math.exp(sum(hf) / 3), rel=1e-4)
-    assert 5 < r.ppl < 40 and r.tokens_dropped == 10
+    assert r.ppl == pytest.approx(math.exp(sum(hf) / 2), rel=1e-4)
+    assert 5 < r.ppl < 60 and r.tokens_dropped == 10

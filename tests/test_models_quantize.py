@@ -283,3 +283,10 @@ def test_heldout_layer_errors_match_the_report_on_calibration_data(runs, family)
     other = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(9))
     held = heldout_layer_errors(qm.model, r["fp"].model, other, seqlen=32, batch_size=2, progress=False)
     assert all(v["output_mse"] > 0 and v["tokens"] == 128 for v in held.values())
+
+
+def test_accepts_a_bare_model(tiny_dirs):  # noqa: F811
+    """A LlamaForCausalLM has a `.model` attribute (its body): it must not be mistaken for a LoadedModel."""
+    lm = load_model(str(tiny_dirs["llama"]))
+    q = quantize_model(lm.model, calib(), CFG3, progress=False)
+    assert q.model is lm.model and q.tokenizer is None and len(q.layers) == 14

@@ -320,6 +320,23 @@ def _encode_doc(tokenizer, text):
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
+def _encode_prefix(tokenizer, text: str, n_tokens: int, margin: int = 256) -> torch.Tensor:
+    """The first n_tokens of text's tokens without tokenizing all of it (the code corpus has 2.7M
+    characters of evaluation text). Tokenizers are local: a prefix cut at a line break tokenizes like the
+    full text except for the last few tokens, so we keep `margin` tokens in reserve and grow the prefix
+    until it has n_tokens + margin. Falls back to the whole text."""
+    chars = max(4096, 6 * (n_tokens + margin))
+    while chars < len(text):
+        cut = text.find("\n", chars)
+        if cut < 0:
+            break
+        ids = _encode(tokenizer, text[: cut + 1], False)
+        if ids.numel() >= n_tokens + margin:
+            return ids[: n_tokens + margin]
+        chars *= 2
+    return _encode(tokenizer, text, False)
+
+
 def evaluation_ids(tokenizer, corpus, n_tokens: int | None = None, seqlen: int | None = None) -> torch.Tensor:
     """The held-out token stream (1-D LongTensor): the first n_tokens of the evaluation part (all of it if
     None). For "c4" it is the paper's 256 windows of `seqlen` (default 2048) from the validation shard.
@@ -328,6 +345,8 @@ def evaluation_ids(tokenizer, corpus, n_tokens: int | None = None, seqlen: int |
     if p.c4_docs is not None:
         sl = seqlen or 2048
         ids = _c4_windows(tokenizer, p.c4_docs[1], 256, sl, random.Random(0)).reshape(-1)
+    elif n_tokens is not None and not p.paper:
+        ids = _encode_prefix(tokenizer, p.eval, n_tokens)
     else:
         ids = _encode(tokenizer, p.eval, p.paper)
     n = ids.numel()

@@ -69,7 +69,13 @@ def output_mse_from_hessian(W, Q, H, hessian_scale: float = 2.0) -> float:
 
 @torch.no_grad()
 def heldout_layer_errors(
-    quantized_model, original_model, ids, seqlen: int = 512, batch_size: int = 1, max_windows=None, progress=True
+    quantized_model,
+    original_model,
+    ids,
+    seqlen: int = 512,
+    batch_size: int = 1,
+    max_windows=None,
+    progress=True,
 ) -> dict[str, dict]:
     """Per-layer output error on held-out tokens, the out-of-sample twin of the calibration-side
     `output_mse` in quantize_model's report.
@@ -117,5 +123,9 @@ def heldout_layer_errors(
     out = {}
     for n, (sse, ssy, t) in acc.items():
         rows = diff[n].shape[0]
-        out[n] = {"output_mse": sse / (t * rows), "output_rel_error": sse / ssy if ssy > 0 else 0.0, "tokens": t}
+        out[n] = {
+            "output_mse": sse / (t * rows),
+            "output_rel_error": sse / ssy if ssy > 0 else 0.0,
+            "tokens": t,
+        }
     return out

@@ -301,8 +301,11 @@ def quantize_model(
     cfg = cfg or QuantConfig()
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
-    model = getattr(model_or_loaded, "model", model_or_loaded)
-    tokenizer = tokenizer or getattr(model_or_loaded, "tokenizer", None)
+    # a LoadedModel (or anything with .model/.tokenizer) or the model itself; careful: a bare
+    # LlamaForCausalLM also has a `.model` attribute (its LlamaModel body)
+    is_module = isinstance(model_or_loaded, torch.nn.Module)
+    model = model_or_loaded if is_module else model_or_loaded.model
+    tokenizer = tokenizer or (None if is_module else getattr(model_or_loaded, "tokenizer", None))
     if not inplace:
         model = copy.deepcopy(model)
     adapter = get_adapter(model)
