@@ -34,6 +34,7 @@ _LAZY = {
     "perplexity": "metrics",
     "save_quantized": "checkpoint",
     "load_quantized": "checkpoint",
+    "grid_view": "checkpoint.grid_view",
 }
 
 __all__ = ["QuantConfig", "QuantResult", "Hessian", "gptq_quantize", "rtn_quantize", "gptq_steps",
