@@ -34,6 +34,8 @@ case "${1:-}" in
     setup
     "$VENV/bin/gptq-explorer" prepare   # converts the offline model once (~1 min), then < 1 s
     cd notebooks
+    # voila.json's per-kernel variables reach only preheated kernels; set them for every kernel.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} GPTQ_EXPLORER_THREADS=${GPTQ_EXPLORER_THREADS:-1}
     exec "../$VENV/bin/voila" explorer.ipynb --port="${PORT:-8866}" --Voila.ip=127.0.0.1 --no-browser
     ;;
   test)

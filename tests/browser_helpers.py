@@ -1,0 +1,300 @@
+"""Helpers for the real-browser tests (tests/test_ui_browser.py): a standalone Voila server on loopback,
+headless Debian Chromium driven by Playwright, and reading the page's plotly state.
+
+Recipe and traps: ../shared/reference/jupyter-stack.md ("A real browser test here"). Nothing here downloads
+anything: Playwright's own browsers are never installed; the Debian `chromium` binary is used, and every
+request that does not go to 127.0.0.1 (or data:/blob:) is aborted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LOCAL_PREFIXES = ("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")
+
+# What the Layer Lab or Voila put in the page when something failed (LayerLab.show_error writes
+# "<where>: <Error>: ... Try: <fix>" on a #f2dede background; Voila writes "There was an error when
+# executing cell" with tracebacks off).
+ERROR_PATTERNS = (
+    re.compile(r"\bTry:"),
+    re.compile(r"There was an error when executing cell"),
+    re.compile(r"Traceback \(most recent call last\)"),
+    re.compile(r"\b\w+Error: "),
+)
+
+# The plotly state the tests need, found by trace name (layer_figure: heatmaps W, updated, Q, error,
+# compensation; "diag(H)"; the "cursor" marker on diag(H); the "GPTQ" and "RTN" running curves).
+PLOT_STATE_JS = """() => {
+  const gd = document.querySelector('.js-plotly-plot');
+  if (!gd || !gd.data || !gd.layout || !gd.layout.shapes) return null;
+  const plain = (v) => {
+    if (v === undefined || v === null) return null;
+    if (v.bdata !== undefined) return {dtype: v.dtype, bdata: v.bdata, shape: v.shape || null};
+    if (ArrayBuffer.isView(v) || Array.isArray(v)) {
+      return Array.from(v, (x) => (Array.isArray(x) || ArrayBuffer.isView(x)) ? Array.from(x) : x);
+    }
+    return v;
+  };
+  const byName = {};
+  for (const t of gd.data) byName[t.name] = t;
+  const get = (name, key) => byName[name] ? plain(byName[name][key]) : null;
+  const L = gd.layout;
+  return {
+    ntraces: gd.data.length,
+    names: gd.data.map((t) => t.name),
+    diag_h: get('diag(H)', 'y'),
+    marker_x: get('cursor', 'x'),
+    gptq_y: get('GPTQ', 'y'),
+    rtn_y: get('RTN', 'y'),
+    error_z: get('error', 'z'),
+    curves_top: L.yaxis8 && L.yaxis8.range ? L.yaxis8.range[1] : null,
+    error_cmax: L.coloraxis2 ? L.coloraxis2.cmax : null,
+    cursor_path: L.shapes[0] ? L.shapes[0].path : null,
+    diag_title: L.annotations && L.annotations[6] ? L.annotations[6].text : null,
+  };
+}"""
+
+
+def decode(v) -> np.ndarray:
+    """A plotly data array as read from the page: a typed-array spec {dtype, bdata, shape} or a list."""
+    if v is None:
+        return np.zeros(0)
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        if v.get("shape"):
+            a = a.reshape([int(s) for s in str(v["shape"]).split(",")])
+        return a.astype(np.float64)
+    return np.asarray(v, dtype=np.float64)  # None (JSON null) becomes NaN
+
+
+def plot_state(page) -> dict | None:
+    """The plotly figure's state in the page, arrays decoded (None while no plot is drawn)."""
+    raw = page.evaluate(PLOT_STATE_JS)
+    if raw is None:
+        return None
+    out = dict(raw)
+    for key in ("diag_h", "marker_x", "gptq_y", "rtn_y", "error_z"):
+        out[key] = decode(raw[key])
+    return out
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 5.0) -> int | None:
+    """The HTTP status of a GET (None when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    """Poll predicate() until it returns something truthy; that value, or TimeoutError after timeout s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class VoilaServer:
+    """Standalone `voila` (the running interpreter's) serving one notebook from its folder on 127.0.0.1.
+
+    The notebook folder's voila.json applies (preheated pool, per-kernel env, tracebacks off); `extra_args`
+    override it (the tests shorten the culling intervals). Output goes to `log_path`. `stop()` ends the
+    whole process tree: the server and every kernel it started (kernels run in their own sessions, so
+    they are collected as psutil children before the server goes)."""
+
+    def __init__(self, notebook: Path, *, log_path: Path, extra_args=(), env: dict | None = None):
+        self.notebook = Path(notebook)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        voila = Path(sys.executable).with_name("voila")
+        cmd = [str(voila)] if voila.exists() else [sys.executable, "-m", "voila"]
+        self.cmd = [*cmd, self.notebook.name, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={self.port}",
+                    *extra_args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
+
+    def start(self) -> VoilaServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, cwd=self.notebook.parent, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Wait until the server answers GET /voila/static/voila.js (GET / would start a kernel); returns
+        the seconds since start."""
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"voila exited with {self.proc.returncode}:\n{self.log_tail()}")
+            return http_status(f"{self.url}/voila/static/voila.js", timeout=2.0) == 200
+
+        wait_until(ready, timeout, 0.3, "voila to answer /voila/static/voila.js")
+        return time.monotonic() - self.started_at
+
+    def kernel_alive(self, kernel_id: str) -> bool:
+        """GET /api/kernels/<id> (standalone Voila exposes the single-kernel route, not the list)."""
+        status = http_status(f"{self.url}/api/kernels/{kernel_id}")
+        if status not in (200, 404):
+            raise RuntimeError(f"GET /api/kernels/{kernel_id} answered {status}")
+        return status == 200
+
+    def kernel_processes(self) -> list:
+        """The live ipykernel processes this server started."""
+        import psutil
+
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        out = []
+        for p in kids:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and any(
+                        "ipykernel" in part for part in p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the server shuts its kernels down on SIGTERM
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        for p in tree:  # whatever survived (kernels are in sessions of their own)
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(tree, timeout=5)
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+
+def launch_chromium(playwright, executable: str):
+    return playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS)
+
+
+def open_page(browser, *, viewport=(1500, 1150)):
+    """A page that may only reach loopback, recording page errors and the kernel websocket URLs."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.page_errors = []  # type: ignore[attr-defined]
+    page.kernel_ids = []  # type: ignore[attr-defined]
+    page.blocked = []  # type: ignore[attr-defined]
+    page.console_errors = []  # type: ignore[attr-defined]
+
+    def route(r):
+        url = r.request.url
+        if url.startswith(LOCAL_PREFIXES):
+            r.continue_()
+        else:
+            page.blocked.append(url)
+            r.abort()
+
+    def websocket(ws):
+        m = re.search(r"/api/kernels/([0-9a-f-]{36})/channels", ws.url)
+        if m and m.group(1) not in page.kernel_ids:
+            page.kernel_ids.append(m.group(1))
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda e: page.page_errors.append(str(e)))
+    page.on("websocket", websocket)
+    # console errors are for diagnosis only: the blocked CDN icon font logs "Failed to load resource"
+    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+            and page.console_errors.append(m.text[:300]))
+    return page
+
+
+def error_texts(page) -> list[str]:
+    """Error text in the page: the Layer Lab's error box, Voila's cell-error notice, tracebacks, and
+    any error/stderr outputs."""
+    body = page.inner_text("body")
+    found = [m.group(0) for pat in ERROR_PATTERNS for m in [pat.search(body)] if m]
+    outputs = page.evaluate("""() => Array.from(document.querySelectorAll(
+        '[data-mime-type="application/vnd.jupyter.stderr"], [data-mime-type="application/vnd.jupyter.error"]'
+      )).map((e) => e.innerText.slice(0, 300))""")
+    return found + [f"output: {t}" for t in outputs]
+
+
+def slider(page, label: str):
+    """An ipywidgets slider by its description (exact)."""
+    return page.locator(".widget-slider").filter(
+        has=page.locator("label.widget-label", has_text=re.compile(rf"^{re.escape(label)}$")))
+
+
+def slider_value(page, label: str) -> str:
+    return slider(page, label).locator(".widget-readout").inner_text().strip()
+
+
+def dump_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
