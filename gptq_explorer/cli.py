@@ -282,7 +282,8 @@ def run_quantize(args) -> dict:
     return report
 
 
-def print_report(report: dict, out=sys.stdout) -> None:
+def print_report(report: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time, so redirected/captured stdout works
     cfg = QuantConfig.from_dict(report["config"])
     if report["method"] == "fp":
         what = "full precision (no quantization)"
