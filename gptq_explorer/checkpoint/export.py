@@ -47,12 +47,14 @@ class LoaderSupport:
     ok: bool
     reasons: list[str] = field(default_factory=list)
     checked_here: bool = False
+    notes: list[str] = field(default_factory=list)  # caveats even when ok (e.g. which kernel to ask for)
 
     def line(self) -> str:
         verdict = "yes" if self.ok else "NO"
         how = "tested here" if self.checked_here else "by its documented rules, not run here"
         why = f": {'; '.join(self.reasons)}" if self.reasons else ""
-        return f"{self.loader}: {verdict} ({how}){why}"
+        caveats = "".join(f"; WARNING: {n}" for n in self.notes)
+        return f"{self.loader}: {verdict} ({how}){why}{caveats}"
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ExportResult:
     quantization_config: dict
     loaders: list[LoaderSupport]
     warnings: list[str] = field(default_factory=list)  # the loaders that should refuse the folder
+    notes: list[str] = field(default_factory=list)  # caveats: kernels to avoid, a missing tokenizer
 
     def summary(self) -> str:
         lines = [
@@ -73,6 +76,7 @@ class ExportResult:
             f"files: {', '.join(self.files)}"
         ]
         lines += [f"  {s.line()}" for s in self.loaders]
+        lines += [f"  WARNING: {n}" for n in self.notes if not any(n in s.notes for s in self.loaders)]
         return "\n".join(lines)
 
 
@@ -191,8 +195,50 @@ def _preflight(layers: list[_Layer], format: str | None) -> str:
 # ------------------------------------------------------------------------ loaders
 
 
-def loader_support(layers: list[_Layer], format: str, has_overrides: bool) -> list[LoaderSupport]:
-    """Which loaders should accept the folder (§3.6); a list of verdicts with reasons."""
+# Measured with GPTQModel 7.6.0 on the CPU (tests/test_checkpoint_outside_loader.py): backend="auto" picks
+# ATen's int4 kernel for 4-bit g32/64/128, which needs in_features % group_size == 0 and crashes in the
+# first forward on a shorter last group; for 4-bit per-row it picks TorchFusedLinear, which fails unless
+# in_features is one of these. backend="gptq_torch" (TorchLinear) loads every case.
+GPTQMODEL_FUSED_IN_FEATURES = (32, 64, 128, 256)
+GPTQMODEL_SHORT_GROUP_ERROR = "expect K to be divisible by qGroupSize"
+
+
+def _gptqmodel_kernel_note(layers: list[_Layer]) -> str | None:
+    """Why GPTQModel's default CPU kernel would fail on this folder, or None."""
+    four = [L for L in layers if L.bits == 4]
+    ragged = [L for L in four if L.group_size != -1 and L.in_features % L.group_size]
+    per_row = [L for L in four if L.group_size == -1 and L.in_features not in GPTQMODEL_FUSED_IN_FEATURES]
+    if ragged:
+        L = ragged[0]
+        return (
+            f"GPTQModel's default CPU kernel (backend=\"auto\": ATen int4) crashes in the first forward on a "
+            f"shorter last group ({L.name}: in={L.in_features} with g{L.group_size} leaves "
+            f"{L.in_features % L.group_size}; \"{GPTQMODEL_SHORT_GROUP_ERROR}\"): load with "
+            f"backend=\"gptq_torch\" (measured with GPTQModel 7.6.0)"
+        )
+    if per_row:
+        L = per_row[0]
+        return (
+            f"GPTQModel's default CPU kernel for 4-bit per-row groups (backend=\"auto\": TorchFusedLinear) "
+            f"fails unless in_features is one of {GPTQMODEL_FUSED_IN_FEATURES} "
+            f"({L.name}: in={L.in_features}): "
+            f"load with backend=\"gptq_torch\" (measured with GPTQModel 7.6.0)"
+        )
+    return None
+
+
+NO_TOKENIZER_NOTE = (
+    "no tokenizer was saved (the quantized model carried none): transformers, GPTQModel and vLLM look for "
+    "tokenizer files in the folder. Copy them from the original model (e.g. "
+    "AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(FOLDER)), pass the tokenizer to "
+    "quantize_model(..., tokenizer=tok) before saving, or point vLLM at it with --tokenizer ORIGINAL"
+)
+
+
+def loader_support(
+    layers: list[_Layer], format: str, has_overrides: bool, has_tokenizer: bool = True
+) -> list[LoaderSupport]:
+    """Which loaders should accept the folder (§3.6); a list of verdicts with reasons and caveats."""
     not_div = [L for L in layers if L.group_size != -1 and L.in_features % L.group_size]
     bits = sorted({L.bits for L in layers})
     sym = all(L.sym for L in layers)
@@ -220,11 +266,24 @@ def loader_support(layers: list[_Layer], format: str, has_overrides: bool) -> li
         vllm.reasons.append("per-layer bits/group size come from the 'dynamic' field")
     out.append(vllm)
 
-    hf = LoaderSupport("transformers + optimum + gptqmodel (from_pretrained)", True)
+    kernel = _gptqmodel_kernel_note(layers)
+    gm = LoaderSupport("GPTQModel", True, checked_here=True)
+    if format == "gptq_v2":
+        gm.reasons.append("reads gptq_v2 (exact zeros)")
+    if kernel:
+        gm.notes.append(kernel)
+    out.append(gm)
+
+    hf = LoaderSupport("transformers + optimum + gptqmodel (from_pretrained)", True, checked_here=True)
     if format == "gptq_v2":
         hf.reasons.append("gptq_v2 needs gptqmodel (auto-gptq reads only v1)")
     if has_overrides:
         hf.reasons.append("per-layer overrides rely on gptqmodel reading 'dynamic'")
+    if kernel:  # it selects gptqmodel's kernels the same way
+        hf.notes.append(
+            "it picks the same gptqmodel kernel: pass quantization_config=GPTQConfig(bits=..., "
+            "backend=\"gptq_torch\") (see the GPTQModel line)"
+        )
     out.append(hf)
 
     agptq = LoaderSupport("AutoGPTQ (deprecated)", format == "gptq" and not has_overrides)
@@ -233,6 +292,20 @@ def loader_support(layers: list[_Layer], format: str, has_overrides: bool) -> li
     if has_overrides:
         agptq.reasons.append("has no per-layer bits")
     out.append(agptq)
+    if not has_tokenizer:
+        for s in out[1:]:  # our loader works without one (tokenizer=None)
+            s.notes.append(NO_TOKENIZER_NOTE)
+    return out
+
+
+def export_notes(loaders: list[LoaderSupport]) -> list[str]:
+    """Every caveat once, in loader order (the missing-tokenizer note is shared by several loaders)."""
+    out: list[str] = []
+    for s in loaders:
+        for n in s.notes:
+            text = n if n == NO_TOKENIZER_NOTE else f"{s.loader}: {n}"
+            if text not in out:
+                out.append(text)
     return out
 
 
@@ -345,7 +418,9 @@ def save_quantized(
         format=format,
         dynamic=overrides or None,
     )
-    loaders = loader_support(layers, format, bool(overrides))
+    loaders = loader_support(
+        layers, format, bool(overrides), has_tokenizer=getattr(quantized_model, "tokenizer", None) is not None
+    )
 
     # the state dict: quantized linears replaced, every other tensor unchanged
     model = quantized_model.model
@@ -400,9 +475,10 @@ def save_quantized(
         quantization_config=qdict,
         loaders=loaders,
         warnings=msgs,
+        notes=export_notes(loaders),
     )
     if warn:
-        for m in msgs:
+        for m in msgs + [n for n in result.notes if not any(n in m for m in msgs)]:
             warnings.warn(f"GPTQ export {folder}: {m}", stacklevel=2)
     return result
 
