@@ -1,0 +1,117 @@
+"""gptq_explorer.results: reading the shipped whole-model runs (data/results/<model>/<run-id>.json).
+
+The lookup tests write real CLI reports of a tiny LLaMA into a temporary results folder; the last tests
+check the runs shipped for SmolLM2-135M (skipped for runs not measured yet)."""
+
+import json
+import math
+
+import pytest
+from conftest_models import make_tiny_model, one_thread  # noqa: F401
+
+from gptq_explorer import cli, results
+from gptq_explorer.results import find_run, results_table, run_id, shipped_runs
+
+FAST = ["--nsamples", "2", "--seqlen", "32", "--eval", "prose", "--eval-tokens", "128", "--quiet"]
+RUNS = [("fp", 4, 128, True), ("rtn", 4, 32, True), ("gptq", 4, 32, True), ("gptq", 3, -1, False)]
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A results folder with real reports of a tiny LLaMA, written the way bench_models.py writes them."""
+    root = tmp_path_factory.mktemp("results")
+    model = str(make_tiny_model("llama", tmp_path_factory.mktemp("m") / "tiny"))
+    name = "tiny/llama"  # a hub-style id: stored under tiny--llama
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTQ_EXPLORER_RESULTS", str(root))
+        for method, bits, group, sym in RUNS:
+            argv = ["quantize", "--model", model, "--method", method, "--bits", str(bits), "--group-size",
+                    str(group), "--sym" if sym else "--asym", *FAST]  # fmt: skip
+            report = cli.run_quantize(cli.build_parser().parse_args(argv))
+            rid = run_id(method, bits, group, sym)
+            cli._write_json(str(results.model_dir(name) / f"{rid}.json"), {"run_id": rid, **report})
+    return root, name
+
+
+def test_run_ids():
+    assert run_id("fp") == "fp"
+    assert run_id("rtn", 4, 128, True) == "rtn-w4-g128-sym"
+    assert run_id("gptq", 3, -1, False) == "gptq-w3-grow-asym"
+    assert run_id("gptq", 4, 128, True, desc_act=True) == "gptq-w4-g128-sym-act"
+    with pytest.raises(ValueError, match="'fp', 'rtn' or 'gptq'"):
+        run_id("awq")
+
+
+def test_results_dir_default_is_the_repository_folder(monkeypatch):
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    d = results.results_dir()
+    assert d.parts[-2:] == ("data", "results") and (d.parent.parent / "gptq_explorer" / "results.py").exists()
+
+
+def test_shipped_runs_and_find_run(stored, monkeypatch):
+    root, name = stored
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(root))
+    runs = shipped_runs(name)
+    assert sorted(r["run_id"] for r in runs) == sorted(run_id(*r) for r in RUNS)
+    assert all(math.isfinite(r["perplexity"]["prose"]) for r in runs)
+    fp = find_run(name, "fp")
+    assert fp["run_id"] == "fp" and fp["layers"] == []
+    g = find_run(name, "gptq", bits=4, group_size=32, sym=True)
+    assert g["run_id"] == "gptq-w4-g32-sym" and g["calibration"]["nsamples"] == 2
+    assert g["perplexity"]["prose"] != fp["perplexity"]["prose"]
+    assert find_run(name, "gptq", bits=3, group_size=-1, sym=False)["config"]["group_size"] == -1
+    assert find_run(name, "gptq", bits=3, group_size=None, sym=None)["run_id"] == "gptq-w3-grow-asym"
+    assert find_run(name, "rtn", bits=3, group_size=32) is None  # not measured
+    assert find_run(name, "gptq", bits=4, group_size=32, calib_nsamples=128) is None
+    assert find_run(name, "gptq", bits=4, group_size=32, damp_percent=0.01) is not None
+    with pytest.raises(TypeError, match="colour"):
+        find_run(name, "gptq", colour="red")
+    assert shipped_runs("no-such-model") == [] and find_run("no-such-model", "fp") is None
+
+
+def test_table(stored, monkeypatch):
+    root, name = stored
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(root))
+    table = results_table(shipped_runs(name), corpora=("prose",))
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | bits | group | grid | prose ppl |")
+    assert lines[2].startswith("| FP32 |")  # FP first, then 4-bit before 3-bit, RTN before GPTQ
+    assert [ln.split("|")[1].strip() for ln in lines[3:]] == ["RTN", "GPTQ", "GPTQ"]
+    assert "per row" in lines[-1] and "asym" in lines[-1] and "%)" in lines[-1]
+
+
+def test_unreadable_report_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "fp.json").write_text("{half")
+    with pytest.raises(ValueError, match="fp.json is not a readable run report"):
+        shipped_runs("m")
+
+
+# ------------------------------------------------------------------ the shipped SmolLM2-135M runs
+
+
+def shipped(rid):
+    p = results.model_dir("smollm2-135m") / f"{rid}.json"
+    if not p.exists():
+        pytest.skip(f"{rid} not measured yet (python benchmarks/bench_models.py)")
+    return json.loads(p.read_text())
+
+
+def test_shipped_fp_protocol(monkeypatch):
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    fp = shipped("fp")
+    assert fp["evaluation"]["tokens"] >= 65536 and fp["evaluation"]["seqlen"] == 2048
+    assert fp["perplexity_windows"] == {"prose": 32, "code": 32}
+    assert 5 < fp["perplexity"]["prose"] < 50 and 1 < fp["perplexity"]["code"] < 50
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_shipped_gptq_beats_rtn_at_g128(monkeypatch, bits):
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    fp, rtn, gptq = shipped("fp"), shipped(f"rtn-w{bits}-g128-sym"), shipped(f"gptq-w{bits}-g128-sym")
+    assert gptq["calibration"]["nsamples"] == 128 and gptq["calibration"]["seqlen"] == 512
+    for corpus in ("prose", "code"):
+        f, r, g = (x["perplexity"][corpus] for x in (fp, rtn, gptq))
+        assert f < g < r, (corpus, f, g, r)  # quantization costs something; GPTQ costs less than RTN
+    assert find_run("smollm2-135m", "gptq", bits=bits, group_size=128)["run_id"] == f"gptq-w{bits}-g128-sym"
