@@ -17,6 +17,7 @@ that looks like a checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -461,8 +462,17 @@ def save_quantized(
             tok.save_pretrained(tmp)
         _apply_umask(tmp)
         _move_into_place(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            need = sum(_tensor_bytes(t) for t in tensors.values())
+            kept = "the existing folder was kept unchanged" if folder.exists() else "nothing was written"
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on the device while writing the checkpoint to {folder} (about "
+                f"{need / 1e6:.0f} MB of tensors); {kept} and the partial files were removed. Free some disk "
+                f"space there, or save to a folder on another disk",
+            ) from exc
         raise
 
     msgs = [s.line() for s in loaders if not s.ok]

@@ -59,7 +59,10 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointFormatError(f"{path.name} is not valid JSON: {e}") from None
+        raise CheckpointFormatError(
+            f"{path.name} is not valid JSON ({e}): the checkpoint is damaged or was not copied completely. "
+            "Copy the folder again or re-export it."
+        ) from None
 
 
 def _quant_config(folder: Path, config: dict) -> CheckpointConfig:
@@ -106,7 +109,8 @@ def _read_tensors(files: list[Path]) -> dict:
             tensors.update(load_file(str(path)))
         except SafetensorError as e:
             raise CheckpointFormatError(
-                f"{path.name} is not a readable safetensors file (truncated?): {e}"
+                f"{path.name} is not a readable safetensors file (truncated?): {e}. The file is damaged or "
+                "was not copied completely: copy the folder again or re-export it."
             ) from None
     return tensors
 

@@ -24,11 +24,32 @@ def check_shapes(w_shape: tuple, h_shape: tuple | None) -> None:
         )
 
 
+# What to do about non-finite input, by what it is: weights come from a checkpoint, H from activations.
+_FINITE_FIX = {
+    "W": "The layer's weights are broken: reload the model in float32 (a half-precision overflow?) or "
+         "re-download / re-export the checkpoint.",
+    "H": "H comes from the calibration activations: one overflowed (common in float16). Run the "
+         "calibration forward pass in float32, or drop the sample that produces it.",
+}
+
+
 def check_finite(name: str, all_finite: bool) -> None:
     if not all_finite:
         raise ValueError(
             f"{name} contains NaN or Inf; quantization needs finite values. "
-            f"Check the model weights / calibration activations (e.g. an fp16 overflow)."
+            + _FINITE_FIX.get(name, "Check the model weights and calibration activations (fp16 overflow?).")
+        )
+
+
+def warn_all_dead(n_dead: int, n: int) -> None:
+    """Every input was zero for every calibration token: GPTQ (like the reference) zeroes dead columns, so
+    the whole layer would quantize to zero. Legal, but almost always a calibration mistake."""
+    if n and n_dead == n:
+        warnings.warn(
+            f"all {n} inputs of this layer were zero in the calibration data (diag H == 0), so GPTQ sets "
+            "every weight to 0. Calibrate with text that reaches this layer (check the data and the hooks).",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 

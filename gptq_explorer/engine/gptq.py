@@ -113,6 +113,7 @@ def prepare_layer(W, H, cfg: QuantConfig, dtype=np.float64) -> PreparedLayer:
     # Dead inputs (always zero in the calibration data): H_ii = 1 and W[:, i] = 0, so they quantize
     # to exactly 0 and neither give nor receive updates.
     dead = np.diag(H) == 0
+    checks.warn_all_dead(int(dead.sum()), n)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 

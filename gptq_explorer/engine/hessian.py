@@ -17,6 +17,14 @@ import torch
 CHUNK_TOKENS = 4096
 
 
+def _not_finite(bad_tokens: int, tokens: int) -> ValueError:
+    return ValueError(
+        f"activations contain NaN or Inf in {bad_tokens} of {tokens} tokens; the Hessian needs finite "
+        "inputs and this batch was not added. Usually a float16 overflow: run the calibration forward pass "
+        "in float32, or drop the samples that produce it."
+    )
+
+
 class Hessian:
     """Running Hessian of one linear layer's inputs.
 
@@ -52,7 +60,7 @@ class Hessian:
         if self.backend == "numpy":
             x = np.asarray(X.detach().cpu() if isinstance(X, torch.Tensor) else X).reshape(-1, self.d_in)
             if not np.all(np.isfinite(x)):
-                raise ValueError("activations contain NaN or Inf; the Hessian needs finite inputs")
+                raise _not_finite(int(np.sum(~np.isfinite(x).all(axis=1))), x.shape[0])
             if self._sum is None:
                 self._sum = np.zeros((self.d_in, self.d_in), dtype=np.float64)
             for s in range(0, x.shape[0], CHUNK_TOKENS):
@@ -61,13 +69,15 @@ class Hessian:
         else:
             x = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
             x = x.detach().reshape(-1, self.d_in)
+            # Checked before anything is added: a rejected batch leaves the Hessian exactly as it was.
+            bad_rows = ~torch.isfinite(x).all(dim=1)
+            if bool(bad_rows.any()):
+                raise _not_finite(int(bad_rows.sum()), x.shape[0])
             if self._sum is None:
                 self.device = self.device or x.device
                 self._sum = torch.zeros((self.d_in, self.d_in), dtype=torch.float32, device=self.device)
             for s in range(0, x.shape[0], CHUNK_TOKENS):
                 chunk = x[s : s + CHUNK_TOKENS].to(device=self.device, dtype=torch.float32)
-                if not bool(torch.isfinite(chunk).all()):
-                    raise ValueError("activations contain NaN or Inf; the Hessian needs finite inputs")
                 self._sum.addmm_(chunk.T, chunk)
         self.n_tokens += int(np.prod(X.shape[:-1]))
         return self

@@ -10,6 +10,7 @@ safetensors only (pickled ``.bin`` checkpoints can run code when loaded) and ``t
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -137,11 +138,10 @@ def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
     plain.eval()
     del gmodel
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> dict:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        marker = {
+        return {
             "source": smollm2_source(),
             "gguf": str(gguf),
             "gguf_sha256": _sha256(gguf),
@@ -149,19 +149,61 @@ def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
             "transformers": _package_version("transformers"),
             "convert_seconds": round(time.perf_counter() - t0, 1),
         }
+
+    write_cache_folder(target, write, needs=f"about {_SMOLLM2_BYTES / 1e9:.1f} GB")
+    if progress:
+        print(f"[gptq_explorer] converted in {time.perf_counter() - t0:.1f} s", flush=True)
+    return target
+
+
+_SMOLLM2_BYTES = 545e6  # the converted folder: fp32 safetensors + tokenizer
+
+
+def write_cache_folder(target: Path, write, needs: str = "") -> Path:
+    """Build a cache folder atomically. write(tmp) fills a private temporary sibling and returns a dict for
+    the completion marker; the marker (with every file's size) is written last, then one rename puts the
+    folder in place. A folder without its marker, or whose files differ in size from what the marker lists,
+    is never used (cache_folder_complete). On any failure nothing is left behind; a full disk raises
+    ModelLoadError saying where space is needed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        marker = dict(write(tmp) or {})
+        marker["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / _MARKER).is_file():  # not "someone else finished first": a real failure
+            if not cache_folder_complete(target):  # not "someone else finished first": a real failure
                 raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ModelLoadError(
+                f"No space left on the device while writing the cache folder {target} "
+                f"({needs + ' needed; ' if needs else ''}nothing was cached, the partial files were "
+                "removed). "
+                f"Free some disk space there, or point GPTQ_EXPLORER_CACHE at a disk with room."
+            ) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if progress:
-        print(f"[gptq_explorer] converted in {time.perf_counter() - t0:.1f} s", flush=True)
     return target
+
+
+def cache_folder_complete(folder: Path) -> bool:
+    """True when the folder's completion marker exists and every file it lists has the recorded size."""
+    try:
+        marker = json.loads((Path(folder) / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if files is None:
+        return isinstance(marker, dict)  # a marker from before sizes were recorded
+    return all((Path(folder) / n).is_file() and (Path(folder) / n).stat().st_size == size
+               for n, size in files.items())
 
 
 def _package_version(dist: str) -> str | None:
@@ -179,7 +221,11 @@ def _load_smollm2(device, dtype) -> LoadedModel:
     folder = _smollm2_cache_dir()
     converted = False
     t0 = time.perf_counter()
-    if not (folder / _MARKER).is_file():
+    if not cache_folder_complete(folder):
+        if folder.exists():  # a damaged or unfinished cache (files missing or cut short): rebuild it
+            aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")
+            os.rename(folder, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         convert_smollm2(folder)
         converted = True
     t1 = time.perf_counter()
@@ -199,6 +245,189 @@ def _load_smollm2(device, dtype) -> LoadedModel:
     except (OSError, ValueError):
         pass
     return LoadedModel(model, tok, DEFAULT_MODEL, smollm2_source(), _adapter_for(model), info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# will it fit? an estimate from safetensors headers or config.json, made BEFORE any weight is read
+
+# Memory to run a loaded model, as a multiple of its weights: the weights themselves (safetensors are
+# memory-mapped, but every page is touched by the first forward pass), plus activations, the Hessians and
+# one layer's copies while quantizing. Measured on SmolLM2-135M (fp32): weights 0.54 GB; a 16 x 512
+# quantization run peaks ~0.1 GB above them.
+MEMORY_FACTOR = 1.25
+MEMORY_ENV = "GPTQ_EXPLORER_MAX_MODEL_GB"  # a cap per process, e.g. per Voila kernel on a shared server
+_ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class ModelTooLargeError(ModelLoadError):
+    """The estimate says the model does not fit in the memory this process may use; nothing was loaded."""
+
+    def __init__(self, msg: str, estimate: MemoryEstimate):
+        super().__init__(msg)
+        self.estimate = estimate
+
+
+@dataclass
+class MemoryEstimate:
+    """What loading a model would take, from its files' headers (no weight is read)."""
+
+    name: str
+    parameters: int
+    dtype: str  # the dtype it would be loaded in
+    bytes_per_parameter: int
+    bytes_needed: int  # parameters * bytes_per_parameter * MEMORY_FACTOR
+    bytes_available: int
+    budget_reason: str  # where bytes_available comes from
+    source: str  # how the parameters were counted
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_needed <= self.bytes_available
+
+    def message(self) -> str:
+        gb = 1e9
+        half = ""
+        if self.bytes_per_parameter > 2:
+            need16 = self.parameters * 2 * MEMORY_FACTOR
+            fits16 = need16 <= self.bytes_available
+            verdict = " (fits: load_model(..., dtype=torch.bfloat16))." if fits16 else ", still too much."
+            half = f" Loading it in bfloat16 would need {need16 / gb:.1f} GB{verdict}"
+        return (
+            f"'{self.name}' is too large for this machine: {self.parameters / 1e6:,.0f}M parameters x "
+            f"{self.bytes_per_parameter} bytes ({self.dtype}) x {MEMORY_FACTOR} for activations and buffers "
+            f"= {self.bytes_needed / gb:.1f} GB, but only {self.bytes_available / gb:.1f} GB is available "
+            f"({self.budget_reason}). Nothing was loaded.{half} Pick a smaller model (e.g. "
+            f"'{DEFAULT_MODEL}'), or use a machine with more memory. (Counted from {self.source}.)"
+        )
+
+
+def memory_budget() -> tuple[int, str]:
+    """(bytes this process may use for a model, why): MemAvailable, capped by $GPTQ_EXPLORER_MAX_MODEL_GB."""
+    avail, why = None, ""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail, why = int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            why = "free physical memory"
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            avail, why = 1 << 62, "unknown"
+    cap = os.environ.get(MEMORY_ENV, "").strip()
+    if cap:
+        try:
+            cap_bytes = int(float(cap) * 1e9)
+        except ValueError:
+            raise ModelLoadError(
+                f"{MEMORY_ENV}={cap!r} is not a number of gigabytes; set it to e.g. 2.5, or unset it."
+            ) from None
+        if cap_bytes < avail:
+            avail, why = cap_bytes, f"{MEMORY_ENV}={cap}"
+    return avail, why
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets): its first bytes only."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path} is not a safetensors file (shorter than 8 bytes): copy it again.")
+        n = int.from_bytes(head, "little")
+        if n > 100 * 2**20:
+            raise ModelLoadError(f"{path} has an implausible header length ({n} bytes): the file is damaged.")
+        try:
+            return json.loads(f.read(n))
+        except ValueError:
+            raise ModelLoadError(f"{path} has a damaged header (not JSON): copy/download it again.") from None
+
+
+def _count_safetensors(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        for key, entry in safetensors_header(path).items():
+            if key != "__metadata__":
+                n = 1
+                for d in entry.get("shape", []):
+                    n *= int(d)
+                total += n
+    return total
+
+
+def _count_from_config(folder: Path) -> int:
+    """Exact parameter count of the architecture in config.json, built on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _weights_in(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise ModelLoadError(f"{index} is damaged (no weight_map): copy or download it again.") from None
+        files = [folder / n for n in names]
+        return files if all(f.is_file() for f in files) else []
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, no cache: no estimate from the cache
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def estimate_model_memory(name: str, dtype=torch.float32) -> MemoryEstimate | None:
+    """How much memory loading `name` would take, counted from safetensors headers (or, without weights,
+    from the architecture in config.json), without reading any weight. None when nothing can be counted
+    (an uncached hub id offline): then loading goes ahead and reports its own error."""
+    if name == DEFAULT_MODEL:
+        folder = _smollm2_cache_dir() if (_smollm2_cache_dir() / _MARKER).is_file() else None
+    else:
+        path = Path(name).expanduser()
+        folder = path if path.is_dir() else _hub_snapshot(name)
+    params, source = None, ""
+    if folder is not None:
+        files = _weights_in(folder)
+        if files:
+            params = _count_safetensors(files)
+            source = f"the headers of {len(files)} safetensors file(s) in {folder}"
+        elif (folder / "config.json").is_file():
+            try:
+                params = _count_from_config(folder)
+                source = f"the architecture in {folder / 'config.json'}"
+            except Exception:  # noqa: BLE001 - an unknown architecture: loading says so itself
+                params = None
+    elif name != DEFAULT_MODEL and not _offline_env():
+        try:
+            from huggingface_hub import get_safetensors_metadata
+
+            meta = get_safetensors_metadata(name)
+            params = int(sum(meta.parameter_count.values()))
+            source = "the safetensors headers on the Hugging Face hub"
+        except Exception:  # noqa: BLE001 - unreachable hub, private or missing repo: loading reports it
+            params = None
+    if not params:
+        return None
+    per = torch.tensor([], dtype=dtype).element_size()
+    avail, why = memory_budget()
+    return MemoryEstimate(name=name, parameters=params, dtype=str(dtype).removeprefix("torch."),
+                          bytes_per_parameter=per, bytes_needed=int(params * per * MEMORY_FACTOR),
+                          bytes_available=avail, budget_reason=why, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,6 +568,12 @@ def _load_hf(name: str, device, dtype, local_files_only: bool | None) -> LoadedM
         raise
     except Exception as exc:
         text = str(exc)
+        damaged = type(exc).__name__ in ("SafetensorError", "HeaderTooLarge")
+        if damaged or "incomplete metadata" in text.lower():
+            raise ModelLoadError(
+                f"'{name}': a weights file is damaged or incomplete ({text[:200]}). Copy or download the "
+                "model again (for a hub id: delete its folder in the Hugging Face cache first)."
+            ) from exc
         if "safetensors" in text.lower() or "use_safetensors" in text:
             raise ModelLoadError(
                 f"'{name}' has no safetensors weights (only pickled .bin files?). gptq_explorer only loads "
@@ -378,14 +613,21 @@ def _adapter_for(model):
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, *, device="cpu", dtype=torch.float32, local_files_only: bool | None = None
+    name: str = DEFAULT_MODEL, *, device="cpu", dtype=torch.float32, local_files_only: bool | None = None,
+    check_memory: bool = True,
 ) -> LoadedModel:
     """Load a causal LM for quantization experiments.
 
     name: "smollm2-135m" (offline default), a Hugging Face model id, or a local folder with config.json
     and *.safetensors. local_files_only=None follows HF_HUB_OFFLINE; True never touches the network.
-    Raises ModelLoadError with a message that names the problem and the fix.
+    check_memory: estimate the memory first (from file headers, no weight read) and refuse with the numbers
+    (ModelTooLargeError) when it exceeds what is available (MemAvailable, capped by
+    $GPTQ_EXPLORER_MAX_MODEL_GB). Raises ModelLoadError with a message that names the problem and the fix.
     """
+    if check_memory and str(device) == "cpu":
+        estimate = estimate_model_memory(name, dtype)
+        if estimate is not None and not estimate.fits:
+            raise ModelTooLargeError(estimate.message(), estimate)
     if name == DEFAULT_MODEL:
         return _load_smollm2(device, dtype)
     return _load_hf(name, device, dtype, local_files_only)
