@@ -112,6 +112,7 @@ class LabFigure:
             fig.layout.annotations[i].font = dict(color=HEATMAP_TITLES[h][1], size=13)
         fig.layout.annotations[5].font = dict(color="#444", size=13)
         fig.layout.annotations[6].font = dict(color=COLORS["hinv"], size=13)
+        fig.layout.annotations[7].font = dict(color="#444", size=13)
         for i in range(1, 6):
             fig.layout[_axis(i)].update(autorange=False, showgrid=False)
             fig.layout[_axis(i, "y")].update(autorange=False, showgrid=False)
@@ -124,11 +125,17 @@ class LabFigure:
                             colorbar=dict(x=1.02, y=0.5, title=dict(text="w−q"), **cb)),
             coloraxis3=dict(colorscale="PiYG", cmid=0,
                             colorbar=dict(x=1.12, y=0.5, title=dict(text="ΔW"), **cb)),
+            yaxis=dict(title=dict(text="row", font=dict(size=11), standoff=4)),
+            yaxis4=dict(title=dict(text="row", font=dict(size=11), standoff=4)),
+            xaxis4=dict(title=dict(text="position p", font=dict(size=11), standoff=4)),
+            xaxis5=dict(title=dict(text="position p", font=dict(size=11), standoff=4)),
             yaxis7=dict(type="log", dtick=1, exponentformat="power"),
-            xaxis6=dict(title=dict(text="row", font=dict(size=11), standoff=2)),
-            xaxis7=dict(title=dict(text="position p", font=dict(size=11), standoff=2)),
-            xaxis8=dict(title=dict(text="columns quantized", font=dict(size=11), standoff=2)),
-            yaxis8=dict(title=dict(text="calib. output MSE", font=dict(size=11), standoff=2)),
+            xaxis6=dict(title=dict(text="row", font=dict(size=11), standoff=4)),
+            xaxis7=dict(title=dict(text="position p", font=dict(size=11), standoff=4)),
+            xaxis8=dict(title=dict(text="columns quantized", font=dict(size=11), standoff=4)),
+            # log: the running error grows by orders of magnitude; linear left the first columns at 0
+            yaxis8=dict(type="log", dtick=1, exponentformat="power",
+                        title=dict(text="calibration output MSE", font=dict(size=11), standoff=8)),
             shapes=[
                 dict(type="path", xref="paper", yref="paper", path="M 0 0", line=dict(color=COLORS["cursor"],
                                                                                       width=2)),
@@ -183,13 +190,16 @@ class LabFigure:
         wmax = float(np.percentile(np.abs(run.W0), 99.5)) or 1.0
         emax = float(np.percentile(np.abs(run.Wq - run.Q), 99.5)) or 1.0
         top = float(max(run.curve_gptq[-1], run.curve_rtn[-1], 1e-30))
+        both = np.concatenate([run.curve_gptq, run.curve_rtn])
+        low = float(both[both > 0].min()) if np.any(both > 0) else top * 1e-6
         order = "desc_act order: decreasing diag(H)" if desc_act else "column order"
         d = run.diag_h
         lo, hi = float(d[d > 0].min()) if np.any(d > 0) else 1e-6, float(d.max()) or 1.0
         self._update(
             {TR_DIAG: {"x": pos, "y": spec(d)}, TR_GPTQ: {"x": pos}, TR_RTN: {"x": pos}},
             {"xaxis7.range": [-0.5, run.n - 0.5], "xaxis8.range": [-0.5, run.n - 0.5],
-             "yaxis7.range": [np.log10(lo * 0.8), np.log10(hi * 1.25)], "yaxis8.range": [0, 1.05 * top],
+             "yaxis7.range": [np.log10(lo * 0.8), np.log10(hi * 1.25)],
+             "yaxis8.range": [np.log10(low * 0.8), np.log10(top * 1.25)],
              "coloraxis.cmin": -wmax, "coloraxis.cmax": wmax,
              "coloraxis2.cmin": -emax, "coloraxis2.cmax": emax,
              "annotations[6].text": f"diag(H), {order}"})

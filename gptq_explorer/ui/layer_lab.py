@@ -35,6 +35,7 @@ import numpy as np
 
 from ..engine import QuantConfig
 from ._blas import single_blas_thread
+from .common import InputError, info_html, message_html, message_widget
 from .layer_figure import COLORS, LabFigure
 from .layer_run import Run, compute_run, frame, window
 from .layer_source import (
@@ -49,6 +50,7 @@ from .layer_source import (
     curated_models,
     model_structure,
 )
+from .presets import CUSTOM, DAMP_EXP, PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,6 @@ GROUP_SIZES = (-1, 32, 64, 128, 256)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 NSAMPLES = (4, 8, 16, 32, 64)
 CORPORA = ("prose", "code")
-DAMP_EXP = (-3.0, -0.5)  # damp_percent between 10^-3 and 10^-0.5 (0.1% .. 31.6% of mean diag H)
 CROP_ROWS = (4, 96)
 CROP_COLS = (4, 128)
 FPS = (1, 30)
@@ -78,37 +79,8 @@ CONFIG_KEYS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static_
 VIEW_KEYS = ("rows", "cols", "row0")
 STATE_KEYS = tuple(DEFAULTS)
 
-_CFG_DEFAULTS = {"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "sym": True,
-                 "static_groups": False, "block_size": 128}
-PRESETS: dict[str, tuple[dict, str]] = {
-    "4-bit g128 — the default everyone uses": (
-        dict(_CFG_DEFAULTS),
-        "4 bits, one grid per 128 input columns, symmetric, 1% damping: what most GPTQ checkpoints use. "
-        "GPTQ's held-out error is well below RTN's."),
-    "3-bit: where RTN collapses": (
-        {**_CFG_DEFAULTS, "bits": 3},
-        "8 levels per group. RTN's error jumps; GPTQ's compensation keeps much more of the layer's output."),
-    "desc_act on vs off": (
-        {**_CFG_DEFAULTS, "bits": 3, "group_size": -1, "desc_act": True},
-        "Columns with the largest diag(H) (the most-used inputs) go first, while many columns remain to "
-        "absorb their error. Toggle desc_act and compare the held-out error and the diag(H) plot."),
-    "2-bit per-row: everything breaks": (
-        {**_CFG_DEFAULTS, "bits": 2, "group_size": -1},
-        "4 levels for a whole row. Both methods lose most of the signal; GPTQ loses less."),
-    "8-bit: nearly lossless": (
-        {**_CFG_DEFAULTS, "bits": 8, "group_size": -1},
-        "256 levels: RTN is already fine and GPTQ has little left to fix."),
-    "desc_act + static groups (fast kernels)": (
-        {**_CFG_DEFAULTS, "desc_act": True, "static_groups": True},
-        "Act-order with grids computed up front from the original weights: the groups stay contiguous in "
-        "memory, which is what fast inference kernels want."),
-    "Heavy damping (30%)": (
-        {**_CFG_DEFAULTS, "bits": 3, "damp_percent": 10 ** DAMP_EXP[1]},
-        "Lots of lambda*I makes H^-1 closer to diagonal: the updates shrink and GPTQ drifts towards RTN."),
-}
-CUSTOM = "(custom)"
 
-class LabInputError(ValueError):
+class LabInputError(InputError):
     """A value for the lab (from Python or a link) outside what the controls allow."""
 
 
@@ -358,7 +330,7 @@ class LayerLab:
         self.copy_button = W.Button(description="Copy link", icon="link", layout=W.Layout(width="110px"))
         self.copy_button.on_click(self._on_copy_link)
         self.link = W.HTML(value="")
-        self.message = W.HTML(value="")
+        self.message = message_widget()
         self.progress = W.FloatProgress(min=0.0, max=1.0, value=0.0, layout=W.Layout(width="260px"))
         self.progress_label = W.Label(value="")
         self.cancel_button = W.Button(description="Cancel", icon="stop", button_style="warning",
@@ -586,21 +558,16 @@ class LayerLab:
     # errors, info, progress
 
     def show_error(self, exc: BaseException, where: str = "") -> None:
-        """Show an exception in the page with the fix to try (and log the traceback)."""
+        """Show an exception in the page with the fix to try (and log the traceback). The box has the CSS
+        class gptq-error (gptq-cancelled for a cancellation), its fix gptq-fix."""
         self.last_error = exc
         text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, Cancelled) else "Cancelled."
         self.errors.append(text)
         log.warning("LayerLab %s failed", where, exc_info=exc)
-        color, bg = ("#8a6d3b", "#fcf8e3") if isinstance(exc, Cancelled) else ("#a94442", "#f2dede")
-        self.message.value = (
-            f"<div style='border:1px solid {color};background:{bg};color:{color};padding:6px 10px;"
-            f"border-radius:4px;max-width:1100px'><b>{html.escape(where or 'error')}:</b> "
-            f"{html.escape(text)}<br><b>Try:</b> {html.escape(_fix_for(exc))}</div>")
+        self.message.value = message_html(exc, where, _fix_for(exc))
 
     def _info(self, text_html: str) -> None:
-        self.message.value = (
-            "<div style='border:1px solid #31708f;background:#d9edf7;color:#31708f;padding:6px 10px;"
-            f"border-radius:4px;max-width:1100px'>{text_html}</div>")
+        self.message.value = info_html(text_html)
 
     def _clear_message(self) -> None:
         self.message.value = ""

@@ -1,0 +1,245 @@
+"""Model Lab and the tabbed app, driven from Python on a tiny random-init LLaMA (tests/conftest_models.py).
+
+Every number the charts show is checked against what the package computes independently (perplexity with
+metrics.perplexity, per-layer errors from quantize_model's report). Budget: ~30 s on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest_models import make_tiny_model, one_thread  # noqa: F401
+from traitlets import TraitError
+
+from gptq_explorer.ui import InputError, SyntheticSource
+from gptq_explorer.ui import model_lab as ml
+from gptq_explorer.ui.app import ExplorerApp, split_query
+from gptq_explorer.ui.model_lab import ComputeSettings, ModelLab
+
+pytest.importorskip("transformers")
+
+TINY = ComputeSettings(nsamples=4, seqlen=32, eval_tokens=256, eval_seqlen=64, max_new_tokens=4)
+PRESET4 = "4-bit g128 — the default everyone uses"
+PRESET3 = "3-bit: where RTN collapses"
+SMALL = SyntheticSource(d_out=48, d_in=96, n_calib=256, n_heldout=128)  # the Layer Lab's layer in app tests
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model_lab")
+    folder = str(make_tiny_model("llama", root / "llama"))
+    return {"folder": folder, "cache": root / "cache", "root": root}
+
+
+@pytest.fixture(scope="module")
+def computed(tiny):
+    """A lab that has computed FP, RTN and GPTQ at 4 bits (the computation every later test reuses)."""
+    lab = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY,
+                   cache_dir=tiny["cache"], threaded=False, shipped=[])
+    assert lab.results.origin == "none" and "gptq-missing" in lab.status.value
+    assert all(np.all(np.isnan(np.asarray(t.y, dtype=float))) for t in lab.ppl_plot.figure.data)
+    lab.compute()
+    assert lab.errors == [] and lab.last_outcome == "done"
+    return lab
+
+
+def bars(lab) -> dict[str, np.ndarray]:
+    return {t.name: np.asarray(t.y, dtype=float) for t in lab.ppl_plot.figure.data}
+
+
+def layer_errors(lab) -> dict[str, np.ndarray]:
+    return {t.name: np.asarray(t.y, dtype=float) for t in lab.layer_plot.figure.data}
+
+
+def test_compute_fills_every_chart_with_the_measured_numbers(computed, tiny):
+    from gptq_explorer.data import evaluation_ids
+    from gptq_explorer.metrics import perplexity
+    from gptq_explorer.models import load_model
+
+    lab = computed
+    res = lab.results
+    assert res.origin == "computed" and res.complete
+    assert "computed here (reduced settings): 4x32 prose calibration" in lab.status.value
+    b = bars(lab)
+    for m, name in (("fp", "FP"), ("rtn", "RTN"), ("gptq", "GPTQ")):
+        np.testing.assert_allclose(b[name], [res.reports[m]["perplexity"][c] for c in ("prose", "code")])
+    # the bars use the paper's protocol: the same number as metrics.perplexity on the FP model
+    lm = load_model(tiny["folder"])
+    ids = evaluation_ids(lm.tokenizer, "prose", TINY.eval_tokens)
+    ref = perplexity(lm.model, ids, seqlen=TINY.eval_seqlen, progress=False).ppl
+    np.testing.assert_allclose(b["FP"][0], ref, rtol=1e-5)
+    assert b["RTN"][0] != b["FP"][0] and b["GPTQ"][0] != b["FP"][0]  # quantization did change the model
+    # per-layer chart: one point per quantized linear (2 blocks x 7), as quantize_model reported them
+    errs = layer_errors(lab)
+    assert errs["RTN"].size == errs["GPTQ"].size == 14
+    np.testing.assert_allclose(errs["GPTQ"], [r["output_rel_error"] for r in res.reports["gptq"]["layers"]])
+    assert np.mean(errs["GPTQ"] < errs["RTN"]) >= 0.8  # GPTQ's calibration error is lower almost everywhere
+    # samples: the three generations of the chosen prompt, side by side
+    assert ml.PROMPTS[0] in lab.samples.value and lab.samples.value.count("<td") == 3
+    for m in ml.METHODS:
+        assert len(res.reports[m]["samples"][ml.PROMPTS[0]]) > 0
+    lab.set(prompt=1)
+    assert ml.PROMPTS[1] in lab.samples.value
+
+
+def test_three_bits_raises_rtns_error_bars(computed):
+    lab = computed
+    four = layer_errors(lab)
+    lab.set(bits=3)
+    assert lab.results.origin == "none" and "Compute" in lab.status.value  # not computed yet: says so
+    lab.compute()
+    assert lab.errors == [] and lab.results.origin == "computed" and lab.config().bits == 3
+    three = layer_errors(lab)
+    assert np.all(three["RTN"] > four["RTN"])  # every layer's RTN error goes up with one bit less
+    assert np.mean(three["RTN"]) > 2 * np.mean(four["RTN"])
+    assert np.mean(three["GPTQ"] < three["RTN"]) >= 0.8
+    lab.set(bits=4)  # back: cached, instant
+    np.testing.assert_allclose(layer_errors(lab)["RTN"], four["RTN"])
+
+
+def test_computed_results_are_cached_on_disk(computed, tiny, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("recomputed a cached result")
+
+    monkeypatch.setattr(ml, "compute_report", boom)
+    lab = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY,
+                   cache_dir=tiny["cache"], threaded=False, shipped=[])
+    assert lab.results.origin == "computed" and lab.results.complete
+    np.testing.assert_allclose(bars(lab)["GPTQ"], bars(computed)["GPTQ"])
+    lab.compute()  # everything cached: no work, no error
+    assert lab.errors == [] and "Already computed" in lab.message.value
+    # quantize_model's own cache holds the quantized layers too
+    assert any((tiny["cache"] / "quantized").glob("*/report.json"))
+
+
+def test_cancel_leaves_the_model_unquantized_and_says_cancelled(computed, tiny, monkeypatch):
+    import torch
+
+    from gptq_explorer.ui.layer_source import get_model
+
+    lab = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY,
+                   cache_dir=tiny["cache"], threaded=True, shipped=[])
+    lab.set(bits=2, group_size=32)
+    before_bars = bars(lab)
+    shared = get_model(tiny["folder"]).model
+    weights = {k: v.clone() for k, v in shared.state_dict().items()}
+    original_set = lab.progress.set
+
+    def set_and_cancel(fraction, text):  # press Cancel as soon as GPTQ starts on its first block
+        original_set(fraction, text)
+        if text.startswith("GPTQ: quantizing block"):
+            lab.cancel()
+
+    lab.progress.set = set_and_cancel
+    lab.compute()
+    assert lab.compute_button.disabled and lab.progress.visible  # running, the kernel is free meanwhile
+    lab.wait(120)
+    assert lab.last_outcome == "cancelled"
+    assert "gptq-cancelled" in lab.message.value and "Cancelled" in lab.message.value
+    assert not lab.progress.visible and not lab.compute_button.disabled
+    # never shown as finished: no GPTQ report at this config, the view is not a computed set
+    assert lab.cache.get(lab.model, "gptq", lab.config(), TINY) is None
+    assert lab.results.origin != "computed" or lab.results.reports["gptq"] is None
+    np.testing.assert_array_equal(bars(lab)["GPTQ"], before_bars["GPTQ"])
+    # the shared model is untouched (every method works on its own copy)
+    for k, v in shared.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
+def _write_shipped(folder, reports: dict, model: str) -> None:
+    out = folder / model
+    out.mkdir(parents=True, exist_ok=True)
+    for name, r in reports.items():
+        r = {**r, "model": model}
+        if r.get("calibration"):
+            r["calibration"] = {**r["calibration"], "nsamples": 128, "seqlen": 512}
+        r.pop("samples", None)  # shipped reports carry no samples
+        (out / f"{name}.json").write_text(json.dumps(r))
+
+
+def test_a_shipped_preset_shows_instantly_with_its_numbers(computed, tiny, monkeypatch):
+    """Shipped reports (here: the tiny model's real ones, relabelled 128x512) show without any compute."""
+    shipped_dir = tiny["root"] / "shipped"
+    lab4 = computed
+    lab4.set(bits=4)
+    _write_shipped(shipped_dir, {f"{m}-4": lab4.results.reports[m] for m in ml.METHODS}, "smollm2-135m")
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(shipped_dir))
+    monkeypatch.setattr(ml, "compute_report", lambda *a, **k: pytest.fail("computed instead of shipped"))
+    lab = ModelLab("smollm2-135m", models={"smollm2-135m": "SmolLM2"}, settings=TINY,
+                   cache_dir=tiny["root"] / "empty-cache", threaded=False)
+    assert lab.results.origin == "precomputed" and lab.results.complete  # at once, the default config
+    assert "precomputed: 128x512 prose calibration" in lab.status.value
+    assert "gptq-precomputed" in lab.status.value
+    labels = dict((v, label) for label, v in lab.preset.options)
+    assert "✓ precomputed" in labels[PRESET4] and "✓" not in labels[PRESET3]
+    np.testing.assert_allclose(bars(lab)["GPTQ"], bars(lab4)["GPTQ"])
+    lab.apply_preset(PRESET3)
+    assert lab.results.origin == "none" and "No precomputed result" in lab.message.value
+    lab.apply_preset(PRESET4)
+    assert lab.results.origin == "precomputed" and lab.preset.value == PRESET4
+    np.testing.assert_allclose(bars(lab)["RTN"], [lab4.results.reports["rtn"]["perplexity"][c]
+                                                 for c in ("prose", "code")])
+    assert "no sample in this report" in lab.samples.value
+
+
+def test_values_from_a_client_are_clamped_or_rejected(computed):
+    lab = computed
+    state = lab.state()
+    lab.controls["bits"].set_state({"value": 99})  # sliders clamp
+    assert lab.controls["bits"].value == 8
+    lab.controls["damp_percent"].set_state({"value": 50.0})
+    assert lab.controls["damp_percent"].value == pytest.approx(10 ** -0.5)
+    for key in ("group_size", "model", "prompt"):  # dropdowns reject
+        with pytest.raises(TraitError):
+            lab.controls[key].set_state({"index": 99})
+    with pytest.raises(TraitError):
+        lab.controls["sym"].set_state({"value": "rm -rf"})
+    with pytest.raises(InputError, match="bits must be between 2 and 8"):
+        lab.set(bits=12)
+    assert "gptq-error" in lab.message.value and "gptq-fix" in lab.message.value
+    with pytest.raises(InputError):
+        lab.set(model="gpt2-evil")
+    lab.set(**{k: state[k] for k in ("bits", "damp_percent")})
+    assert lab.state() == state
+
+
+def test_app_builds_tabs_lazily_and_round_trips_its_state(tiny):
+    kwargs = dict(settings=TINY, cache_dir=tiny["cache"], shipped=[], threaded=False)
+    folder = tiny["folder"]
+    app = ExplorerApp("", source=SMALL, models={folder: "tiny llama"},
+                      model_lab_kwargs={"model": folder, **kwargs})
+    assert app._model_lab is None and app._sweeps is None  # cold start pays for the Layer Lab only
+    app.tabs.selected_index = 1  # as a browser would
+    assert app._model_lab is not None and app._slots[1].children == (app.model_lab.widget,)
+    app.model_lab.set(bits=3, desc_act=True, prompt=2)
+    app.layer_lab.set(bits=5, group_size=64)
+    qs = app.state_query()
+    assert "tab=model" in qs and "ml.bits=3" in qs and "bits=5" in qs
+    other = ExplorerApp(qs, source=SMALL, models={folder: "tiny llama"},
+                        model_lab_kwargs={"model": folder, **kwargs})
+    assert other.tabs.selected_index == 1 and other._model_lab is not None
+    assert other.state() == app.state()
+    # the copy-link button gives the whole app's state
+    app.model_lab.copy_button.click()
+    assert "ml.bits=3" in app.model_lab.link.value and "tab=model" in app.model_lab.link.value
+    # bad values in a link are listed, not applied
+    bad = ExplorerApp("tab=nope&ml.bits=12&ml.view=x&bits=3", source=SMALL,
+                      models={folder: "tiny llama"}, model_lab_kwargs={"model": folder, **kwargs})
+    assert "tab=" in bad.layer_lab.message.value and bad.layer_lab.state()["bits"] == 3
+    ml_lab = bad.model_lab
+    assert ml_lab.state()["bits"] == 4 and "bits" in ml_lab.message.value and "view" in ml_lab.message.value
+    assert split_query("?tab=sweeps&sw.facet=desc_act&bits=3")[:4] == (
+        "bits=3", {"tab": "sweeps"}, {}, {"facet": "desc_act"})
+
+
+def test_a_preset_in_one_lab_applies_to_the_other(tiny):
+    folder = tiny["folder"]
+    app = ExplorerApp("", source=SMALL, models={folder: "tiny llama"},
+                      model_lab_kwargs={"model": folder, "settings": TINY, "cache_dir": tiny["cache"],
+                                        "shipped": [], "threaded": False})
+    app.layer_lab.preset.value = PRESET3
+    assert app.model_lab.config().bits == 3 and app.model_lab.preset.value == PRESET3  # built with it
+    app.model_lab.preset.value = "desc_act on vs off"
+    assert app.layer_lab.run.cfg.desc_act and app.layer_lab.preset.value == "desc_act on vs off"

@@ -1,0 +1,150 @@
+"""Sweeps, driven from Python on a small synthetic layer: the heatmaps hold the engine's numbers.
+
+Budget: ~15 s on 2 busy cores (a 64 x 192 layer; 20-40 configs of GPTQ + RTN on the torch path).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from traitlets import TraitError
+
+from gptq_explorer.engine import QuantConfig, gptq_quantize, rtn_quantize
+from gptq_explorer.metrics.layer_error import layer_output_mse
+from gptq_explorer.ui import InputError, LayerLab, SyntheticSource
+from gptq_explorer.ui import sweeps as sweeps_module
+from gptq_explorer.ui.sweeps import SWEEP_BITS, SWEEP_GROUPS, Sweeps
+
+SRC = SyntheticSource(d_out=64, d_in=192, n_calib=768, n_heldout=384, seed=3)
+
+
+@pytest.fixture(scope="module")
+def swept():
+    sw = Sweeps(source=SRC, threaded=False, cache_dir="/nonexistent-cache", model="no-such-model")
+    assert sw.cells_done == 0 and sw.errors == []
+    sw.run()
+    assert sw.last_outcome == "done" and sw.errors == []
+    return sw
+
+
+def test_grid_holds_the_held_out_output_error(swept):
+    grid = swept.grid[None]
+    assert grid["gptq"].shape == (len(SWEEP_BITS), len(SWEEP_GROUPS))
+    assert np.all(np.isfinite(grid["gptq"])) and np.all(np.isfinite(grid["rtn"]))
+    # one cell against the engine's NumPy path and the inputs themselves (not the held-out Hessian)
+    data = SRC.load()
+    i, j = SWEEP_BITS.index(3), SWEEP_GROUPS.index(64)
+    cfg = QuantConfig(bits=3, group_size=64)
+    q = gptq_quantize(data.W, data.H, cfg).weight
+    np.testing.assert_allclose(grid["gptq"][i, j], layer_output_mse(data.W, q, data.X_heldout), rtol=2e-3)
+    r = rtn_quantize(data.W, cfg).weight
+    np.testing.assert_allclose(grid["rtn"][i, j], layer_output_mse(data.W, r, data.X_heldout), rtol=1e-4)
+    # more bits never hurt; GPTQ beats RTN from 3 bits on
+    assert np.all(np.diff(grid["gptq"], axis=0) < 0) and np.all(np.diff(grid["rtn"], axis=0) < 0)
+    assert np.all(grid["ratio"][1:] > 1)
+    np.testing.assert_allclose(grid["ratio"], grid["rtn"] / grid["gptq"])
+
+
+def test_figure_shows_the_grid(swept):
+    fig = swept.mse_plot.figure
+    assert [t.name for t in fig.data] == ["gptq", "rtn", "ratio"]
+    np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), np.log10(swept.grid[None]["gptq"]))
+    np.testing.assert_allclose(np.asarray(fig.data[2].customdata, dtype=float), swept.grid[None]["ratio"])
+    assert list(fig.data[0].y) == ["2-bit", "3-bit", "4-bit", "8-bit"] and fig.data[0].x[0] == "per row"
+    assert fig.layout.xaxis.title.text == "group size" and fig.layout.yaxis.title.text == "bits"
+    assert "cells computed" not in fig.layout.title.text  # complete
+    out = swept.mse_plot.widget.outputs[0]["data"]
+    assert "application/vnd.plotly.v1+json" in out  # drawn by the page's plotly renderer, no FigureWidget
+
+
+def test_desc_act_facet_and_the_cache(swept, monkeypatch):
+    first = swept.grid[None]["gptq"].copy()
+    swept.set(facet="desc_act")
+    assert set(swept.grid) == {False, True} and len(swept.mse_plot.figure.data) == 6
+    assert np.all(np.isnan(swept.grid[True]["gptq"]))  # not swept yet: shown as missing
+    assert "of 40 cells computed" in swept.mse_plot.figure.layout.title.text
+    swept.run()
+    off, on = swept.grid[False]["gptq"], swept.grid[True]["gptq"]
+    np.testing.assert_array_equal(off, first)  # desc_act off: the first sweep's cells, from the cache
+    assert not np.allclose(on, off)
+    # a sweep seen before is read from the cache: no engine call
+    monkeypatch.setattr(sweeps_module, "gptq_quantize", lambda *a, **k: pytest.fail("recomputed"))
+    swept.set(facet="none")
+    swept.run()
+    assert swept.last_outcome == "done" and np.all(np.isfinite(swept.grid[None]["gptq"]))
+    swept.set(facet="desc_act")
+    swept.set(facet="none")
+
+
+def test_cancel_keeps_finished_cells_and_says_cancelled(monkeypatch):
+    src = SyntheticSource(d_out=32, d_in=96, n_calib=256, n_heldout=128, seed=11)
+    sw = Sweeps(source=src, threaded=True, cache_dir="/nonexistent-cache", model="no-such-model")
+    real = sweeps_module.cell
+    calls = []
+
+    def cell_then_cancel(data, key, cfg):
+        calls.append(cfg)
+        if len(calls) == 3:
+            sw.cancel()
+        return real(data, key, cfg)
+
+    monkeypatch.setattr(sweeps_module, "cell", cell_then_cancel)
+    sw.run()
+    sw.wait(60)
+    assert sw.last_outcome == "cancelled" and len(calls) == 3
+    assert "gptq-cancelled" in sw.message.value and "Cancelled" in sw.message.value
+    assert np.isfinite(sw.grid[None]["gptq"]).sum() == 3
+    assert "cancelled" in sw.mse_plot.figure.layout.title.text
+    assert not sw.progress.visible and not sw.run_button.disabled
+
+
+def test_follows_the_layer_lab():
+    lab = LayerLab(source=SyntheticSource(d_out=32, d_in=64, n_calib=256, n_heldout=128), models={})
+    sw = Sweeps(lab, threaded=False, cache_dir="/nonexistent-cache", model="no-such-model")
+    data, key, base = sw._layer()
+    assert data is lab.data and key == lab._source.key and base == lab.run.cfg
+    lab.set(sym=False)
+    assert sw._layer()[2].sym is False and all(not c.sym for *_, c in sw.configs())
+    sw._show_cached()
+    assert "asym" in sw.layer_info.value and "32x64" in sw.layer_info.value
+
+
+def test_perplexity_panel_reads_shipped_and_computed_reports(tmp_path, monkeypatch):
+    shipped = tmp_path / "results" / "tiny-model"
+    shipped.mkdir(parents=True)
+    base = {"model": "tiny-model", "overrides": {}, "evaluation": {"tokens": 4096, "seqlen": 512}}
+    (shipped / "fp.json").write_text(json.dumps({**base, "method": "fp", "config": {},
+                                                 "perplexity": {"prose": 11.98}}))
+    (shipped / "gptq.json").write_text(json.dumps({
+        **base, "method": "gptq", "perplexity": {"prose": 17.19, "code": 3.3},
+        "config": QuantConfig(bits=4, group_size=128).to_dict()}))
+    cached = tmp_path / "cache" / "reports" / "tiny-model"
+    cached.mkdir(parents=True)
+    (cached / "rtn-x.json").write_text(json.dumps({
+        **base, "method": "rtn", "perplexity": {"prose": 18.76},
+        "config": QuantConfig(bits=3, group_size=64).to_dict()}))
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(tmp_path / "results"))
+    sw = Sweeps(source=SRC, threaded=False, cache_dir=tmp_path / "cache", model="tiny-model")
+    g, r = sw.perplexity_grid["gptq"], sw.perplexity_grid["rtn"]
+    assert g[SWEEP_BITS.index(4), SWEEP_GROUPS.index(128)] == 17.19 and np.isfinite(g).sum() == 1
+    assert r[SWEEP_BITS.index(3), SWEEP_GROUPS.index(64)] == 18.76 and np.isfinite(r).sum() == 1
+    text = sw.ppl_plot.figure.data[0].text
+    assert text[SWEEP_BITS.index(3)][SWEEP_GROUPS.index(64)] == "18.8*"  # * = computed here
+    assert "FP: 11.98" in sw.ppl_plot.figure.layout.title.text
+    sw.set(corpus="code")
+    assert np.isfinite(sw.perplexity_grid["rtn"]).sum() == 0
+    assert sw.perplexity_grid["gptq"][SWEEP_BITS.index(4), SWEEP_GROUPS.index(128)] == 3.3
+
+
+def test_bad_values_are_rejected(swept):
+    with pytest.raises(TraitError):
+        swept.facet.set_state({"index": 99})
+    with pytest.raises(TraitError):
+        swept.corpus.set_state({"index": 7})
+    with pytest.raises(InputError):
+        swept.set(facet="bits")
+    assert "gptq-error" in swept.message.value and "gptq-fix" in swept.message.value
+    with pytest.raises(InputError):
+        swept.set(colour="red")
