@@ -316,3 +316,32 @@ def test_from_query_without_a_model_uses_the_given_source():
     lab = LayerLab.from_query("bits=3&col=7", source=SyntheticSource(seed=2), models={})
     assert lab.data.name == SyntheticSource(seed=2).name
     assert lab.run.cfg.bits == 3 and lab.col == 7 and lab.state()["block"] == 2
+
+
+def test_a_figure_that_never_drew_itself_is_rebuilt(monkeypatch):
+    """anywidget gives plotly's FigureWidget 2 s to start; a busy browser misses it and the figure then
+    ignores every update. A tiny probe widget says when the page rendered; if the figure has not answered
+    with its first layout delta some seconds later, the lab replaces it by a fresh one with the same state."""
+    import time
+
+    monkeypatch.setattr(lab_module, "FIGURE_DEADLINE_S", 0.05)
+    lab = LayerLab(models={})
+    lab.set(bits=3)
+    lab.goto(40)
+    old, before = lab.fig, lab.view("updated")
+    assert lab.probe in lab.root.children and lab.fig in lab._fig_box.children
+    lab._on_probe(lab.probe, {"event": "rendered"}, [])
+    deadline = time.monotonic() + 20
+    while lab.figure_rebuilds == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lab.figure_rebuilds == 1 and lab.fig is not old and lab._fig_box.children[0] is lab.fig
+    for a, b in zip(lab.view("updated"), before):
+        np.testing.assert_array_equal(a, b)  # the same state, in the new figure
+    assert lab.fig._widget_data == lab.fig._data  # synced for the browser that will draw it
+    lab.fig._js2py_layoutDelta = {"layout_delta": {}, "layout_edit_id": 0}  # the new figure drew itself
+    assert lab._figure_alive
+    lab._on_probe(lab.probe, {"event": "rendered"}, [])
+    time.sleep(0.3)
+    assert lab.figure_rebuilds == 1  # alive: left alone
+    lab.goto(41)  # and it takes the updates
+    assert lab.view("updated")[2][0] <= 41 <= lab.view("updated")[2][-1]

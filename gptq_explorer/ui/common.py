@@ -215,3 +215,31 @@ def as_float(value) -> float:
     if not np.isfinite(f):
         raise InputError(f"expected a finite number, got {value!r}")
     return f
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the FigureWidget watchdog
+
+_PROBE_ESM = """
+export default {
+  render({ model, el }) {
+    el.style.display = "none";
+    model.send({ event: "rendered" });
+  }
+};
+"""
+
+
+def page_probe():
+    """A hidden, tiny anywidget that tells the kernel when a browser has rendered the page (its ESM is a few
+    bytes, so it initialises at once, unlike plotly's 5 MB FigureWidget). None without anywidget."""
+    try:
+        import anywidget
+        import traitlets
+    except ImportError:  # pragma: no cover - plotly's FigureWidget needs anywidget anyway
+        return None
+
+    class PageProbe(anywidget.AnyWidget):
+        _esm = traitlets.Unicode(_PROBE_ESM).tag(sync=True)
+
+    return PageProbe(layout=widgets.Layout(display="none"))

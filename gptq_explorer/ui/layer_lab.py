@@ -35,7 +35,7 @@ import numpy as np
 
 from ..engine import QuantConfig
 from ._blas import single_blas_thread
-from .common import InputError, info_html, message_html, message_widget
+from .common import InputError, info_html, message_html, message_widget, page_probe
 from .layer_figure import COLORS, LabFigure
 from .layer_run import Run, compute_run, frame, window
 from .layer_source import (
@@ -66,6 +66,7 @@ CROP_ROWS = (4, 96)
 CROP_COLS = (4, 128)
 FPS = (1, 30)
 MAX_CACHED_RUNS = 8
+FIGURE_DEADLINE_S = 10.0  # after the page rendered, the figure must have drawn itself (see _on_probe)
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
 
 DEFAULTS: dict = {
@@ -340,6 +341,12 @@ class LayerLab:
                                    layout=W.Layout(display="none"))
         self.explain = W.HTML(value="", layout=W.Layout(width="330px"))
         self.summary_html = W.HTML(value="", layout=W.Layout(width="330px"))
+        # created before the FigureWidget, so a browser creates (and renders) it first
+        self.probe = page_probe()
+        self.figure_rebuilds = 0
+        self._figure_alive = False
+        if self.probe is not None:
+            self.probe.on_msg(self._on_probe)
 
     def _build_figures(self) -> None:
         """The one figure, built complete from the current run (see layer_figure), then wrapped."""
@@ -348,6 +355,48 @@ class LayerLab:
         fr = frame(self.run, k, win)
         self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click_diag)
         self.fig = self.figure.widget
+        self._figure_alive = False
+        # plotly's view answers its first draw with a layout delta: proof that the figure runs in a browser
+        self.fig.observe(self._on_figure_alive, names="_js2py_layoutDelta")
+
+    def _on_figure_alive(self, change) -> None:
+        self._figure_alive = True
+
+    def _on_probe(self, _widget, content, _buffers) -> None:
+        """A browser rendered the page: if the figure has not drawn itself FIGURE_DEADLINE_S later, its
+        anywidget missed the 2 s start-up deadline (a busy browser parsing plotly.js) and would ignore every
+        update from now on; rebuild it (a new model starts while the page is idle), up to 3 times."""
+        if not isinstance(content, dict) or content.get("event") != "rendered":
+            return
+        timer = threading.Timer(FIGURE_DEADLINE_S, self._check_figure)
+        timer.daemon = True
+        timer.start()
+
+    def _check_figure(self) -> None:
+        if self._figure_alive or self.figure_rebuilds >= 3:
+            return
+        try:
+            self.rebuild_figure()
+        except Exception as exc:  # noqa: BLE001 - a timer thread: show it, never raise
+            self.show_error(exc, where="rebuilding the figure")
+            return
+        timer = threading.Timer(FIGURE_DEADLINE_S, self._check_figure)
+        timer.daemon = True
+        timer.start()
+
+    def rebuild_figure(self) -> None:
+        """Replace the FigureWidget by a fresh one showing the same state."""
+        with self._lock:
+            old = self.fig
+            self._build_figures()
+            self.figure.full(self.run, self.run.cfg.desc_act)
+            self._render_frame(force=True)
+            self.figure.sync()
+            self._fig_box.children = (self.fig, *self._fig_box.children[1:])
+            self.figure_rebuilds += 1
+        log.warning("LayerLab: the figure had not drawn itself %.0f s after the page rendered; rebuilt it "
+                    "(%d)", FIGURE_DEADLINE_S, self.figure_rebuilds)
+        old.close()
 
     def _build_view(self) -> None:
         W = widgets
@@ -372,8 +421,11 @@ class LayerLab:
                       layout=W.Layout(flex_flow="row wrap", align_items="center"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Layer Lab</h3>"), self.preset,
                          self.copy_button], layout=W.Layout(align_items="center"))
-        main = W.VBox([anim, W.HBox([self.fig, W.VBox([self.explain, self.summary_html])])])
-        self.root = W.VBox([header, self.link, self.message, self.progress_box, W.HBox([panel, main])])
+        self._fig_box = W.HBox([self.fig, W.VBox([self.explain, self.summary_html])])
+        main = W.VBox([anim, self._fig_box])
+        probe = [self.probe] if self.probe is not None else []
+        self.root = W.VBox([*probe, header, self.link, self.message, self.progress_box,
+                            W.HBox([panel, main])])
 
     # -----------------------------------------------------------------------------------------------------
     # display
