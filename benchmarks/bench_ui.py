@@ -1,6 +1,7 @@
-"""Layer Lab responsiveness on the synthetic 576x576 layer: control change -> redraw, and frame time.
+"""Explorer responsiveness, kernel side: the Layer Lab on the synthetic 576x576 layer (control change ->
+redraw, frame time), the app's cold start with lazy tabs, the Model Lab and the Sweeps.
 
-    python benchmarks/bench_ui.py [--frames 300] [--repeats 3]
+    python benchmarks/bench_ui.py [--frames 300] [--repeats 3] [--only layer|app]
 
 Targets (issue 6): a control change redraws in < 0.3 s; the animation runs at >= 15 frames/s, i.e. the
 kernel's work per frame must be a few ms (the browser round trip measured in the reference doc,
@@ -49,7 +50,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=300, help="animation frames to time")
     parser.add_argument("--repeats", type=int, default=3, help="cached revisits per control change")
+    parser.add_argument("--only", choices=("layer", "app"), default=None, help="run one part only")
     args = parser.parse_args()
+    if args.only == "app":
+        return bench_app(args)
 
     t0 = time.perf_counter()
     import numpy as np
@@ -141,6 +145,72 @@ def main() -> int:
     print(f"\nsummary: control change {ms(statistics.median(uncached)).strip()} wall / "
           f"{ms(statistics.median(uncached_cpu)).strip()} CPU (uncached median), frame {med:.2f} ms "
           f"-> {'OK' if ok else 'SLOWER THAN TARGET (wall clock)'}")
+    if args.only is None:
+        bench_app(args)
+    return 0
+
+
+def timed(fn):
+    """(result, wall s, CPU s, bytes the widgets sent) of fn()."""
+    b0 = JsonComm.bytes_sent
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t, time.process_time() - c, JsonComm.bytes_sent - b0
+
+
+def bench_app(args) -> int:
+    """The tabbed app: what Voila's kernel does before the first view, and the lazily built tabs."""
+    import tempfile
+    from pathlib import Path
+
+    from gptq_explorer.ui import SyntheticSource
+    from gptq_explorer.ui.app import ExplorerApp
+    from gptq_explorer.ui.model_lab import find_shipped, shipped_reports
+
+    print("\n--- the app (kernel side; the browser's own work is in tests/test_ui_browser.py timings) ---")
+    app, wall, cpu, sent = timed(lambda: ExplorerApp("", source=SyntheticSource()))
+    bundle_bytes = len(json.dumps(app._repr_mimebundle_(), default=str))
+    print(f"ExplorerApp() with the Layer Lab only (Model Lab and Sweeps not built yet): {ms(wall)} wall, "
+          f"{ms(cpu)} CPU, {sent / 1024:.0f} KiB of widget messages (+{bundle_bytes} B display bundle)")
+    assert app._model_lab is None and app._sweeps is None
+
+    cache = Path(tempfile.mkdtemp(prefix="bench_ui_"))
+    app._ml_kwargs = {"cache_dir": cache}
+    shipped = shipped_reports("smollm2-135m")
+    _, wall, cpu, sent = timed(lambda: setattr(app.tabs, "selected_index", 1))
+    lab = app.model_lab
+    assert lab.errors == [], lab.errors
+    print(f"first view of the Model Lab tab (builds it; {len(shipped)} shipped reports for smollm2-135m, "
+          f"showing '{lab.results.origin}'): {ms(wall)} wall, {ms(cpu)} CPU, {sent / 1024:.0f} KiB")
+    changes = [("bits", 3), ("group_size", 64), ("desc_act", True), ("bits", 4), ("group_size", 128),
+               ("desc_act", False)]
+    walls = []
+    for key, value in changes:
+        _, wall, cpu, sent = timed(lambda key=key, value=value: lab.set(**{key: value}))
+        walls.append(wall)
+        print(f"  Model Lab {key} -> {value!s:5s}: {ms(wall)} wall, {ms(cpu)} CPU, {sent / 1024:5.0f} KiB; "
+              f"showing {lab.results.origin}")
+    print(f"  median Model Lab control change: {ms(statistics.median(walls))} (shipped/cached results: both "
+          "charts and the tables are redrawn from stored reports; no model is loaded)")
+    cfg_pre = [name for name in ("4-bit g128 — the default everyone uses",) if shipped and
+               find_shipped("smollm2-135m", "gptq", lab.config(), shipped)]
+    if cfg_pre:
+        print(f"  (the default config ships precomputed: {cfg_pre[0]})")
+
+    _, wall, cpu, sent = timed(lambda: setattr(app.tabs, "selected_index", 2))
+    sw = app.sweeps
+    print(f"first view of the Sweeps tab (builds it, starts the sweep in the background): {ms(wall)} wall, "
+          f"{ms(cpu)} CPU")
+    t = time.perf_counter()
+    sw.wait()
+    sweep_s = time.perf_counter() - t + wall
+    n = sw.cells_done
+    print(f"  sweep of the synthetic 576x576 layer, {n} configs x (GPTQ + RTN, torch path): {sweep_s:.2f} s "
+          f"wall, {sweep_s / max(n, 1) * 1000:.0f} ms per config (outcome: {sw.last_outcome})")
+    _, wall, cpu, _ = timed(lambda: sw.set(facet="desc_act"))
+    print(f"  switch to the desc_act facet (half of it cached): {ms(wall)} wall")
+    _, wall, cpu, _ = timed(lambda: sw.set(facet="none"))
+    print(f"  back to the cached sweep: {ms(wall)} wall, {ms(cpu)} CPU")
     return 0
 
 

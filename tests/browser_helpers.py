@@ -282,7 +282,29 @@ def error_texts(page) -> list[str]:
     outputs = page.evaluate("""() => Array.from(document.querySelectorAll(
         '[data-mime-type="application/vnd.jupyter.stderr"], [data-mime-type="application/vnd.jupyter.error"]'
       )).map((e) => e.innerText.slice(0, 300))""")
-    return found + [f"output: {t}" for t in outputs]
+    # the explorer's own error boxes carry the CSS class gptq-error (ui/common.py)
+    boxes = page.evaluate("""() => Array.from(document.querySelectorAll('.gptq-error'))
+      .map((e) => e.innerText.slice(0, 300))""")
+    return found + [f"output: {t}" for t in outputs] + [f"error box: {t}" for t in boxes if t not in found]
+
+
+# Every plotly plot in the page with its trace names and y values (the Model Lab's and the Sweeps' charts
+# are mime-rendered plots, not FigureWidgets).
+ALL_PLOTS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map((gd) => ({
+  title: gd.layout && gd.layout.title ? (gd.layout.title.text || '') : '',
+  traces: (gd.data || []).map((t) => ({name: t.name, type: t.type,
+    x: t.x && t.x.bdata === undefined ? Array.from(t.x) : t.x,
+    y: t.y && t.y.bdata === undefined ? Array.from(t.y) : t.y})),
+}))"""
+
+
+def all_plots(page) -> list[dict]:
+    """[{title, traces: [{name, type, x, y}]}] for every plotly plot in the page (y decoded; x as given)."""
+    out = page.evaluate(ALL_PLOTS_JS)
+    for plot in out:
+        for t in plot["traces"]:
+            t["y"] = decode(t["y"])
+    return out
 
 
 def slider(page, label: str):

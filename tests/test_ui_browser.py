@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from browser_helpers import (
     VoilaServer,
+    all_plots,
     chromium_path,
     dump_json,
     error_texts,
@@ -231,8 +232,37 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
         assert voila.kernel_alive(page.kernel_ids[0])
         _assert_clean(page, "after bits and play")
+        _model_lab_tab(page)
     finally:
         _close(page)
+
+
+def _model_lab_tab(page) -> None:
+    """Open the Model Lab tab (built on first view): its perplexity chart appears with FP / RTN / GPTQ bars,
+    the shipped numbers when data/results has them for the default config."""
+    from gptq_explorer.engine import QuantConfig
+    from gptq_explorer.ui.model_lab import find_shipped
+
+    t = time.monotonic()
+    page.locator(".lm-TabBar-tab", has_text="Model Lab").click()
+    page.wait_for_selector(".gptq-model-status", state="visible", timeout=60_000)
+
+    def ppl_chart():
+        return next((p for p in all_plots(page) if p["title"].startswith("Perplexity")), None)
+
+    chart = _wait(page, ppl_chart, 60, "the Model Lab's perplexity chart")
+    _note("model_lab_tab_to_chart", time.monotonic() - t)
+    assert [tr["name"] for tr in chart["traces"]] == ["FP", "RTN", "GPTQ"]
+    gptq = find_shipped("smollm2-135m", "gptq", QuantConfig())
+    status = page.inner_text(".gptq-model-status")
+    if gptq is not None:  # shipped results: shown at once, with their numbers and settings
+        assert status.startswith("precomputed:"), status
+        bars = chart["traces"][2]
+        np.testing.assert_allclose(bars["y"], [gptq["perplexity"][c] for c in bars["x"]], rtol=1e-6)
+    else:
+        assert "Compute" in status, status
+    page.screenshot(path=str(ARTIFACTS / "explorer-model-lab.png"), full_page=True)
+    _assert_clean(page, "Model Lab tab")
 
 
 def _stable(page, value: str) -> str | None:

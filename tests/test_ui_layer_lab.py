@@ -320,28 +320,30 @@ def test_from_query_without_a_model_uses_the_given_source():
 
 def test_a_figure_that_never_drew_itself_is_rebuilt(monkeypatch):
     """anywidget gives plotly's FigureWidget 2 s to start; a busy browser misses it and the figure then
-    ignores every update. A tiny probe widget says when the page rendered; if the figure has not answered
-    with its first layout delta some seconds later, the lab replaces it by a fresh one with the same state."""
-    import time
-
-    monkeypatch.setattr(lab_module, "FIGURE_DEADLINE_S", 0.05)
+    ignores every update. A tiny probe widget watches the page: if the figure never drew itself, the lab
+    replaces it by a fresh one holding the same state, complete at construction."""
     lab = LayerLab(models={})
     lab.set(bits=3)
     lab.goto(40)
     old, before = lab.fig, lab.view("updated")
     assert lab.probe in lab.root.children and lab.fig in lab._fig_box.children
+    assert "gptq-layer-figure" in lab.fig._dom_classes
+    sent = []
+    monkeypatch.setattr(lab.probe, "send", lambda content, buffers=None: sent.append(content))
     lab._on_probe(lab.probe, {"event": "rendered"}, [])
-    deadline = time.monotonic() + 20
-    while lab.figure_rebuilds == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert lab.figure_rebuilds == 0
+    lab._on_probe(lab.probe, {"event": "figure", "drawn": False, "seconds": 60}, [])
     assert lab.figure_rebuilds == 1 and lab.fig is not old and lab._fig_box.children[0] is lab.fig
+    assert sent == [{"watch": True}]  # the probe watches the new figure
+    assert "gptq-layer-figure" in lab.fig._dom_classes
     for a, b in zip(lab.view("updated"), before):
         np.testing.assert_array_equal(a, b)  # the same state, in the new figure
-    assert lab.fig._widget_data == lab.fig._data  # synced for the browser that will draw it
-    lab.fig._js2py_layoutDelta = {"layout_delta": {}, "layout_edit_id": 0}  # the new figure drew itself
+    assert lab.fig.layout.shapes[SH_CURSOR].path == old.layout.shapes[SH_CURSOR].path
+    assert lab.fig._widget_data == lab.fig._data  # complete for the browser that will draw it
+    lab._on_probe(lab.probe, {"event": "figure", "drawn": True, "seconds": 3}, [])
     assert lab._figure_alive
-    lab._on_probe(lab.probe, {"event": "rendered"}, [])
-    time.sleep(0.3)
+    lab._on_probe(lab.probe, {"event": "figure", "drawn": False, "seconds": 60}, [])
     assert lab.figure_rebuilds == 1  # alive: left alone
-    lab.goto(41)  # and it takes the updates
+    lab.goto(41)  # and the new figure takes the updates
     assert lab.view("updated")[2][0] <= 41 <= lab.view("updated")[2][-1]
+    assert lab.fig.layout.shapes[SH_CURSOR].path == lab.figure._column_path(41, lab._last_window)

@@ -191,7 +191,7 @@ def test_values_from_a_client_are_clamped_or_rejected(computed):
     assert lab.controls["bits"].value == 8
     lab.controls["damp_percent"].set_state({"value": 50.0})
     assert lab.controls["damp_percent"].value == pytest.approx(10 ** -0.5)
-    for key in ("group_size", "model", "prompt"):  # dropdowns reject
+    for key in ("group_size", "model", "prompt", "view"):  # dropdowns and toggle buttons reject
         with pytest.raises(TraitError):
             lab.controls[key].set_state({"index": 99})
     with pytest.raises(TraitError):

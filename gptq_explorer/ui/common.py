@@ -221,18 +221,37 @@ def as_float(value) -> float:
 # the FigureWidget watchdog
 
 _PROBE_ESM = """
+// Tells the kernel when the page rendered, then whether the Layer Lab's figure drew itself: a FigureWidget
+// whose anywidget missed its 2 s start-up deadline never gets a .js-plotly-plot inside its element.
 export default {
   render({ model, el }) {
     el.style.display = "none";
     model.send({ event: "rendered" });
+    let timer = null;
+    const watch = (deadline_s) => {
+      const t0 = Date.now();
+      if (timer) clearInterval(timer);
+      timer = setInterval(() => {
+        const drawn = document.querySelector(".gptq-layer-figure .js-plotly-plot") !== null;
+        const late = (Date.now() - t0) / 1000 > deadline_s;
+        if (drawn || late) {
+          clearInterval(timer);
+          timer = null;
+          model.send({ event: "figure", drawn, seconds: (Date.now() - t0) / 1000 });
+        }
+      }, 1000);
+    };
+    watch(model.get("deadline_s"));
+    model.on("msg:custom", (msg) => { if (msg && msg.watch) watch(model.get("deadline_s")); });
   }
 };
 """
 
 
-def page_probe():
-    """A hidden, tiny anywidget that tells the kernel when a browser has rendered the page (its ESM is a few
-    bytes, so it initialises at once, unlike plotly's 5 MB FigureWidget). None without anywidget."""
+def page_probe(deadline_s: float = 60.0):
+    """A hidden, tiny anywidget that tells the kernel when a browser has rendered the page and whether the
+    Layer Lab's figure drew itself within deadline_s (its ESM is a few hundred bytes, so it initialises at
+    once, unlike plotly's 5 MB FigureWidget). None without anywidget."""
     try:
         import anywidget
         import traitlets
@@ -241,5 +260,6 @@ def page_probe():
 
     class PageProbe(anywidget.AnyWidget):
         _esm = traitlets.Unicode(_PROBE_ESM).tag(sync=True)
+        deadline_s = traitlets.Float(60.0).tag(sync=True)
 
-    return PageProbe(layout=widgets.Layout(display="none"))
+    return PageProbe(deadline_s=deadline_s, layout=widgets.Layout(display="none"))

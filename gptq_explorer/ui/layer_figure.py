@@ -48,6 +48,7 @@ HEATMAP_TITLES = {
 TR_PROFILE, TR_DIAG, TR_MARK, TR_GPTQ, TR_RTN = 5, 8, 9, 10, 11
 SH_CURSOR, SH_HOVER, SH_BAND = 0, 1, 2
 WIDTH, HEIGHT = 820, 860
+FIGURE_CLASS = "gptq-layer-figure"
 
 
 def spec(a) -> dict:
@@ -148,13 +149,26 @@ class LabFigure:
         # paper coordinates of the grid, for the highlight paths
         lay = fig.layout
         self._dom = {i: (tuple(lay[_axis(i)].domain), tuple(lay[_axis(i, "y")].domain)) for i in range(1, 9)}
-        self.widget = go.FigureWidget(fig)
-        for i in range(len(HEATMAPS)):
-            self.widget.data[i].on_hover(on_hover)
-        self.widget.data[TR_DIAG].on_hover(on_hover)
-        self.widget.data[TR_DIAG].on_click(on_click)
+        self._callbacks = (on_hover, on_click)
+        self.adopt(go.FigureWidget(fig))
         self.win: Window | None = None
         self.n = run.n
+
+    def adopt(self, widget: go.FigureWidget) -> None:
+        """Use this FigureWidget (built complete) from now on; wires the hover/click callbacks. The class
+        gptq-layer-figure lets the page probe find it (layer_lab: the watchdog)."""
+        on_hover, on_click = self._callbacks
+        self.widget = widget
+        for i in range(len(HEATMAPS)):
+            widget.data[i].on_hover(on_hover)
+        widget.data[TR_DIAG].on_hover(on_hover)
+        widget.data[TR_DIAG].on_click(on_click)
+        widget.add_class(FIGURE_CLASS)
+
+    def fresh_copy(self) -> go.FigureWidget:
+        """A new FigureWidget holding this one's current state, complete at construction (nothing needs to
+        be sent to it afterwards, so a browser that is already connected draws it whole)."""
+        return go.FigureWidget(self.widget.to_dict())
 
     # -----------------------------------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ CROP_ROWS = (4, 96)
 CROP_COLS = (4, 128)
 FPS = (1, 30)
 MAX_CACHED_RUNS = 8
-FIGURE_DEADLINE_S = 10.0  # after the page rendered, the figure must have drawn itself (see _on_probe)
+FIGURE_DEADLINE_S = 60.0  # after the page rendered, the figure must have drawn itself (see _on_probe)
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
 
 DEFAULTS: dict = {
@@ -342,7 +342,7 @@ class LayerLab:
         self.explain = W.HTML(value="", layout=W.Layout(width="330px"))
         self.summary_html = W.HTML(value="", layout=W.Layout(width="330px"))
         # created before the FigureWidget, so a browser creates (and renders) it first
-        self.probe = page_probe()
+        self.probe = page_probe(FIGURE_DEADLINE_S)
         self.figure_rebuilds = 0
         self._figure_alive = False
         if self.probe is not None:
@@ -362,40 +362,34 @@ class LayerLab:
     def _on_figure_alive(self, change) -> None:
         self._figure_alive = True
 
+    @guarded
     def _on_probe(self, _widget, content, _buffers) -> None:
-        """A browser rendered the page: if the figure has not drawn itself FIGURE_DEADLINE_S later, its
-        anywidget missed the 2 s start-up deadline (a busy browser parsing plotly.js) and would ignore every
-        update from now on; rebuild it (a new model starts while the page is idle), up to 3 times."""
-        if not isinstance(content, dict) or content.get("event") != "rendered":
+        """The page probe (common.page_probe) reports whether the figure drew itself in the browser. One that
+        did not within the probe's deadline missed anywidget's 2 s start-up deadline (a busy browser parsing
+        plotly.js) and would ignore every update: replace it by a fresh one, complete at construction, which
+        starts while the page is idle. At most 3 times; the probe then watches the new one."""
+        if not isinstance(content, dict) or content.get("event") != "figure":
             return
-        timer = threading.Timer(FIGURE_DEADLINE_S, self._check_figure)
-        timer.daemon = True
-        timer.start()
-
-    def _check_figure(self) -> None:
+        if content.get("drawn"):
+            self._figure_alive = True
+            return
         if self._figure_alive or self.figure_rebuilds >= 3:
             return
-        try:
-            self.rebuild_figure()
-        except Exception as exc:  # noqa: BLE001 - a timer thread: show it, never raise
-            self.show_error(exc, where="rebuilding the figure")
-            return
-        timer = threading.Timer(FIGURE_DEADLINE_S, self._check_figure)
-        timer.daemon = True
-        timer.start()
+        self.rebuild_figure()
+        self.probe.send({"watch": True})
 
     def rebuild_figure(self) -> None:
         """Replace the FigureWidget by a fresh one showing the same state."""
         with self._lock:
             old = self.fig
-            self._build_figures()
-            self.figure.full(self.run, self.run.cfg.desc_act)
-            self._render_frame(force=True)
-            self.figure.sync()
+            self.figure.adopt(self.figure.fresh_copy())
+            self.fig = self.figure.widget
+            self._figure_alive = False
+            self.fig.observe(self._on_figure_alive, names="_js2py_layoutDelta")
             self._fig_box.children = (self.fig, *self._fig_box.children[1:])
             self.figure_rebuilds += 1
-        log.warning("LayerLab: the figure had not drawn itself %.0f s after the page rendered; rebuilt it "
-                    "(%d)", FIGURE_DEADLINE_S, self.figure_rebuilds)
+        log.warning("LayerLab: the figure did not draw itself in the browser; rebuilt it (%d)",
+                    self.figure_rebuilds)
         old.close()
 
     def _build_view(self) -> None:
