@@ -139,3 +139,38 @@ def test_cuda_matches_cpu(layer):
     assert float((gpu.codes.cpu() == cpu.codes).float().mean()) >= 0.999
     h = Hessian(X.shape[1], backend="torch", device="cuda").add_batch(torch.tensor(X, dtype=torch.float32))
     assert h.H.device.type == "cuda"
+
+
+PIPELINE_CONFIGS = [
+    QuantConfig(bits=4, group_size=128),
+    QuantConfig(bits=3, group_size=32, sym=False, desc_act=True),
+    QuantConfig(bits=4, group_size=128, desc_act=True, static_groups=True),
+    QuantConfig(bits=4, group_size=256, block_size=128),  # a group wider than a block
+    QuantConfig(bits=2, group_size=100, sym=False),  # groups and blocks that do not align
+    QuantConfig(bits=8, group_size=-1),
+]
+
+
+@pytest.mark.parametrize("cfg", PIPELINE_CONFIGS, ids=lambda c: c.label())
+def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
+    """Big layers on a multi-core CPU run the lazy updates in a worker thread; force that path on a
+    small layer and check it changes nothing: float64 codes equal the NumPy engine's exactly."""
+    import gptq_explorer.engine.gptq_torch as gt
+
+    W, X, H = layer
+    ref = gptq_quantize(W, H, cfg)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(gt, "SINGLE_THREAD_WORK", 0)
+    monkeypatch.setattr(gt._LazyUpdates, "BLOCKS_PER_TASK", 2)
+    started = []
+    original_work = gt._LazyUpdates._work
+    monkeypatch.setattr(gt._LazyUpdates, "_work", lambda self: (started.append(1), original_work(self)))
+    torch.set_num_threads(2)
+    try:
+        res = gptq_quantize(torch.tensor(W), torch.tensor(H), cfg, dtype=torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+    assert started, "the pipelined path did not run"
+    np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
+    np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
+    assert torch.get_num_threads() == threads

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg import blas
 
 from . import checks
 from .config import QuantConfig, QuantResult
@@ -48,7 +49,7 @@ def hinv_cholesky_upper(H: np.ndarray) -> np.ndarray:
     L_inv, info = trtri(L, lower=1)
     if info != 0 or not np.all(np.isfinite(L_inv)):
         raise np.linalg.LinAlgError(f"triangular inverse failed (info={info})")
-    return np.ascontiguousarray(L_inv[::-1, ::-1])
+    return L_inv[::-1, ::-1]  # a reversed view: the loop reads rows and blocks of it
 
 
 @dataclass
@@ -95,7 +96,7 @@ class PreparedLayer:
 
 def _as_float_array(name: str, x, dtype) -> np.ndarray:
     arr = np.array(x, dtype=dtype, copy=True)
-    checks.check_finite(name, bool(np.all(np.isfinite(arr))))
+    checks.check_finite(name, bool(np.isfinite(arr.min()) and np.isfinite(arr.max())))  # NaN propagates
     return arr
 
 
@@ -103,7 +104,7 @@ def prepare_layer(W, H, cfg: QuantConfig, dtype=np.float64) -> PreparedLayer:
     checks.check_shapes(np.shape(W), np.shape(H))
     W = _as_float_array("W", W, dtype)
     H = _as_float_array("H", H, dtype)
-    checks.check_symmetric(float(np.max(np.abs(H - H.T))), float(np.max(np.abs(H))))
+    checks.check_symmetric(checks.max_asymmetry(H), max(-float(H.min()), float(H.max())))
     n = W.shape[1]
     width = cfg.group_width(n)
 
@@ -144,6 +145,23 @@ def prepare_layer(W, H, cfg: QuantConfig, dtype=np.float64) -> PreparedLayer:
     return PreparedLayer(W, H_damped, U, perm, dead, damp, row_grid, static_grids)
 
 
+def _subtract_outer(A: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """A -= outer(x, y), in place (BLAS ger) on a column-major A: np.outer would allocate a new
+    rows x cols matrix for every column of the loop."""
+    ger = blas.get_blas_funcs("ger", (A,))
+    out = ger(-1.0, x, y, a=A, overwrite_a=True)
+    if not np.may_share_memory(out, A):  # BLAS worked on a copy (A not column-major): write it back
+        A[...] = out
+
+
+def _subtract_matmul(C: np.ndarray, A: np.ndarray, B: np.ndarray) -> None:
+    """C -= A @ B, in place (BLAS gemm with beta = 1) on a column-major C: no rows x cols temporary."""
+    gemm = blas.get_blas_funcs("gemm", (C,))
+    out = gemm(-1.0, A, B, beta=1.0, c=C, overwrite_c=True)
+    if not np.may_share_memory(out, C):
+        C[...] = out
+
+
 def _block_bounds(n: int, cfg: QuantConfig, dynamic_groups: bool) -> list[tuple[int, int]]:
     starts = set(range(0, n, cfg.block_size))
     if dynamic_groups:
@@ -154,13 +172,15 @@ def _block_bounds(n: int, cfg: QuantConfig, dynamic_groups: bool) -> list[tuple[
 
 def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GPTQStep]:
     """The column loop (paper, Algorithm 1). Yields a GPTQStep per column if record; returns the result."""
-    W, U, perm = prep.W.copy(), prep.U, prep.perm
+    # Column-major copies: the loop walks columns, so each column is contiguous and the BLAS updates
+    # below run in place.
+    W, U, perm = np.array(prep.W, order="F"), prep.U, prep.perm
     rows, n = W.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
     dynamic_groups = cfg.group_size != -1 and not cfg.static_groups
 
     Q = np.zeros_like(W)
-    codes = np.zeros((rows, n), dtype=np.int32)
+    codes = np.zeros((rows, n), dtype=np.int32, order="F")
     losses = np.zeros(n, dtype=W.dtype)
     scales, zeros = [], []
     running_loss = 0.0
@@ -172,7 +192,7 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
             scale, zero = grid_params(W[:, i1 : i1 + width], cfg.bits, cfg.sym)
             scales.append(scale)
             zeros.append(zero)
-        W1 = W[:, i1:i2].copy()
+        W1 = W[:, i1:i2].copy(order="F")
         Err1 = np.zeros_like(W1)
         for i in range(i2 - i1):
             p = i1 + i
@@ -185,8 +205,10 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
             q = dequantize(c, scale, zero)
             d = U[p, p]
             err = (w - q) / d
-            # OBS update of the block's remaining columns (Eq. 3 via row p of U).
-            W1[:, i + 1 :] -= np.outer(err, U[p, p + 1 : i2])
+            # OBS update of the block's remaining columns (Eq. 3 via row p of U):
+            # W1[:, i+1:] -= outer(err, U[p, p+1:i2])
+            if i + 1 < i2 - i1:
+                _subtract_outer(W1[:, i + 1 :], err, U[p, p + 1 : i2])
             Err1[:, i] = err
             Q[:, p] = q
             codes[:, p] = c
@@ -210,7 +232,9 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
                     running_loss=running_loss,
                 )
         # Lazy batch update (paper, Step 2): the block's errors reach all later columns at once.
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        # W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if i2 < n:
+            _subtract_matmul(W[:, i2:], Err1, U[i1:i2, i2:])
 
     invperm = np.argsort(perm)
     if prep.row_grid is not None:

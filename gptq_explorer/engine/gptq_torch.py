@@ -18,20 +18,24 @@ No full-size inverse is ever formed; the result equals the NumPy engine's up to 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import threading
 
 import numpy as np
 import torch
 
 from . import checks
+from . import grid as grid_np
 from .config import QuantConfig, QuantResult
 from .grid import tie_tolerance
 
 
-def _grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch twin of grid.grid_params: per-row (scale, zero) of w (rows, cols)."""
+def _grid_params(w: torch.Tensor, bits: int, sym: bool, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch twin of grid.grid_params: (scale, zero) per row of w (rows, cols); dim=0 for w transposed."""
     maxq = 2**bits - 1
-    xmin = w.amin(dim=1).clamp(max=0)
-    xmax = w.amax(dim=1).clamp(min=0)
+    xmin = w.amin(dim=dim).clamp(max=0)
+    xmax = w.amax(dim=dim).clamp(min=0)
     if sym:
         amax = torch.maximum(-xmin, xmax)
         xmin, xmax = -amax, amax
@@ -54,6 +58,16 @@ def _round_half_even(x: torch.Tensor) -> torch.Tensor:
 def _quantize(w, scale, zero, maxq):
     codes = torch.clamp(_round_half_even(w / scale) + zero, 0, maxq)
     return codes, scale * (codes - zero)
+
+
+def _quantize_into(w, scale, zero, maxq: int, tol: float, codes_out, q_out) -> None:
+    """_quantize for one column, written into preallocated rows (the column loop's hot path)."""
+    x = w / scale
+    half = torch.mul(x, 2).round_().mul_(0.5)
+    near_tie = torch.sub(x, half).abs_() <= x.abs().clamp_(min=1.0).mul_(tol)
+    x = torch.where(near_tie, half, x).round_()
+    torch.add(x, zero, out=codes_out).clamp_(0, maxq)
+    torch.sub(codes_out, zero, out=q_out).mul_(scale)
 
 
 # Layers with fewer multiply-adds than this (rows * cols^2) run on one CPU thread from start to end.
@@ -86,9 +100,11 @@ def _to_tensor(x, device, dtype) -> torch.Tensor:
     return torch.tensor(np.asarray(x), device=device or "cpu", dtype=dtype)
 
 
-def _factor_upper(H: torch.Tensor) -> torch.Tensor:
-    """R upper triangular with H = R R^T, via the Cholesky factor of the reversed H."""
-    L, info = torch.linalg.cholesky_ex(torch.flip(H, (0, 1)))
+def _factor_upper(H: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """R upper triangular with H + damping I = R R^T, via the Cholesky factor of the reversed matrix."""
+    Hr = torch.flip(H, (0, 1))
+    Hr.diagonal().add_(damping)  # the paper's dampening, lambda I (reversal keeps the diagonal a diagonal)
+    L, info = torch.linalg.cholesky_ex(Hr)
     if int(info) != 0:
         raise torch.linalg.LinAlgError("not positive definite")
     return torch.flip(L, (0, 1))
@@ -102,10 +118,134 @@ def _block_bounds(n: int, cfg: QuantConfig, dynamic_groups: bool) -> list[tuple[
     return list(zip(starts, starts[1:] + [n]))
 
 
-def _state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Fully updated weights of columns a..b when every column before a is quantized: W0 + S R^-1."""
-    # X R_FF = S_F  <=>  R_FF^T X^T = S_F^T
-    return W0[:, a:b] + torch.linalg.solve_triangular(R[a:b, a:b], S[:, a:b], upper=True, left=False)
+def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Fully updated weights of columns a..b (as rows of the transposed layout) when every column before
+    a is quantized: W0 + S R_FF^-1, i.e. W0^T + R_FF^-T S^T."""
+    return W0t[a:b] + torch.linalg.solve_triangular(R[a:b, a:b].T, St[a:b], upper=False)
+
+
+# Columns handled one at a time inside a sub-block; the rest of the block gets each sub-block's
+# errors as one matmul (two-level lazy updates: the paper's Step 2 applied inside the block too).
+SUB_BLOCK = 16
+
+
+class _ColumnStep:
+    """Quantize one column and record its code, value and scaled error (the inner loop's hot path).
+
+    On CPU the elementwise work runs as NumPy ufuncs on zero-copy views of the torch buffers, with the
+    NumPy engine's own grid functions: a torch op costs ~5-10 us of dispatch on a 4096-vector, a NumPy
+    ufunc ~2 us, and the column loop is ~15 such ops per column. On CUDA it stays in torch.
+    """
+
+    def __init__(self, Qt, codes_t, Errt, maxq: int, dtype):
+        self.numpy = Qt.device.type == "cpu"
+        self.maxq, self.tol = maxq, tie_tolerance(torch.finfo(dtype).eps)
+        self.Q, self.codes, self.Err = (t.numpy() for t in (Qt, codes_t, Errt)) if self.numpy else \
+            (Qt, codes_t, Errt)
+
+    def grid(self, scale: torch.Tensor, zero: torch.Tensor):
+        return (scale.numpy(), zero.numpy()) if self.numpy else (scale, zero)
+
+    def __call__(self, W1: torch.Tensor, i: int, row: int, grid, d: float) -> None:
+        scale, zero = grid
+        if self.numpy:
+            w = W1[i].numpy()
+            self.codes[row] = grid_np.quantize_codes(w, scale, zero, self.maxq)
+            np.multiply(scale, self.codes[row] - zero, out=self.Q[row])
+        else:
+            w = W1[i]
+            _quantize_into(w, scale, zero, self.maxq, self.tol, self.codes[row], self.Q[row])
+        err = self.Err[row]
+        np.subtract(w, self.Q[row], out=err) if self.numpy else torch.sub(w, self.Q[row], out=err)
+        err /= d  # Err = (w - q) / [H^-1]_qq^(1/2)
+
+
+class _LazyUpdates:
+    """The paper's lazy batch updates (Step 2) in the R form: after block k, S[:, later] += D_k R[k, later].
+
+    Pipelined on a multi-core CPU: the share of the next block is applied at once by the main thread;
+    the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks each, nearest
+    columns first, while the main thread quantizes the next blocks' columns (torch ops release the GIL).
+    Before a block is used, the main thread waits only for the tasks that write into it.
+    """
+
+    BLOCKS_PER_TASK = 4
+
+    def __init__(self, St, R, W0t, Qt, bounds, worker_threads: int):
+        self.St, self.R, self.W0t, self.Qt, self.bounds = St, R, W0t, Qt, bounds
+        self.worker_threads = worker_threads
+        self.pending = [0] * len(bounds)  # worker tasks not yet applied, per target block
+        self.tasks: list = []  # heap: (first target block, sequence, source block, end target block, D)
+        self.sequence = itertools.count()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True) if worker_threads > 0 else None
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self.thread is None:
+            return
+        if exc_type is None:
+            self.wait(0, len(self.bounds))
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join()
+
+    def _apply(self, k: int, j0: int, j1: int, D: torch.Tensor) -> None:
+        """St for blocks j0..j1-1 += D_k R[block k, their columns], transposed."""
+        (a, b), c, e = self.bounds[k], self.bounds[j0][0], self.bounds[j1 - 1][1]
+        self.St[c:e].addmm_(self.R[a:b, c:e].T, D)
+
+    def _work(self) -> None:
+        torch.set_num_threads(self.worker_threads)
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.tasks or self.closed)
+                if self.closed:
+                    return
+                j0, _, k, j1, D = heapq.heappop(self.tasks)
+            try:
+                self._apply(k, j0, j1, D)
+            except BaseException as exc:  # re-raised in the main thread by wait()
+                self.error = exc
+            with self.cond:
+                for j in range(j0, j1):
+                    self.pending[j] -= 1
+                self.cond.notify_all()
+
+    def wait(self, j0: int, j1: int) -> None:
+        """Until no worker task still writes into blocks j0..j1-1."""
+        if self.thread is None:
+            return
+        with self.cond:
+            self.cond.wait_for(lambda: self.error is not None or not any(self.pending[j0:j1]))
+        if self.error is not None:
+            raise self.error
+
+    def block_done(self, k: int) -> None:
+        a, b = self.bounds[k]
+        nb = len(self.bounds)
+        if k + 1 == nb:
+            return
+        D = self.W0t[a:b] - self.Qt[a:b]  # D = W0 - Q for the block's columns
+        if self.thread is None:
+            self._apply(k, k + 1, nb, D)
+            return
+        self.wait(k + 1, k + 2)  # no concurrent writes into the next block
+        self._apply(k, k + 1, k + 2, D)
+        with self.cond:
+            for j0 in range(k + 2, nb, self.BLOCKS_PER_TASK):
+                j1 = min(j0 + self.BLOCKS_PER_TASK, nb)
+                heapq.heappush(self.tasks, (j0, next(self.sequence), k, j1, D))
+                for j in range(j0, j1):
+                    self.pending[j] += 1
+            self.cond.notify_all()
 
 
 def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32) -> QuantResult:
@@ -113,98 +253,127 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
     rows, n = W.shape
     target = torch.device(device) if device is not None else (W.device if isinstance(W, torch.Tensor)
                                                                else torch.device("cpu"))
-    with _single_thread(target, enabled=rows * n * n < SINGLE_THREAD_WORK):
-        return _gptq_torch(W, H, cfg, device, dtype)
+    small = rows * n * n < SINGLE_THREAD_WORK
+    # threads for the pipelined lazy updates: all but the one that runs the column loop
+    worker_threads = torch.get_num_threads() - 1 if target.type == "cpu" and not small else 0
+    with _single_thread(target, enabled=small):
+        return _gptq_torch(W, H, cfg, device, dtype, worker_threads)
 
 
-def _gptq_torch(W, H, cfg: QuantConfig, device, dtype) -> QuantResult:
+def _all_finite(t: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(t)  # NaN propagates and Inf is extreme: one pass, no boolean copy
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) -> QuantResult:
     device = torch.device(device) if device is not None else None
-    W = _to_tensor(W, device, dtype)
-    H = _to_tensor(H, W.device, dtype)
-    checks.check_finite("W", bool(torch.isfinite(W).all()))
-    checks.check_finite("H", bool(torch.isfinite(H).all()))
-    checks.check_symmetric(float((H - H.T).abs().max()), float(H.abs().max()))
-    rows, n = W.shape
+    W = W.detach() if isinstance(W, torch.Tensor) else torch.as_tensor(np.asarray(W))
+    W = W.to(device=device or W.device, dtype=dtype)
+    # Transposed layout: row i of W0t is column i of W (later: column perm[i]), so every per-column op
+    # reads and writes contiguous memory. clone: never write into the caller's tensor.
+    W0t = torch.empty((W.shape[1], W.shape[0]), device=W.device, dtype=dtype).copy_(W.T)
+    del W
+    H = _to_tensor(H, W0t.device, dtype)
+    checks.check_finite("W", _all_finite(W0t))
+    checks.check_finite("H", _all_finite(H))
+    h_min, h_max = torch.aminmax(H)
+    checks.check_symmetric(checks.max_asymmetry(H), max(-float(h_min), float(h_max)))
+    n, rows = W0t.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
     dynamic_groups = cfg.group_size != -1 and not cfg.static_groups
 
-    row_grid = _grid_params(W, cfg.bits, cfg.sym) if cfg.group_size == -1 else None
+    row_grid = _grid_params(W0t, cfg.bits, cfg.sym, dim=0) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    if bool(dead.any()):
+        H[dead, dead] = 1.0
+        W0t[dead] = 0.0
     static_grids = None
     if cfg.static_groups and cfg.group_size != -1:
-        static_grids = [_grid_params(W[:, s : s + width], cfg.bits, cfg.sym) for s in range(0, n, width)]
+        static_grids = [_grid_params(W0t[s : s + width], cfg.bits, cfg.sym, dim=0)
+                        for s in range(0, n, width)]
     if cfg.desc_act:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        H = H.index_select(0, perm).index_select(1, perm)
+        W0t = W0t.index_select(0, perm)
     else:
-        perm = torch.arange(n, device=W.device)
+        perm = torch.arange(n, device=W0t.device)
 
     mean_diag = float(torch.diag(H).mean())
-    eye = torch.eye(n, device=W.device, dtype=dtype)
     for damp in checks.damping_schedule(cfg.damp_percent):
         try:
-            R = _factor_upper(H + (damp * mean_diag) * eye)
+            R = _factor_upper(H, damp * mean_diag)
             break
         except torch.linalg.LinAlgError:
             continue
     else:
         raise checks.not_positive_definite(cfg.damp_percent)
     checks.warn_damping(cfg.damp_percent, damp)
-    del H, eye
+    del H
 
-    W0 = W  # weights before any update, in processing order
-    S = torch.zeros_like(W0)  # pending corrections: S = D[:, :i] @ R[:i, :] for quantized columns < i
-    Q = torch.empty_like(W0)
-    codes = torch.empty((rows, n), device=W.device, dtype=torch.int32)
-    losses = torch.empty(n, device=W.device, dtype=dtype)
-    perm_cpu = perm.cpu().numpy()
+    St = torch.zeros_like(W0t)  # pending corrections, transposed: S = D[:, :i] @ R[:i, :]
+    Qt = torch.empty_like(W0t)
+    codes_t = torch.empty_like(W0t)  # integer codes, stored as floats until the end
+    Errt = torch.empty_like(W0t)  # scaled errors (w - q) / U_ii, the paper's Err1
+    losses = torch.empty(n, device=W0t.device, dtype=dtype)
+    step = _ColumnStep(Qt, codes_t, Errt, maxq, dtype)
+    perm_cpu = perm.cpu().tolist()
     scales, zeros = [], []
-    scale = zero = None
+    grid = None
     if row_grid is not None:
-        scale, zero = row_grid
-
-    for i1, i2 in _block_bounds(n, cfg, dynamic_groups):
-        W1 = _state(W0, S, R, i1, i2)
-        if dynamic_groups and i1 % width == 0:
-            group = W1[:, :width] if i2 - i1 >= width else _state(W0, S, R, i1, min(i1 + width, n))
-            scale, zero = _grid_params(group, cfg.bits, cfg.sym)
-            scales.append(scale)
-            zeros.append(zero)
-        U1 = torch.linalg.solve_triangular(R[i1:i2, i1:i2], torch.eye(i2 - i1, device=W.device, dtype=dtype),
-                                           upper=True)  # = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        with _single_thread(W.device):
-            for i in range(i2 - i1):
-                if static_grids is not None:
-                    scale, zero = static_grids[perm_cpu[i1 + i] // width]
-                w = W1[:, i]
-                c, q = _quantize(w, scale, zero, maxq)
-                Q[:, i1 + i] = q
-                codes[:, i1 + i] = c.to(torch.int32)
-                err = (w - q) / d[i]
-                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)  # OBS update inside the block
-        D1 = W0[:, i1:i2] - Q[:, i1:i2]
-        # Losses: (w - q)^2 / d^2 / 2 with w - q = Err * d; Err = D R for the block, as a batch.
-        err_block = D1 @ R[i1:i2, i1:i2] + S[:, i1:i2]
-        losses[i1:i2] = (err_block**2).sum(dim=0) / 2
-        if i2 < n:
-            S[:, i2:].addmm_(D1, R[i1:i2, i2:])  # lazy batch update (paper, Step 2), in the R form
+        grid = step.grid(*row_grid)
+    if static_grids is not None:
+        static_steps = [step.grid(*g) for g in static_grids]
+    bounds = _block_bounds(n, cfg, dynamic_groups)
+    with _single_thread(R.device, enabled=worker_threads > 0), \
+            _LazyUpdates(St, R, W0t, Qt, bounds, worker_threads) as lazy:
+        for k, (i1, i2) in enumerate(bounds):
+            lazy.wait(k, k + 1)  # every earlier block's correction has reached St[i1:i2]
+            eye = torch.eye(i2 - i1, device=R.device, dtype=dtype)
+            U1 = torch.linalg.solve_triangular(R[i1:i2, i1:i2], eye, upper=True)  # U[i1:i2, i1:i2]
+            W1 = torch.addmm(W0t[i1:i2], U1.T, St[i1:i2])  # the block's state W0 + S R_BB^-1, transposed
+            if dynamic_groups and i1 % width == 0:
+                if i2 - i1 >= width:
+                    group = W1
+                else:  # a group wider than the block: its grid needs the state of columns past i2
+                    lazy.wait(k, len(bounds))
+                    group = _state_t(W0t, St, R, i1, min(i1 + width, n))
+                scale, zero = _grid_params(group[:width], cfg.bits, cfg.sym, dim=0)
+                scales.append(scale)
+                zeros.append(zero)
+                grid = step.grid(scale, zero)
+            d = torch.diagonal(U1).tolist()
+            with _single_thread(R.device):
+                for s1 in range(0, i2 - i1, SUB_BLOCK):
+                    s2 = min(s1 + SUB_BLOCK, i2 - i1)
+                    for i in range(s1, s2):
+                        if i > s1:  # OBS updates from this sub-block's earlier columns, pulled as one gemv
+                            W1[i].addmv_(Errt[i1 + s1 : i1 + i].T, U1[s1:i, i], alpha=-1)
+                        if static_grids is not None:
+                            grid = static_steps[perm_cpu[i1 + i] // width]
+                        step(W1, i, i1 + i, grid, d[i])
+                    if s2 < i2 - i1:  # the sub-block's errors reach the rest of the block as one matmul
+                        W1[s2:].addmm_(U1[s1:s2, s2:].T, Errt[i1 + s1 : i1 + s2], alpha=-1)
+            lazy.block_done(k)
+            losses[i1:i2] = Errt[i1:i2].square().sum(dim=1) / 2  # the paper's Losses: (w - q)^2 / U_qq^2 / 2
     invperm = torch.argsort(perm)
+
+    def original_order(t: torch.Tensor) -> torch.Tensor:
+        t = t.index_select(0, invperm) if cfg.desc_act else t
+        return torch.empty((rows, n), device=t.device, dtype=t.dtype).copy_(t.T)
+
     if row_grid is not None:
         scales_t, zeros_t = row_grid[0][:, None], row_grid[1][:, None]
-        g_idx = torch.zeros(n, dtype=torch.int32, device=W.device)
+        g_idx = torch.zeros(n, dtype=torch.int32, device=R.device)
     elif static_grids is not None:
         scales_t = torch.stack([s for s, _ in static_grids], dim=1)
         zeros_t = torch.stack([z for _, z in static_grids], dim=1)
-        g_idx = (torch.arange(n, device=W.device) // width).to(torch.int32)
+        g_idx = (torch.arange(n, device=R.device) // width).to(torch.int32)
     else:
         scales_t, zeros_t = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         g_idx = (invperm // width).to(torch.int32)
     return QuantResult(
-        weight=Q[:, invperm],
-        codes=codes[:, invperm],
+        weight=original_order(Qt),
+        codes=original_order(codes_t).to(torch.int32),
         scales=scales_t,
         zeros=zeros_t.to(torch.int32),
         g_idx=g_idx,
