@@ -1,18 +1,23 @@
 """GPTQ and RTN in torch (CPU or CUDA): the NumPy engine's algorithm, reorganized for speed.
 
 Same config, same steps, same two fixes of the reference's quirks, same errors (see gptq.py).
-The one change is how U = chol(H^-1) is obtained. The reference forms H^-1 and factors it again
-(cholesky, cholesky_inverse, cholesky): two O(n^3) passes that cost more than the whole column loop
-on a CPU. Here H is factored once, in reversed order, as H = R R^T with R upper triangular. Then
-U = R^-1, and everything the column loop needs follows from R:
+What changes is how the work is laid out:
 
-  * Lazy updates: with D = W0 - Q, the algorithm satisfies D = Err U, i.e. Err = D R. So the pending
-    correction of a later column j is (D[:, :i] @ R[:i, j]) and block updates accumulate into S += D_B R_B,
-    the same matmul size as the reference's Err1 @ U.
-  * State at a block or group start (columns F, earlier columns fixed): W_F = W0_F + S_F R_FF^-1,
-    a small triangular solve per block.
-  * Inside a block the loop is the reference's, with U_BB = R_BB^-1 (a block-sized inverse).
-No full-size inverse is ever formed; the result equals the NumPy engine's up to rounding.
+  * No H^-1. The reference forms H^-1 and factors it again (cholesky, cholesky_inverse, cholesky):
+    two O(n^3) passes that cost more than the whole column loop on a CPU. Here H is factored once, in
+    reversed order, as H = R R^T with R upper triangular; then U = chol(H^-1) = R^-1, and:
+      - lazy updates: with D = W0 - Q, the algorithm satisfies D = Err U, i.e. Err = D R, so the pending
+        correction of later columns accumulates as S += D_B R_B (the size of the reference's Err1 @ U);
+      - a block's state (earlier columns fixed) is W0_B + S_B R_BB^-1 = W0_B + S_B U_BB, with U_BB a
+        block-sized triangular inverse.
+  * Transposed layout: column i of W is row i of W0t, so every per-column op touches contiguous memory.
+  * Two-level lazy updates: inside a 128-column block, columns are quantized in sub-blocks of 16; a
+    column pulls the OBS updates of its sub-block's earlier columns as one matrix-vector product, and a
+    finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down).
+  * On CPU the per-column elementwise work runs as NumPy ufuncs on views of the torch buffers (a torch
+    op costs several microseconds of dispatch on a 4096-vector), and, for big layers on several cores,
+    the lazy updates run in a worker thread while the main thread quantizes the next columns.
+The result equals the NumPy engine's up to rounding (codes exactly, in float64; tests).
 """
 
 from __future__ import annotations
