@@ -209,8 +209,23 @@ def _environment() -> dict:
     except OSError:  # pragma: no cover - not on every platform
         load = None
     return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "gptq_explorer": ours, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "load_average": load}
+            "python": platform.python_version(), "gptq_explorer": ours, "git": _git_state(),
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": load}
+
+
+def _git_state() -> str | None:
+    """The checkout's commit, with '+dirty' when the package's own files differ from it (None outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "gptq_explorer"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def run_quantize(args) -> dict:

@@ -32,7 +32,8 @@ One file per run, named by :func:`run_id` (``fp``, ``rtn-w4-g128-sym``, ``gptq-w
     memory        {"peak_rss_bytes", "activation_buffers_bytes", "hessian_bytes_max_group",
                   "single_pass"} for quantized runs; {} for "fp"
     export        None, or {"folder", "summary"} when the run saved a checkpoint
-    environment   {"torch", "transformers", "python", "gptq_explorer", "platform", "load_average"}
+    environment   {"torch", "transformers", "python", "gptq_explorer", "git" (commit, "+dirty" when the
+                  package differed from it), "platform", "cpu_count", "load_average"}
     created       ISO-8601 UTC time the run finished
 
 Numbers are as measured on the machine named in ``environment`` (times depend on its load).
