@@ -15,6 +15,7 @@ Contents
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,6 +522,11 @@ def outside_loader_pins(root=None) -> dict:
 
 
 def _get(row, key):
+    """A field of a per-layer report row (LayerReport or dict). "output_rel_norm" is derived: the relative
+    output error as a norm ratio, ||X(W-Q)^T|| / ||XW^T|| = sqrt(output_rel_error)."""
+    if key == "output_rel_norm":
+        v = _get(row, "output_rel_error")
+        return None if v is None else math.sqrt(v)
     return row[key] if isinstance(row, dict) else getattr(row, key)
 
 
@@ -548,7 +554,7 @@ def overrides_for(names, **change) -> dict:
     return {n: dict(change) for n in names}
 
 
-def report_rows(layers, key: str = "output_rel_error") -> list[dict]:
+def report_rows(layers, key: str = "output_rel_norm") -> list[dict]:
     """Per sublayer type: median, min and max of `key` over the blocks, and the block of the max."""
     groups: dict[str, list] = {}
     for r in layers:
@@ -561,7 +567,7 @@ def report_rows(layers, key: str = "output_rel_error") -> list[dict]:
     return out
 
 
-def fig_layer_report(layers, highlight=(), key: str = "output_rel_error", title: str = ""):
+def fig_layer_report(layers, highlight=(), key: str = "output_rel_norm", title: str = ""):
     """One line per sublayer type across the blocks; the highlighted layers are circled."""
     import plotly.graph_objects as go
 
@@ -596,3 +602,92 @@ def eval_ppl(model, ids, seqlen: int) -> float:
 def ppl_gap_closed(fp: float, rtn: float, other: float) -> float:
     """Share of RTN's perplexity increase over FP that `other` removes: (rtn - other) / (rtn - fp)."""
     return (rtn - other) / (rtn - fp)
+
+
+@dataclass
+class MixedRun:
+    label: str
+    overrides: dict
+    layers_8bit: int  # layers the overrides raised above the base config's bits
+    total_bits: int  # storage of the quantized linears in a GPTQ checkpoint (Storage.total_bits)
+    weights: int  # quantized weights
+    ppl: float
+    seconds: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / self.weights
+
+
+def mixed_run(label: str, qm, ppl: float, base_bits: int, seconds: float = 0.0) -> MixedRun:
+    """A MixedRun for a QuantizedModel already measured (e.g. the uniform baseline)."""
+    st = storage_of(qm)
+    return MixedRun(label, dict(qm.overrides), sum(r.bits > base_bits for r in qm.layers), st.total_bits,
+                    st.weights, ppl, seconds)
+
+
+def mixed_precision_runs(lm, cfg, choices: dict, ids, seqlen: int, method: str = "rtn", calib_ids=None
+                         ) -> list[MixedRun]:
+    """Quantize the model once per choice {label: overrides} (on a copy; the loaded model is untouched),
+    and measure each: how many layers the overrides raised to more bits, the exact bits per weight of the
+    quantized linears (as a GPTQ checkpoint stores them), and the perplexity on `ids`."""
+    import time
+
+    from .models.quantize import quantize_model
+
+    out = []
+    for label, overrides in choices.items():
+        t = time.perf_counter()
+        qm = quantize_model(lm, calib_ids, cfg, method=method, overrides=overrides, inplace=False,
+                            progress=False, hessian_condition=False)
+        ppl = eval_ppl(qm.model, ids, seqlen)
+        out.append(mixed_run(label, qm, ppl, cfg.bits, time.perf_counter() - t))
+        del qm
+    return out
+
+
+def mixed_rows(runs: list[MixedRun], fp_ppl: float, base: MixedRun) -> list[dict]:
+    """Table rows: bits per weight, extra bits per weight over `base`, perplexity, and the share of the
+    base's perplexity increase over FP that each choice removes (per 0.01 extra bits per weight too)."""
+    rows = []
+    for r in runs:
+        extra = r.bits_per_weight - base.bits_per_weight
+        closed = ppl_gap_closed(fp_ppl, base.ppl, r.ppl)
+        rows.append({"choice": r.label, "layers at 8 bits": r.layers_8bit,
+                     "bits per weight": r.bits_per_weight, "extra bits per weight": extra,
+                     "perplexity": r.ppl, "share of the gap removed": closed,
+                     "removed per 0.01 extra bits": closed / (extra / 0.01) if extra > 0 else float("nan")})
+    return rows
+
+
+SHIPPED_CONFIGS = ((4, 128, True), (3, 128, True))
+
+
+def shipped_comparison(model: str = "smollm2-135m", configs=SHIPPED_CONFIGS,
+                       corpora=("prose", "code")) -> dict:
+    """The stored full-setting runs (gptq_explorer.results, written by benchmarks/bench_models.py) of FP and
+    of RTN and GPTQ at each (bits, group_size, sym): {"runs": run id -> report or None, "missing": [ids],
+    "rows": table rows of the runs present, "message": what to do about missing ones}."""
+    from . import results
+
+    runs = {"fp": results.find_run(model, "fp")}
+    for bits, g, sym in configs:
+        for method in ("rtn", "gptq"):
+            runs[results.run_id(method, bits, g, sym)] = results.find_run(model, method, bits=bits,
+                                                                          group_size=g, sym=sym)
+    missing = [k for k, v in runs.items() if v is None]
+    rows = []
+    for rid, r in runs.items():
+        if r is None:
+            continue
+        c, cal, ev = r.get("config", {}), r.get("calibration") or {}, r.get("evaluation", {})
+        row = {"run": rid, "method": r["method"].upper(), "bits": 32 if r["method"] == "fp" else c["bits"]}
+        row.update({f"{k} ppl": r["perplexity"][k] for k in corpora})
+        row["quantize s"] = r.get("timings", {}).get("quantize", 0.0)
+        row["calibration"] = f"{cal['nsamples']} x {cal['seqlen']} {cal['corpus']}" if cal else "none"
+        row["eval tokens per corpus"] = ev.get("tokens")
+        rows.append(row)
+    message = "" if not missing else (
+        f"missing shipped runs for {model}: {', '.join(missing)} (in {results.model_dir(model)}). "
+        "They come from `python benchmarks/bench_models.py` (resumable; see its docstring).")
+    return {"runs": runs, "missing": missing, "rows": rows, "message": message}
