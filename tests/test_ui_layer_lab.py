@@ -318,32 +318,59 @@ def test_from_query_without_a_model_uses_the_given_source():
     assert lab.run.cfg.bits == 3 and lab.col == 7 and lab.state()["block"] == 2
 
 
-def test_a_figure_that_never_drew_itself_is_rebuilt(monkeypatch):
+def test_a_frozen_figure_is_rebuilt(monkeypatch):
     """anywidget gives plotly's FigureWidget 2 s to start; a busy browser misses it and the figure then
-    ignores every update. A tiny probe widget watches the page: if the figure never drew itself, the lab
-    replaces it by a fresh one holding the same state, complete at construction."""
+    never draws, or drops every later update. plotly's view answers each update with its edit id; updates
+    unanswered for FIGURE_STALE_S (while the page probe says a browser shows the page) mean frozen: the lab
+    replaces the figure by a fresh one holding the same state, complete at construction."""
+    import time
+
     lab = LayerLab(models={})
-    lab.set(bits=3)
-    lab.goto(40)
-    old, before = lab.fig, lab.view("updated")
     assert lab.probe in lab.root.children and lab.fig in lab._fig_box.children
     assert "gptq-layer-figure" in lab.fig._dom_classes
+    assert not lab.figure_frozen(time.monotonic() + 100)  # no browser has drawn it yet
+    answer = {"trace_deltas": [], "trace_edit_id": lab.fig._last_trace_edit_id}
+    sent = []
+    lab.fig.observe(lambda ch: ch["new"] and sent.append(ch["new"]), names="_py2js_update")
+    lab._on_figure_answer({"new": answer})  # a browser drew it (its first draw answers too) ...
+    # ... and gets the whole state once more, in one message: every trace's data, the axes, the shapes
+    assert len(sent) == 1 and sent[0]["style_traces"] == list(range(len(lab.fig.data)))
+    np.testing.assert_array_equal(array(sent[0]["style_data"]["y"][TR_DIAG]), array(lab.fig.data[TR_DIAG].y))
+    assert sent[0]["layout_data"]["yaxis7"]["range"] == list(lab.fig.layout.yaxis7.range)
+    assert sent[0]["layout_data"]["shapes"][SH_CURSOR]["path"] == lab.fig.layout.shapes[SH_CURSOR].path
+    lab._on_figure_answer({"new": {**answer, "trace_edit_id": lab.fig._last_trace_edit_id}})
+    assert lab._figure_alive and not lab.figure_frozen(time.monotonic() + 100)  # nothing waiting
+    n_sent = len(sent)
+    lab._on_figure_answer({"new": {**answer, "trace_edit_id": lab.fig._last_trace_edit_id}})
+    assert len(sent) == n_sent  # only the first draw triggers the resend
+    lab.set(bits=3)
+    lab.goto(40)
+    now = time.monotonic()
+    assert lab.figure_frozen(now + lab_module.FIGURE_STALE_S + 1) and not lab.figure_frozen(now)
+    lab._on_figure_answer({"new": {**answer, "trace_edit_id": lab.fig._last_trace_edit_id}})
+    assert not lab.figure_frozen(now + 100)  # answered: alive
+
+    old, before = lab.fig, lab.view("updated")
     sent = []
     monkeypatch.setattr(lab.probe, "send", lambda content, buffers=None: sent.append(content))
-    lab._on_probe(lab.probe, {"event": "rendered"}, [])
-    assert lab.figure_rebuilds == 0
-    lab._on_probe(lab.probe, {"event": "figure", "drawn": False, "seconds": 60}, [])
+    lab._figure_alive = False
+    lab._on_probe(lab.probe, {"event": "figure", "drawn": False, "seconds": 60}, [])  # never drew
     assert lab.figure_rebuilds == 1 and lab.fig is not old and lab._fig_box.children[0] is lab.fig
-    assert sent == [{"watch": True}]  # the probe watches the new figure
-    assert "gptq-layer-figure" in lab.fig._dom_classes
+    assert sent == [{"watch": True}] and "gptq-layer-figure" in lab.fig._dom_classes
     for a, b in zip(lab.view("updated"), before):
         np.testing.assert_array_equal(a, b)  # the same state, in the new figure
     assert lab.fig.layout.shapes[SH_CURSOR].path == old.layout.shapes[SH_CURSOR].path
     assert lab.fig._widget_data == lab.fig._data  # complete for the browser that will draw it
-    lab._on_probe(lab.probe, {"event": "figure", "drawn": True, "seconds": 3}, [])
-    assert lab._figure_alive
-    lab._on_probe(lab.probe, {"event": "figure", "drawn": False, "seconds": 60}, [])
-    assert lab.figure_rebuilds == 1  # alive: left alone
-    lab.goto(41)  # and the new figure takes the updates
+
+    # the watchdog thread: started by the probe, rebuilds a figure whose updates go unanswered
+    monkeypatch.setattr(lab_module, "FIGURE_STALE_S", 0.3)
+    lab._on_probe(lab.probe, {"event": "rendered"}, [])
+    lab._on_probe(lab.probe, {"event": "figure", "drawn": True, "seconds": 2}, [])  # the new one drew
+    lab.goto(41)  # and takes the update ...
     assert lab.view("updated")[2][0] <= 41 <= lab.view("updated")[2][-1]
+    deadline = time.monotonic() + 20
+    while lab.figure_rebuilds < 2 and time.monotonic() < deadline:  # ... but never answers it
+        time.sleep(0.05)
+    lab._closed = True
+    assert lab.figure_rebuilds == 2
     assert lab.fig.layout.shapes[SH_CURSOR].path == lab.figure._column_path(41, lab._last_window)

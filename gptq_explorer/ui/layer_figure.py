@@ -165,6 +165,17 @@ class LabFigure:
         widget.data[TR_DIAG].on_click(on_click)
         widget.add_class(FIGURE_CLASS)
 
+    def resend(self) -> None:
+        """Send the view the whole current state in one message (data arrays of every trace, axes, colour
+        axes, shapes, titles). plotly_update sends only what differs from the Python side, which already
+        holds this state, so this goes through plotly's own message call (FigureWidget._send_update_msg)."""
+        fig = self.widget
+        idx = list(range(len(fig.data)))
+        restyle = {p: [fig._data[i].get(p, Undefined) for i in idx] for p in ("x", "y", "z")}
+        keep = ("xaxis", "yaxis", "coloraxis", "shapes", "annotations")
+        relayout = {k: deepcopy(v) for k, v in fig._layout.items() if k.startswith(keep)}
+        fig._send_update_msg(restyle, relayout, idx)
+
     def fresh_copy(self) -> go.FigureWidget:
         """A new FigureWidget holding this one's current state, complete at construction (nothing needs to
         be sent to it afterwards, so a browser that is already connected draws it whole)."""

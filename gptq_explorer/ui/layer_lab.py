@@ -26,6 +26,7 @@ import functools
 import html
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
@@ -67,6 +68,7 @@ CROP_COLS = (4, 128)
 FPS = (1, 30)
 MAX_CACHED_RUNS = 8
 FIGURE_DEADLINE_S = 60.0  # after the page rendered, the figure must have drawn itself (see _on_probe)
+FIGURE_STALE_S = 8.0  # updates unanswered this long: the figure is frozen (see _watch_figure)
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
 
 DEFAULTS: dict = {
@@ -345,6 +347,8 @@ class LayerLab:
         self.probe = page_probe(FIGURE_DEADLINE_S)
         self.figure_rebuilds = 0
         self._figure_alive = False
+        self._watchdog: threading.Thread | None = None
+        self._closed = False
         if self.probe is not None:
             self.probe.on_msg(self._on_probe)
 
@@ -355,42 +359,104 @@ class LayerLab:
         fr = frame(self.run, k, win)
         self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click_diag)
         self.fig = self.figure.widget
-        self._figure_alive = False
-        # plotly's view answers its first draw with a layout delta: proof that the figure runs in a browser
-        self.fig.observe(self._on_figure_alive, names="_js2py_layoutDelta")
+        self._watch_figure()
 
-    def _on_figure_alive(self, change) -> None:
+    # -----------------------------------------------------------------------------------------------------
+    # the figure watchdog
+    #
+    # anywidget gives each model 2 s to load its ESM; plotly's is 5 MB, and a busy browser misses the
+    # deadline. The figure then either never draws, or draws its first state and drops every later message
+    # from the kernel (tests/test_ui_browser.py saw both). plotly's view answers every update with trace
+    # deltas carrying the update's edit id, so the kernel can tell: updates sent and no answer for
+    # FIGURE_STALE_S while a browser shows the page (the page probe said so) -> replace the figure by a
+    # fresh FigureWidget, complete at construction, which starts while the page is idle. At most 3 times.
+
+    def _watch_figure(self) -> None:
+        self._figure_alive = False
+        self._answered_at = time.monotonic()
+        self._answered_id = int(self.fig._last_trace_edit_id)
+        self._waiting_since = time.monotonic()
+        self.fig.observe(self._on_figure_answer, names="_js2py_traceDeltas")
+        self.fig.observe(self._on_figure_edit, names="_last_trace_edit_id")
+
+    def _on_figure_answer(self, change) -> None:
+        msg = change["new"]
+        if not isinstance(msg, dict):
+            return
+        first = not self._figure_alive
         self._figure_alive = True
+        self._answered_at = time.monotonic()
+        self._answered_id = max(self._answered_id, int(msg.get("trace_edit_id") or 0))
+        if first:
+            self._resync_figure()
+
+    @guarded
+    def _resync_figure(self) -> None:
+        """The figure's view just drew itself: send it the whole current state once more. Updates that
+        reached the browser while the view was still starting (anywidget loading plotly.js; e.g. the model
+        layer replacing the synthetic one in the background) were applied to the widget's model only, and
+        the view could draw an older state (seen in ~40% of loaded-machine runs of the browser test)."""
+        with self._lock:
+            self.figure.resend()
+
+    def figure_frozen(self, now: float | None = None) -> bool:
+        """The figure drew itself in a browser, updates are waiting since, and it has not answered any for
+        FIGURE_STALE_S. (One that never drew is the page probe's case: see _on_probe.)"""
+        now = time.monotonic() if now is None else now
+        if not self._figure_alive:
+            return False
+        if int(self.fig._last_trace_edit_id) <= self._answered_id:
+            return False  # caught up
+        return now - max(self._answered_at, self._waiting_since) > FIGURE_STALE_S
+
+    def _on_figure_edit(self, change) -> None:
+        if self._answered_id >= int(change["old"] or 0):  # was caught up: the clock starts now
+            self._waiting_since = time.monotonic()
 
     @guarded
     def _on_probe(self, _widget, content, _buffers) -> None:
-        """The page probe (common.page_probe) reports whether the figure drew itself in the browser. One that
-        did not within the probe's deadline missed anywidget's 2 s start-up deadline (a busy browser parsing
-        plotly.js) and would ignore every update: replace it by a fresh one, complete at construction, which
-        starts while the page is idle. At most 3 times; the probe then watches the new one."""
-        if not isinstance(content, dict) or content.get("event") != "figure":
+        """Messages of the page probe (common.page_probe): "rendered" (a browser shows the page: start
+        watching the figure's answers) and "figure" {drawn} (whether it drew itself within the deadline)."""
+        if not isinstance(content, dict):
             return
-        if content.get("drawn"):
-            self._figure_alive = True
-            return
-        if self._figure_alive or self.figure_rebuilds >= 3:
-            return
-        self.rebuild_figure()
-        self.probe.send({"watch": True})
+        if content.get("event") == "rendered":
+            self._answered_at = time.monotonic()
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch_loop, name="LayerLab-figure-watchdog",
+                                                  daemon=True)
+                self._watchdog.start()
+        elif content.get("event") == "figure":
+            if content.get("drawn"):
+                if not self._figure_alive:
+                    self._figure_alive = True
+                    self._answered_at = time.monotonic()
+            elif not self._figure_alive and self.figure_rebuilds < 3:
+                self.rebuild_figure()
+
+    def _watch_loop(self) -> None:
+        while self.figure_rebuilds < 3 and not self._closed:
+            time.sleep(1.0)
+            try:
+                if self.figure_frozen():
+                    self.rebuild_figure()
+            except Exception as exc:  # noqa: BLE001 - a watchdog thread: show it, never raise
+                self.show_error(exc, where="rebuilding the figure")
+                return
 
     def rebuild_figure(self) -> None:
-        """Replace the FigureWidget by a fresh one showing the same state."""
+        """Replace the FigureWidget by a fresh one showing the same state (complete at construction)."""
         with self._lock:
             old = self.fig
             self.figure.adopt(self.figure.fresh_copy())
             self.fig = self.figure.widget
-            self._figure_alive = False
-            self.fig.observe(self._on_figure_alive, names="_js2py_layoutDelta")
+            self._watch_figure()
             self._fig_box.children = (self.fig, *self._fig_box.children[1:])
             self.figure_rebuilds += 1
-        log.warning("LayerLab: the figure did not draw itself in the browser; rebuilt it (%d)",
+        log.warning("LayerLab: the figure stopped answering in the browser; rebuilt it (%d)",
                     self.figure_rebuilds)
         old.close()
+        if self.probe is not None:
+            self.probe.send({"watch": True})
 
     def _build_view(self) -> None:
         W = widgets

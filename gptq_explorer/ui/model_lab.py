@@ -287,8 +287,9 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, check) -> d
 
 
 def compute_report(model_name: str, method: str, cfg: QuantConfig, settings: ComputeSettings, *, check,
-                   progress, cache_dir: Path) -> dict:
-    """One method's report (the CLI's schema + samples), on a private copy of the shared model."""
+                   progress, cache_dir: Path | None) -> dict:
+    """One method's report (the CLI's schema + samples), on a private copy of the shared model.
+    cache_dir: where quantize_model keeps the quantized layers (<cache_dir>/quantized); None = nowhere."""
     import torch
 
     from ..data import calibration_windows, evaluation_ids
@@ -328,7 +329,8 @@ def compute_report(model_name: str, method: str, cfg: QuantConfig, settings: Com
                 # RTN gets the calibration data too: not for its result (it uses none) but to measure its
                 # per-layer output errors on the same inputs as GPTQ's
                 qm = quantize_model(model, calib, cfg, method=method, progress=False,
-                                    cancel=lambda: check(soft=True), cache_dir=Path(cache_dir) / "quantized",
+                                    cancel=lambda: check(soft=True),
+                                    cache_dir=None if cache_dir is None else Path(cache_dir) / "quantized",
                                     save_hessians=False, hessian_condition=False, tokenizer=tok)
             except QuantizationCancelled as exc:
                 raise Cancelled(str(exc)) from None
@@ -405,7 +407,7 @@ class ModelLab:
     """The Model Lab (see the module doc). Public API:
 
     ModelLab(model="smollm2-135m", *, models=None, settings=REDUCED, cache_dir=None, threaded=True,
-             state=None, shipped=None)
+             state=None, shipped=None, keep_quantized=True)
     lab.widget / display(lab)          the view
     lab.set(**values)                  change controls (validated; bad values raise InputError)
     lab.state() / lab.state_query()    the state; lab.apply_preset(name); lab.compute(); lab.cancel()
@@ -415,8 +417,12 @@ class ModelLab:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, models=None, settings: ComputeSettings = REDUCED,
-                 cache_dir=None, threaded: bool = True, state: dict | None = None, shipped=None):
+                 cache_dir=None, threaded: bool = True, state: dict | None = None, shipped=None,
+                 keep_quantized: bool = True):
         self.settings = settings
+        # quantize_model's cache holds every quantized layer (~0.1 GB per method and config for SmolLM2);
+        # a shared workshop server may prefer keep_quantized=False (the small reports are cached anyway)
+        self.keep_quantized = bool(keep_quantized)
         self.threaded = bool(threaded)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache = ReportCache(self.cache_dir)
@@ -875,7 +881,7 @@ class ModelLab:
                                               f"{METHOD_LABEL[m].split(' ')[0]}: {text}")
 
                     report = compute_report(model, m, cfg, settings, check=check, progress=progress,
-                                            cache_dir=self.cache_dir)
+                                            cache_dir=self.cache_dir if self.keep_quantized else None)
                     check()
                     self.cache.put(model, m, cfg, settings, report)
                     done += weights[m]
