@@ -691,3 +691,13 @@ def shipped_comparison(model: str = "smollm2-135m", configs=SHIPPED_CONFIGS,
         f"missing shipped runs for {model}: {', '.join(missing)} (in {results.model_dir(model)}). "
         "They come from `python benchmarks/bench_models.py` (resumable; see its docstring).")
     return {"runs": runs, "missing": missing, "rows": rows, "message": message}
+
+
+def report_comparison(a_layers, b_layers, labels=("RTN", "GPTQ"), key: str = "output_rel_norm") -> list[dict]:
+    """Per sublayer type: the median of `key` in two per-layer reports and their ratio (b / a)."""
+    a = {r["sublayer"]: r[f"{key} (median)"] for r in report_rows(a_layers, key)}
+    b = {r["sublayer"]: r[f"{key} (median)"] for r in report_rows(b_layers, key)}
+    if set(a) != set(b):
+        raise ValueError(f"the reports cover different layer types: {sorted(a)} vs {sorted(b)}")
+    return [{"sublayer": s, f"{labels[0]} (median)": a[s], f"{labels[1]} (median)": b[s],
+             f"{labels[1]} / {labels[0]}": b[s] / a[s]} for s in a]

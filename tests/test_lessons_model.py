@@ -317,6 +317,11 @@ def test_mixed_precision_from_the_report(tiny_lm, calib):
 
     rows = L.report_rows(qm.layers)
     assert len(rows) == 7 and all(r["min"] <= r["output_rel_norm (median)"] <= r["max"] for r in rows)
+    quarter = [r | {"output_rel_error": r["output_rel_error"] / 4} for r in as_dicts]
+    cmp = L.report_comparison(qm.layers, quarter)
+    assert len(cmp) == 7 and all(r["GPTQ / RTN"] == pytest.approx(0.5) for r in cmp)  # sqrt(1/4)
+    with pytest.raises(ValueError, match="different layer types"):
+        L.report_comparison(qm.layers, as_dicts[:3])
     fig = L.fig_layer_report(qm.layers, highlight=top)
     assert len(fig.data) == 8 and len(fig.data[-1].x) == 3
     assert L.sublayer("model.layers.1.self_attn.v_proj") == "self_attn.v_proj"
