@@ -5,17 +5,19 @@
    Layer Lab offers no local-folder box and a link naming a local folder is refused.
 2. (browser) N_SESSIONS concurrent pages (default 4) of the explorer app, each on its own synthetic layer
    (block = seed), each changes settings with the keyboard / the dropdown, plays the animation, changes a
-   setting while it plays, and keeps playing for LOAD_SECONDS. Checked all along: zero page errors, zero
+   setting while it plays, and keeps playing (see Budget). Checked all along: zero page errors, zero
    error text in the pages, every page's kernel alive. At the end, every page's summary numbers equal a
    direct engine computation (compute_run on the same layer and config) and the plot's cursor equals the
    column slider; after the pages close, no page kernel is left 30 s later (culling), only the preheated
    pool. Peak memory per kernel and in total (RSS of the server's ipykernel processes, sampled every poll)
    goes to artifacts/browser/load.json and the test output.
 
-Budget: CI allows this test ~150 s on 2 cores; four cold kernels already take most of it there, so the
-sessions play for GPTQ_EXPLORER_LOAD_SECONDS (default 20 s; the issue's 60 s:
-`GPTQ_EXPLORER_LOAD_SECONDS=60 pytest -m browser tests/test_ui_load.py -s`). Skips without Chromium or
-Playwright. Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_load.py -s`.
+Budget: CI allows this test 150 s on 2 cores, and four cold kernels starting at once take much of it, so by
+default the sessions play for what is left of the 150 s after the pages are ready, minus 55 s for the final
+checks and the culling wait (at least 15 s). GPTQ_EXPLORER_LOAD_SECONDS fixes the duration instead (the
+issue's 60 s: `GPTQ_EXPLORER_LOAD_SECONDS=60 pytest -m browser tests/test_ui_load.py -s`);
+GPTQ_EXPLORER_LOAD_SESSIONS changes the number of sessions. Skips without Chromium or Playwright.
+Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_load.py -s`.
 """
 
 from __future__ import annotations
@@ -48,12 +50,19 @@ NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
 VOILA_JSON = ROOT / "notebooks" / "voila.json"
 ARTIFACTS = ROOT / "artifacts" / "browser"
 N_SESSIONS = int(os.environ.get("GPTQ_EXPLORER_LOAD_SESSIONS", "4"))
-LOAD_SECONDS = float(os.environ.get("GPTQ_EXPLORER_LOAD_SECONDS", "20"))
+# How long the sessions play: GPTQ_EXPLORER_LOAD_SECONDS if set (the issue asks 60), else whatever is left of
+# the test's CI budget (BUDGET s from server start to the end) after the pages loaded, keeping RESERVE s for
+# the final checks and the culling wait, and at least MIN_PLAY s.
+_ENV_SECONDS = os.environ.get("GPTQ_EXPLORER_LOAD_SECONDS")
+LOAD_SECONDS = float(_ENV_SECONDS) if _ENV_SECONDS else None
+BUDGET, RESERVE, MIN_PLAY = 150.0, 55.0, 15.0
 # Culling shortened for the test (voila.json: 900 / 60). Not shorter: a kernel whose page is still loading
 # has no connection yet, and at 10 s idle the culler killed such kernels when 4 pages loaded at once.
-CULL_IDLE, CULL_INTERVAL = 20, 5
-GONE_AFTER = 30.0  # s: no page kernel may be left this long after its page closed
-PAGE_TIMEOUT = 150.0  # s: N cold kernels start at once on 2 cores
+# On a machine loaded by other work even 20 s can be too short: GPTQ_EXPLORER_LOAD_CULL_IDLE raises it (and
+# the time allowed after closing with it) for diagnosis.
+CULL_IDLE, CULL_INTERVAL = int(os.environ.get("GPTQ_EXPLORER_LOAD_CULL_IDLE", "20")), 5
+GONE_AFTER = max(30.0, CULL_IDLE + 2 * CULL_INTERVAL)  # s: no page kernel may be left this long after closing
+PAGE_TIMEOUT = float(os.environ.get("GPTQ_EXPLORER_LOAD_PAGE_TIMEOUT", "150"))  # s: N cold kernels at once
 # Known bug (see test_ui_browser.py): anywidget 0.11 gives plotly's 5 MB FigureWidget 2 s to initialise; on a
 # loaded machine it misses that and the figure ignores every later update. Such a page is recorded, its plot
 # checks are skipped, every other check still runs, and the test then xfails naming the bug.
@@ -284,8 +293,8 @@ def test_concurrent_sessions_under_load(chromium):
                     "--MappingKernelManager.cull_connected=False"],
         env={"GPTQ_EXPLORER_THREADS": "1", "OMP_NUM_THREADS": "1", "GPTQ_EXPLORER_LOCAL": "0"})
     mem = Memory(server)
-    timings: dict[str, float] = {"sessions": N_SESSIONS, "load_seconds": LOAD_SECONDS}
     t_start = time.monotonic()
+    timings: dict = {"sessions": N_SESSIONS, "t_start": t_start}
     server.start()
     try:
         timings["voila_ready"] = round(server.wait_ready(), 1)
@@ -320,6 +329,7 @@ def test_concurrent_sessions_under_load(chromium):
                          f"{timings['frozen_figures']} (every other check passed)")
     finally:
         server.stop()
+        timings.pop("t_start", None)
         timings["total"] = round(time.monotonic() - t_start, 1)
         report = {"timings_s": timings, "memory": mem.report()}
         dump_json(ARTIFACTS / "load.json", report)
@@ -341,7 +351,9 @@ def _run_sessions(sessions: list[Session], server: VoilaServer, mem: Memory, tim
             for s in sessions:
                 if not s.ready:
                     s.page.screenshot(path=str(ARTIFACTS / f"load-not-ready-{s.seed}.png"), full_page=True)
-                    (ARTIFACTS / f"load-not-ready-{s.seed}.txt").write_text(s.page.inner_text("body"))
+                    (ARTIFACTS / f"load-not-ready-{s.seed}.txt").write_text(
+                        f"page errors: {s.page.page_errors}\nconsole errors: {s.page.console_errors}\n\n"
+                        + s.page.inner_text("body"))
         assert time.monotonic() < deadline, (
             f"only {sum(s.ready for s in sessions)} of {len(sessions)} pages showed the app after "
             f"{PAGE_TIMEOUT:.0f} s\n{server.log_tail()}")
@@ -353,7 +365,10 @@ def _run_sessions(sessions: list[Session], server: VoilaServer, mem: Memory, tim
         s.change_settings()
         s.play()
     t_play = time.monotonic()
-    while time.monotonic() - t_play < LOAD_SECONDS:
+    play_for = LOAD_SECONDS if LOAD_SECONDS is not None else max(
+        MIN_PLAY, BUDGET - RESERVE - (t_play - timings.pop("t_start")))
+    timings["play_target"] = round(play_for, 1)
+    while time.monotonic() - t_play < play_for:
         mem.sample()
         for s in sessions:
             state = _kernel_state(server.url, s.kernel)
@@ -361,7 +376,7 @@ def _run_sessions(sessions: list[Session], server: VoilaServer, mem: Memory, tim
             s.check_clean("while playing")
             col = s.column()
             s.max_col = max(s.max_col, col)
-            if not s.mid_change_done and time.monotonic() - t_play > LOAD_SECONDS / 2:
+            if not s.mid_change_done and time.monotonic() - t_play > play_for / 2:
                 s.change_while_playing()
             elif col >= 575:  # played to the end (no repeat): start over and play again
                 s.page.locator("button[title='first column']").click()
