@@ -45,9 +45,14 @@ case "${1:-}" in
     # (first time several minutes, then < 1 s).
     scripts/outside_loader_env.sh
     "$VENV/bin/ruff" check .
-    GPTQ_EXPLORER_REQUIRE_OUTSIDE=1 "$PY" -m pytest -q tests
-    "$PY" -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
-      --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+    "$VENV/bin/gptq-explorer" prepare   # convert the offline model once, before parallel tests use it
+    # Two pytest workers, one thread each, use the 2 cores without OpenMP threads fighting each other;
+    # the real-browser tests start Voila servers and run alone afterwards.
+    export OMP_NUM_THREADS=1 GPTQ_EXPLORER_THREADS=1 GPTQ_EXPLORER_REQUIRE_OUTSIDE=1
+    "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile -m "not browser" tests
+    "$PY" -m pytest -q -m browser tests
+    "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --nbval-lax --nbval-current-env \
+      --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg notebooks
     ;;
   *)
     echo "usage: $0 app|test" >&2
