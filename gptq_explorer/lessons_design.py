@@ -510,8 +510,9 @@ def dequant_matmul(way: str, x, codes, s, z, g_idx=None, order=None):
 
 def dequant_bench(d_out: int = 4096, d_in: int = 4096, group_size: int = 128, tokens: int = 1,
                   repeats: int = 5, seed: int = 0) -> DequantBench:
-    """Time dequant_matmul's four ways (CPU time of this process, best of `repeats`; run it with one torch
-    thread) and check that they agree. d_in must be a multiple of group_size (the contiguous way reshapes)."""
+    """Time dequant_matmul's four ways (CPU time of the calling thread, best of `repeats`; run it with one
+    torch thread) and check that they agree. d_in must be a multiple of group_size (the contiguous way
+    reshapes)."""
     if d_in % group_size:
         raise ValueError(f"d_in={d_in} must be a multiple of group_size={group_size} for this benchmark")
     gen = torch.Generator().manual_seed(seed)
@@ -543,9 +544,9 @@ def dequant_bench(d_out: int = 4096, d_in: int = 4096, group_size: int = 128, to
         ys = {k: f() for k, f in calls.items()}  # also a warm-up
         for _ in range(repeats):  # round robin, so a busy moment of the machine hits every way alike
             for k, f in calls.items():
-                t = time.process_time()  # CPU time: robust to other processes on a shared machine
+                t = time.thread_time()  # CPU time of this thread: robust to other processes
                 f()
-                seconds[k] = min(seconds[k], time.process_time() - t)
+                seconds[k] = min(seconds[k], time.thread_time() - t)
     ref = ys["contiguous groups"]
     diff = max(float((y - ref).norm() / ref.norm()) for y in ys.values())
     reads = {"contiguous groups": d_out * G, "g_idx gather, sorted g_idx": d_out * d_in,
