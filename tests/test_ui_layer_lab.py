@@ -374,3 +374,36 @@ def test_a_frozen_figure_is_rebuilt(monkeypatch):
     lab._closed = True
     assert lab.figure_rebuilds == 2
     assert lab.fig.layout.shapes[SH_CURSOR].path == lab.figure._column_path(41, lab._last_window)
+
+
+def test_browser_messages_wait_for_figure_updates_in_other_threads():
+    """An update sent while ipywidgets applies a browser message to the figure (inside traitlets'
+    hold_trait_notifications) collapses to None and is lost; the lab applies browser messages under the
+    lock its updates hold (the background model load updates the figure from another thread)."""
+    import threading
+    import time
+
+    import plotly.graph_objects as go
+
+    fig = go.FigureWidget(go.Figure(go.Scatter(y=[1, 2])))
+    sent = []
+    fig.observe(lambda ch: sent.append(ch["new"]), names="_py2js_update")
+    with fig.hold_trait_notifications():  # the failure, without the lock
+        fig.plotly_update(restyle_data={"y": [[3, 4]]}, trace_indexes=[0])
+    assert sent == [None]
+
+    lab = LayerLab(source=SyntheticSource(d_out=32, d_in=64, n_calib=256, n_heldout=128), models={})
+    held = threading.Event()
+
+    def update_in_background():
+        with lab._lock:  # as _show_data / _render_full do
+            held.set()
+            time.sleep(0.5)
+
+    t = threading.Thread(target=update_in_background)
+    t.start()
+    held.wait(5)
+    t0 = time.monotonic()
+    lab.fig.set_state({"_js2py_traceDeltas": None})  # a browser message for the figure
+    assert time.monotonic() - t0 > 0.3  # it waited for the update to finish
+    t.join()

@@ -18,6 +18,7 @@ diag(H), 10 GPTQ curve, 11 RTN curve. Shapes: 0 cursor path, 1 hover path, 2 cro
 from __future__ import annotations
 
 import base64
+import threading
 from copy import deepcopy
 
 import numpy as np
@@ -79,7 +80,7 @@ def _axis(i: int, kind: str = "x") -> str:
 class LabFigure:
     """Owns the FigureWidget; knows which trace is which. All updates go through `_update`."""
 
-    def __init__(self, run: Run, k: int, win: Window, fr: dict, on_hover, on_click):
+    def __init__(self, run: Run, k: int, win: Window, fr: dict, on_hover, on_click, lock=None):
         titles = [HEATMAP_TITLES[h][0] for h in HEATMAPS] + [
             "column p: w, q, w − q", "diag(H): how much each input is used",
             "output error of the partly quantized layer"]
@@ -150,6 +151,7 @@ class LabFigure:
         lay = fig.layout
         self._dom = {i: (tuple(lay[_axis(i)].domain), tuple(lay[_axis(i, "y")].domain)) for i in range(1, 9)}
         self._callbacks = (on_hover, on_click)
+        self._lock = lock if lock is not None else threading.RLock()
         self.adopt(go.FigureWidget(fig))
         self.win: Window | None = None
         self.n = run.n
@@ -164,6 +166,19 @@ class LabFigure:
         widget.data[TR_DIAG].on_hover(on_hover)
         widget.data[TR_DIAG].on_click(on_click)
         widget.add_class(FIGURE_CLASS)
+        # Messages from the browser (hover points, plotly's trace deltas) are applied by ipywidgets inside
+        # traitlets' hold_trait_notifications(), which is per object, not per thread: an update another
+        # thread sends meanwhile (the Layer Lab's background model load) sets _py2js_update to the message
+        # and back to None, the hold collapses the two into None, and the message is never sent: the page
+        # kept the synthetic layer's diag(H) after the model loaded (~40% of the browser test's runs). So
+        # the browser's messages are applied under the same lock as every figure update.
+        original = widget.set_state
+
+        def set_state(sync_data, _original=original, _lock=self._lock):
+            with _lock:
+                _original(sync_data)
+
+        widget.set_state = set_state
 
     def resend(self) -> None:
         """Send the view the whole current state in one message (data arrays of every trace, axes, colour

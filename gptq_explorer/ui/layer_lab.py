@@ -357,7 +357,7 @@ class LayerLab:
         k = self.col
         win = self._window(k)
         fr = frame(self.run, k, win)
-        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click_diag)
+        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click_diag, lock=self._lock)
         self.fig = self.figure.widget
         self._watch_figure()
 
