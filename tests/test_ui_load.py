@@ -217,7 +217,7 @@ class Session:
     @property
     def frozen(self) -> bool:
         """The page hit the anywidget initialisation timeout: its figure takes no updates."""
-        return any(ANYWIDGET_TIMEOUT in e for e in self.page.page_errors)
+        return any(ANYWIDGET_TIMEOUT in e for e in self.page.page_errors + self.page.console_errors)
 
     def errors(self) -> list[str]:
         return [e for e in self.page.page_errors if ANYWIDGET_TIMEOUT not in e]
@@ -396,8 +396,17 @@ def _run_sessions(sessions: list[Session], server: VoilaServer, mem: Memory, tim
         col = int(wait_until(lambda s=s: _stable_column(s), 20, 0.3, "the column to stop"))
         assert s.max_col > 5 or s.restarts, f"session {s.seed}: the animation never advanced"
         if not s.frozen:
-            st = wait_until(lambda s=s, col=col: (x := plot_state(s.page)) and x["marker_x"].size
-                            and int(x["marker_x"][0]) == col and x, 20, 0.3, "the plot cursor at the column")
+            try:
+                st = wait_until(lambda s=s, col=col: (x := plot_state(s.page)) and x["marker_x"].size
+                                and int(x["marker_x"][0]) == col and x, 20, 0.3, "the plot cursor")
+            except TimeoutError:
+                shot = ARTIFACTS / f"load-stale-plot-{s.seed}.png"
+                s.page.screenshot(path=str(shot), full_page=True)
+                x = plot_state(s.page)
+                raise AssertionError(
+                    f"session {s.seed}: the column slider stopped at {col}, after 20 s the plot cursor is at "
+                    f"{None if x is None else x['marker_x'].tolist()}; page errors {s.page.page_errors}, "
+                    f"console errors {s.page.console_errors[:5]} (screenshot {shot.name})") from None
             assert np.isfinite(st["gptq_y"]).sum() == col + 1
         s.check_clean("at the end")
         assert _kernel_state(server.url, s.kernel) not in (None, "dead")
