@@ -496,8 +496,6 @@ def test_full_disk_while_caching_a_quantization_leaves_no_entry(tmp_path, monkey
         assert torch.equal(again.results[name].codes, qm.results[name].codes.to(torch.int32)), name
 
 
-@pytest.mark.xfail(strict=True, reason="models/quantize.py: a failed cache write should warn and return the "
-                                       "finished result (lead: see the hardening report)")
 def test_full_disk_while_caching_keeps_the_result_and_says_so(tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -508,8 +506,6 @@ def test_full_disk_while_caching_keeps_the_result_and_says_so(tmp_path, monkeypa
     assert len(qm.results) == 14
 
 
-@pytest.mark.xfail(strict=True, reason="models/quantize.py: an unreadable cache entry should count as a miss "
-                                       "(lead: see the hardening report)")
 def test_damaged_quantization_cache_entry_is_recomputed(tmp_path):
     cache = tmp_path / "cache"
     cfg = QuantConfig(bits=4, group_size=32)

@@ -289,6 +289,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
 
     row_grid = _grid_params(W0t, cfg.bits, cfg.sym, dim=0) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
+    checks.warn_all_dead(int(dead.sum()), n)
     if bool(dead.any()):
         H[dead, dead] = 1.0
         W0t[dead] = 0.0

@@ -19,10 +19,14 @@ from .loading import (
     CURATED_MODELS,
     DEFAULT_MODEL,
     LoadedModel,
+    MemoryEstimate,
     ModelLoadError,
+    ModelTooLargeError,
     available_offline,
     cache_root,
+    estimate_model_memory,
     load_model,
+    memory_budget,
 )
 
 __all__ = [
@@ -42,8 +46,12 @@ __all__ = [
     "CURATED_MODELS",
     "DEFAULT_MODEL",
     "LoadedModel",
+    "MemoryEstimate",
     "ModelLoadError",
+    "ModelTooLargeError",
     "available_offline",
+    "estimate_model_memory",
+    "memory_budget",
     "cache_root",
     "load_model",
 ]

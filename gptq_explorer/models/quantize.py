@@ -39,12 +39,14 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .adapters import (
     Adapter,
@@ -373,7 +375,13 @@ def quantize_model(
     if job.device.type == "cuda":
         qm.memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(job.device)
     if qm.cache_key is not None:
-        _save_cached(qm, Path(cache_dir) / qm.cache_key, job.hessians, job.alias)
+        try:
+            _save_cached(qm, Path(cache_dir) / qm.cache_key, job.hessians, job.alias)
+        except OSError as exc:  # a full disk must not throw away a finished quantization
+            warnings.warn(
+                f"the quantized model is complete but could not be cached in {cache_dir} "
+                f"({exc.strerror or exc}); nothing was written there. Free some disk space there, or pass "
+                "another cache_dir (or None).", RuntimeWarning, stacklevel=2)
     return qm
 
 
@@ -693,10 +701,10 @@ def _load_cached(qm: QuantizedModel, folder: Path) -> bool:
 
     if not (folder / "report.json").is_file():
         return False
-    info = json.loads((folder / "report.json").read_text())
-    tensors = load_file(str(folder / "results.safetensors"))
-    mods = dict(qm.model.named_modules())
-    with torch.no_grad():
+    try:  # read and check everything before touching the model
+        info = json.loads((folder / "report.json").read_text())
+        tensors = load_file(str(folder / "results.safetensors"))
+        results = {}
         for name, meta in info["results"].items():
             parts = {f: tensors.get(f"{name}::{f}") for f in _RESULT_FIELDS}
             parts["codes"] = parts["codes"].to(torch.int32)
@@ -708,9 +716,19 @@ def _load_cached(qm: QuantizedModel, folder: Path) -> bool:
                 damp_percent_used=meta["damp_percent_used"],
             )
             res.weight = res.dequantize().to(torch.float32)
+            results[name] = res
+        layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in info["layers"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        warnings.warn(f"cache entry {folder} is damaged ({exc}); recomputing it", RuntimeWarning,
+                      stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+    mods = dict(qm.model.named_modules())
+    with torch.no_grad():
+        for name, res in results.items():
             set_weight(mods[name], res.weight)
             qm.results[name] = res
-    qm.layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in info["layers"]]
+    qm.layers = layers
     qm.timings, qm.memory = info.get("timings", {}), info.get("memory", {})
     qm.from_cache = True
     return True
