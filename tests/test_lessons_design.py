@@ -278,3 +278,14 @@ def test_whole_model_run_on_tiny_model(tiny_lm):
     assert q["ppl prose"] != fp["ppl prose"]
     # a copy was quantized: the model itself is unchanged
     assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
+
+
+def test_whole_model_results_are_consistent():
+    runs = D.WHOLE_MODEL_RESULTS
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    bits = sum(D.linear_storage(o, i, 4, 128).total_bits for o, i in shapes) / sum(o * i for o, i in shapes)
+    for key, r in runs.items():
+        assert r["ppl prose"] > 1 and r["ppl code"] > 1
+        if key != "fp":
+            assert r["bits per weight"] == pytest.approx(bits, abs=1e-4) and r["dead inputs"] == 0
+            assert r["ppl prose"] > runs["fp"]["ppl prose"] and r["ppl code"] > runs["fp"]["ppl code"]
