@@ -151,7 +151,7 @@ def results_table(runs: list[dict], corpora: tuple[str, ...] = ("prose", "code")
 
     head = ["method", "bits", "group", "grid"]
     head += [f"{c} ppl" for c in corpora]
-    head += ["quantize s", "eval tokens"]
+    head += ["quantize s", "eval tokens/corpus"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in sorted(runs, key=order):
         if r["method"] == "fp":
@@ -171,6 +171,6 @@ def results_table(runs: list[dict], corpora: tuple[str, ...] = ("prose", "code")
         q = r.get("timings", {}).get("quantize")
         row.append("" if q is None else f"{q:.0f}")
         e = r.get("evaluation", {})
-        row.append(f"{e.get('tokens', '')} x{len(e.get('corpora', []))}")
+        row.append(f"{e.get('tokens', '')} (windows of {e.get('seqlen', '')})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
