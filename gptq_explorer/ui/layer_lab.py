@@ -68,7 +68,7 @@ CROP_COLS = (4, 128)
 FPS = (1, 30)
 MAX_CACHED_RUNS = 8
 FIGURE_DEADLINE_S = 60.0  # after the page rendered, the figure must have drawn itself (see _on_probe)
-FIGURE_STALE_S = 8.0  # updates unanswered this long: the figure is frozen (see _watch_figure)
+FIGURE_STALE_S = 30.0  # updates unanswered this long: frozen (a loaded browser took 8 s to answer)
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
 
 DEFAULTS: dict = {

@@ -471,9 +471,12 @@ class ModelLab:
         c["prompt"] = W.Dropdown(options=[(p, i) for i, p in enumerate(PROMPTS)], value=0,
                                  description="prompt", layout=W.Layout(width="360px"),
                                  style={"description_width": "50px"})
-        c["view"] = W.ToggleButtons(options=[("best available", "auto"), ("precomputed", "precomputed"),
-                                             ("computed here", "computed")], value="auto",
-                                    style={"button_width": "110px"})
+        c["view"] = W.ToggleButtons(options=[("best", "auto"), ("shipped", "precomputed"),
+                                             ("computed", "computed")], value="auto",
+                                    tooltips=["precomputed when there is a complete set, else computed here",
+                                              "only the shipped (precomputed) results",
+                                              "only results computed here (reduced settings)"],
+                                    style={"button_width": "80px"})
         self.controls = c
         for key in STATE_KEYS:
             c[key].observe(self._on_change, names="value")
@@ -504,11 +507,12 @@ class ModelLab:
                         section("GPTQ config", [c["bits"], c["group_size"], c["sym"], c["desc_act"],
                                                 c["damp_percent"]]),
                         section("Results", [c["view"], self.compute_button])],
-                       layout=W.Layout(width="280px"))
+                       layout=W.Layout(width="280px", min_width="280px", flex="0 0 280px"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Model Lab</h3>"), self.preset,
                          self.copy_button], layout=W.Layout(align_items="center"))
         main = W.VBox([self.status, W.HBox([self.ppl_plot.widget, self.summary]), self.layer_plot.widget,
-                       W.HTML("<b>Sample generations</b> (greedy, same prompt)"), c["prompt"], self.samples])
+                       W.HTML("<b>Sample generations</b> (greedy, same prompt)"), c["prompt"], self.samples],
+                      layout=W.Layout(flex="1 1 auto", min_width="0"))
         self.root = W.VBox([header, self.link, self.message, self.progress.box, W.HBox([panel, main])])
 
     @property
@@ -829,6 +833,10 @@ class ModelLab:
         every = max(1, len(ticks) // 15)
         tick_items = list(ticks.items())[::every]
         title = "Per-layer output error on calibration inputs, ‖XWᵀ − XQᵀ‖² / ‖XWᵀ‖²"
+        if not ticks:
+            fig.add_annotation(text="no per-layer errors in this view yet", x=0.5, y=0.5, xref="paper",
+                               yref="paper", showarrow=False, font=dict(size=14, color="#888"))
+            fig.update_yaxes(showticklabels=False)
         if missing:
             title += f" (not in the report: {', '.join(missing)})"
         fig.update_layout(
