@@ -25,7 +25,7 @@ from .engine import QuantConfig
 # A newcomer's run: small enough to finish in a few minutes on 2 CPU cores (the paper uses 128 x 2048).
 DEFAULT_NSAMPLES = 16
 DEFAULT_SEQLEN = 512
-DEFAULT_EVAL_TOKENS = 16384
+DEFAULT_EVAL_TOKENS = 8192
 
 _INT_FIELDS = ("bits", "group_size", "block_size")
 _BOOL_FIELDS = ("sym", "desc_act", "static_groups")
