@@ -38,13 +38,17 @@ from browser_helpers import (
     wait_until,
 )
 
+from gptq_explorer.ui.layer_lab import FIGURE_STALE_S
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
 ARTIFACTS = ROOT / "artifacts" / "browser"
 CULL_IDLE, CULL_INTERVAL = 30, 5  # s (voila.json: 900 / 60); 10-20 s culled pages still connecting at load 13
-CULL_DEADLINE = CULL_IDLE + 2 * CULL_INTERVAL + 5  # a closed page's kernel is gone within this (s)
+# A closed page's kernel is gone within this (s). A page closed while the figure had updates in flight
+# counts as a frozen figure: the watchdog rebuilds it once, FIGURE_STALE_S later, and that is activity.
+CULL_DEADLINE = CULL_IDLE + 2 * CULL_INTERVAL + 5 + FIGURE_STALE_S
 PAGE_TIMEOUT = 150.0  # s: a FigureWidget page took up to ~36 s on a loaded 2-core machine
 MODEL_TIMEOUT = 180.0  # s: the offline model's first conversion can take a minute
 
