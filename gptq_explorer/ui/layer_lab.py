@@ -36,7 +36,17 @@ import numpy as np
 
 from ..engine import QuantConfig
 from ._blas import single_blas_thread
-from .common import InputError, info_html, message_html, message_widget, page_probe
+from .common import (
+    InputError,
+    as_bool,
+    as_float,
+    as_int,
+    guarded,
+    info_html,
+    message_html,
+    message_widget,
+    page_probe,
+)
 from .layer_figure import COLORS, LabFigure
 from .layer_run import Run, compute_run, frame, window
 from .layer_source import (
@@ -83,8 +93,7 @@ VIEW_KEYS = ("rows", "cols", "row0")
 STATE_KEYS = tuple(DEFAULTS)
 
 
-class LabInputError(InputError):
-    """A value for the lab (from Python or a link) outside what the controls allow."""
+LabInputError = InputError  # the Layer Lab's name for it (a value outside what the controls allow)
 
 
 def _fix_for(exc: BaseException) -> str:
@@ -100,52 +109,6 @@ def _fix_for(exc: BaseException) -> str:
     if isinstance(exc, ValueError):
         return "Change the value back, or pick a preset."
     return "Pick a preset to reset the settings; if it happens again, reload the page."
-
-
-def guarded(method):
-    """Run a callback; on any exception show it in the page (and log it), never raise into the kernel."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the whole point: nothing escapes a callback
-            self.show_error(exc, where=method.__name__.strip("_"))
-            return None
-
-    return wrapper
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise LabInputError(f"expected true or false, got {value!r}")
-
-
-def _as_int(value) -> int:
-    if isinstance(value, bool):
-        raise LabInputError(f"expected an integer, got {value!r}")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise LabInputError(f"expected an integer, got {value!r}") from None
-    if not np.isfinite(f) or f != int(f):
-        raise LabInputError(f"expected an integer, got {value!r}")
-    return int(f)
-
-
-def _as_float(value) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise LabInputError(f"expected a number, got {value!r}") from None
-    if not np.isfinite(f):
-        raise LabInputError(f"expected a finite number, got {value!r}")
-    return f
 
 
 class _Job:
@@ -597,7 +560,7 @@ class LayerLab:
                 raise LabInputError(f"model must be one of {allowed}, got {value!r}")
             return value
         if key in ("block", "sublayer"):
-            value = _as_int(value) if key == "block" else str(value)
+            value = as_int(value) if key == "block" else str(value)
             opts = self._options_for(key, model or self.controls["model"].value)
             if opts is not None and value not in opts:
                 raise LabInputError(f"{key} must be one of {opts}, got {value!r}")
@@ -847,7 +810,7 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
     @guarded
     def goto(self, k: int) -> None:
         """Show step k (clamped to the layer's columns)."""
-        k = int(np.clip(_as_int(k), 0, self.run.n - 1))
+        k = int(np.clip(as_int(k), 0, self.run.n - 1))
         if k == self.col:
             self._render_frame()
         else:
@@ -867,7 +830,7 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
     @guarded
     def highlight(self, col: int | None) -> None:
         """Highlight a column (processing position) in every heatmap and in diag(H); None clears it."""
-        self._hover = None if col is None else int(np.clip(_as_int(col), 0, self.run.n - 1))
+        self._hover = None if col is None else int(np.clip(as_int(col), 0, self.run.n - 1))
         self._render_hover()
 
     @guarded
@@ -1100,22 +1063,22 @@ def _ordinal(n: int) -> str:
 def _validate_value(key: str, value):
     """Validate one non-source setting (shared by LayerLab.set and parse_query)."""
     if key == "bits":
-        v = _as_int(value)
+        v = as_int(value)
         if not BITS[0] <= v <= BITS[1]:
             raise LabInputError(f"bits must be between {BITS[0]} and {BITS[1]}, got {v}")
         return v
     if key == "group_size":
-        v = _as_int(value)
+        v = as_int(value)
         if v not in GROUP_SIZES:
             raise LabInputError(f"group_size must be one of {list(GROUP_SIZES)}, got {v}")
         return v
     if key == "block_size":
-        v = _as_int(value)
+        v = as_int(value)
         if v not in BLOCK_SIZES:
             raise LabInputError(f"block_size must be one of {list(BLOCK_SIZES)}, got {v}")
         return v
     if key == "nsamples":
-        v = _as_int(value)
+        v = as_int(value)
         if v not in NSAMPLES:
             raise LabInputError(f"nsamples must be one of {list(NSAMPLES)}, got {v}")
         return v
@@ -1124,21 +1087,21 @@ def _validate_value(key: str, value):
             raise LabInputError(f"corpus must be one of {list(CORPORA)}, got {value!r}")
         return value
     if key == "damp_percent":
-        v = _as_float(value)
+        v = as_float(value)
         lo, hi = 10 ** DAMP_EXP[0], 10 ** DAMP_EXP[1]
         if not lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9):
             raise LabInputError(f"damp_percent must be between {lo:g} and {hi:.3g}, got {v:g}")
         return float(np.clip(v, lo, hi))
     if key in ("desc_act", "sym", "static_groups"):
-        return _as_bool(value)
+        return as_bool(value)
     if key in ("col", "row0"):
-        v = _as_int(value)
+        v = as_int(value)
         if v < 0:
             raise LabInputError(f"{key} must be >= 0, got {v}")
         return v
     ranges = {"rows": CROP_ROWS, "cols": CROP_COLS, "fps": FPS, "block": (0, 10_000)}
     if key in ranges:
-        v = _as_int(value)
+        v = as_int(value)
         lo, hi = ranges[key]
         if not lo <= v <= hi:
             raise LabInputError(f"{key} must be between {lo} and {hi}, got {v}")
