@@ -38,6 +38,7 @@ from ..engine import QuantConfig
 from ._blas import single_blas_thread
 from .common import (
     InputError,
+    Job,
     as_bool,
     as_float,
     as_int,
@@ -111,13 +112,6 @@ def _fix_for(exc: BaseException) -> str:
     return "Pick a preset to reset the settings; if it happens again, reload the page."
 
 
-class _Job:
-    def __init__(self, label: str):
-        self.label = label
-        self.cancel = threading.Event()
-        self.thread: threading.Thread | None = None
-
-
 class LayerLab:
     """The Layer Lab (see the module doc). Public API:
 
@@ -140,7 +134,7 @@ class LayerLab:
         self.summary: dict = {}
         self._quiet = 0
         self._lock = threading.RLock()
-        self._job: _Job | None = None
+        self._job: Job | None = None
         self._runs: OrderedDict = OrderedDict()
         self._hover: int | None = None
         self._structures: dict[str, tuple[int, list[str]]] = {}
@@ -647,7 +641,7 @@ class LayerLab:
     def _clear_message(self) -> None:
         self.message.value = ""
 
-    def _progress(self, job: _Job, fraction: float, text: str) -> None:
+    def _progress(self, job: Job, fraction: float, text: str) -> None:
         if job is not self._job:
             return
         self.progress.value = float(np.clip(fraction, 0, 1))
@@ -1012,7 +1006,7 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
 
     def _start_source_job(self, source: ModelSource, fresh_model: bool = False) -> None:
         self._cancel_job()
-        job = _Job(f"loading {source.model}")
+        job = Job(f"loading {source.model}")
         self._job = job
         self.progress.value = 0.0
         self.progress_label.value = job.label
