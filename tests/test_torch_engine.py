@@ -174,3 +174,17 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
     np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
     np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("cfg", PIPELINE_CONFIGS[:3], ids=lambda c: c.label())
+def test_torch_column_step_gives_the_same_codes(layer, monkeypatch, cfg):
+    """On CPU the column step runs as NumPy ufuncs; CUDA runs it as torch ops. Run the torch ops on CPU:
+    float64 codes equal the NumPy engine's exactly."""
+    import gptq_explorer.engine.gptq_torch as gt
+
+    W, X, H = layer
+    ref = gptq_quantize(W, H, cfg)
+    monkeypatch.setattr(gt, "NUMPY_COLUMN_STEP", False)
+    res = gptq_quantize(torch.tensor(W), torch.tensor(H), cfg, dtype=torch.float64)
+    np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
+    np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)

@@ -65,16 +65,6 @@ def _quantize(w, scale, zero, maxq):
     return codes, scale * (codes - zero)
 
 
-def _quantize_into(w, scale, zero, maxq: int, tol: float, codes_out, q_out) -> None:
-    """_quantize for one column, written into preallocated rows (the column loop's hot path)."""
-    x = w / scale
-    half = torch.mul(x, 2).round_().mul_(0.5)
-    near_tie = torch.sub(x, half).abs_() <= x.abs().clamp_(min=1.0).mul_(tol)
-    x = torch.where(near_tie, half, x).round_()
-    torch.add(x, zero, out=codes_out).clamp_(0, maxq)
-    torch.sub(codes_out, zero, out=q_out).mul_(scale)
-
-
 # Layers with fewer multiply-adds than this (rows * cols^2) run on one CPU thread from start to end.
 SINGLE_THREAD_WORK = 4e9
 
@@ -134,6 +124,9 @@ def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: in
 SUB_BLOCK = 16
 
 
+NUMPY_COLUMN_STEP = True  # on CPU; False runs the torch ops there too (what CUDA runs; tests use it)
+
+
 class _ColumnStep:
     """Quantize one column and record its code, value and scaled error (the inner loop's hot path).
 
@@ -142,9 +135,9 @@ class _ColumnStep:
     ufunc ~2 us, and the column loop is ~15 such ops per column. On CUDA it stays in torch.
     """
 
-    def __init__(self, Qt, codes_t, Errt, maxq: int, dtype):
-        self.numpy = Qt.device.type == "cpu"
-        self.maxq, self.tol = maxq, tie_tolerance(torch.finfo(dtype).eps)
+    def __init__(self, Qt, codes_t, Errt, maxq: int):
+        self.numpy = Qt.device.type == "cpu" and NUMPY_COLUMN_STEP
+        self.maxq = maxq
         self.Q, self.codes, self.Err = (t.numpy() for t in (Qt, codes_t, Errt)) if self.numpy else \
             (Qt, codes_t, Errt)
 
@@ -159,7 +152,7 @@ class _ColumnStep:
             np.multiply(scale, self.codes[row] - zero, out=self.Q[row])
         else:
             w = W1[i]
-            _quantize_into(w, scale, zero, self.maxq, self.tol, self.codes[row], self.Q[row])
+            self.codes[row], self.Q[row] = _quantize(w, scale, zero, self.maxq)
         err = self.Err[row]
         np.subtract(w, self.Q[row], out=err) if self.numpy else torch.sub(w, self.Q[row], out=err)
         err /= d  # Err = (w - q) / [H^-1]_qq^(1/2)
@@ -321,7 +314,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
     codes_t = torch.empty_like(W0t)  # integer codes, stored as floats until the end
     Errt = torch.empty_like(W0t)  # scaled errors (w - q) / U_ii, the paper's Err1
     losses = torch.empty(n, device=W0t.device, dtype=dtype)
-    step = _ColumnStep(Qt, codes_t, Errt, maxq, dtype)
+    step = _ColumnStep(Qt, codes_t, Errt, maxq)
     perm_cpu = perm.cpu().tolist()
     scales, zeros = [], []
     grid = None
