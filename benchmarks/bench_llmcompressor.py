@@ -21,6 +21,14 @@ with --child, importing only torch, transformers, datasets and llm-compressor):
   decoder layer in one pass ("sequential" pipeline, layer by layer); ours is true-sequential inside a
   block too (q/k/v, then o, then up/gate, then down: 4 passes' worth of inputs), as the paper's code.
 
+Why the perplexities differ: llm-compressor (0.14) takes each group's scale and zero from its observer on
+the ORIGINAL weights, before GPTQ runs (compress_module_list: weight_observer.get_qparams(), then
+quantize_weight uses those fixed scales); the paper's code computes a group's scale and zero when GPTQ
+reaches the group, from the error-compensated weights. The former is what the reference calls static
+groups. --static-groups (and --no-true-sequential) make our side match theirs exactly in semantics;
+--reuse-theirs reuses a finished llm-compressor run of the same config (its stored weights, time and
+perplexities) so that such a variant costs only our side.
+
 A comparison report (JSON) goes to data/results/comparisons/llmcompressor-smollm2-135m-g<G>.json.
 --refusal reproduces llm-compressor's refusal of g128 on SmolLM2 (576 = 4 x 128 + 64) and quotes it.
 """
@@ -157,6 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--llmc-batch-size", type=int, default=1, help="llm-compressor's batch_size (default 1)")
     p.add_argument("--refusal", action="store_true", help="reproduce llm-compressor's g128 refusal only")
+    p.add_argument("--static-groups", action="store_true",
+                   help="ours with static groups (scales from the original weights, as llm-compressor does)")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="ours collects all of a block's Hessians in one pass, as llm-compressor does")
+    p.add_argument("--reuse-theirs", action="store_true",
+                   help="reuse the finished llm-compressor run in --work for this config (no time ratio)")
     p.add_argument("--work", default=str(ROOT / "artifacts" / "llmcompressor"), help="scratch folder")
     a = p.parse_args(argv)
     if a.child:
@@ -195,27 +209,43 @@ def main(argv=None) -> int:
     load_avg = lambda: [round(x, 2) for x in os.getloadavg()]  # noqa: E731
     for g in a.group_size or [64]:
         cfg = QuantConfig(bits=a.bits, group_size=g, sym=a.sym, damp_percent=a.damp, desc_act=False,
-                          block_size=128)  # fmt: skip
+                          static_groups=a.static_groups, block_size=128)  # fmt: skip
+        variant = ("-static" if a.static_groups else "") + ("" if a.true_sequential else "-nts")
+        report_name = f"llmcompressor-smollm2-135m-g{'row' if g == -1 else g}-{a.nsamples}x{a.seqlen}"
+        theirs_dir = work / f"g{g}"
         calib_info = {"corpus": "prose", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0,
                       "ids_file": ids_file.name}  # fmt: skip
         row: dict = {"model": a.model, "config": cfg.to_dict(), "calibration": calib_info,
                      "evaluation": {"tokens": a.eval_tokens, "seqlen": a.eval_seqlen}, "threads": a.threads,
-                     "load_average_start": load_avg()}  # fmt: skip
+                     "true_sequential_ours": a.true_sequential, "load_average_start": load_avg()}  # fmt: skip
         # ours
         ours = load_model(a.model)
         t0, c0 = time.perf_counter(), time.process_time()
-        qm = quantize_model(ours, calib, cfg, method="gptq", true_sequential=True, progress=False)
+        qm = quantize_model(ours, calib, cfg, method="gptq", true_sequential=a.true_sequential,
+                            progress=False)
         row["ours"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                        "timings": qm.timings,
                        "peak_rss_bytes": qm.memory.get("peak_rss_bytes")}  # fmt: skip
         # theirs
-        rep = run_child(model_dir, ids_file, work / f"g{g}", a, g)
+        base = OUT / f"{report_name}.json"  # the side-by-side run whose llm-compressor half is reused
+        if a.reuse_theirs:
+            if not (theirs_dir / "child.json").exists() or not base.exists():
+                raise SystemExit(f"--reuse-theirs: no finished llm-compressor run in {theirs_dir} with its "
+                                 f"report {base}; run once without --reuse-theirs")
+            prev = json.loads(base.read_text())
+            same = ("bits", "group_size", "sym", "damp_percent")
+            if prev["calibration"] != calib_info or prev["evaluation"] != row["evaluation"] or any(
+                    prev["config"][k] != cfg.to_dict()[k] for k in same):
+                raise SystemExit(f"--reuse-theirs: {base} was made with other settings; run without it")
+            rep = {**json.loads((theirs_dir / "child.json").read_text()), "reused": True}
+        else:
+            rep = run_child(model_dir, ids_file, theirs_dir, a, g)
         row["llmcompressor"] = rep
         row["load_average_end"] = load_avg()
         from safetensors.torch import load_file
 
         theirs = load_model(a.model)
-        dq = load_file(str(work / f"g{g}" / "dequantized_linears.safetensors"))
+        dq = load_file(str(theirs_dir / "dequantized_linears.safetensors"))
         missing = set(qm.results) ^ set(dq)
         if missing:
             raise SystemExit(f"the two sides quantized different linears: {sorted(missing)[:5]}")
@@ -233,18 +263,24 @@ def main(argv=None) -> int:
         row["perplexity"] = {"ours": {}, "llmcompressor": {}}
         for corpus, ids in evals.items():
             for who, m in (("ours", ours.model), ("llmcompressor", theirs.model)):
+                if who == "llmcompressor" and a.reuse_theirs:  # the same weights on the same ids
+                    row["perplexity"][who][corpus] = prev["perplexity"][who][corpus]
+                    continue
                 row["perplexity"][who][corpus] = perplexity(m, ids, seqlen=a.eval_seqlen, progress=False).ppl
-        row["time_ratio_ours_over_theirs"] = row["ours"]["seconds"] / rep["seconds"]
-        if rep.get("cpu_seconds"):  # CPU time: less sensitive to the other processes on a shared machine
+        if not a.reuse_theirs:  # a reused run was not measured side by side: no time ratio
+            row["time_ratio_ours_over_theirs"] = row["ours"]["seconds"] / rep["seconds"]
+        if rep.get("cpu_seconds") and not a.reuse_theirs:  # CPU time: less sensitive to other processes
             row["cpu_time_ratio_ours_over_theirs"] = row["ours"]["cpu_seconds"] / rep["cpu_seconds"]
         pp = row["perplexity"]
         row["ppl_ratio_ours_over_theirs"] = {c: pp["ours"][c] / pp["llmcompressor"][c] for c in evals}
         OUT.mkdir(parents=True, exist_ok=True)
-        path = OUT / f"llmcompressor-smollm2-135m-g{'row' if g == -1 else g}-{a.nsamples}x{a.seqlen}.json"
+        path = OUT / f"{report_name}{variant}.json"
         path.write_text(json.dumps(row, indent=2) + "\n")
-        print(f"g{g}: ours {row['ours']['seconds']:.1f}s, llm-compressor {rep['seconds']:.1f}s "
-              f"(ratio {row['time_ratio_ours_over_theirs']:.2f}); ppl ours {row['perplexity']['ours']} "
-              f"theirs {row['perplexity']['llmcompressor']}; written {path}", flush=True)  # fmt: skip
+        ratio = row.get("time_ratio_ours_over_theirs")
+        print(f"g{g}{variant}: ours {row['ours']['seconds']:.1f}s, llm-compressor {rep['seconds']:.1f}s "
+              f"(ratio {'n/a, reused' if ratio is None else f'{ratio:.2f}'}); weights {row['weights']}; "
+              f"ppl ours {row['perplexity']['ours']} theirs {row['perplexity']['llmcompressor']}; "
+              f"written {path}", flush=True)  # fmt: skip
     return 0
 
 

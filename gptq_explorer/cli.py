@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .engine import QuantConfig
+from .metrics.generation import SAMPLE_TOKENS
 
 # A newcomer's run: small enough to finish in a few minutes on 2 CPU cores (the paper uses 128 x 2048).
 DEFAULT_NSAMPLES = 16
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: $GPTQ_EXPLORER_THREADS, else torch's default)")
     q.add_argument("--bf16", action="store_true", help="bf16 forward passes for evaluation")
+    q.add_argument("--rtn-calib", action="store_true",
+                   help="RTN: run the calibration data through too (its result does not change) to report "
+                        "per-layer output errors on the same inputs as GPTQ")
+    q.add_argument("--samples", action="store_true",
+                   help="add greedy continuations of the standard prompts to the report ('samples')")
+    q.add_argument("--sample-tokens", type=int, default=SAMPLE_TOKENS, help="new tokens per sample")
     q.add_argument("--cache-dir", default=None, help="reuse/store quantization results here")
     q.add_argument("--json", dest="json_path", default=None, help="write the run's report here")
     q.add_argument("--save", default=None, help="export a GPTQ checkpoint to this folder")
@@ -158,6 +165,11 @@ def check_args(args) -> QuantConfig:
             "tokens; "
             f"give --eval-tokens >= {eval_seqlen} or a shorter --eval-seqlen"
         )
+    if args.rtn_calib and args.method != "rtn":
+        raise UsageError(f"--rtn-calib is for --method rtn (GPTQ always uses its calibration data; "
+                         f"fp uses none); drop it or use --method rtn (got --method {args.method})")
+    if args.samples and args.sample_tokens < 1:
+        raise UsageError(f"--sample-tokens must be at least 1, got {args.sample_tokens}")
     if args.method == "fp":
         if args.save:
             raise UsageError("--save needs --method rtn or gptq: a full-precision run has nothing quantized "
@@ -262,7 +274,7 @@ def run_quantize(args) -> dict:
     if args.method != "fp":
         t0 = time.perf_counter()
         calib = None
-        if args.method == "gptq":  # RTN needs no data
+        if args.method == "gptq" or args.rtn_calib:  # RTN needs no data (only to measure its errors)
             calib = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
             report["calibration"] = {"corpus": str(args.calib), "nsamples": args.nsamples,
                                      "seqlen": args.seqlen, "seed": args.seed,
@@ -284,6 +296,13 @@ def run_quantize(args) -> dict:
         timings[f"eval_{corpus}"] = time.perf_counter() - t0
     report["perplexity"] = ppl
     report["perplexity_windows"] = windows
+    if args.samples:
+        from .metrics import generate_samples
+
+        t0 = time.perf_counter()
+        report["samples"] = generate_samples(loaded.model, loaded.tokenizer,
+                                             max_new_tokens=args.sample_tokens)
+        timings["samples"] = time.perf_counter() - t0
     if args.save:
         from .checkpoint import save_quantized
 
@@ -323,6 +342,10 @@ def print_report(report: dict, out=None) -> None:
         print(f"\n{len(rows)} quantized linears (output error relative to ||XW^T||^2 on calibration "
               "inputs):", file=out)
         print(_table(rows, ["layer", "bits", "group", "rel. output error", "seconds"]), file=out)
+    if report.get("samples"):
+        print("\ngreedy samples:", file=out)
+        for prompt, text in report["samples"].items():
+            print(f"  {prompt!r} -> {text!r}", file=out)
     if report.get("export"):
         print(f"\nexported to {report['export']['folder']}\n{report['export']['summary']}", file=out)
     t = report["timings"]

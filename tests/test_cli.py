@@ -90,6 +90,38 @@ def test_printed_table(tiny, tmp_path, capsys):
     assert "prose" in out and "model.layers.1.mlp.down_proj" in out
 
 
+def test_rtn_calib_measures_rtn_on_gptqs_inputs(reports, tiny, tmp_path):
+    """--rtn-calib: the same RTN weights and perplexity, plus per-layer output errors on the calibration
+    inputs GPTQ saw, so the two can be compared layer by layer (GPTQ's are lower where inputs agree)."""
+    common = ("--bits", "3", "--group-size", "32", "--eval", "prose,code")
+    rep = run(tmp_path, tiny, "--method", "rtn", "--rtn-calib", *common, name="rtn-calib")
+    assert rep["perplexity"] == pytest.approx(reports["rtn"]["perplexity"], rel=1e-9)
+    assert rep["calibration"]["nsamples"] == 4 and rep["calibration"]["seqlen"] == 64
+    rows = {r["name"]: r for r in rep["layers"]}
+    plain = {r["name"]: r for r in reports["rtn"]["layers"]}
+    assert rows.keys() == plain.keys()
+    for name, r in rows.items():
+        assert r["weight_rel_error"] == pytest.approx(plain[name]["weight_rel_error"], rel=1e-9)
+        assert 0 < r["output_rel_error"] < 1
+    gptq = {r["name"]: r for r in reports["gptq"]["layers"]}
+    first = [n for n in rows if n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj",
+                                                                                       "v_proj")]
+    assert len(first) == 3  # block 0's q/k/v see the very same inputs under both methods
+    for name in first:
+        assert gptq[name]["output_rel_error"] < rows[name]["output_rel_error"]
+
+
+def test_samples_are_the_models_greedy_continuations(tiny, tmp_path):
+    from gptq_explorer.metrics import SAMPLE_PROMPTS, generate_samples
+
+    rep = run(tmp_path, tiny, "--method", "fp", "--eval", "", "--samples", "--sample-tokens", "4")
+    assert list(rep["samples"]) == list(SAMPLE_PROMPTS)
+    loaded = load_model(tiny)
+    assert rep["samples"] == generate_samples(loaded.model, loaded.tokenizer, max_new_tokens=4)
+    assert all(len(loaded.tokenizer(t)["input_ids"]) >= 1 for t in rep["samples"].values())
+    assert "samples" not in run(tmp_path, tiny, "--method", "fp", "--eval", "", name="no-samples")
+
+
 # ------------------------------------------------------------------ --override
 
 
@@ -187,6 +219,8 @@ def test_save_reloads_with_equal_logits(tiny, tmp_path, monkeypatch):
         pytest.param(["--device", "cuda"], "use --device cpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--method", "gptq", "--rtn-calib"], "--rtn-calib is for --method rtn"),
+        (["--samples", "--sample-tokens", "0"], "--sample-tokens must be at least 1"),
         (["--eval", "no-such-corpus.txt"], "does not exist"),
         (["--calib", "no-such-file.txt"], "does not exist"),
     ],

@@ -85,6 +85,9 @@ def test_report_and_results(runs, family):
         torch.testing.assert_close(get_weight(mods[rep.name]), res.weight, rtol=0, atol=0)  # written back
         torch.testing.assert_close(res.dequantize(), res.weight, rtol=1e-6, atol=1e-6)
         assert int(res.codes.max()) <= 7 and rep.bits == 3 and rep.group_size == 32
+        # kept small: uint8 codes, and the weight is the module's own (no second float32 copy)
+        assert res.codes.dtype == torch.uint8
+        assert res.weight.untyped_storage().data_ptr() == mods[rep.name].weight.untyped_storage().data_ptr()
         assert (
             rep.h_trace > 0 and rep.h_mean_diag > 0 and rep.dead_columns >= 0
         )  # OPT fc2: ReLU can kill inputs
@@ -237,6 +240,10 @@ def test_cache_roundtrip(runs, tiny_dirs):  # noqa: F811
     for (n, a), b in zip(again.model.state_dict().items(), r["gptq"].model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
     assert [x.output_mse for x in again.layers] == [x.output_mse for x in r["gptq"].layers]
+    mods = dict(again.model.named_modules())
+    for n, res in again.results.items():  # the same compact form as after a run
+        assert res.codes.dtype == torch.uint8 and torch.equal(res.codes, r["gptq"].results[n].codes)
+        assert res.weight.untyped_storage().data_ptr() == mods[n].weight.untyped_storage().data_ptr()
     # anything that changes the result changes the key
     m = load_model(str(tiny_dirs["gpt_neox"])).model
     k = qmod.cache_key(m, calib(), CFG3, "gptq", True, None)

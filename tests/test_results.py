@@ -115,3 +115,22 @@ def test_shipped_gptq_beats_rtn_at_g128(monkeypatch, bits):
         f, r, g = (x["perplexity"][corpus] for x in (fp, rtn, gptq))
         assert f < g < r, (corpus, f, g, r)  # quantization costs something; GPTQ costs less than RTN
     assert find_run("smollm2-135m", "gptq", bits=bits, group_size=128)["run_id"] == f"gptq-w{bits}-g128-sym"
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_shipped_runs_carry_what_the_model_lab_shows(monkeypatch, bits):
+    """Samples for the standard prompts (FP and both methods), and per-layer output errors for RTN too,
+    measured on the same calibration inputs as GPTQ (--rtn-calib), so the per-layer chart compares them."""
+    from gptq_explorer.metrics import SAMPLE_PROMPTS
+
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    fp, rtn, gptq = shipped("fp"), shipped(f"rtn-w{bits}-g128-sym"), shipped(f"gptq-w{bits}-g128-sym")
+    for rep in (fp, rtn, gptq):
+        assert list(rep["samples"]) == list(SAMPLE_PROMPTS) and all(rep["samples"].values())
+    assert rtn["calibration"] == gptq["calibration"]
+    r = {x["name"]: x["output_rel_error"] for x in rtn["layers"]}
+    g = {x["name"]: x["output_rel_error"] for x in gptq["layers"]}
+    assert r.keys() == g.keys() and len(r) == 30 * 7
+    assert all(v is not None and v > 0 for v in (*r.values(), *g.values()))
+    better = sum(g[n] < r[n] for n in r)
+    assert better >= 0.9 * len(r), f"GPTQ's output error is lower on only {better} of {len(r)} layers"

@@ -404,6 +404,31 @@ def test_browser_messages_wait_for_figure_updates_in_other_threads():
     t.start()
     held.wait(5)
     t0 = time.monotonic()
-    lab.fig.set_state({"_js2py_traceDeltas": None})  # a browser message for the figure
+    lab.fig.set_state({"_js2py_pointsCallback": None})  # a browser message for the figure (a hover)
     assert time.monotonic() - t0 > 0.3  # it waited for the update to finish
     t.join()
+
+
+def test_the_views_answers_cost_nothing_and_feed_the_watchdog():
+    """plotly's view answers each update with the values plotly.js filled in ("trace deltas"), the way
+    ipywidgets delivers every browser message: Widget.set_state. plotly's own handler failed on them
+    (an AssertionError, which IPython formatted as a traceback on every animation frame); now they are
+    dropped, the figure's data stays what the kernel sent, and the watchdog sees the edit id."""
+    lab = LayerLab(models={})
+    fig = lab.fig
+    lab.goto(3)
+    z_before = array(fig.data[0].z).copy()
+    edit = fig._last_trace_edit_id
+    # what Chromium sent (captured): a heatmap's z comes back as one {dtype, shape} per row
+    rows = len(array(fig.data[0].y))
+    deltas = {"trace_deltas": [{"uid": t.uid, "z": [{"dtype": "float32", "shape": [32]}] * rows}
+                               if t.type == "heatmap" else {"uid": t.uid, "visible": True} for t in fig.data],
+              "trace_edit_id": edit}
+    fig.set_state({"_js2py_traceDeltas": deltas,
+                   "_js2py_layoutDelta": {"layout_delta": {"xaxis": {"range": [0, 1]}},
+                                          "layout_edit_id": fig._last_layout_edit_id}})
+    assert lab._figure_alive and lab._answered_id == edit  # the watchdog heard the answer
+    np.testing.assert_array_equal(array(fig.data[0].z), z_before)
+    assert not lab.figure_frozen()
+    # other browser messages still apply (a hover on column 5 highlights it)
+    assert lab.errors == []

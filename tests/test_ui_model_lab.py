@@ -243,3 +243,34 @@ def test_a_preset_in_one_lab_applies_to_the_other(tiny):
     assert app.model_lab.config().bits == 3 and app.model_lab.preset.value == PRESET3  # built with it
     app.model_lab.preset.value = "desc_act on vs off"
     assert app.layer_lab.run.cfg.desc_act and app.layer_lab.preset.value == "desc_act on vs off"
+
+
+def test_a_full_disk_keeps_the_computed_report_in_memory(tiny, tmp_path, monkeypatch):
+    """ENOSPC while caching a report: no partial or temp file is left, the report is still shown (kept in
+    memory for the session), and the page says it was not saved and what to do."""
+    import errno
+    import pathlib
+
+    real_write = pathlib.Path.write_text
+
+    def full_disk(self, data, *a, **k):
+        if self.name.endswith(".tmp"):
+            real_write(self, data[: len(data) // 2], *a, **k)  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, data, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    cache = tmp_path / "cache"
+    lab = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY, cache_dir=cache,
+                   threaded=False, shipped=[], keep_quantized=False)
+    lab.compute()
+    assert lab.errors == [] and lab.last_outcome == "done"
+    assert lab.results.origin == "computed" and lab.results.complete
+    assert np.all(np.isfinite(bars(lab)["GPTQ"]))
+    text = lab.message.value
+    assert "could not be saved" in text and "No space left on device" in text and "Free some disk" in text
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # nothing half-written, no temp files
+    monkeypatch.undo()
+    again = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY, cache_dir=cache,
+                     threaded=False, shipped=[])
+    assert again.results.origin == "none"  # a new session: nothing was stored

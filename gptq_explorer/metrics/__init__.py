@@ -1,5 +1,7 @@
-"""Metrics: perplexity with the paper's protocol, per-layer output error, the bf16 study."""
+"""Metrics: perplexity with the paper's protocol, per-layer output error, sample generations, the bf16
+study."""
 
+from .generation import SAMPLE_PROMPTS, SAMPLE_TOKENS, generate_samples
 from .layer_error import (
     heldout_layer_errors,
     layer_output_mse,
@@ -18,4 +20,7 @@ __all__ = [
     "layer_relative_error",
     "output_mse_from_hessian",
     "heldout_layer_errors",
+    "SAMPLE_PROMPTS",
+    "SAMPLE_TOKENS",
+    "generate_samples",
 ]

@@ -63,6 +63,9 @@ from .adapters import (
 )
 
 CACHE_FORMAT = 1  # bump when the cached files change meaning
+# Kept results: uint8 codes and the module's own weight (True), or int32 codes and a separate float32 copy
+# of the weight (False: the earlier layout, kept so that benchmarks/bench_memory.py can compare the two).
+COMPACT_RESULTS = True
 
 
 class QuantizationCancelled(RuntimeError):
@@ -237,11 +240,23 @@ def _output_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[f
     return err / (2 * W.shape[0]), (err / ref if ref > 0 else 0.0)
 
 
-def _result_to_cpu(res):
+def _result_to_cpu(res, module=None):
+    """The result as kept in QuantizedModel.results: on the CPU and small. Codes become uint8 (bits <= 8:
+    a quarter of int32), and when `module` already holds exactly this weight as float32 on the CPU,
+    res.weight is a view of the module's weight instead of a second copy (for SmolLM2 these two save
+    ~0.7 GB; the module's weight then IS the result, so changing one changes the other)."""
     for f in ("weight", "codes", "scales", "zeros", "g_idx", "perm", "losses", "dead_columns"):
         v = getattr(res, f, None)
         if isinstance(v, torch.Tensor):
             setattr(res, f, v.detach().cpu())
+    if not COMPACT_RESULTS:
+        return res
+    if isinstance(res.codes, torch.Tensor) and res.config.bits <= 8:
+        res.codes = res.codes.to(torch.uint8)
+    if module is not None and isinstance(res.weight, torch.Tensor):
+        w = get_weight(module)
+        if w.dtype == torch.float32 and w.device.type == "cpu" and torch.equal(w, res.weight):
+            res.weight = w
     return res
 
 
@@ -435,7 +450,7 @@ def _quantize_layer(job: _Job, name, block_idx, group_idx, module, H=None, stats
     if H is not None:
         rep.output_mse, rep.output_rel_error = _output_errors(W, Q, H)
     rep.seconds = time.perf_counter() - t0
-    qm.results[name] = _result_to_cpu(res)
+    qm.results[name] = _result_to_cpu(res, module)
     qm.layers.append(rep)
 
 
@@ -707,7 +722,7 @@ def _load_cached(qm: QuantizedModel, folder: Path) -> bool:
         results = {}
         for name, meta in info["results"].items():
             parts = {f: tensors.get(f"{name}::{f}") for f in _RESULT_FIELDS}
-            parts["codes"] = parts["codes"].to(torch.int32)
+            parts["codes"] = parts["codes"].to(torch.uint8 if meta["config"]["bits"] <= 8 else torch.int32)
             res = QuantResult(
                 weight=None,
                 **parts,
@@ -727,7 +742,7 @@ def _load_cached(qm: QuantizedModel, folder: Path) -> bool:
     with torch.no_grad():
         for name, res in results.items():
             set_weight(mods[name], res.weight)
-            qm.results[name] = res
+            qm.results[name] = _result_to_cpu(res, mods[name])  # one copy of the weight, as after a run
     qm.layers = layers
     qm.timings, qm.memory = info.get("timings", {}), info.get("memory", {})
     qm.from_cache = True

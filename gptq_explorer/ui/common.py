@@ -108,6 +108,7 @@ class Job:
         self.cancel = threading.Event()
         self.thread: threading.Thread | None = None
         self.outcome: str = "running"  # -> "done" | "cancelled" | "failed"
+        self.notes: list[str] = []  # things the user should know about a finished job (e.g. not saved)
 
     def check(self) -> None:
         if self.cancel.is_set():

@@ -151,6 +151,7 @@ class LabFigure:
         lay = fig.layout
         self._dom = {i: (tuple(lay[_axis(i)].domain), tuple(lay[_axis(i, "y")].domain)) for i in range(1, 9)}
         self._callbacks = (on_hover, on_click)
+        self.on_answer = None  # called with each of the view's answers {"trace_edit_id": ...}
         self._lock = lock if lock is not None else threading.RLock()
         self.adopt(go.FigureWidget(fig))
         self.win: Window | None = None
@@ -173,10 +174,23 @@ class LabFigure:
         # kept the synthetic layer's diag(H) after the model loaded (~40% of the browser test's runs). So
         # the browser's messages are applied under the same lock as every figure update.
         original = widget.set_state
-
-        def set_state(sync_data, _original=original, _lock=self._lock):
-            with _lock:
-                _original(sync_data)
+        # plotly's view answers every update with "deltas": the values plotly.js filled in. Nothing here
+        # reads them, and plotly's own handler fails on them (it cannot merge a delta into our typed-array
+        # props: an AssertionError that IPython formatted as a coloured traceback on every animation frame,
+        # ~40% of the kernel's time, and the page drew 2 frames/s). So they are dropped here; the edit id
+        # they answer goes to on_answer (the Layer Lab's figure watchdog).
+        def set_state(sync_data, _original=original, _lock=self._lock, _fig=self):
+            answer = None
+            if isinstance(sync_data, dict) and ("_js2py_traceDeltas" in sync_data
+                                                or "_js2py_layoutDelta" in sync_data):
+                sync_data = dict(sync_data)
+                answer = sync_data.pop("_js2py_traceDeltas", None)
+                sync_data.pop("_js2py_layoutDelta", None)
+            if sync_data:
+                with _lock:
+                    _original(sync_data)
+            if isinstance(answer, dict) and _fig.on_answer is not None:
+                _fig.on_answer(answer)
 
         widget.set_state = set_state
 

@@ -333,7 +333,7 @@ class LayerLab:
         self._answered_at = time.monotonic()
         self._answered_id = int(self.fig._last_trace_edit_id)
         self._waiting_since = time.monotonic()
-        self.fig.observe(self._on_figure_answer, names="_js2py_traceDeltas")
+        self.figure.on_answer = lambda msg: self._on_figure_answer({"new": msg})
         self.fig.observe(self._on_figure_edit, names="_last_trace_edit_id")
 
     def _on_figure_answer(self, change) -> None:

@@ -38,7 +38,6 @@ import math
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -48,6 +47,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..engine import QuantConfig
+from ..metrics.generation import SAMPLE_PROMPTS, SAMPLE_TOKENS, generate_samples
 from .common import (
     InputError,
     Job,
@@ -70,12 +70,7 @@ GROUP_SIZES = (-1, 32, 64, 128, 256)
 METHODS = ("fp", "rtn", "gptq")
 METHOD_LABEL = {"fp": "FP (no quantization)", "rtn": "RTN", "gptq": "GPTQ"}
 COLORS = {"fp": "#1f77b4", "rtn": "#7f7f7f", "gptq": "#2ca02c"}
-PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Quantization makes neural networks",
-    "Once upon a time, there was",
-)
+PROMPTS = SAMPLE_PROMPTS
 DEFAULTS: dict = {"model": DEFAULT_MODEL, "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
                   "damp_percent": 0.01, "prompt": 0, "view": "auto"}
 STATE_KEYS = tuple(DEFAULTS)
@@ -95,7 +90,7 @@ class ComputeSettings:
     eval_tokens: int = 4096
     eval_seqlen: int = 512
     seed: int = 0
-    max_new_tokens: int = 20
+    max_new_tokens: int = SAMPLE_TOKENS
     batch_size: int = 4  # evaluation windows per forward pass
 
     def describe(self) -> str:
@@ -195,10 +190,12 @@ def _slug(model: str) -> str:
 
 
 class ReportCache:
-    """Computed reports on disk: <dir>/reports/<model>/<method>-<key>.json, written atomically."""
+    """Computed reports on disk: <dir>/reports/<model>/<method>-<key>.json, written atomically. A report the
+    disk refuses (full, read-only) is kept in memory for this session instead of being lost."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._unsaved: dict[Path, dict] = {}  # reports the disk refused, by the path they belong at
 
     def path(self, model: str, method: str, cfg: QuantConfig, settings: ComputeSettings) -> Path:
         key = report_key(model, method, cfg, settings)
@@ -206,23 +203,43 @@ class ReportCache:
 
     def get(self, model, method, cfg, settings) -> dict | None:
         p = self.path(model, method, cfg, settings)
+        if p in self._unsaved:
+            return self._unsaved[p]
         try:
             return json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             return None
 
-    def put(self, model, method, cfg, settings, report: dict) -> None:
+    def put(self, model, method, cfg, settings, report: dict) -> str | None:
+        """Store a report; returns None, or (when the disk refused it) a message saying it is kept for
+        this session only and what to do. Never leaves a partial file behind."""
         p = self.path(model, method, cfg, settings)
-        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(report, default=str))
-        os.replace(tmp, p)  # atomic: a half-written report is never read back
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.write_text(json.dumps(report, default=str))
+                os.replace(tmp, p)  # atomic: a half-written report is never read back
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            self._unsaved[p] = report
+            return (f"The {method.upper()} result could not be saved in {p.parent} "
+                    f"({exc.strerror or exc}); it is shown, and kept until this page's kernel stops. "
+                    "Free some disk space there to keep results across sessions.")
+        self._unsaved.pop(p, None)
+        return None
 
     def all(self, model: str) -> list[dict]:
         out = []
-        for p in sorted((self.folder / "reports" / _slug(model)).glob("*.json")):
+        folder = self.folder / "reports" / _slug(model)
+        for p in sorted(folder.glob("*.json")):
+            if p in self._unsaved:
+                continue
             with contextlib.suppress(OSError, json.JSONDecodeError):
                 out.append(json.loads(p.read_text()))
+        out += [r for p, r in self._unsaved.items() if p.parent == folder]
         return out
 
 
@@ -266,24 +283,6 @@ def perplexity_cancellable(model, ids, seqlen: int, batch_size: int, check, prog
         losses += window_losses(model, windows[i:i + batch_size]).tolist()
         progress(len(losses) / n)
     return math.exp(sum(losses) / len(losses)), n
-
-
-def generate_samples(model, tokenizer, prompts, max_new_tokens: int, check) -> dict[str, str]:
-    """Greedy continuations of each prompt (the new text only)."""
-    import torch
-
-    out = {}
-    for prompt in prompts:
-        check()
-        enc = tokenizer(prompt, return_tensors="pt")
-        eos = tokenizer.eos_token_id
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=eos if eos is not None else 0)
-        out[prompt] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
 
 
 def compute_report(model_name: str, method: str, cfg: QuantConfig, settings: ComputeSettings, *, check,
@@ -891,7 +890,9 @@ class ModelLab:
                     report = compute_report(model, m, cfg, settings, check=check, progress=progress,
                                             cache_dir=self.cache_dir if self.keep_quantized else None)
                     check()
-                    self.cache.put(model, m, cfg, settings, report)
+                    unsaved = self.cache.put(model, m, cfg, settings, report)
+                    if unsaved:
+                        job.notes.append(unsaved)
                     done += weights[m]
                 job.outcome = "done"
             except Cancelled:
@@ -919,7 +920,8 @@ class ModelLab:
                 with self._quietly():
                     self.controls["view"].value = "computed"
             self.refresh()
-            self._info(f"Done: {html.escape(job.label)} ({html.escape(self.settings.describe())}).")
+            notes = "".join(f"<br>{html.escape(n)}" for n in job.notes)
+            self._info(f"Done: {html.escape(job.label)} ({html.escape(self.settings.describe())}).{notes}")
             return
         self._render_status()
 

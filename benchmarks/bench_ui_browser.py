@@ -1,0 +1,210 @@
+"""Explorer responsiveness in a real browser (headless Debian Chromium + Playwright, loopback only): what a
+workshop attendee sees, timed from the browser's side.
+
+    python benchmarks/bench_ui_browser.py [--play-seconds 10] [--fps 15] [--json out.json]
+
+Measures, on the dashboard notebook served by `voila` exactly as `./run.sh app` serves it (its voila.json:
+preheated pool of 1, one torch thread per kernel):
+  - cold start: server start -> widgets visible -> the Layer Lab's figure drawn with all its traces
+    (first page, served by the kernel the pool preheated while the server started; the page shows the
+    synthetic layer at once) -> the default model's layer in the summary and in the figure;
+  - a second page (the pool's refill): open -> figure drawn;
+  - control change on the default model's layer: bits 4 -> 3 (keyboard on the slider) -> the figure in
+    the browser shows the 3-bit error scale;
+  - animation: Play at its default 15 frames/s for --play-seconds; frames per second the page actually
+    drew = distinct cursor columns the figure showed per second (counted in the page on every animation
+    frame, so the counting itself costs no round trips); and how long the page went on drawing after
+    Pause (a backlog of frames the browser could not keep up with).
+Targets (issue 6): cold start < 10 s, redraw < 0.3 s, >= 15 frames/s. Run it on a quiet machine
+(`QUIET_KEEP=chrom scripts/quiet.sh python benchmarks/bench_ui_browser.py` pauses nice-19 jobs but not the
+browser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from browser_helpers import (  # noqa: E402
+    VoilaServer,
+    chromium_path,
+    launch_chromium,
+    open_page,
+    plot_state,
+    slider,
+    slider_value,
+    wait_until,
+)
+
+NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
+
+# Records, on every animation frame of the page, the cursor column the figure shows (and when).
+COUNT_FRAMES_JS = """() => {
+  const gd = document.querySelector('.js-plotly-plot');
+  window.__frames = [];
+  let last = null;
+  const tick = () => {
+    const t = gd.data && gd.data.find((d) => d.name === 'cursor');
+    const x = t && t.x ? (t.x.bdata !== undefined ? t.x.bdata : String(t.x[0])) : null;
+    if (x !== null && x !== last) { window.__frames.push([performance.now(), x]); last = x; }
+    if (!window.__stopCounting) requestAnimationFrame(tick);
+  };
+  window.__stopCounting = false;
+  requestAnimationFrame(tick);
+}"""
+
+
+def wait_drawn(page, timeout: float) -> dict:
+    page.wait_for_selector(".slider-container", state="visible", timeout=timeout * 1000)
+    widgets_at = time.monotonic()
+    wait_until(lambda: (s := plot_state(page)) and s["ntraces"] >= 12 and s["diag_h"].size, timeout, 0.1,
+               "the figure")
+    return {"widgets_at": widgets_at, "plot_at": time.monotonic()}
+
+
+def summary_layer(page) -> str:
+    m = re.search(r"\d-bit g\S+ \S+.*? on ([^\n]+)", page.inner_text("body").replace("\xa0", " "))
+    return m.group(1).strip() if m else ""
+
+
+def print_top_functions(profile: dict, n: int = 25) -> None:
+    """Self time per function of a CDP CPU profile (samples x interval), the top n."""
+    nodes = {x["id"]: x for x in profile["nodes"]}
+    counts: dict[int, int] = {}
+    for sid in profile["samples"]:
+        counts[sid] = counts.get(sid, 0) + 1
+    dt = (profile["endTime"] - profile["startTime"]) / max(len(profile["samples"]), 1) / 1000  # ms
+    by_fn: dict[str, float] = {}
+    for nid, c in counts.items():
+        cf = nodes[nid]["callFrame"]
+        key = f"{cf['functionName'] or '(anonymous)'} {cf['url'].rsplit('/', 1)[-1][:40]}:{cf['lineNumber']}"
+        by_fn[key] = by_fn.get(key, 0.0) + c * dt
+    total = sum(by_fn.values())
+    print(f"JS profile: {total / 1000:.1f} s sampled")
+    for k, v in sorted(by_fn.items(), key=lambda kv: -kv[1])[:n]:
+        print(f"  {v:8.0f} ms  {100 * v / total:5.1f}%  {k}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--play-seconds", type=float, default=10.0)
+    p.add_argument("--query", default="", help="e.g. 'model=synthetic' (default: the offline model)")
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the page's JavaScript while playing; print the top functions by self time")
+    a = p.parse_args(argv)
+    exe = chromium_path()
+    if exe is None:
+        raise SystemExit("chromium not found (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    out: dict = {}
+    log = ROOT / "artifacts" / "bench_ui_browser" / "voila.log"
+    server = VoilaServer(NOTEBOOK, log_path=log)
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw, exe)
+        server.start()
+        try:
+            out["server_ready_s"] = server.wait_ready()
+            page = open_page(browser)
+            url = f"{server.url}/" + (f"?{a.query}" if a.query else "")
+            page.goto(url, timeout=a.timeout * 1000)
+            t = wait_drawn(page, a.timeout)
+            out["cold_start_to_widgets_s"] = t["widgets_at"] - server.started_at
+            out["cold_start_to_plot_s"] = t["plot_at"] - server.started_at
+            if not a.query:  # the offline model's layer replaces the synthetic one when it has loaded
+                wait_until(lambda: "smollm2-135m block 0" in summary_layer(page), a.timeout, 0.1,
+                           "the default model's layer")
+                import numpy as np
+
+                from gptq_explorer.ui import SyntheticSource
+
+                synthetic = np.diag(SyntheticSource(seed=0).load().H).astype(np.float32)
+                wait_until(lambda: (s := plot_state(page)) and not (
+                    s["diag_h"].shape == synthetic.shape and np.allclose(s["diag_h"], synthetic, rtol=1e-5)),
+                           60, 0.1, "the model's layer in the figure")
+                out["cold_start_to_model_layer_s"] = time.monotonic() - server.started_at
+            out["layer"] = summary_layer(page)
+
+            # control change: bits 4 -> 3, until the page's figure shows the new error scale
+            s0 = plot_state(page)
+            handle = slider(page, "bits").locator(".noUi-handle")
+            handle.focus()
+            t0 = time.monotonic()
+            handle.press("ArrowLeft")
+            wait_until(lambda: (s := plot_state(page)) and s["error_cmax"] != s0["error_cmax"], 30, 0.01,
+                       "the 3-bit redraw")
+            out["bits_change_to_redraw_s"] = time.monotonic() - t0
+            assert slider_value(page, "bits") == "3"
+
+            # animation at the default speed (15 frames/s): count what the page draws
+            out["play_fps_setting"] = int(slider_value(page, "frames/s"))
+            time.sleep(0.5)
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Performance.enable")
+            if a.profile:
+                cdp.send("Profiler.enable")
+                cdp.send("Profiler.setSamplingInterval", {"interval": 500})
+                cdp.send("Profiler.start")
+            m0 = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+            page.evaluate(COUNT_FRAMES_JS)
+            play = page.locator(".widget-play button").first
+            play.click()
+            time.sleep(a.play_seconds)
+            play.click()
+            paused_at = page.evaluate("() => performance.now()")
+            # the page may still be drawing frames the kernel sent before the pause (a backlog)
+            n = -1
+            while n != (n := page.evaluate("() => window.__frames.length")):
+                time.sleep(1.0)
+            page.evaluate("() => { window.__stopCounting = true; }")
+            frames = page.evaluate("() => window.__frames")
+            after = [f for f in frames if f[0] > paused_at]
+            out["drawing_after_pause_s"] = ((after[-1][0] - paused_at) / 1000) if after else 0.0
+            frames = [f for f in frames if f[0] <= paused_at]
+            m1 = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+            # where the page's main thread spent the playing time (seconds)
+            out["main_thread_s"] = {k: round(m1[k] - m0[k], 3) for k in (
+                "TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration") if k in m1}
+            if a.profile:
+                prof = cdp.send("Profiler.stop")["profile"]
+                print_top_functions(prof)
+            if len(frames) >= 2:
+                span = (frames[-1][0] - frames[0][0]) / 1000
+                gaps = [(b[0] - f[0]) for f, b in zip(frames, frames[1:])]
+                out["frames_drawn"] = len(frames)
+                out["frames_per_s"] = (len(frames) - 1) / span if span > 0 else float("nan")
+                out["frame_gap_ms_median"] = statistics.median(gaps)
+                out["frame_gap_ms_p95"] = sorted(gaps)[int(0.95 * (len(gaps) - 1))]
+            out["page_errors"] = list(page.page_errors)
+
+            # a second page: served by the kernel the pool refilled meanwhile
+            page2 = open_page(browser)
+            t0 = time.monotonic()
+            page2.goto(url, timeout=a.timeout * 1000)
+            t2 = wait_drawn(page2, a.timeout)
+            out["second_page_to_plot_s"] = t2["plot_at"] - t0
+            page2.close()
+            page.close()
+        finally:
+            browser.close()
+            server.stop()
+    out["targets"] = {"cold_start_s": 10, "redraw_s": 0.3, "frames_per_s": 15}
+    for k, v in out.items():
+        print(f"{k:28s} {v:.3f}" if isinstance(v, float) else f"{k:28s} {v}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
