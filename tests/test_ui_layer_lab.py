@@ -432,3 +432,23 @@ def test_the_views_answers_cost_nothing_and_feed_the_watchdog():
     assert not lab.figure_frozen()
     # other browser messages still apply (a hover on column 5 highlights it)
     assert lab.errors == []
+
+
+def test_the_dashboards_skip_jsonschemas_slow_iri_checker():
+    """rfc3987_syntax builds a Lark grammar at import (4-5 s of every kernel start, via plotly's
+    FigureWidget -> nbformat -> jsonschema); importing the dashboards first makes jsonschema skip it, and
+    jsonschema (which nbformat uses) still validates."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gptq_explorer.ui, plotly.graph_objects as go, jsonschema\n"
+            "go.FigureWidget()\n"
+            "assert sys.modules['rfc3987_syntax'] is None\n"
+            "jsonschema.validate({'a': 1}, {'properties': {'a': {'type': 'integer'}}})\n"
+            "try:\n"
+            "    jsonschema.validate({'a': 'x'}, {'properties': {'a': {'type': 'integer'}}})\n"
+            "    raise SystemExit('jsonschema accepted a bad document')\n"
+            "except jsonschema.ValidationError:\n"
+            "    print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -2,6 +2,14 @@
 per-layer error, generations), the Sweeps (config grids) and the app that puts them in tabs. Widgets +
 plotly, served by Voila. ModelLab / Sweeps / ExplorerApp import lazily (the Layer Lab is the first view)."""
 
+import sys
+
+# plotly's FigureWidget imports nbformat, which imports jsonschema, which imports its optional IRI checker
+# rfc3987_syntax, which builds a Lark grammar at import: 4-5 s of every kernel start on 2 cores (a third
+# of the app's cold start). Nothing in a kernel validates IRIs, so the dashboards skip that checker.
+if "jsonschema" not in sys.modules:
+    sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` -> ImportError, which it allows
+
 from .common import InputError
 from .layer_figure import HEATMAPS
 from .layer_lab import DEFAULTS, LabInputError, LayerLab
