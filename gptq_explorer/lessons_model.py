@@ -693,6 +693,19 @@ def shipped_comparison(model: str = "smollm2-135m", configs=SHIPPED_CONFIGS,
     return {"runs": runs, "missing": missing, "rows": rows, "message": message}
 
 
+def samples_rows(runs: dict, run_ids: dict, prompts=None) -> list[dict]:
+    """Greedy samples of stored runs side by side: one row per prompt, one column per label.
+    runs: run id -> report (as shipped_comparison returns); run_ids: column label -> run id."""
+    from .metrics import SAMPLE_PROMPTS
+
+    missing = [rid for rid in run_ids.values() if not (runs.get(rid) or {}).get("samples")]
+    if missing:
+        raise ValueError(f"no samples in the stored run(s) {missing}; rerun them with "
+                         "`gptq-explorer quantize --samples` (benchmarks/bench_models.py does)")
+    return [{"prompt": p, **{label: runs[rid]["samples"][p] for label, rid in run_ids.items()}}
+            for p in (prompts or SAMPLE_PROMPTS)]
+
+
 def report_comparison(a_layers, b_layers, labels=("RTN", "GPTQ"), key: str = "output_rel_norm") -> list[dict]:
     """Per sublayer type: the median of `key` in two per-layer reports and their ratio (b / a)."""
     a = {r["sublayer"]: r[f"{key} (median)"] for r in report_rows(a_layers, key)}

@@ -378,3 +378,15 @@ def test_shipped_comparison_reads_results(tmp_path, monkeypatch):
     assert rows["gptq-w4-g128-sym"]["prose ppl"] == 12.0 and rows["gptq-w4-g128-sym"]["code ppl"] == 6.0
     assert rows["gptq-w4-g128-sym"]["calibration"] == "128 x 512 prose" and rows["fp"]["bits"] == 32
     assert rows["rtn-w4-g128-sym"]["calibration"] == "none" and rows["fp"]["quantize s"] == 0.0
+
+
+def test_samples_rows_side_by_side():
+    from gptq_explorer.metrics import SAMPLE_PROMPTS
+
+    runs = {"fp": {"samples": {p: f"fp {i}" for i, p in enumerate(SAMPLE_PROMPTS)}},
+            "q": {"samples": {p: f"q {i}" for i, p in enumerate(SAMPLE_PROMPTS)}}, "old": {"perplexity": {}}}
+    rows = L.samples_rows(runs, {"FP": "fp", "GPTQ": "q"})
+    assert [r["prompt"] for r in rows] == list(SAMPLE_PROMPTS)
+    assert rows[1] == {"prompt": SAMPLE_PROMPTS[1], "FP": "fp 1", "GPTQ": "q 1"}
+    with pytest.raises(ValueError, match=r"no samples in the stored run\(s\) \['old'\].*--samples"):
+        L.samples_rows(runs, {"FP": "fp", "old": "old"})
