@@ -185,6 +185,11 @@ def test_dequant_ways_agree(tokens):
     assert set(b.seconds) == set(D.DEQUANT_WAYS) and b.max_rel_diff < 1e-5
     assert b.scale_reads["g_idx gather, act-order g_idx"] == 32 * b.scale_reads["contiguous groups"]
     assert len(b.rows()) == 4 and b.rows()[0]["vs contiguous"] == 1.0
+    b.seconds = {"contiguous groups": 1.0, "g_idx gather, sorted g_idx": 3.0,
+                 "g_idx gather, act-order g_idx": 3.0, "sorted at load, x permuted": 1.5}
+    assert b.sorting_removes == pytest.approx(0.75)
+    b.seconds["g_idx gather, act-order g_idx"] = 0.9  # gather no slower than contiguous: nothing to remove
+    assert b.sorting_removes == 0.0
     # the direct formula
     gen = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8, generator=gen)
