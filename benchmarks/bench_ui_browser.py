@@ -41,6 +41,7 @@ from browser_helpers import (  # noqa: E402
     plot_state,
     slider,
     slider_value,
+    wait_for_app,
     wait_until,
 )
 
@@ -60,14 +61,6 @@ COUNT_FRAMES_JS = """() => {
   window.__stopCounting = false;
   requestAnimationFrame(tick);
 }"""
-
-
-def wait_drawn(page, timeout: float) -> dict:
-    page.wait_for_selector(".slider-container", state="visible", timeout=timeout * 1000)
-    widgets_at = time.monotonic()
-    wait_until(lambda: (s := plot_state(page)) and s["ntraces"] >= 12 and s["diag_h"].size, timeout, 0.1,
-               "the figure")
-    return {"widgets_at": widgets_at, "plot_at": time.monotonic()}
 
 
 def summary_layer(page) -> str:
@@ -118,7 +111,7 @@ def main(argv=None) -> int:
             page = open_page(browser)
             url = f"{server.url}/" + (f"?{a.query}" if a.query else "")
             page.goto(url, timeout=a.timeout * 1000)
-            t = wait_drawn(page, a.timeout)
+            t = wait_for_app(page, a.timeout, 0.1)
             out["cold_start_to_widgets_s"] = t["widgets_at"] - server.started_at
             out["cold_start_to_plot_s"] = t["plot_at"] - server.started_at
             if not a.query:  # the offline model's layer replaces the synthetic one when it has loaded
@@ -191,7 +184,7 @@ def main(argv=None) -> int:
             page2 = open_page(browser)
             t0 = time.monotonic()
             page2.goto(url, timeout=a.timeout * 1000)
-            t2 = wait_drawn(page2, a.timeout)
+            t2 = wait_for_app(page2, a.timeout, 0.1)
             out["second_page_to_plot_s"] = t2["plot_at"] - t0
             page2.close()
             page.close()

@@ -101,6 +101,20 @@ def plot_state(page) -> dict | None:
     return out
 
 
+def plot_drawn(page) -> dict | None:
+    """The Layer Lab figure's state once it is drawn with all 12 traces and the diag(H) panel, else None."""
+    s = plot_state(page)
+    return s if s and s["ntraces"] >= 12 and s["diag_h"].size else None
+
+
+def wait_for_app(page, timeout: float, interval: float = 0.25) -> dict:
+    """Controls visible, then the figure drawn: {"widgets_at", "plot_at" (time.monotonic()), "state"}."""
+    page.wait_for_selector(".slider-container", state="visible", timeout=timeout * 1000)
+    widgets_at = time.monotonic()
+    state = wait_until(lambda: plot_drawn(page), timeout, interval, "the plotly figure with its 12 traces")
+    return {"widgets_at": widgets_at, "plot_at": time.monotonic(), "state": state}
+
+
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

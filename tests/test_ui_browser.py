@@ -35,6 +35,7 @@ from browser_helpers import (
     plot_state,
     slider,
     slider_value,
+    wait_for_app,
     wait_until,
 )
 
@@ -125,15 +126,6 @@ def _summary_label(page) -> str | None:
     return f"{m.group(1)} on {m.group(2).strip()}" if m else None
 
 
-def _wait_for_app(page) -> dict:
-    """Widgets visible, then the figure drawn with all its traces; returns the plot state."""
-    page.wait_for_selector(".slider-container", state="visible", timeout=PAGE_TIMEOUT * 1000)
-    widgets_at = time.monotonic()
-    state = wait_until(lambda: (s := plot_state(page)) and s["ntraces"] >= 12 and s["diag_h"].size and s,
-                       PAGE_TIMEOUT, 0.3, "the plotly figure with its 12 traces")
-    return {"widgets_at": widgets_at, "plot_at": time.monotonic(), "state": state}
-
-
 ANYWIDGET_TIMEOUT = "[anywidget] Failed to initialize model."
 
 
@@ -176,7 +168,7 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
     try:
         t0 = time.monotonic()
         page.goto(f"{voila.url}/?model=synthetic", timeout=PAGE_TIMEOUT * 1000)
-        app = _wait_for_app(page)
+        app = wait_for_app(page, PAGE_TIMEOUT, 0.3)
         _note("page1_widgets_after_navigation", app["widgets_at"] - t0)
         _note("page1_plot_after_navigation", app["plot_at"] - t0)
         _note("cold_start_to_widgets", app["widgets_at"] - voila.started_at)
@@ -287,7 +279,7 @@ def test_default_model_page_replaces_the_synthetic_layer(synthetic_diag_h, brows
     try:
         t0 = time.monotonic()
         page.goto(f"{voila.url}/", timeout=PAGE_TIMEOUT * 1000)
-        app = _wait_for_app(page)
+        app = wait_for_app(page, PAGE_TIMEOUT, 0.3)
         _note("page2_widgets_after_navigation", app["widgets_at"] - t0)
 
         def loaded():

@@ -39,6 +39,7 @@ from browser_helpers import (
     error_texts,
     launch_chromium,
     open_page,
+    plot_drawn,
     plot_state,
     slider,
     slider_value,
@@ -227,8 +228,7 @@ class Session:
         if not self.ready and self.page.locator(".slider-container").count():
             shown = _shown_summary(self.page)
             if shown and shown["label"].endswith(f"(seed {self.seed})"):
-                s = None if self.frozen else plot_state(self.page)
-                self.ready = self.frozen or bool(s and s["ntraces"] >= 12 and s["diag_h"].size)
+                self.ready = self.frozen or plot_drawn(self.page) is not None
             if self.ready:
                 self.ready_after = time.monotonic()
         return self.ready
