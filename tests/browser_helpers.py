@@ -45,35 +45,25 @@ ERROR_PATTERNS = (
     re.compile(r"\b\w+Error: "),
 )
 
-# The plotly state the tests need, found by trace name (layer_figure: heatmaps W, updated, Q, error,
-# compensation; "diag(H)"; the "cursor" marker on diag(H); the "GPTQ" and "RTN" running curves).
+# What the Layer Lab's canvas figure shows (layer_canvas.js publishes it on its element as gptqState after
+# each draw): diag(H), the cursor, the running curves up to the cursor (NaN after), the "error" heatmap,
+# the colour and axis ranges, the diag(H) title. Keys as in the plotly figure it replaced.
 PLOT_STATE_JS = """() => {
-  const gd = document.querySelector('.js-plotly-plot');
-  if (!gd || !gd.data || !gd.layout || !gd.layout.shapes) return null;
-  const plain = (v) => {
-    if (v === undefined || v === null) return null;
-    if (v.bdata !== undefined) return {dtype: v.dtype, bdata: v.bdata, shape: v.shape || null};
-    if (ArrayBuffer.isView(v) || Array.isArray(v)) {
-      return Array.from(v, (x) => (Array.isArray(x) || ArrayBuffer.isView(x)) ? Array.from(x) : x);
-    }
-    return v;
-  };
-  const byName = {};
-  for (const t of gd.data) byName[t.name] = t;
-  const get = (name, key) => byName[name] ? plain(byName[name][key]) : null;
-  const L = gd.layout;
+  const el = document.querySelector('.gptq-layer-figure[data-drawn]');
+  if (!el || !el.gptqState) return null;
+  const s = el.gptqState;
+  const plain = (a) => Array.from(a, (x) => (Number.isFinite(x) ? x : null));
   return {
-    ntraces: gd.data.length,
-    names: gd.data.map((t) => t.name),
-    diag_h: get('diag(H)', 'y'),
-    marker_x: get('cursor', 'x'),
-    gptq_y: get('GPTQ', 'y'),
-    rtn_y: get('RTN', 'y'),
-    error_z: get('error', 'z'),
-    curves_top: L.yaxis8 && L.yaxis8.range ? L.yaxis8.range[1] : null,
-    error_cmax: L.coloraxis2 ? L.coloraxis2.cmax : null,
-    cursor_path: L.shapes[0] ? L.shapes[0].path : null,
-    diag_title: L.annotations && L.annotations[6] ? L.annotations[6].text : null,
+    drawn: s.drawn, seq: s.seq, n: s.n, window: s.window, hover: s.hover,
+    diag_h: plain(s.diag_h),
+    marker_x: s.marker_x,
+    gptq_y: plain(s.gptq_y),
+    rtn_y: plain(s.rtn_y),
+    error_z: s.error_z.map(plain),
+    curves_top: s.curves_top,
+    error_cmax: s.error_cmax,
+    cursor_path: s.cursor_path,
+    diag_title: s.diag_title,
   };
 }"""
 
@@ -91,7 +81,7 @@ def decode(v) -> np.ndarray:
 
 
 def plot_state(page) -> dict | None:
-    """The plotly figure's state in the page, arrays decoded (None while no plot is drawn)."""
+    """The Layer Lab figure's state in the page, arrays decoded (None while nothing is drawn)."""
     raw = page.evaluate(PLOT_STATE_JS)
     if raw is None:
         return None
@@ -102,16 +92,16 @@ def plot_state(page) -> dict | None:
 
 
 def plot_drawn(page) -> dict | None:
-    """The Layer Lab figure's state once it is drawn with all 12 traces and the diag(H) panel, else None."""
+    """The Layer Lab figure's state once it has drawn a frame with diag(H), else None."""
     s = plot_state(page)
-    return s if s and s["ntraces"] >= 12 and s["diag_h"].size else None
+    return s if s and s["drawn"] and s["diag_h"].size else None
 
 
 def wait_for_app(page, timeout: float, interval: float = 0.25) -> dict:
     """Controls visible, then the figure drawn: {"widgets_at", "plot_at" (time.monotonic()), "state"}."""
     page.wait_for_selector(".slider-container", state="visible", timeout=timeout * 1000)
     widgets_at = time.monotonic()
-    state = wait_until(lambda: plot_drawn(page), timeout, interval, "the plotly figure with its 12 traces")
+    state = wait_until(lambda: plot_drawn(page), timeout, interval, "the Layer Lab figure drawn")
     return {"widgets_at": widgets_at, "plot_at": time.monotonic(), "state": state}
 
 

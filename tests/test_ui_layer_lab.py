@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from plotly.callbacks import Points
 from traitlets import TraitError
 
 from gptq_explorer.engine import QuantConfig, gptq_steps
 from gptq_explorer.ui import LabInputError, LayerLab, ModelSource, SyntheticSource
 from gptq_explorer.ui import layer_lab as lab_module
-from gptq_explorer.ui.layer_figure import SH_CURSOR, SH_HOVER, TR_DIAG, TR_GPTQ, TR_RTN, array
+from gptq_explorer.ui.layer_figure import from_f32
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +20,8 @@ def lab():
     return LayerLab(models={})
 
 
-def curve_end(lab, trace):
-    y = array(lab.fig.data[trace].y)
+def curve_end(lab, key):
+    y = lab.figure.shown()[key]
     return float(y[~np.isnan(y)][-1])
 
 
@@ -33,7 +32,7 @@ def test_initial_view_is_complete(lab):
     for name in ("W", "updated", "Q", "error", "compensation"):
         z, rows, cols = lab.view(name)
         assert z.shape == (rows.size, cols.size) == (24, 32)
-    assert array(lab.fig.data[TR_DIAG].y).size == n
+    assert lab.figure.shown()["diag_h"].size == n
     assert "Step 1 of 576" in lab.explain.value
     assert "GPTQ" in lab.summary_html.value and "tokens" in lab.summary_html.value
 
@@ -42,28 +41,28 @@ def test_bits_4_to_3_raises_the_output_error():
     lab = LayerLab(models={})
     lab.goto(575)
     before = dict(lab.summary)
-    gptq4, rtn4 = curve_end(lab, TR_GPTQ), curve_end(lab, TR_RTN)
+    gptq4, rtn4 = curve_end(lab, "gptq"), curve_end(lab, "rtn")
     lab.set(bits=3)
     assert lab.run.cfg.bits == 3 and lab.errors == []
     after = lab.summary
     assert after["heldout_mse_gptq"] > 2 * before["heldout_mse_gptq"]
     assert after["heldout_mse_rtn"] > 2 * before["heldout_mse_rtn"]
     assert after["loss_gptq"] > before["loss_gptq"]
-    assert curve_end(lab, TR_GPTQ) > gptq4 and curve_end(lab, TR_RTN) > rtn4  # the plotted running curves too
+    assert curve_end(lab, "gptq") > gptq4 and curve_end(lab, "rtn") > rtn4  # the plotted running curves too
     assert after["heldout_mse_gptq"] < after["heldout_mse_rtn"]  # GPTQ still beats RTN
     assert "3-bit" in lab.summary_html.value
 
 
 def test_desc_act_reorders_diag_h():
     lab = LayerLab(models={})
-    plain = array(lab.fig.data[TR_DIAG].y)
+    plain = lab.figure.shown()["diag_h"]
     assert np.any(np.diff(plain) > 0)  # column order: not sorted
     lab.set(desc_act=True)
-    ordered = array(lab.fig.data[TR_DIAG].y)
+    ordered = lab.figure.shown()["diag_h"]
     assert np.all(np.diff(ordered) <= 0)  # processing order: descending diag(H)
     np.testing.assert_array_equal(np.sort(ordered), np.sort(plain))  # same values, permuted
     np.testing.assert_allclose(ordered, np.diag(lab.data.H)[lab.run.perm], rtol=1e-6)
-    assert "decreasing diag(H)" in lab.fig.layout.annotations[6].text
+    assert "decreasing diag(H)" in lab.figure.shown()["diag_title"]
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=4, group_size=128, desc_act=False),
@@ -104,7 +103,7 @@ def test_running_curves_are_the_obs_loss(lab):
     np.testing.assert_allclose(run.curve_gptq[-1] * run.d_out, lab.summary["loss_gptq"], rtol=1e-9)
     assert run.curve_gptq[-1] < run.curve_rtn[-1]
     lab.goto(100)
-    y = array(lab.fig.data[TR_GPTQ].y)
+    y = lab.figure.shown()["gptq"]
     assert np.all(np.isfinite(y[:101])) and np.all(np.isnan(y[101:]))
 
 
@@ -135,26 +134,26 @@ def test_window_turns_pages_and_follows_the_cursor(lab):
     assert cols2[0] <= 31 <= cols2[-1] and cols2[0] > 0
 
 
-def test_hover_highlights_the_column_everywhere(lab):
+def test_hover_and_click_link_the_views(lab):
+    """The view reports the column under the mouse (the synced `hover`) and draws it highlighted in every
+    heatmap and in diag(H); highlight() sets it from Python; a click on a column jumps there."""
     lab.goto(50)
     _, _, cols = lab.view("W")
     col = int(cols[3])
-    heat = lab.fig.data[1]
-    points = Points(point_inds=[[0, 3]], xs=[col], ys=[0], trace_name="updated", trace_index=1)
-    lab._on_hover(heat, points, None)
-    hover = lab.fig.layout.shapes[SH_HOVER]
-    assert hover.visible and hover.path == lab.figure._column_path(col, lab._last_window)
-    # one box per grid column of heatmaps (the path spans both rows) plus the line on diag(H)
-    assert hover.path.count("M") == 4 and hover.path.count("Z") == 3
-    (a, b), _ = lab.figure._dom[1]
-    x0 = float(hover.path.split()[1])
-    assert abs(x0 - (a + (b - a) * 3 / cols.size)) < 1e-4  # the 4th column of the crop
-    (a7, b7), _ = lab.figure._dom[7]
-    assert abs(float(hover.path.split("M")[-1].split()[0]) - (a7 + (b7 - a7) * (col + 0.5) / 576)) < 1e-4
+    lab.fig.set_state({"hover": col})  # what the browser sends when the mouse is over that column
+    assert lab._hover == col and lab.figure.shown()["hover"] == col
+    lab.goto(51)  # a frame keeps the highlight
+    assert lab.fig.hover == col and lab.figure.shown()["k"] == 51
+    lab.fig.set_state({"hover": -1})  # the mouse left
+    assert lab._hover is None and lab.figure.shown()["hover"] is None
+    lab.highlight(col)
+    assert lab.fig.hover == col
     lab.highlight(None)
-    assert not lab.fig.layout.shapes[SH_HOVER].visible
-    lab.goto(52)  # the cursor: same kind of path, at the cursor
-    assert lab.fig.layout.shapes[SH_CURSOR].path == lab.figure._column_path(52, lab._last_window)
+    assert lab.fig.hover == -1
+    lab.fig._handle_custom_msg({"event": "click", "col": 300}, [])  # a click on column 300 of diag(H)
+    assert lab.col == 300 and lab.figure.shown()["k"] == 300
+    _, _, cols = lab.view("W")
+    assert cols[0] <= 300 <= cols[-1]
 
 
 def test_state_query_round_trips():
@@ -216,9 +215,8 @@ def test_a_failing_callback_shows_in_the_page(monkeypatch):
     lab.controls["bits"].value = 5  # as if the browser moved the slider: must not raise
     assert "boom: engine exploded" in lab.message.value and "Try:" in lab.message.value
     assert lab.run is shown  # the previous result stays on screen
-    lab._on_hover(lab.fig.data[0], Points(point_inds=[], xs=["not a number"], ys=[], trace_name="W",
-                                               trace_index=0), None)
-    assert "ValueError" in lab.message.value
+    lab.fig._handle_custom_msg({"event": "click", "col": "not a number"}, [])  # a forged view message
+    assert "expected an integer" in lab.message.value
     monkeypatch.undo()
     lab.controls["bits"].value = 3
     assert lab.run.cfg.bits == 3 and lab.message.value == ""
@@ -234,11 +232,21 @@ def test_presets_apply_and_then_go_custom():
 
 
 def test_figures_stay_synced_for_late_browsers():
-    """Voila: a browser that connects after a change reads _widget_data; it must hold the change."""
+    """Voila: a browser that connects after a change draws the widget's synced state; it must hold the
+    change (the scene and the frame travel as float32 buffers)."""
     lab = LayerLab(models={})
+    emax4 = lab.figure.shown()["emax"]
     lab.set(bits=2)
-    assert lab.fig._widget_data == lab.fig._data
-    assert lab.fig._widget_layout == lab.fig._layout_obj._props
+    lab.goto(7)
+    state = lab.fig.get_state()
+    assert state["scene"]["emax"] == lab.figure.shown()["emax"] > 1.5 * emax4
+    assert state["frame"]["k"] == 7 and state["frame"]["seq"] == lab.fig.seq
+    z, rows, cols = lab.view("error")
+    np.testing.assert_array_equal(from_f32(state["frame"]["z"]["error"]).reshape(z.shape),
+                                  z.astype(np.float32).astype(np.float64))
+    assert (state["frame"]["r0"], state["frame"]["c0"]) == (rows[0], cols[0])
+    np.testing.assert_array_equal(from_f32(state["scene"]["curve_gptq"]),
+                                  lab.run.curve_gptq.astype(np.float32))
     bundle = lab._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == lab.root.model_id
 
@@ -318,36 +326,32 @@ def test_from_query_without_a_model_uses_the_given_source():
     assert lab.run.cfg.bits == 3 and lab.col == 7 and lab.state()["block"] == 2
 
 
+def drawn(lab, seq=None):
+    """The view's answer after drawing a frame (what layer_canvas.js sends)."""
+    lab.fig._handle_custom_msg({"event": "drawn", "seq": lab.fig.seq if seq is None else seq}, [])
+
+
 def test_a_frozen_figure_is_rebuilt(monkeypatch):
-    """anywidget gives plotly's FigureWidget 2 s to start; a busy browser misses it and the figure then
-    never draws, or drops every later update. plotly's view answers each update with its edit id; updates
-    unanswered for FIGURE_STALE_S (while the page probe says a browser shows the page) mean frozen: the lab
-    replaces the figure by a fresh one holding the same state, complete at construction."""
+    """anywidget gives a widget's view 2 s to start; a busy browser missed it (with plotly's 5 MB
+    FigureWidget) and the figure then never drew, or dropped every later update. The view answers the frames
+    it drew with their seq; frames unanswered for FIGURE_STALE_S (while the page probe says a browser shows
+    the page) mean frozen: the lab replaces the figure by a fresh widget holding the same state."""
     import time
 
     lab = LayerLab(models={})
     assert lab.probe in lab.root.children and lab.fig in lab._fig_box.children
     assert "gptq-layer-figure" in lab.fig._dom_classes
     assert not lab.figure_frozen(time.monotonic() + 100)  # no browser has drawn it yet
-    answer = {"trace_deltas": [], "trace_edit_id": lab.fig._last_trace_edit_id}
-    sent = []
-    lab.fig.observe(lambda ch: ch["new"] and sent.append(ch["new"]), names="_py2js_update")
-    lab._on_figure_answer({"new": answer})  # a browser drew it (its first draw answers too) ...
-    # ... and gets the whole state once more, in one message: every trace's data, the axes, the shapes
-    assert len(sent) == 1 and sent[0]["style_traces"] == list(range(len(lab.fig.data)))
-    np.testing.assert_array_equal(array(sent[0]["style_data"]["y"][TR_DIAG]), array(lab.fig.data[TR_DIAG].y))
-    assert sent[0]["layout_data"]["yaxis7"]["range"] == list(lab.fig.layout.yaxis7.range)
-    assert sent[0]["layout_data"]["shapes"][SH_CURSOR]["path"] == lab.fig.layout.shapes[SH_CURSOR].path
-    lab._on_figure_answer({"new": {**answer, "trace_edit_id": lab.fig._last_trace_edit_id}})
-    assert lab._figure_alive and not lab.figure_frozen(time.monotonic() + 100)  # nothing waiting
-    n_sent = len(sent)
-    lab._on_figure_answer({"new": {**answer, "trace_edit_id": lab.fig._last_trace_edit_id}})
-    assert len(sent) == n_sent  # only the first draw triggers the resend
+    drawn(lab)  # a browser drew it
+    assert lab._figure_alive and lab._answered_id == lab.fig.seq
+    assert not lab.figure_frozen(time.monotonic() + 100)  # nothing waiting
     lab.set(bits=3)
     lab.goto(40)
     now = time.monotonic()
     assert lab.figure_frozen(now + lab_module.FIGURE_STALE_S + 1) and not lab.figure_frozen(now)
-    lab._on_figure_answer({"new": {**answer, "trace_edit_id": lab.fig._last_trace_edit_id}})
+    drawn(lab, lab.fig.seq - 1)  # an older frame: still waiting for the last
+    assert lab.figure_frozen(now + lab_module.FIGURE_STALE_S + 1)
+    drawn(lab)
     assert not lab.figure_frozen(now + 100)  # answered: alive
 
     old, before = lab.fig, lab.view("updated")
@@ -359,38 +363,33 @@ def test_a_frozen_figure_is_rebuilt(monkeypatch):
     assert sent == [{"watch": True}] and "gptq-layer-figure" in lab.fig._dom_classes
     for a, b in zip(lab.view("updated"), before):
         np.testing.assert_array_equal(a, b)  # the same state, in the new figure
-    assert lab.fig.layout.shapes[SH_CURSOR].path == old.layout.shapes[SH_CURSOR].path
-    assert lab.fig._widget_data == lab.fig._data  # complete for the browser that will draw it
+    assert lab.fig.get_state()["frame"] == old.get_state()["frame"]
+    assert lab.fig.get_state()["scene"] == old.get_state()["scene"]
+    lab.fig.set_state({"hover": 45})  # the new widget is wired: hover and click reach the lab
+    assert lab._hover == 45
+    lab.fig._handle_custom_msg({"event": "click", "col": 42}, [])
+    assert lab.col == 42
 
-    # the watchdog thread: started by the probe, rebuilds a figure whose updates go unanswered
+    # the watchdog thread: started by the probe, rebuilds a figure whose frames go unanswered
     monkeypatch.setattr(lab_module, "FIGURE_STALE_S", 0.3)
     lab._on_probe(lab.probe, {"event": "rendered"}, [])
     lab._on_probe(lab.probe, {"event": "figure", "drawn": True, "seconds": 2}, [])  # the new one drew
-    lab.goto(41)  # and takes the update ...
+    lab.goto(41)  # and takes the frame ...
     assert lab.view("updated")[2][0] <= 41 <= lab.view("updated")[2][-1]
     deadline = time.monotonic() + 20
     while lab.figure_rebuilds < 2 and time.monotonic() < deadline:  # ... but never answers it
         time.sleep(0.05)
     lab._closed = True
     assert lab.figure_rebuilds == 2
-    assert lab.fig.layout.shapes[SH_CURSOR].path == lab.figure._column_path(41, lab._last_window)
+    assert lab.fig.get_state()["frame"]["k"] == 41
 
 
 def test_browser_messages_wait_for_figure_updates_in_other_threads():
-    """An update sent while ipywidgets applies a browser message to the figure (inside traitlets'
-    hold_trait_notifications) collapses to None and is lost; the lab applies browser messages under the
-    lock its updates hold (the background model load updates the figure from another thread)."""
+    """ipywidgets applies a browser message (the hover position) inside traitlets'
+    hold_trait_notifications, per object, not per thread; the lab applies browser messages under the lock
+    its updates hold (the background model load updates the figure from another thread)."""
     import threading
     import time
-
-    import plotly.graph_objects as go
-
-    fig = go.FigureWidget(go.Figure(go.Scatter(y=[1, 2])))
-    sent = []
-    fig.observe(lambda ch: sent.append(ch["new"]), names="_py2js_update")
-    with fig.hold_trait_notifications():  # the failure, without the lock
-        fig.plotly_update(restyle_data={"y": [[3, 4]]}, trace_indexes=[0])
-    assert sent == [None]
 
     lab = LayerLab(source=SyntheticSource(d_out=32, d_in=64, n_calib=256, n_heldout=128), models={})
     held = threading.Event()
@@ -404,34 +403,10 @@ def test_browser_messages_wait_for_figure_updates_in_other_threads():
     t.start()
     held.wait(5)
     t0 = time.monotonic()
-    lab.fig.set_state({"_js2py_pointsCallback": None})  # a browser message for the figure (a hover)
+    lab.fig.set_state({"hover": 5})  # a browser message for the figure (a hover)
     assert time.monotonic() - t0 > 0.3  # it waited for the update to finish
     t.join()
-
-
-def test_the_views_answers_cost_nothing_and_feed_the_watchdog():
-    """plotly's view answers each update with the values plotly.js filled in ("trace deltas"), the way
-    ipywidgets delivers every browser message: Widget.set_state. plotly's own handler failed on them
-    (an AssertionError, which IPython formatted as a traceback on every animation frame); now they are
-    dropped, the figure's data stays what the kernel sent, and the watchdog sees the edit id."""
-    lab = LayerLab(models={})
-    fig = lab.fig
-    lab.goto(3)
-    z_before = array(fig.data[0].z).copy()
-    edit = fig._last_trace_edit_id
-    # what Chromium sent (captured): a heatmap's z comes back as one {dtype, shape} per row
-    rows = len(array(fig.data[0].y))
-    deltas = {"trace_deltas": [{"uid": t.uid, "z": [{"dtype": "float32", "shape": [32]}] * rows}
-                               if t.type == "heatmap" else {"uid": t.uid, "visible": True} for t in fig.data],
-              "trace_edit_id": edit}
-    fig.set_state({"_js2py_traceDeltas": deltas,
-                   "_js2py_layoutDelta": {"layout_delta": {"xaxis": {"range": [0, 1]}},
-                                          "layout_edit_id": fig._last_layout_edit_id}})
-    assert lab._figure_alive and lab._answered_id == edit  # the watchdog heard the answer
-    np.testing.assert_array_equal(array(fig.data[0].z), z_before)
-    assert not lab.figure_frozen()
-    # other browser messages still apply (a hover on column 5 highlights it)
-    assert lab.errors == []
+    assert lab._hover == 5
 
 
 def test_the_dashboards_skip_jsonschemas_slow_iri_checker():
@@ -452,3 +427,4 @@ def test_the_dashboards_skip_jsonschemas_slow_iri_checker():
             "    print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+

@@ -211,6 +211,9 @@ def test_app_builds_tabs_lazily_and_round_trips_its_state(tiny):
     app = ExplorerApp("", source=SMALL, models={folder: "tiny llama"},
                       model_lab_kwargs={"model": folder, **kwargs})
     assert app._model_lab is None and app._sweeps is None  # cold start pays for the Layer Lab only
+    bundle = app._repr_mimebundle_()  # what the notebook's last line displays
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == app.root.model_id
+    assert app.widget is app.root
     app.tabs.selected_index = 1  # as a browser would
     assert app._model_lab is not None and app._slots[1].children == (app.model_lab.widget,)
     app.model_lab.set(bits=3, desc_act=True, prompt=2)

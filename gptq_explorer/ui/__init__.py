@@ -4,9 +4,9 @@ plotly, served by Voila. ModelLab / Sweeps / ExplorerApp import lazily (the Laye
 
 import sys
 
-# plotly's FigureWidget imports nbformat, which imports jsonschema, which imports its optional IRI checker
-# rfc3987_syntax, which builds a Lark grammar at import: 4-5 s of every kernel start on 2 cores (a third
-# of the app's cold start). Nothing in a kernel validates IRIs, so the dashboards skip that checker.
+# plotly's renderers (the Model Lab and Sweeps charts) import nbformat, which imports jsonschema, which
+# imports its optional IRI checker rfc3987_syntax, which builds a Lark grammar at import: 4-5 s of a kernel
+# on 2 cores. Nothing in a kernel validates IRIs, so the dashboards skip that checker.
 if "jsonschema" not in sys.modules:
     sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` -> ImportError, which it allows
 

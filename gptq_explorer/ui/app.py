@@ -115,11 +115,9 @@ class ExplorerApp:
 
     @property
     def widget(self) -> widgets.Widget:
-        self.layer_lab._sync_figures()
         return self.root
 
     def _repr_mimebundle_(self, **kwargs):
-        self.layer_lab._sync_figures()
         return self.root._repr_mimebundle_(**kwargs)
 
     @property

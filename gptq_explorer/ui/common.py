@@ -219,11 +219,11 @@ def as_float(value) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the FigureWidget watchdog
+# the figure watchdog
 
 _PROBE_ESM = """
-// Tells the kernel when the page rendered, then whether the Layer Lab's figure drew itself: a FigureWidget
-// whose anywidget missed its 2 s start-up deadline never gets a .js-plotly-plot inside its element.
+// Tells the kernel when the page rendered, then whether the Layer Lab's figure drew itself: a widget whose
+// anywidget missed its 2 s start-up deadline never draws, and its element never gets data-drawn.
 export default {
   render({ model, el }) {
     el.style.display = "none";
@@ -233,7 +233,7 @@ export default {
       const t0 = Date.now();
       if (timer) clearInterval(timer);
       timer = setInterval(() => {
-        const drawn = document.querySelector(".gptq-layer-figure .js-plotly-plot") !== null;
+        const drawn = document.querySelector(".gptq-layer-figure[data-drawn]") !== null;
         const late = (Date.now() - t0) / 1000 > deadline_s;
         if (drawn || late) {
           clearInterval(timer);
@@ -252,11 +252,11 @@ export default {
 def page_probe(deadline_s: float = 60.0):
     """A hidden, tiny anywidget that tells the kernel when a browser has rendered the page and whether the
     Layer Lab's figure drew itself within deadline_s (its ESM is a few hundred bytes, so it initialises at
-    once, unlike plotly's 5 MB FigureWidget). None without anywidget."""
+    once). None without anywidget."""
     try:
         import anywidget
         import traitlets
-    except ImportError:  # pragma: no cover - plotly's FigureWidget needs anywidget anyway
+    except ImportError:  # pragma: no cover - a dependency (the Layer Lab's figure is an anywidget)
         return None
 
     class PageProbe(anywidget.AnyWidget):

@@ -7,12 +7,12 @@
 One object, one view. Controls pick the layer (model, block, sublayer, calibration corpus and size) and the
 GPTQ config; the engine's stepper runs once per config (cached) and every column can then be replayed on
 a crop in O(crop) (see layer_run). The animation is an ipywidgets Play jslinked to the column slider;
-each frame updates only the cropped heatmaps' z and a few small traces of ONE long-lived FigureWidget
-(layer_figure), in one message.
+each frame sends the five cropped heatmaps and the column profile to ONE long-lived canvas widget
+(layer_figure), in one message of binary buffers.
 
-Voila rules followed here (../shared/reference/jupyter-stack.md): the figure is built complete as a
-go.Figure and then wrapped; later changes happen in callbacks; after every full redraw (and on display)
-its synced state is refreshed so a browser that connects later sees the current figure. Every callback
+Voila rules followed here (../shared/reference/jupyter-stack.md): the figure is a widget whose synced
+state is the whole picture, so a browser that connects later draws the current figure; later changes
+happen in callbacks. Every callback
 is wrapped: an error is shown in the page with the fix to try, never raised into the kernel. Loading a
 model runs in a background thread with a progress bar and a Cancel button (cancellation takes effect
 between steps: the model load itself, one call, finishes first).
@@ -300,7 +300,7 @@ class LayerLab:
                                    layout=W.Layout(display="none"))
         self.explain = W.HTML(value="", layout=W.Layout(width="330px"))
         self.summary_html = W.HTML(value="", layout=W.Layout(width="330px"))
-        # created before the FigureWidget, so a browser creates (and renders) it first
+        # created before the figure, so a browser creates (and renders) it first
         self.probe = page_probe(FIGURE_DEADLINE_S)
         self.figure_rebuilds = 0
         self._figure_alive = False
@@ -314,47 +314,35 @@ class LayerLab:
         k = self.col
         win = self._window(k)
         fr = frame(self.run, k, win)
-        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click_diag, lock=self._lock)
+        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click, lock=self._lock)
         self.fig = self.figure.widget
         self._watch_figure()
 
     # -----------------------------------------------------------------------------------------------------
     # the figure watchdog
     #
-    # anywidget gives each model 2 s to load its ESM; plotly's is 5 MB, and a busy browser misses the
-    # deadline. The figure then either never draws, or draws its first state and drops every later message
-    # from the kernel (tests/test_ui_browser.py saw both). plotly's view answers every update with trace
-    # deltas carrying the update's edit id, so the kernel can tell: updates sent and no answer for
+    # anywidget gives each model 2 s to load its ESM; a view that misses the deadline either never draws,
+    # or draws its first state and drops every later message from the kernel (seen with plotly's 5 MB
+    # FigureWidget, which the canvas replaced; its ESM is 20 KB, but the guard stays). The view answers
+    # the frames it drew with their seq, so the kernel can tell: frames sent and no answer for
     # FIGURE_STALE_S while a browser shows the page (the page probe said so) -> replace the figure by a
-    # fresh FigureWidget, complete at construction, which starts while the page is idle. At most 3 times.
+    # fresh widget holding the same state, which starts while the page is idle. At most 3 times.
 
     def _watch_figure(self) -> None:
         self._figure_alive = False
         self._answered_at = time.monotonic()
-        self._answered_id = int(self.fig._last_trace_edit_id)
+        self._answered_id = int(self.fig.seq)
         self._waiting_since = time.monotonic()
         self.figure.on_answer = lambda msg: self._on_figure_answer({"new": msg})
-        self.fig.observe(self._on_figure_edit, names="_last_trace_edit_id")
+        self.fig.observe(self._on_figure_edit, names="seq")
 
     def _on_figure_answer(self, change) -> None:
         msg = change["new"]
         if not isinstance(msg, dict):
             return
-        first = not self._figure_alive
         self._figure_alive = True
         self._answered_at = time.monotonic()
         self._answered_id = max(self._answered_id, int(msg.get("trace_edit_id") or 0))
-        if first:
-            self._resync_figure()
-
-    @guarded
-    def _resync_figure(self) -> None:
-        """The figure's view just drew itself: send it the whole current state once more. Updates that
-        reached the browser while the view was still starting (anywidget loading plotly.js; e.g. the model
-        layer replacing the synthetic one in the background) were applied to the widget's model only, and
-        the view could draw an older state (seen in ~40% of loaded-machine runs of the browser test)."""
-        with self._lock:
-            self.figure.resend()
 
     def figure_frozen(self, now: float | None = None) -> bool:
         """The figure drew itself in a browser, updates are waiting since, and it has not answered any for
@@ -362,7 +350,7 @@ class LayerLab:
         now = time.monotonic() if now is None else now
         if not self._figure_alive:
             return False
-        if int(self.fig._last_trace_edit_id) <= self._answered_id:
+        if int(self.fig.seq) <= self._answered_id:
             return False  # caught up
         return now - max(self._answered_at, self._waiting_since) > FIGURE_STALE_S
 
@@ -401,7 +389,7 @@ class LayerLab:
                 return
 
     def rebuild_figure(self) -> None:
-        """Replace the FigureWidget by a fresh one showing the same state (complete at construction)."""
+        """Replace the figure's widget by a fresh one showing the same state."""
         with self._lock:
             old = self.fig
             self.figure.adopt(self.figure.fresh_copy())
@@ -449,16 +437,10 @@ class LayerLab:
 
     @property
     def widget(self) -> widgets.Widget:
-        self._sync_figures()
         return self.root
 
     def _repr_mimebundle_(self, **kwargs):
-        self._sync_figures()
         return self.root._repr_mimebundle_(**kwargs)
-
-    def _sync_figures(self) -> None:
-        with self._lock:
-            self.figure.sync()
 
     # -----------------------------------------------------------------------------------------------------
     # state
@@ -710,7 +692,6 @@ class LayerLab:
             self.figure.full(self.run, self.run.cfg.desc_act)
             self._render_frame(force=True)
             self._render_summary()
-            self._sync_figures()
 
     def _render_frame(self, force: bool = False) -> None:
         """One animation frame: the cropped heatmaps, the column profile, the cursor, the curves, the text."""
@@ -890,15 +871,14 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
         self.apply_preset(change["new"])
 
     @guarded
-    def _on_hover(self, trace, points, state) -> None:
-        if not points.xs:
-            return
-        self.highlight(int(round(float(points.xs[0]))))
+    def _on_hover(self, col) -> None:
+        """The mouse is over column `col` (processing position) of a view, or left them (None)."""
+        self.highlight(col)
 
     @guarded
-    def _on_click_diag(self, trace, points, state) -> None:
-        if points.xs:
-            self.goto(int(round(float(points.xs[0]))))
+    def _on_click(self, col) -> None:
+        """A click on a column of any view jumps there."""
+        self.goto(as_int(col))
 
     @guarded
     def _on_copy_link(self, _button=None) -> None:
