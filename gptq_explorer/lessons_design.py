@@ -757,10 +757,11 @@ def calibration_set(tokenizer, calib: str, nsamples: int, seqlen: int, seed: int
 
 def whole_model_run(lm, cfg: QuantConfig | None, method: str = "gptq", calib: str = "prose",
                     nsamples: int = 16, seqlen: int = 512, eval_corpora=("prose", "code"),
-                    eval_windows: int = 8) -> dict:
+                    eval_windows: int = 8, seed: int = 0) -> dict:
     """Quantize a copy of the model (models.quantize.quantize_model, the paper's sequential method) and
-    measure its perplexity on the first eval_windows x seqlen evaluation tokens of each corpus.
-    cfg=None (method "fp") evaluates the unquantized model."""
+    measure its perplexity on the first eval_windows x seqlen evaluation tokens of each corpus (the same
+    tokens for every seed). `seed` draws the calibration windows. cfg=None (method "fp") evaluates the
+    unquantized model."""
     from .data import evaluation_ids
     from .metrics import perplexity
     from .models.quantize import quantize_model
@@ -768,9 +769,9 @@ def whole_model_run(lm, cfg: QuantConfig | None, method: str = "gptq", calib: st
     t = time.perf_counter()
     model = lm.model
     out = {"method": method, "calib": calib if method == "gptq" else "-", "nsamples": nsamples,
-           "seqlen": seqlen, "eval_windows": eval_windows}
+           "seqlen": seqlen, "eval_windows": eval_windows, "seed": seed if method == "gptq" else None}
     if cfg is not None:
-        ids = calibration_set(lm.tokenizer, calib, nsamples, seqlen) if method == "gptq" else None
+        ids = calibration_set(lm.tokenizer, calib, nsamples, seqlen, seed) if method == "gptq" else None
         qm = quantize_model(lm, ids, cfg, method=method, progress=False, inplace=False,
                             hessian_condition=False)
         model = qm.model

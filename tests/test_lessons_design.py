@@ -280,7 +280,10 @@ def test_whole_model_run_on_tiny_model(tiny_lm):
                           seqlen=32, eval_windows=2)
     assert q["config"] == "3-bit g32 sym" and q["dead inputs"] >= 0
     assert q["bits per weight"] == pytest.approx(D.model_storage(tiny_lm, 3, 32)["linear bits per weight"])
-    assert q["ppl prose"] != fp["ppl prose"]
+    assert q["ppl prose"] != fp["ppl prose"] and q["seed"] == 0
+    q1 = D.whole_model_run(tiny_lm, QuantConfig(bits=3, group_size=32), "gptq", "prose + code", nsamples=2,
+                           seqlen=32, eval_windows=2, seed=1)  # other calibration windows, same eval tokens
+    assert q1["seed"] == 1 and q1["ppl prose"] != q["ppl prose"]
     # a copy was quantized: the model itself is unchanged
     assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
 

@@ -87,6 +87,7 @@ export default {
     canvas.style.width = WIDTH + "px";
     canvas.style.height = HEIGHT + "px";
     canvas.style.cursor = "crosshair";
+    canvas.setAttribute("role", "img");
     const tip = document.createElement("div");
     tip.style.cssText = "position:absolute;pointer-events:none;display:none;background:rgba(255,255,255,0.95);"
       + "border:1px solid #999;border-radius:3px;padding:2px 6px;font:12px sans-serif;white-space:nowrap;z-index:5";
@@ -375,6 +376,8 @@ export default {
         cursor_path: `column ${k} of crop ${frame.c0}-${frame.c1}`, diag_title: scene.diag_title, hover,
       };
       el.setAttribute("data-drawn", String(frame.seq));
+      canvas.setAttribute("aria-label", `GPTQ step ${k + 1} of ${scene.n}: heatmaps of rows ${frame.r0}-${frame.r1 - 1}, `
+        + `positions ${frame.c0}-${frame.c1 - 1}; ${scene.diag_title}; running output error, GPTQ vs RTN`);
       const now = Date.now();
       if (ackTimer) { clearTimeout(ackTimer); ackTimer = null; }
       const ack = () => { lastAck = Date.now(); model.send({ event: "drawn", seq: frame.seq }); };
