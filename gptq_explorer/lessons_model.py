@@ -660,7 +660,7 @@ def mixed_rows(runs: list[MixedRun], fp_ppl: float, base: MixedRun) -> list[dict
     return rows
 
 
-SHIPPED_CONFIGS = ((4, 128, True), (3, 128, True))
+SHIPPED_CONFIGS = ((4, 128, True), (3, 128, True), (4, 128, False), (3, 128, False))
 
 
 def shipped_comparison(model: str = "smollm2-135m", configs=SHIPPED_CONFIGS,

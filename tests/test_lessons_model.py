@@ -361,7 +361,7 @@ def test_shipped_comparison_reads_results(tmp_path, monkeypatch):
 
     monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(tmp_path))
     empty = L.shipped_comparison("m")
-    assert len(empty["missing"]) == 5 and empty["rows"] == [] and "bench_models.py" in empty["message"]
+    assert len(empty["missing"]) == 9 and empty["rows"] == [] and "bench_models.py" in empty["message"]
     (tmp_path / "m").mkdir()
     ppl = {"fp": 10.0, "rtn-w4-g128-sym": 14.0, "gptq-w4-g128-sym": 12.0}
     for rid, p in ppl.items():
@@ -373,7 +373,8 @@ def test_shipped_comparison_reads_results(tmp_path, monkeypatch):
         assert rid == (run_id(method) if method != "fp" else "fp")
         (tmp_path / "m" / f"{rid}.json").write_text(json.dumps(report))
     got = L.shipped_comparison("m")
-    assert got["missing"] == ["rtn-w3-g128-sym", "gptq-w3-g128-sym"]
+    assert got["missing"] == ["rtn-w3-g128-sym", "gptq-w3-g128-sym", "rtn-w4-g128-asym", "gptq-w4-g128-asym",
+                              "rtn-w3-g128-asym", "gptq-w3-g128-asym"]
     rows = {r["run"]: r for r in got["rows"]}
     assert rows["gptq-w4-g128-sym"]["prose ppl"] == 12.0 and rows["gptq-w4-g128-sym"]["code ppl"] == 6.0
     assert rows["gptq-w4-g128-sym"]["calibration"] == "128 x 512 prose" and rows["fp"]["bits"] == 32

@@ -106,25 +106,41 @@ def test_shipped_fp_protocol(monkeypatch):
     assert 5 < fp["perplexity"]["prose"] < 50 and 1 < fp["perplexity"]["code"] < 50
 
 
-@pytest.mark.parametrize("bits", [4, 3])
-def test_shipped_gptq_beats_rtn_at_g128(monkeypatch, bits):
+G128 = [(4, "sym"), (3, "sym"), (4, "asym"), (3, "asym")]
+
+
+@pytest.mark.parametrize("bits,grid", G128)
+def test_shipped_gptq_beats_rtn_at_g128(monkeypatch, bits, grid):
     monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
-    fp, rtn, gptq = shipped("fp"), shipped(f"rtn-w{bits}-g128-sym"), shipped(f"gptq-w{bits}-g128-sym")
+    fp, rtn, gptq = shipped("fp"), shipped(f"rtn-w{bits}-g128-{grid}"), shipped(f"gptq-w{bits}-g128-{grid}")
     assert gptq["calibration"]["nsamples"] == 128 and gptq["calibration"]["seqlen"] == 512
+    assert gptq["config"]["sym"] == (grid == "sym") and rtn["config"]["sym"] == (grid == "sym")
     for corpus in ("prose", "code"):
         f, r, g = (x["perplexity"][corpus] for x in (fp, rtn, gptq))
         assert f < g < r, (corpus, f, g, r)  # quantization costs something; GPTQ costs less than RTN
-    assert find_run("smollm2-135m", "gptq", bits=bits, group_size=128)["run_id"] == f"gptq-w{bits}-g128-sym"
+    found = find_run("smollm2-135m", "gptq", bits=bits, group_size=128, sym=grid == "sym")
+    assert found["run_id"] == f"gptq-w{bits}-g128-{grid}"
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-def test_shipped_runs_carry_what_the_model_lab_shows(monkeypatch, bits):
+def test_shipped_asym_beats_sym(monkeypatch, bits):
+    """The asymmetric grid (a zero per group) fits skewed groups better: lower perplexity than the
+    symmetric one for both methods on both corpora, at both widths."""
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    for method in ("rtn", "gptq"):
+        sym, asym = shipped(f"{method}-w{bits}-g128-sym"), shipped(f"{method}-w{bits}-g128-asym")
+        for corpus in ("prose", "code"):
+            assert asym["perplexity"][corpus] < sym["perplexity"][corpus], (method, bits, corpus)
+
+
+@pytest.mark.parametrize("bits,grid", G128)
+def test_shipped_runs_carry_what_the_model_lab_shows(monkeypatch, bits, grid):
     """Samples for the standard prompts (FP and both methods), and per-layer output errors for RTN too,
     measured on the same calibration inputs as GPTQ (--rtn-calib), so the per-layer chart compares them."""
     from gptq_explorer.metrics import SAMPLE_PROMPTS
 
     monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
-    fp, rtn, gptq = shipped("fp"), shipped(f"rtn-w{bits}-g128-sym"), shipped(f"gptq-w{bits}-g128-sym")
+    fp, rtn, gptq = shipped("fp"), shipped(f"rtn-w{bits}-g128-{grid}"), shipped(f"gptq-w{bits}-g128-{grid}")
     for rep in (fp, rtn, gptq):
         assert list(rep["samples"]) == list(SAMPLE_PROMPTS) and all(rep["samples"].values())
     assert rtn["calibration"] == gptq["calibration"]
