@@ -17,9 +17,11 @@ Hessian: "held-out" uses text that calibration never saw (the evaluation part of
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -782,6 +784,53 @@ def whole_model_run(lm, cfg: QuantConfig | None, method: str = "gptq", calib: st
         ids = evaluation_ids(lm.tokenizer, c, n_tokens=eval_windows * seqlen)
         out[f"ppl {c}"] = perplexity(model, ids, seqlen=seqlen, progress=False).ppl
     out["seconds"] = time.perf_counter() - t
+    return out
+
+
+def calibration_seed_runs(folder: str | Path | None = None) -> list[dict]:
+    """Lesson 6's whole-model runs repeated over calibration seeds (benchmarks/lesson6_seeds.py writes one
+    JSON per run into <results>/lesson6/), sorted by calibration set and seed."""
+    from .results import results_dir
+
+    folder = Path(folder) if folder is not None else results_dir() / "lesson6"
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable run ({exc}); delete it and rerun "
+                             "benchmarks/lesson6_seeds.py") from None
+    return sorted(runs, key=lambda r: (r["calib"], r["seed"]))
+
+
+def seed_summary(runs: list[dict], corpora=("prose", "code")) -> list[dict]:
+    """Per calibration set: how many seeds, and the mean, lowest and highest perplexity on each corpus."""
+    out = []
+    for calib in dict.fromkeys(r["calib"] for r in runs):
+        rs = [r for r in runs if r["calib"] == calib]
+        row = {"calibrated on": calib, "seeds": len(rs)}
+        for c in corpora:
+            v = [r[f"ppl {c}"] for r in rs]
+            row.update({f"{c}: mean": float(np.mean(v)), f"{c}: lowest": min(v), f"{c}: highest": max(v)})
+        out.append(row)
+    return out
+
+
+def seed_winners(runs: list[dict], corpora=("prose", "code")) -> list[dict]:
+    """For each seed that has every calibration set: the perplexity of each on each corpus, and which
+    calibration set scored best on each corpus."""
+    calibs = list(dict.fromkeys(r["calib"] for r in runs))
+    by = {(r["calib"], r["seed"]): r for r in runs}
+    out = []
+    for seed in sorted({r["seed"] for r in runs}):
+        if not all((c, seed) in by for c in calibs):
+            continue
+        row: dict = {"seed": seed}
+        for corpus in corpora:
+            vals = {c: by[(c, seed)][f"ppl {corpus}"] for c in calibs}
+            row.update({f"{corpus}, calibrated on {c}": v for c, v in vals.items()})
+            row[f"best on {corpus}"] = min(vals, key=vals.get)
+        out.append(row)
     return out
 
 

@@ -297,3 +297,27 @@ def test_whole_model_results_are_consistent():
         if key != "fp":
             assert r["bits per weight"] == pytest.approx(bits, abs=1e-4) and r["dead inputs"] == 0
             assert r["ppl prose"] > runs["fp"]["ppl prose"] and r["ppl code"] > runs["fp"]["ppl code"]
+
+
+def test_calibration_seed_runs_summary_and_winners(tmp_path):
+    import json
+
+    ppl = {("prose", 0): (19.8, 16.8), ("code", 0): (18.8, 14.9), ("prose", 1): (19.5, 16.9),
+           ("code", 1): (20.5, 15.1), ("prose", 2): (19.0, 17.0)}  # seed 2 lacks the code run
+    for (calib, seed), (p, c) in ppl.items():
+        run = {"method": "gptq", "calib": calib, "seed": seed, "ppl prose": p, "ppl code": c}
+        (tmp_path / f"{calib}-{seed}.json").write_text(json.dumps(run))
+    runs = D.calibration_seed_runs(tmp_path)
+    assert [(r["calib"], r["seed"]) for r in runs] == [("code", 0), ("code", 1), ("prose", 0), ("prose", 1),
+                                                       ("prose", 2)]
+    summ = {r["calibrated on"]: r for r in D.seed_summary(runs)}
+    assert summ["prose"]["seeds"] == 3 and summ["prose"]["prose: mean"] == pytest.approx(19.433333, rel=1e-6)
+    assert (summ["code"]["code: lowest"], summ["code"]["code: highest"]) == (14.9, 15.1)
+    wins = D.seed_winners(runs)
+    assert [w["seed"] for w in wins] == [0, 1]  # seed 2 is incomplete
+    assert [w["best on prose"] for w in wins] == ["code", "prose"]
+    assert {w["best on code"] for w in wins} == {"code"}
+    assert wins[1]["prose, calibrated on code"] == 20.5
+    (tmp_path / "broken.json").write_text("{half")
+    with pytest.raises(ValueError, match="broken.json is not a readable run"):
+        D.calibration_seed_runs(tmp_path)
