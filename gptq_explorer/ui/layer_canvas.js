@@ -384,7 +384,11 @@ export default {
       if (now - lastAck > 250) ack(); else ackTimer = setTimeout(ack, 250 - (now - lastAck));
     }
 
-    const schedule = () => { if (!pending) { pending = true; requestAnimationFrame(draw); } };
+    // requestAnimationFrame does not run in a hidden tab: draw (and answer) on a timer there, or the
+    // kernel's watchdog would take the silence for a frozen view
+    const schedule = () => {
+      if (!pending) { pending = true; if (document.hidden) setTimeout(draw, 0); else requestAnimationFrame(draw); }
+    };
 
     // ---- the mouse: tooltip, the linked highlight, click to jump
     function locate(x, y) {
@@ -434,12 +438,15 @@ export default {
       if (hit) model.send({ event: "click", col: hit.col });
     });
 
+    const onVisibility = () => { if (document.hidden && pending) draw(); };  // a frame waiting on rAF
+    document.addEventListener("visibilitychange", onVisibility);
     model.on("change:frame", schedule);
     model.on("change:scene", schedule);
     model.on("change:hover", schedule);
     draw();
     return () => {
       if (ackTimer) clearTimeout(ackTimer);
+      document.removeEventListener("visibilitychange", onVisibility);
       model.off("change:frame", schedule);
       model.off("change:scene", schedule);
       model.off("change:hover", schedule);
