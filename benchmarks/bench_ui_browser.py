@@ -185,6 +185,8 @@ def main(argv=None) -> int:
                 span = (frames[-1][0] - frames[0][0]) / 1000
                 gaps = [(b[0] - f[0]) for f, b in zip(frames, frames[1:])]
                 out["frames_drawn"] = len(frames)
+                # the cursor must only move forward while playing (a jump back is a stale update)
+                out["backward_jumps"] = sum(int(b[1]) < int(f[1]) for f, b in zip(frames, frames[1:]))
                 out["frames_per_s"] = (len(frames) - 1) / span if span > 0 else float("nan")
                 out["frame_gap_ms_median"] = statistics.median(gaps)
                 out["frame_gap_ms_p95"] = sorted(gaps)[int(0.95 * (len(gaps) - 1))]

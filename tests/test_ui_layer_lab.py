@@ -428,3 +428,55 @@ def test_the_dashboards_skip_jsonschemas_slow_iri_checker():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
+
+
+def test_playing_sends_frames_ahead_and_the_view_runs_the_clock(monkeypatch):
+    """While playing, the page's view advances the cursor itself (jslinked to the Play control, whose own
+    timer is parked), through frames the kernel sends ahead: each exactly the frame the kernel would draw
+    at that column, sent once per generation (run + crop), and not again as the synced frame."""
+    lab = LayerLab(models={})
+    assert lab.play.interval == lab_module.PLAY_PARKED_MS and lab.fig.fps == 15
+    lab.controls["fps"].value = 10
+    assert lab.fig.fps == 10
+    sent = []
+    monkeypatch.setattr(lab.fig, "send", lambda content, buffers=None: sent.append((content, buffers)))
+    lab.goto(100)
+    lab.fig.playing = True  # what jslink does when the Play button is pressed
+    (msg, bufs), = sent
+    ks = [m["k"] for m in msg["frames"]]
+    assert msg["event"] == "ahead" and ks == list(range(101, 101 + lab_module.AHEAD_FRAMES))
+    assert len(bufs) == 7 * len(ks) and msg["gen"] == lab.figure.gen
+    # frame 105 as sent ahead == what the kernel shows at column 105
+    i = ks.index(105)
+    ahead = {name: from_f32(bufs[7 * i + j]) for j, name in enumerate(("W", "updated", "Q", "error",
+                                                                          "compensation"))}
+    seq = lab.fig.seq
+    lab.controls["col"].value = 105  # the slider follows the view's cursor
+    assert lab.figure.shown()["seq"] == seq  # the view has it: no synced frame sent again
+    for name, z in ahead.items():
+        np.testing.assert_array_equal(z, lab.view(name)[0].astype(np.float32).ravel())
+    (msg2, _), = sent[1:]
+    assert [m["k"] for m in msg2["frames"]] == [101 + lab_module.AHEAD_FRAMES + j for j in range(5)]
+    lab.controls["col"].value = 106
+    lab.play.playing = lab.fig.playing = False  # paused: the synced frame is the column shown
+    assert lab.fig.seq > seq and lab.figure.shown()["k"] == 106
+    gen = lab.figure.gen
+    lab.set(rows=16)  # another crop: frames sent ahead are void
+    assert lab.figure.gen > gen and lab.fig.scene["gen"] == lab.figure.gen
+    gen = lab.figure.gen
+    lab.set(bits=3)  # another run too
+    assert lab.figure.gen > gen
+    sent.clear()
+    lab.fig.playing = True
+    assert sent[0][0]["gen"] == lab.figure.gen and sent[0][0]["frames"][0]["k"] == 107
+
+
+def test_the_kernel_does_not_push_the_column_back_while_playing():
+    lab = LayerLab(models={})
+    lab.play.playing = True
+    lab.play.value = 40  # the page's Play is ahead ...
+    lab.controls["col"].value = 37  # ... of the slider value the kernel receives
+    assert lab.play.value == 40
+    lab.play.playing = False
+    lab.controls["col"].value = 12
+    assert lab.play.value == 12

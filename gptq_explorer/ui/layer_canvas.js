@@ -5,9 +5,14 @@
 // five 24 x 32 heatmaps and three line plots on a canvas takes a few milliseconds.
 //
 // Model state (set by Python, see layer_figure.py):
-//   scene  {n, d_out, diag_h, curve_gptq, curve_rtn (float32 bytes), wmax, emax, diag_title, ranges}
-//   frame  {seq, k, r0, r1, c0, c1, z: {W, updated, Q, error, compensation} (float32 rows x cols), w, q}
+//   scene  {gen, n, d_out, diag_h, curve_gptq, curve_rtn (float32 bytes), wmax, emax, diag_title, ranges}
+//   frame  {seq, gen, k, r0, r1, c0, c1, z: {W, updated, Q, error, compensation} (float32), w, q}
 //   hover  the highlighted position, -1 for none (also set here when the mouse moves over a column)
+//   cursor, playing  jslinked to the Play control's value and playing; fps
+// The animation clock runs here: while playing, a requestAnimationFrame advances `cursor` by one column
+// when the clock says so (it waits for the kernel rather than skip a frame it does not have),
+// drawing frames the kernel sent ahead ({event: "ahead", gen, frames: [meta]} + 7 buffers per frame) and
+// the slider follows through jslink. Frames of an older `gen` (another run or crop) are dropped.
 // Messages to Python: {event: "click", col}, {event: "drawn", seq} (at most every 250 ms, and the last).
 // For tests and the page probe: the element gets data-drawn, and el.gptqState holds what is drawn.
 
@@ -98,15 +103,38 @@ export default {
 
     let scene = null, frame = null, hover = -1, pending = false;
     let lastAck = 0, ackTimer = null;
+    const cache = new Map();  // column -> frame, this generation only
+    let cacheGen = null, sceneRaw = null;
 
-    function read() {
-      const s = model.get("scene") || {}, f = model.get("frame") || {};
-      scene = {
-        ...s, diag_h: f32(s.diag_h), curve_gptq: f32(s.curve_gptq), curve_rtn: f32(s.curve_rtn),
-      };
+    function decodeFrame(f) {
       const z = {};
       for (const name of HEATMAPS) z[name] = f32(f.z ? f.z[name] : null);
-      frame = { ...f, z, w: f32(f.w), q: f32(f.q) };
+      return { ...f, z, w: f32(f.w), q: f32(f.q) };
+    }
+    function keep(f) {
+      if (f.gen !== cacheGen || f.k === undefined) return;
+      cache.set(f.k, f);
+      if (cache.size > 400) {  // drop the frames furthest behind the cursor
+        const cur = model.get("cursor");
+        for (const key of [...cache.keys()].sort((a, b) => Math.abs(b - cur) - Math.abs(a - cur)).slice(0, 100)) {
+          cache.delete(key);
+        }
+      }
+    }
+    function read() {
+      const s = model.get("scene") || {};
+      if (s !== sceneRaw) {
+        sceneRaw = s;
+        scene = { ...s, diag_h: f32(s.diag_h), curve_gptq: f32(s.curve_gptq), curve_rtn: f32(s.curve_rtn) };
+      }
+      if (scene.gen !== cacheGen) { cache.clear(); cacheGen = scene.gen; }
+      const traitFrame = model.get("frame") || {};
+      if (!cache.has(traitFrame.k) || cache.get(traitFrame.k).raw !== traitFrame) {
+        keep({ ...decodeFrame(traitFrame), raw: traitFrame });
+      }
+      // the cursor's frame if at hand, else the kernel's latest
+      const cur = model.get("cursor");
+      frame = cache.get(cur) || cache.get(traitFrame.k) || decodeFrame(traitFrame);
       hover = model.get("hover");
     }
 
@@ -344,9 +372,12 @@ export default {
       polyline([[x, py], [x, py + ph]], color, dashed ? 1.5 : 1, dashed ? [3, 3] : null);
     }
 
+    let drawn = null;  // what is on the canvas: the frame, scene and highlight objects
     function draw() {
       pending = false;
       read();
+      if (drawn && drawn[0] === frame && drawn[1] === scene && drawn[2] === hover) return;
+      drawn = [frame, scene, hover];
       ctx.clearRect(0, 0, WIDTH, HEIGHT);
       ctx.fillStyle = "#fff";
       ctx.fillRect(0, 0, WIDTH, HEIGHT);
@@ -366,21 +397,23 @@ export default {
     }
 
     function publish() {
+      // answers carry the kernel's latest frame seq (received, whichever frame is on screen)
+      const seq = (model.get("frame") || {}).seq;
       const k = frame.k, nc = frame.c1 - frame.c0;
       const upto = (c) => Array.from(c, (v, p) => (p <= k ? v : NaN));
       const rows = (z) => Array.from({ length: frame.r1 - frame.r0 }, (_, r) => Array.from(z.subarray(r * nc, (r + 1) * nc)));
       el.gptqState = {
-        drawn: true, seq: frame.seq, n: scene.n, k, window: [frame.r0, frame.r1, frame.c0, frame.c1],
+        drawn: true, seq, n: scene.n, k, window: [frame.r0, frame.r1, frame.c0, frame.c1],
         diag_h: Array.from(scene.diag_h), marker_x: [k], gptq_y: upto(scene.curve_gptq), rtn_y: upto(scene.curve_rtn),
         error_z: rows(frame.z.error), error_cmax: scene.emax, curves_top: (scene.curves_range || [0, 0])[1],
         cursor_path: `column ${k} of crop ${frame.c0}-${frame.c1}`, diag_title: scene.diag_title, hover,
       };
-      el.setAttribute("data-drawn", String(frame.seq));
+      el.setAttribute("data-drawn", String(seq));
       canvas.setAttribute("aria-label", `GPTQ step ${k + 1} of ${scene.n}: heatmaps of rows ${frame.r0}-${frame.r1 - 1}, `
         + `positions ${frame.c0}-${frame.c1 - 1}; ${scene.diag_title}; running output error, GPTQ vs RTN`);
       const now = Date.now();
       if (ackTimer) { clearTimeout(ackTimer); ackTimer = null; }
-      const ack = () => { lastAck = Date.now(); model.send({ event: "drawn", seq: frame.seq }); };
+      const ack = () => { lastAck = Date.now(); model.send({ event: "drawn", seq }); };
       if (now - lastAck > 250) ack(); else ackTimer = setTimeout(ack, 250 - (now - lastAck));
     }
 
@@ -438,6 +471,43 @@ export default {
       if (hit) model.send({ event: "click", col: hit.col });
     });
 
+    // ---- the clock
+    let clock = null;  // {t0, k0}: the cursor was k0 at time t0
+    function tick(now) {
+      if (!model.get("playing")) { clock = null; return; }
+      requestAnimationFrame(tick);
+      if (!scene || !scene.n) return;
+      const cur = model.get("cursor");
+      if (!clock || clock.k0 > cur) clock = { t0: now, k0: cur };
+      const due = clock.k0 + Math.floor(((now - clock.t0) / 1000) * Math.max(1, model.get("fps")));
+      if (due <= cur) return;
+      // one column per animation frame, never skipping one: behind schedule, the next frames come at the
+      // display's rate until the clock is caught up
+      const next = cur + 1;
+      if (!cache.has(next)) {  // the kernel has not sent it yet: wait, and restart the clock from here
+        clock = { t0: now, k0: cur };
+        return;
+      }
+      model.set("cursor", Math.min(next, scene.n - 1));
+      draw();  // in this animation frame, not the next (the change also queued a draw: it finds nothing new)
+      if (next >= scene.n - 1) model.set("playing", false);
+      model.save_changes();
+    }
+    const onPlaying = () => { if (model.get("playing")) { clock = null; requestAnimationFrame(tick); } };
+    const onCustom = (msg, buffers) => {
+      if (!msg || msg.event !== "ahead" || msg.gen !== cacheGen) return;
+      msg.frames.forEach((meta, i) => {
+        const b = buffers.slice(7 * i, 7 * i + 7);
+        const z = {};
+        HEATMAPS.forEach((name, j) => { z[name] = f32(b[j]); });
+        keep({ ...meta, z, w: f32(b[5]), q: f32(b[6]) });
+      });
+    };
+    model.on("change:playing", onPlaying);
+    model.on("change:cursor", schedule);
+    model.on("msg:custom", onCustom);
+    if (model.get("playing")) onPlaying();
+
     const onVisibility = () => { if (document.hidden && pending) draw(); };  // a frame waiting on rAF
     document.addEventListener("visibilitychange", onVisibility);
     model.on("change:frame", schedule);
@@ -448,6 +518,9 @@ export default {
       if (ackTimer) clearTimeout(ackTimer);
       document.removeEventListener("visibilitychange", onVisibility);
       model.off("change:frame", schedule);
+      model.off("change:playing", onPlaying);
+      model.off("change:cursor", schedule);
+      model.off("msg:custom", onCustom);
       model.off("change:scene", schedule);
       model.off("change:hover", schedule);
     };

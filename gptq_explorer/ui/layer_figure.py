@@ -59,6 +59,12 @@ class LayerCanvas(anywidget.AnyWidget):
     scene = traitlets.Dict().tag(sync=True)
     frame = traitlets.Dict().tag(sync=True)
     hover = traitlets.Int(-1).tag(sync=True)
+    # the animation clock runs in the page (layer_canvas.js): `playing` and `cursor` are jslinked to the
+    # Play control's playing and value; while playing the view advances `cursor` at `fps` through frames
+    # the kernel sent ahead, so no step waits for a round trip to the kernel
+    cursor = traitlets.Int(0).tag(sync=True)
+    playing = traitlets.Bool(False).tag(sync=True)
+    fps = traitlets.Int(15).tag(sync=True)
     seq = traitlets.Int(0)  # frames sent, kernel side only: the view answers with the seq it drew
 
 
@@ -78,6 +84,10 @@ class LabFigure:
         self.win: Window | None = None
         self.n = run.n
         self._fr: dict[str, np.ndarray] = {}
+        self.gen = 0  # frames of one generation share the run and the crop settings (layer_canvas.js)
+        self._ahead_upto = -1  # the last column sent ahead in this generation
+        self._ahead_from = 0
+        self._crop: tuple | None = None
         self.adopt(LayerCanvas())
         self.full(run, run.cfg.desc_act)
         self.frame(run, k, win, fr, None)
@@ -114,13 +124,16 @@ class LabFigure:
     def fresh_copy(self) -> LayerCanvas:
         """A new widget holding this one's current state."""
         w = self.widget
-        return LayerCanvas(scene=dict(w.scene), frame=dict(w.frame), hover=w.hover, seq=w.seq)
+        return LayerCanvas(scene=dict(w.scene), frame=dict(w.frame), hover=w.hover, seq=w.seq,
+                           cursor=w.cursor, playing=w.playing, fps=w.fps)
 
     # -----------------------------------------------------------------------------------------------------
 
     def full(self, run: Run, desc_act: bool) -> None:
         """What changes with the run: diag(H), the curves, the colour ranges, the axes, the titles."""
         self.n = run.n
+        self.gen += 1
+        self._ahead_upto = -1
         wmax = float(np.percentile(np.abs(run.W0), 99.5)) or 1.0
         emax = float(np.percentile(np.abs(run.Wq - run.Q), 99.5)) or 1.0
         order = "desc_act order: decreasing diag(H)" if desc_act else "column order"
@@ -132,23 +145,63 @@ class LabFigure:
             # the top is the larger final error: the curves grow by orders of magnitude (hence log)
             "curves_range": [_log_range(both)[0], float(np.log10(max(run.curve_gptq[-1], run.curve_rtn[-1],
                                                                      1e-30) * 1.25))],
-            "diag_title": f"diag(H), {order}",
+            "diag_title": f"diag(H), {order}", "gen": self.gen,
         }
         self.win = None
 
-    def frame(self, run: Run, k: int, win: Window, fr: dict, hover: int | None) -> None:
-        """One animation frame (one message): the five crops, the column profile, the cursor."""
-        w, q = run.Wq[win.r0:win.r1, k], run.Q[win.r0:win.r1, k]
+    def new_crop(self) -> None:
+        """The crop settings changed: frames sent ahead with the old ones are void."""
+        self.gen += 1
+        self._ahead_upto = -1
+        self.widget.scene = {**self.widget.scene, "gen": self.gen}
+
+    def frame(self, run: Run, k: int, win: Window, fr: dict, hover: int | None, sent: bool = False) -> None:
+        """One animation frame (one message): the five crops, the column profile, the cursor. sent=True: the
+        view already has this frame (sent ahead while playing): keep it here, send nothing."""
+        crop = (win.r0, win.r1, win.c1 - win.c0)
+        if crop != self._crop:
+            if self._crop is not None:
+                self.new_crop()  # other rows or another width: frames sent ahead are void
+            self._crop = crop
         self._fr = {name: np.asarray(fr[name], dtype=np.float64) for name in HEATMAPS}
+        self._shown = (k, win)
         widget = self.widget
+        if sent:
+            self.win = win
+            return
         with widget.hold_sync():
             widget.seq += 1
-            widget.frame = {
-                "seq": widget.seq, "k": int(k), "r0": win.r0, "r1": win.r1, "c0": win.c0, "c1": win.c1,
-                "z": {name: f32(fr[name]) for name in HEATMAPS}, "w": f32(w), "q": f32(q),
-            }
+            widget.frame = {"seq": widget.seq, **self._frame_state(run, k, win, fr)}
             widget.hover = -1 if hover is None else int(hover)
         self.win = win
+
+    def _frame_state(self, run: Run, k: int, win: Window, fr: dict) -> dict:
+        w, q = run.Wq[win.r0:win.r1, k], run.Q[win.r0:win.r1, k]
+        return {"gen": self.gen, "k": int(k), "r0": win.r0, "r1": win.r1, "c0": win.c0, "c1": win.c1,
+                "z": {name: f32(fr[name]) for name in HEATMAPS}, "w": f32(w), "q": f32(q)}
+
+    def has_sent(self, k: int) -> bool:
+        """Whether the view got column k's frame ahead, in this generation."""
+        return self._ahead_from <= k <= self._ahead_upto
+
+    def send_ahead(self, run: Run, k: int, make, count: int) -> int:
+        """Send the view the frames after column k it does not have yet (up to k + count), in one message;
+        make(j) -> (window, heatmaps) of column j. Returns how many were sent."""
+        if k < self._ahead_from:  # a jump back: the view may have dropped those frames
+            self._ahead_upto = -1
+        self._ahead_from = k
+        start, stop = max(k, self._ahead_upto) + 1, min(k + count, run.n - 1)
+        if stop < start:
+            return 0
+        metas, buffers = [], []
+        for j in range(start, stop + 1):
+            win, fr = make(j)
+            st = self._frame_state(run, j, win, fr)
+            metas.append({key: v for key, v in st.items() if key not in ("z", "w", "q")})
+            buffers += [st["z"][name] for name in HEATMAPS] + [st["w"], st["q"]]
+        self.widget.send({"event": "ahead", "gen": self.gen, "frames": metas}, buffers=buffers)
+        self._ahead_upto = stop
+        return stop - start + 1
 
     def hover(self, col: int | None, win: Window) -> None:
         self.widget.hover = -1 if col is None else int(col)
@@ -158,8 +211,8 @@ class LabFigure:
 
     def view(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A heatmap as drawn: (z (rows, cols), row indices, processing positions)."""
-        f = self.widget.frame
-        return self._fr[name].copy(), np.arange(f["r0"], f["r1"]), np.arange(f["c0"], f["c1"])
+        _, win = self._shown
+        return self._fr[name].copy(), win.rows, win.cols
 
     def shown(self) -> dict:
         """diag(H), the running curves as drawn (NaN after the cursor), the cursor, the highlight, the

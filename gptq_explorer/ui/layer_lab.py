@@ -78,6 +78,8 @@ CROP_ROWS = (4, 96)
 CROP_COLS = (4, 128)
 FPS = (1, 30)
 MAX_CACHED_RUNS = 8
+PLAY_PARKED_MS = 10**9  # the Play control's own timer never fires (the figure's view runs the clock)
+AHEAD_FRAMES = 20  # while playing, frames sent ahead of the kernel's column (~1.3 s at 15 frames/s)
 FIGURE_DEADLINE_S = 60.0  # after the page rendered, the figure must have drawn itself (see _on_probe)
 FIGURE_STALE_S = 30.0  # updates unanswered this long: frozen (a loaded browser took 8 s to answer)
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
@@ -241,7 +243,9 @@ class LayerLab:
                                layout=W.Layout(width="420px"), style={"description_width": "55px"})
         c["fps"] = W.IntSlider(min=FPS[0], max=FPS[1], value=15, description="frames/s",
                                layout=W.Layout(width="230px"), style={"description_width": "60px"})
-        self.play = W.Play(min=0, max=575, step=1, interval=round(1000 / 15), show_repeat=False,
+        # the Play control gives the buttons; its own timer is parked (PLAY_PARKED_MS): the figure's view
+        # runs the clock (layer_figure), so a step never waits for the kernel
+        self.play = W.Play(min=0, max=575, step=1, interval=PLAY_PARKED_MS, show_repeat=False,
                            description="play")
         widgets.jslink((self.play, "value"), (c["col"], "value"))
         self.preset = W.Dropdown(options=[CUSTOM, *PRESETS], value=CUSTOM, description="preset",
@@ -258,7 +262,6 @@ class LayerLab:
             for key in ("corpus", "nsamples", *CONFIG_KEYS, "rows", "cols", "fps"):
                 if values[key] != DEFAULTS[key]:
                     self._set_control(key, _validate_value(key, values[key]))
-        self.play.interval = round(1000 / int(c["fps"].value))
         self._initial_view = {k: _validate_value(k, values[k]) for k in ("col", "row0")}
         for key in SOURCE_KEYS:
             c[key].observe(functools.partial(self._on_source_change, key), names="value")
@@ -316,7 +319,36 @@ class LayerLab:
         fr = frame(self.run, k, win)
         self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click, lock=self._lock)
         self.fig = self.figure.widget
+        self._link_figure()
         self._watch_figure()
+
+    def _link_figure(self) -> None:
+        """The view's clock follows the Play control (and the slider the view's cursor), in the browser."""
+        for link in getattr(self, "_figure_links", ()):
+            link.unlink()
+        self.fig.fps = int(self.controls["fps"].value)
+        self.fig.cursor = int(self.play.value)
+        self._figure_links = (widgets.jslink((self.play, "value"), (self.fig, "cursor")),
+                              widgets.jslink((self.play, "playing"), (self.fig, "playing")))
+        self.fig.observe(self._on_playing, names="playing")
+
+    @guarded
+    def _on_playing(self, change) -> None:
+        if change["new"]:
+            self._send_ahead()
+        else:  # paused: the synced frame is the column shown (a browser that connects later draws it)
+            self._render_frame(force=True)
+
+    def _send_ahead(self) -> None:
+        """While playing: the frames after the current column that the view has not got yet."""
+        with self._lock:
+            run, rows, cols, row0 = self.run, *(int(self.controls[k].value) for k in ("rows", "cols", "row0"))
+
+            def make(j):
+                win = window(run, j, rows, cols, row0)
+                return win, frame(run, j, win)
+
+            self.figure.send_ahead(run, self.col, make, AHEAD_FRAMES)
 
     # -----------------------------------------------------------------------------------------------------
     # the figure watchdog
@@ -394,6 +426,7 @@ class LayerLab:
             old = self.fig
             self.figure.adopt(self.figure.fresh_copy())
             self.fig = self.figure.widget
+            self._link_figure()
             self._watch_figure()
             self._fig_box.children = (self.fig, *self._fig_box.children[1:])
             self.figure_rebuilds += 1
@@ -593,7 +626,7 @@ class LayerLab:
                 if key in clean and key not in ("model",):
                     self._set_control(key, clean[key])
         if "fps" in clean:
-            self.play.interval = round(1000 / clean["fps"])
+            self.fig.fps = int(clean["fps"])
         if any(k in clean for k in (*SOURCE_KEYS, *CONFIG_KEYS)):
             self._mark_custom()
         if source_change:
@@ -694,14 +727,16 @@ class LayerLab:
             self._render_summary()
 
     def _render_frame(self, force: bool = False) -> None:
-        """One animation frame: the cropped heatmaps, the column profile, the cursor, the curves, the text."""
+        """One animation frame: the cropped heatmaps, the column profile, the cursor, the curves, the text.
+        While playing, a frame the view got ahead is not sent again (only the text is)."""
         with self._lock:
             run = self.run
             k = int(np.clip(self.col, 0, run.n - 1))
             win = self._window(k)
             if force:
                 self.figure.win = None
-            self.figure.frame(run, k, win, frame(run, k, win), self._hover)
+            sent = not force and bool(self.fig.playing) and self.figure.has_sent(k)
+            self.figure.frame(run, k, win, frame(run, k, win), self._hover, sent=sent)
             self._last_window = win
             self.explain.value = self._explain(k)
 
@@ -851,7 +886,9 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
 
     @guarded
     def _sync_play(self, change) -> None:
-        if self.play.value != change["new"]:
+        # not while playing: the page drives both, and the slider's value reaches the kernel late (an
+        # older column pushed back to the Play would make the animation jump back)
+        if not self.play.playing and self.play.value != change["new"]:
             self.play.value = change["new"]
 
     @guarded
@@ -859,10 +896,12 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
         if self._quiet:
             return
         self._render_frame()
+        if self.fig.playing:
+            self._send_ahead()
 
     @guarded
     def _on_fps(self, change) -> None:
-        self.play.interval = round(1000 / int(change["new"]))
+        self.fig.fps = int(change["new"])
 
     @guarded
     def _on_preset(self, change) -> None:
