@@ -472,23 +472,25 @@ export default {
     });
 
     // ---- the clock
-    let clock = null;  // {t0, k0}: the cursor was k0 at time t0
+    let clock = null;  // {t0, k0, at}: the cursor was k0 at time t0; the clock last set it to `at`
     function tick(now) {
       if (!model.get("playing")) { clock = null; return; }
       requestAnimationFrame(tick);
       if (!scene || !scene.n) return;
       const cur = model.get("cursor");
-      if (!clock || clock.k0 > cur) clock = { t0: now, k0: cur };
+      // started, or the cursor was moved by something else (the slider, a step button): count from here
+      if (!clock || cur !== clock.at) clock = { t0: now, k0: cur, at: cur };
       const due = clock.k0 + Math.floor(((now - clock.t0) / 1000) * Math.max(1, model.get("fps")));
       if (due <= cur) return;
       // one column per animation frame, never skipping one: behind schedule, the next frames come at the
       // display's rate until the clock is caught up
       const next = cur + 1;
       if (!cache.has(next)) {  // the kernel has not sent it yet: wait, and restart the clock from here
-        clock = { t0: now, k0: cur };
+        clock = { t0: now, k0: cur, at: cur };
         return;
       }
-      model.set("cursor", Math.min(next, scene.n - 1));
+      clock.at = Math.min(next, scene.n - 1);
+      model.set("cursor", clock.at);
       draw();  // in this animation frame, not the next (the change also queued a draw: it finds nothing new)
       if (next >= scene.n - 1) model.set("playing", false);
       model.save_changes();
