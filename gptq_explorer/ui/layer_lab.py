@@ -6,16 +6,17 @@
 
 One object, one view. Controls pick the layer (model, block, sublayer, calibration corpus and size) and the
 GPTQ config; the engine's stepper runs once per config (cached) and every column can then be replayed on
-a crop in O(crop) (see layer_run). The animation is an ipywidgets Play jslinked to the column slider;
-each frame sends the five cropped heatmaps and the column profile to ONE long-lived canvas widget
-(layer_figure), in one message of binary buffers.
+a crop in O(crop) (see layer_run). Each column's frame (the five cropped heatmaps and the column profile)
+goes to ONE long-lived canvas widget (layer_figure) in one message of binary buffers. The animation's
+clock runs in that widget's view: an ipywidgets Play gives the buttons (its own timer parked), its
+playing/value are jslinked to the view, which advances the cursor at the frames/s setting through frames
+the kernel sends ahead while playing; the column slider follows the Play (jslink) and drives the text.
 
 Voila rules followed here (../shared/reference/jupyter-stack.md): the figure is a widget whose synced
 state is the whole picture, so a browser that connects later draws the current figure; later changes
-happen in callbacks. Every callback
-is wrapped: an error is shown in the page with the fix to try, never raised into the kernel. Loading a
-model runs in a background thread with a progress bar and a Cancel button (cancellation takes effect
-between steps: the model load itself, one call, finishes first).
+happen in callbacks. Every callback is wrapped: an error is shown in the page with the fix to try, never
+raised into the kernel. Loading a model runs in a background thread with a progress bar and a Cancel
+button (cancellation takes effect between steps: the model load itself, one call, finishes first).
 """
 
 from __future__ import annotations
