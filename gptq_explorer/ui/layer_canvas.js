@@ -35,7 +35,7 @@ const PANELS = {
   error: [colX(0), 332, COLW, 236], compensation: [colX(1), 332, COLW, 236], profile: [colX(2), 332, COLW, 236],
   diag: [LEFT, 632, 330, 176], curves: [442, 632, 280, 176],
 };
-const BARS = { W: [740, 44, 216, "w"], error: [740, 342, 216, "w−q"], compensation: [800, 342, 216, "ΔW"] };
+const BARS = { W: [736, 44, 216, "w"], error: [736, 354, 204, "w−q"], compensation: [790, 354, 204, "ΔW"] };
 
 // diverging colour scales (ColorBrewer RdBu and PiYG): negative, zero (light grey), positive
 const SCALES = {
