@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from browser_helpers import (  # noqa: E402
+    COUNT_FRAMES_JS,
     VoilaServer,
     chromium_path,
     launch_chromium,
@@ -47,27 +48,6 @@ from browser_helpers import (  # noqa: E402
 )
 
 NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
-
-# Records, on every animation frame of the page, the cursor column the figure shows (and when).
-COUNT_FRAMES_JS = """() => {
-  const el = document.querySelector('.gptq-layer-figure[data-drawn]');
-  const label = Array.from(document.querySelectorAll('.widget-slider label.widget-label'))
-    .find((l) => l.textContent.trim() === 'column');
-  const readout = label ? label.closest('.widget-slider').querySelector('.widget-readout') : null;
-  window.__frames = [];
-  window.__ticks = [];
-  let last = null, lastTick = null;
-  const tick = () => {
-    const x = el && el.gptqState ? el.gptqState.k : null;
-    if (x !== null && x !== last) { window.__frames.push([performance.now(), x]); last = x; }
-    const v = readout ? readout.textContent.trim() : null;  // the Play control's column, browser side
-    if (v !== null && v !== lastTick) { window.__ticks.push([performance.now(), v]); lastTick = v; }
-    if (!window.__stopCounting) requestAnimationFrame(tick);
-  };
-  window.__stopCounting = false;
-  requestAnimationFrame(tick);
-}"""
-
 
 def summary_layer(page) -> str:
     m = re.search(r"\d-bit g\S+ \S+.*? on ([^\n]+)", page.inner_text("body").replace("\xa0", " "))

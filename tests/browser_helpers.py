@@ -68,6 +68,29 @@ PLOT_STATE_JS = """() => {
 }"""
 
 
+# Records, on every animation frame of the page, the column the Layer Lab's figure shows and the column
+# slider's readout, each time it changes ([time ms, value] in window.__frames / window.__ticks), until
+# window.__stopCounting: counted in the page, so the counting costs no round trips.
+COUNT_FRAMES_JS = """() => {
+  const el = document.querySelector('.gptq-layer-figure[data-drawn]');
+  const label = Array.from(document.querySelectorAll('.widget-slider label.widget-label'))
+    .find((l) => l.textContent.trim() === 'column');
+  const readout = label ? label.closest('.widget-slider').querySelector('.widget-readout') : null;
+  window.__frames = [];
+  window.__ticks = [];
+  let last = null, lastTick = null;
+  const tick = () => {
+    const x = el && el.gptqState ? el.gptqState.k : null;
+    if (x !== null && x !== last) { window.__frames.push([performance.now(), x]); last = x; }
+    const v = readout ? readout.textContent.trim() : null;  // the Play control's column, browser side
+    if (v !== null && v !== lastTick) { window.__ticks.push([performance.now(), v]); lastTick = v; }
+    if (!window.__stopCounting) requestAnimationFrame(tick);
+  };
+  window.__stopCounting = false;
+  requestAnimationFrame(tick);
+}"""
+
+
 def decode(v) -> np.ndarray:
     """A plotly data array as read from the page: a typed-array spec {dtype, bdata, shape} or a list."""
     if v is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser_helpers import (
+    COUNT_FRAMES_JS,
     VoilaServer,
     all_plots,
     chromium_path,
@@ -206,6 +207,7 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
 
         # Play a few frames: the cursor advances in the plot data; then pause (the same button)
         play = page.locator(".widget-play button").first
+        page.evaluate(COUNT_FRAMES_JS)  # every column the figure shows, in the page
         t = time.monotonic()
         play.click()
         s2 = _wait(page, lambda: (s := plot_state(page)) and s["marker_x"].size and s["marker_x"][0] >= 5
@@ -215,6 +217,11 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         col = int(wait_until(lambda: (v := slider_value(page, "column")) and _stable(page, v), 10,
                              0.3, "the column to stop"))
         assert col >= 5
+        # the page's clock (layer_canvas.js) showed every column once, in order: none skipped, none twice,
+        # never back (an older column from the kernel must not win)
+        frames = page.evaluate("() => { window.__stopCounting = true; return window.__frames; }")
+        shown = [int(k) for _, k in frames]
+        assert shown[-1] == col and shown == list(range(shown[0], col + 1)), shown
         s3 = _wait(page, lambda: (s := plot_state(page)) and s["marker_x"][0] == col and s, 10,
                    f"the cursor marker at the paused column {col}")
         assert s3["cursor_path"] != s0["cursor_path"]

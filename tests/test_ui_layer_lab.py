@@ -480,3 +480,7 @@ def test_the_kernel_does_not_push_the_column_back_while_playing():
     lab.play.playing = False
     lab.controls["col"].value = 12
     assert lab.play.value == 12
+    lab.controls["col"].set_state({"value": 30})  # a column from the browser: the Play has it there already
+    assert lab.play.value == 12 and lab.col == 30
+    lab.goto(50)  # a column set here goes to the Play (a browser connecting later copies it to the slider)
+    assert lab.play.value == 50

@@ -480,6 +480,13 @@ export default {
       const cur = model.get("cursor");
       // started, or the cursor was moved by something else (the slider, a step button): count from here
       if (!clock || cur !== clock.at) clock = { t0: now, k0: cur, at: cur };
+      // the cursor's own frame first (the Play steps once by itself when pressed, before the kernel has
+      // sent that frame): show it, and count the next step's time from now
+      if (!(drawn && drawn[0].k === cur)) {
+        if (cache.has(cur)) draw();
+        clock = { t0: now, k0: cur, at: cur };
+        return;
+      }
       const due = clock.k0 + Math.floor(((now - clock.t0) / 1000) * Math.max(1, model.get("fps")));
       if (due <= cur) return;
       // one column per animation frame, never skipping one: behind schedule, the next frames come at the
@@ -504,6 +511,7 @@ export default {
         HEATMAPS.forEach((name, j) => { z[name] = f32(b[j]); });
         keep({ ...meta, z, w: f32(b[5]), q: f32(b[6]) });
       });
+      schedule();  // the cursor's own frame may be among them
     };
     model.on("change:playing", onPlaying);
     model.on("change:cursor", schedule);

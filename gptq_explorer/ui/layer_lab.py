@@ -887,9 +887,11 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
 
     @guarded
     def _sync_play(self, change) -> None:
-        # not while playing: the page drives both, and the slider's value reaches the kernel late (an
-        # older column pushed back to the Play would make the animation jump back)
-        if not self.play.playing and self.play.value != change["new"]:
+        # Only for columns set here (goto, a link): a column the browser sent is already the Play's there
+        # (jslink), and it reaches the kernel late; pushing it back to the Play (while playing, or from a
+        # message still queued at Pause) would make the animation jump back
+        from_browser = "value" in getattr(self.controls["col"], "_property_lock", {})
+        if not from_browser and not self.play.playing and self.play.value != change["new"]:
             self.play.value = change["new"]
 
     @guarded
