@@ -17,7 +17,6 @@ Hessian: "held-out" uses text that calibration never saw (the evaluation part of
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -790,16 +789,10 @@ def whole_model_run(lm, cfg: QuantConfig | None, method: str = "gptq", calib: st
 def calibration_seed_runs(folder: str | Path | None = None) -> list[dict]:
     """Lesson 6's whole-model runs repeated over calibration seeds (benchmarks/lesson6_seeds.py writes one
     JSON per run into <results>/lesson6/), sorted by calibration set and seed."""
-    from .results import results_dir
+    from .results import read_reports, results_dir
 
     folder = Path(folder) if folder is not None else results_dir() / "lesson6"
-    runs = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            runs.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable run ({exc}); delete it and rerun "
-                             "benchmarks/lesson6_seeds.py") from None
+    runs = read_reports(folder, "benchmarks/lesson6_seeds.py")
     return sorted(runs, key=lambda r: (r["calib"], r["seed"]))
 
 

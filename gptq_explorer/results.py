@@ -73,21 +73,26 @@ def run_id(
     return f"{method}-w{bits}-g{group}-{'sym' if sym else 'asym'}" + ("-act" if desc_act else "")
 
 
-def shipped_runs(model: str = DEFAULT_MODEL) -> list[dict]:
-    """Every stored run of a model (the JSON reports, plus 'run_id' and 'path'), sorted by run id.
-    An empty list when nothing has been measured for it."""
-    folder = model_dir(model)
+def read_reports(folder: Path, script: str = "benchmarks/bench_models.py") -> list[dict]:
+    """The JSON reports in a folder (plus 'run_id' and 'path'), sorted by file name; a file that does not
+    parse raises ValueError naming it and the script that rewrites it."""
     runs = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(Path(folder).glob("*.json")):
         try:
             report = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not a readable run report ({exc}); delete it and re-run "
-                             "benchmarks/bench_models.py") from None
+                             f"{script}") from None
         report.setdefault("run_id", path.stem)
         report["path"] = str(path)
         runs.append(report)
     return runs
+
+
+def shipped_runs(model: str = DEFAULT_MODEL) -> list[dict]:
+    """Every stored run of a model (the JSON reports, plus 'run_id' and 'path'), sorted by run id.
+    An empty list when nothing has been measured for it."""
+    return read_reports(model_dir(model))
 
 
 def _matches(report: dict, method: str, bits, group_size, sym, desc_act, extra: dict) -> bool:

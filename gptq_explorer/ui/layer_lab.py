@@ -343,10 +343,10 @@ class LayerLab:
     def _send_ahead(self) -> None:
         """While playing: the frames after the current column that the view has not got yet."""
         with self._lock:
-            run, rows, cols, row0 = self.run, *(int(self.controls[k].value) for k in ("rows", "cols", "row0"))
+            run = self.run
 
             def make(j):
-                win = window(run, j, rows, cols, row0)
+                win = self._window(j)
                 return win, frame(run, j, win)
 
             self.figure.send_ahead(run, self.col, make, AHEAD_FRAMES)
