@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from gptq_explorer import cli
-from gptq_explorer.results import model_dir, results_table, run_id, shipped_runs
+from gptq_explorer.results import model_dir, read_reports, results_table, run_id
 
 NSAMPLES, SEQLEN, EVAL_TOKENS, EVAL_SEQLEN = 128, 512, 65536, 2048
 
@@ -42,11 +42,13 @@ def planned_runs() -> list[tuple[str, str, int, int, bool]]:
     return [(run_id(m, b, g, s), m, b, g, s) for m, b, g, s in order]
 
 
-def cli_args(model: str, method: str, bits: int, group: int, sym: bool, threads: int) -> list[str]:
+def cli_args(model: str, method: str, bits: int, group: int, sym: bool, threads: int, device: str = "cpu"
+             ) -> list[str]:
     argv = ["quantize", "--model", model, "--method", method, "--bits", str(bits), "--group-size", str(group),
             "--sym" if sym else "--asym", "--calib", "prose", "--nsamples", str(NSAMPLES), "--seqlen",
             str(SEQLEN), "--seed", "0", "--eval", "prose,code", "--eval-tokens", str(EVAL_TOKENS),
-            "--eval-seqlen", str(EVAL_SEQLEN), "--threads", str(threads), "--samples", "--quiet"]
+            "--eval-seqlen", str(EVAL_SEQLEN), "--threads", str(threads), "--device", device, "--samples",
+            "--quiet"]
     return argv + (["--rtn-calib"] if method == "rtn" else [])
 
 
@@ -92,14 +94,18 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="re-run runs that already have a report")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--list", action="store_true", help="list the planned runs and which are done")
+    p.add_argument("--device", default="cpu", help="where blocks run and GPTQ solves: cpu or cuda (the "
+                   "report records it; a CUDA run's codes differ from the CPU's only by float32 rounding)")
+    p.add_argument("--out", type=Path, help="write the reports here instead of data/results/<model>")
     a = p.parse_args(argv)
-    out = model_dir(a.model)
+    out = a.out or model_dir(a.model)
+    out.mkdir(parents=True, exist_ok=True)
     plan = planned_runs()
     if a.list or a.table_only:
         if a.list:
             for rid, *_ in plan:
                 print(f"{rid:24s} {'done' if (out / f'{rid}.json').exists() else 'missing'}")
-        runs = shipped_runs(a.model)
+        runs = read_reports(out)
         print(f"\n{a.model}: {len(runs)} of {len(plan)} runs in {out}\n")
         print(results_table(runs))
         return 0
@@ -119,7 +125,8 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             print(f"[{time.strftime('%H:%M:%S')}] {rid} ...", flush=True)
-            args = cli.build_parser().parse_args(cli_args(a.model, method, bits, group, sym, a.threads))
+            args = cli.build_parser().parse_args(cli_args(a.model, method, bits, group, sym, a.threads,
+                                                                   a.device))
             report = cli.run_quantize(args)
             report = {"run_id": rid, **report}
             cli._write_json(str(out / f"{rid}.json"), report)
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {rid} done in {dt / 60:.1f} min: {ppl}; "
               f"{len(left)} left, about {eta / 60:.0f} min", flush=True)
     print()
-    print(results_table(shipped_runs(a.model)))
+    print(results_table(read_reports(out)))
     return 0
 
 

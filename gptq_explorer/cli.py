@@ -210,7 +210,9 @@ def _corpus_info(corpus: str) -> dict | None:
         return None
 
 
-def _environment() -> dict:
+def _environment(device=None) -> dict:
+    """Versions and the machine the numbers were measured on; `device` is where blocks ran and GPTQ solved
+    (None: the model's own device, the CPU for models loaded here)."""
     import torch
     import transformers
 
@@ -222,7 +224,16 @@ def _environment() -> dict:
         load = None
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "gptq_explorer": ours, "git": _git_state(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": load}
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": load,
+            "device": str(device or "cpu"), **_gpu(device)}
+
+
+def _gpu(device) -> dict:
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(torch.device(device)), "cuda": torch.version.cuda}
 
 
 def _git_state() -> str | None:
@@ -311,7 +322,7 @@ def run_quantize(args) -> dict:
                             "warnings": list(export.warnings)}
     timings["total"] = time.perf_counter() - started
     report["timings"] = timings
-    report["environment"] = _environment()
+    report["environment"] = _environment(device)
     report["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return report
 

@@ -33,7 +33,9 @@ One file per run, named by :func:`run_id` (``fp``, ``rtn-w4-g128-sym``, ``gptq-w
                   "single_pass"} for quantized runs; {} for "fp"
     export        None, or {"folder", "summary"} when the run saved a checkpoint
     environment   {"torch", "transformers", "python", "gptq_explorer", "git" (commit, "+dirty" when the
-                  package differed from it), "platform", "cpu_count", "load_average"}
+                  package differed from it), "platform", "cpu_count", "load_average", "device" (where
+                  the blocks ran: "cpu", "cuda"; absent in runs made before it was recorded, which ran on
+                  the CPU), and for CUDA runs "gpu" (the card's name) and "cuda" (the toolkit version)}
     created       ISO-8601 UTC time the run finished
 
 Numbers are as measured on the machine named in ``environment`` (times depend on its load).
@@ -142,6 +144,12 @@ def _fmt_group(g: int) -> str:
     return "per row" if g == -1 else f"g{g}"
 
 
+def run_device(report: dict) -> str:
+    """Where a run's blocks ran: "cpu" or "cuda" (reports from before this was recorded ran on the CPU)."""
+    device = str(report.get("environment", {}).get("device", "cpu"))
+    return "cuda" if device.startswith("cuda") else device
+
+
 def results_table(runs: list[dict], corpora: tuple[str, ...] = ("prose", "code")) -> str:
     """A markdown table of runs (as from shipped_runs): FP first, then by bits (high first), group size,
     sym before asym, RTN before GPTQ; perplexity per corpus with the change against FP, and times."""
@@ -157,6 +165,9 @@ def results_table(runs: list[dict], corpora: tuple[str, ...] = ("prose", "code")
     head = ["method", "bits", "group", "grid"]
     head += [f"{c} ppl" for c in corpora]
     head += ["quantize s", "eval tokens/corpus"]
+    devices = [run_device(r) for r in runs]
+    if any(d != "cpu" for d in devices):  # times on a GPU are not times on the CPU: say where
+        head.append("device")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in sorted(runs, key=order):
         if r["method"] == "fp":
@@ -177,5 +188,8 @@ def results_table(runs: list[dict], corpora: tuple[str, ...] = ("prose", "code")
         row.append("" if q is None else f"{q:.0f}")
         e = r.get("evaluation", {})
         row.append(f"{e.get('tokens', '')} (windows of {e.get('seqlen', '')})")
+        if "device" in head:
+            gpu = r.get("environment", {}).get("gpu", "GPU")
+            row.append(gpu if run_device(r) != "cpu" else f"CPU ({r.get('threads')} threads)")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

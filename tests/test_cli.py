@@ -52,13 +52,18 @@ def test_json_schema_and_perplexities(reports):
         assert rep["evaluation"]["corpus_info"]["prose"]["sha256"]
         assert rep["export"] is None
     fp, rtn, gptq = reports["fp"], reports["rtn"], reports["gptq"]
-    for corpus in ("prose", "code"):  # 3-bit weights change what the model predicts
-        assert abs(rtn["perplexity"][corpus] / fp["perplexity"][corpus] - 1) > 1e-3
-        assert abs(gptq["perplexity"][corpus] / fp["perplexity"][corpus] - 1) > 1e-3
+    # 3-bit weights change what the model predicts. The tiny random model predicts almost uniformly
+    # (perplexity ~ its 260-token vocabulary), so the change is small and depends on the text, which
+    # depends on the CPython version (RTN: 0.09% on 3.12.3's prose, more on 3.11.7's).
+    for corpus in ("prose", "code"):
+        assert abs(rtn["perplexity"][corpus] / fp["perplexity"][corpus] - 1) > 1e-4
+        assert abs(gptq["perplexity"][corpus] / fp["perplexity"][corpus] - 1) > 1e-4
     assert fp["layers"] == [] and fp["calibration"] is None and fp["memory"] == {}
     assert rtn["calibration"] is None  # RTN needs no data
     assert gptq["calibration"]["nsamples"] == 4 and gptq["calibration"]["seqlen"] == 64
     assert "quantize" in gptq["timings"] and gptq["memory"]["peak_rss_bytes"] > 0
+    assert {rep["environment"]["device"] for rep in reports.values()} == {"cpu"}  # no --device: the CPU
+    assert "gpu" not in gptq["environment"]
 
 
 def test_fp_perplexity_is_the_models_own(reports, tiny):
