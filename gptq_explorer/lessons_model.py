@@ -676,21 +676,38 @@ def shipped_comparison(model: str = "smollm2-135m", configs=SHIPPED_CONFIGS,
             runs[results.run_id(method, bits, g, sym)] = results.find_run(model, method, bits=bits,
                                                                           group_size=g, sym=sym)
     missing = [k for k, v in runs.items() if v is None]
-    rows = []
-    for rid, r in runs.items():
-        if r is None:
-            continue
-        c, cal, ev = r.get("config", {}), r.get("calibration") or {}, r.get("evaluation", {})
-        row = {"run": rid, "method": r["method"].upper(), "bits": 32 if r["method"] == "fp" else c["bits"]}
-        row.update({f"{k} ppl": r["perplexity"][k] for k in corpora})
-        row["quantize s"] = r.get("timings", {}).get("quantize", 0.0)
-        row["calibration"] = f"{cal['nsamples']} x {cal['seqlen']} {cal['corpus']}" if cal else "none"
-        row["eval tokens per corpus"] = ev.get("tokens")
-        rows.append(row)
+    rows = [run_row(rid, r, corpora) for rid, r in runs.items() if r is not None]
     message = "" if not missing else (
         f"missing shipped runs for {model}: {', '.join(missing)} (in {results.model_dir(model)}). "
         "They come from `python benchmarks/bench_models.py` (resumable; see its docstring).")
     return {"runs": runs, "missing": missing, "rows": rows, "message": message}
+
+
+def run_row(rid: str, r: dict, corpora=("prose", "code")) -> dict:
+    """One stored run as a table row: method, bits, group, perplexities, time, calibration, where it ran."""
+    from .results import run_device
+
+    c, cal, ev = r.get("config", {}), r.get("calibration") or {}, r.get("evaluation", {})
+    row = {"run": rid, "method": r["method"].upper(), "bits": 32 if r["method"] == "fp" else c["bits"]}
+    row.update({f"{k} ppl": r["perplexity"][k] for k in corpora})
+    row["quantize s"] = r.get("timings", {}).get("quantize", 0.0)
+    row["calibration"] = f"{cal['nsamples']} x {cal['seqlen']} {cal['corpus']}" if cal else "none"
+    row["eval tokens per corpus"] = ev.get("tokens")
+    if run_device(r) != "cpu":
+        row["device"] = r.get("environment", {}).get("gpu", run_device(r))
+    return row
+
+
+def stored_runs(folder: str) -> dict:
+    """The run reports in data/results/<folder> (e.g. "h200-python3.12", the runs made on a GPU): run id ->
+    report. Raises FileNotFoundError naming the folder when it holds none."""
+    from . import results
+
+    path = results.results_dir() / folder
+    runs = {r["run_id"]: r for r in results.read_reports(path)}
+    if not runs:
+        raise FileNotFoundError(f"no run reports in {path}")
+    return runs
 
 
 def samples_rows(runs: dict, run_ids: dict, prompts=None) -> list[dict]:
