@@ -1,8 +1,9 @@
 """GPTQ Explorer: learn and explore GPTQ post-training quantization of language models.
 
-The engine (QuantConfig, Hessian, gptq_quantize, rtn_quantize, gptq_steps) imports only NumPy, SciPy and
-torch. Model, data, metric and checkpoint functions load transformers on first use, so a lesson that
-only steps through a layer starts fast.
+The engine (QuantConfig, Hessian, gptq_quantize, rtn_quantize, gptq_steps) imports only NumPy and SciPy;
+torch loads when a tensor or the torch backend first reaches it (gptq_explorer.lazy_torch). Model, data,
+metric and checkpoint functions load torch and transformers on first use, so a lesson that only steps
+through a layer, and the app's first view, start fast.
 """
 
 import importlib

@@ -162,7 +162,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
 
 
 class VoilaServer:
-    """Standalone `voila` (the running interpreter's) serving one notebook from its folder on 127.0.0.1.
+    """Standalone Voila (the running interpreter's, launched as `./run.sh app` does: gptq_explorer.ui.serve)
+    serving one notebook from its folder on 127.0.0.1.
 
     The notebook folder's voila.json applies (preheated pool, per-kernel env, tracebacks off); `extra_args`
     override it (the tests shorten the culling intervals). Output goes to `log_path`. `stop()` ends the
@@ -174,8 +175,7 @@ class VoilaServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        voila = Path(sys.executable).with_name("voila")
-        cmd = [str(voila)] if voila.exists() else [sys.executable, "-m", "voila"]
+        cmd = [sys.executable, "-m", "gptq_explorer.ui.serve"]  # as ./run.sh app: voila, starting sooner
         self.cmd = [*cmd, self.notebook.name, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={self.port}",
                     *extra_args]
         self.env = {**os.environ, **(env or {})}

@@ -51,3 +51,58 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "./run.sh test" in readme and "./run.sh app" in readme
     assert "./run.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_first_view_needs_no_torch():
+    """The Layer Lab's first view (NumPy stepper, synthetic layer) and the NumPy engine import no torch:
+    importing it costs ~2.3 s of a Voila kernel's start (gptq_explorer.lazy_torch). A fresh interpreter,
+    so what other tests imported does not count."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+from gptq_explorer import QuantConfig, gptq_quantize, rtn_quantize, Hessian
+from gptq_explorer.ui import LayerLab, SyntheticSource
+from gptq_explorer.ui.app import configure_threads
+from gptq_explorer.metrics.layer_error import output_mse_from_hessian
+from gptq_explorer.models.catalog import CURATED_MODELS
+lab = LayerLab(source=SyntheticSource(), models={})
+assert lab.errors == [] and lab.run.n == 576
+X = np.random.default_rng(0).normal(size=(64, 16))
+H = Hessian(16).add_batch(X).H
+res = gptq_quantize(np.ones((4, 16)), H, QuantConfig(group_size=8))
+assert output_mse_from_hessian(np.ones((4, 16)), res.weight, H) >= 0
+assert rtn_quantize(np.ones((4, 16))).codes.shape == (4, 16)
+assert "smollm2-135m" in CURATED_MODELS
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), configure_threads())
+"""
+    env = {**__import__("os").environ, "GPTQ_EXPLORER_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] 1", out.stdout
+
+
+def test_app_server_leaves_out_the_slow_optional_import():
+    """gptq_explorer.ui.serve is voila with rfc3987_syntax blocked (2-3 s of the server's start here): it
+    passes its arguments through, and jsonschema, which jupyter_server uses, works without that module."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from gptq_explorer.ui import serve
+try:
+    serve.main(["--version"])
+except SystemExit:
+    pass
+import jsonschema
+jsonschema.validate({"a": "x"}, {"type": "object", "properties": {"a": {"type": "string"}}},
+                    format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+print("blocked" if sys.modules.get("rfc3987_syntax", 0) is None else "loaded")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split()
+    assert re.fullmatch(r"0\.5\.\d+", lines[0]) and lines[-1] == "blocked", out.stdout

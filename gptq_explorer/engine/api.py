@@ -7,11 +7,10 @@ path. backend="torch" with NumPy input runs on torch and converts the result bac
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from ..lazy_torch import is_tensor
 from .config import QuantConfig, QuantResult
 from .gptq import gptq_quantize_numpy
-from .gptq_torch import gptq_quantize_torch, rtn_quantize_torch
 from .rtn import rtn_quantize_numpy
 
 BACKENDS = ("numpy", "torch")
@@ -19,12 +18,14 @@ BACKENDS = ("numpy", "torch")
 
 def _resolve(W, backend, device):
     if backend is None:
-        backend = "torch" if isinstance(W, torch.Tensor) or device is not None else "numpy"
+        backend = "torch" if is_tensor(W) or device is not None else "numpy"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "numpy" and device not in (None, "cpu"):
         raise ValueError(f"the NumPy engine runs on the CPU; use backend='torch' for device={device!r}")
     if device == "auto":
+        import torch
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return backend, device
 
@@ -32,12 +33,14 @@ def _resolve(W, backend, device):
 def _to_numpy(res: QuantResult) -> QuantResult:
     for field in ("weight", "codes", "scales", "zeros", "g_idx", "perm", "losses", "dead_columns"):
         value = getattr(res, field)
-        if isinstance(value, torch.Tensor):
+        if is_tensor(value):
             setattr(res, field, value.cpu().numpy())
     return res
 
 
 def _torch_dtype(dtype):
+    import torch
+
     if dtype is None:
         return torch.float32
     return {np.float32: torch.float32, np.float64: torch.float64}.get(dtype, dtype)
@@ -53,12 +56,14 @@ def gptq_quantize(W, H, cfg: QuantConfig | None = None, *, backend: str | None =
     cfg = cfg or QuantConfig()
     backend, device = _resolve(W, backend, device)
     if backend == "numpy":
-        if isinstance(W, torch.Tensor) or isinstance(H, torch.Tensor):
-            W, H = np.asarray(W.detach().cpu() if isinstance(W, torch.Tensor) else W), np.asarray(
-                H.detach().cpu() if isinstance(H, torch.Tensor) else H)
+        if is_tensor(W) or is_tensor(H):
+            W, H = np.asarray(W.detach().cpu() if is_tensor(W) else W), np.asarray(
+                H.detach().cpu() if is_tensor(H) else H)
         return gptq_quantize_numpy(W, H, cfg, dtype=dtype or np.float64)
+    from .gptq_torch import gptq_quantize_torch
+
     res = gptq_quantize_torch(W, H, cfg, device=device, dtype=_torch_dtype(dtype))
-    return res if isinstance(W, torch.Tensor) else _to_numpy(res)
+    return res if is_tensor(W) else _to_numpy(res)
 
 
 def rtn_quantize(W, cfg: QuantConfig | None = None, *, backend: str | None = None, device=None,
@@ -67,8 +72,10 @@ def rtn_quantize(W, cfg: QuantConfig | None = None, *, backend: str | None = Non
     cfg = cfg or QuantConfig()
     backend, device = _resolve(W, backend, device)
     if backend == "numpy":
-        if isinstance(W, torch.Tensor):
+        if is_tensor(W):
             W = W.detach().cpu().numpy()
         return rtn_quantize_numpy(W, cfg, dtype=dtype or np.float64)
+    from .gptq_torch import rtn_quantize_torch
+
     res = rtn_quantize_torch(W, cfg, device=device, dtype=_torch_dtype(dtype))
-    return res if isinstance(W, torch.Tensor) else _to_numpy(res)
+    return res if is_tensor(W) else _to_numpy(res)

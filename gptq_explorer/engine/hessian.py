@@ -11,7 +11,8 @@ the number of *sequences* instead, so its H (and its losses) are seqlen times ou
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from ..lazy_torch import is_tensor
 
 # Tokens per accumulation chunk: bounds the float32 copy made from half-precision activations.
 CHUNK_TOKENS = 4096
@@ -44,9 +45,13 @@ class Hessian:
         self.d_in = d_in
         self.backend = backend
         self.n_tokens = 0
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device) if device is not None else None
+        self.device = None
+        if device is not None:
+            import torch
+
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = torch.device(device)
         self._sum = None  # sum_t x_t x_t^T
 
     def _check(self, X) -> None:
@@ -58,7 +63,7 @@ class Hessian:
     def add_batch(self, X) -> Hessian:
         self._check(X)
         if self.backend == "numpy":
-            x = np.asarray(X.detach().cpu() if isinstance(X, torch.Tensor) else X).reshape(-1, self.d_in)
+            x = np.asarray(X.detach().cpu() if is_tensor(X) else X).reshape(-1, self.d_in)
             if not np.all(np.isfinite(x)):
                 raise _not_finite(int(np.sum(~np.isfinite(x).all(axis=1))), x.shape[0])
             if self._sum is None:
@@ -67,7 +72,9 @@ class Hessian:
                 chunk = x[s : s + CHUNK_TOKENS].astype(np.float64)
                 self._sum += chunk.T @ chunk
         else:
-            x = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
+            import torch
+
+            x = X if is_tensor(X) else torch.from_numpy(np.asarray(X))
             x = x.detach().reshape(-1, self.d_in)
             # Checked before anything is added: a rejected batch leaves the Hessian exactly as it was.
             bad_rows = ~torch.isfinite(x).all(dim=1)

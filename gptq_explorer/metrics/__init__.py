@@ -1,26 +1,32 @@
 """Metrics: perplexity with the paper's protocol, per-layer output error, sample generations, the bf16
-study."""
+study.
 
-from .generation import SAMPLE_PROMPTS, SAMPLE_TOKENS, generate_samples
-from .layer_error import (
-    heldout_layer_errors,
-    layer_output_mse,
-    layer_output_sse,
-    layer_relative_error,
-    output_mse_from_hessian,
-)
-from .perplexity import PerplexityResult, perplexity, window_losses
+Names load on first access (perplexity and generation need torch; see gptq_explorer.lazy_torch), so
+`from gptq_explorer.metrics.layer_error import output_mse_from_hessian` costs no torch import.
+"""
 
-__all__ = [
-    "PerplexityResult",
-    "perplexity",
-    "window_losses",
-    "layer_output_mse",
-    "layer_output_sse",
-    "layer_relative_error",
-    "output_mse_from_hessian",
-    "heldout_layer_errors",
-    "SAMPLE_PROMPTS",
-    "SAMPLE_TOKENS",
-    "generate_samples",
-]
+import importlib
+
+_LAZY = {
+    "SAMPLE_PROMPTS": "generation",
+    "SAMPLE_TOKENS": "generation",
+    "generate_samples": "generation",
+    "heldout_layer_errors": "layer_error",
+    "layer_output_mse": "layer_error",
+    "layer_output_sse": "layer_error",
+    "layer_relative_error": "layer_error",
+    "output_mse_from_hessian": "layer_error",
+    "PerplexityResult": "perplexity",
+    "perplexity": "perplexity",
+    "window_losses": "perplexity",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gptq_explorer.metrics' has no attribute {name!r}")

@@ -8,15 +8,18 @@ difference is formed before the matmul (no cancellation between two large produc
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from ..lazy_torch import is_tensor
 
 
 def _is_torch(*xs) -> bool:
-    return any(isinstance(x, torch.Tensor) for x in xs)
+    return any(is_tensor(x) for x in xs)
 
 
 def _prep(W, Q, X):
     if _is_torch(W, Q, X):
+        import torch
+
         W, Q, X = (torch.as_tensor(a) for a in (W, Q, X))
         dt = torch.float64 if torch.float64 in (W.dtype, Q.dtype, X.dtype) else torch.float32
         dev = W.device
@@ -59,6 +62,8 @@ def output_mse_from_hessian(W, Q, H, hessian_scale: float = 2.0) -> float:
     reference code accumulates H = 2/n sum x x^T), then ||X D^T||^2 / (n * out) = tr(D H D^T) / (scale * out)
     with D = W - Q. Saves keeping X around."""
     if _is_torch(W, Q, H):
+        import torch
+
         W, Q, H = (torch.as_tensor(a).to(torch.float64) for a in (W, Q, H))
         D = W - Q.to(W.device)
         return float(((D @ H.to(W.device)) * D).sum()) / (hessian_scale * W.shape[0])
@@ -67,7 +72,6 @@ def output_mse_from_hessian(W, Q, H, hessian_scale: float = 2.0) -> float:
     return float(((D @ H) * D).sum()) / (hessian_scale * W.shape[0])
 
 
-@torch.no_grad()
 def heldout_layer_errors(
     quantized_model,
     original_model,
@@ -85,47 +89,49 @@ def heldout_layer_errors(
     ||x W^T - x Q^T||^2 with W from original_model and Q from quantized_model. Returns
     {module path: {"output_mse": ..., "output_rel_error": ..., "tokens": ...}}.
     """
+    import torch
     from tqdm.auto import tqdm
 
     from gptq_explorer.models.adapters import get_weight, quantizable_modules
 
-    qmods = quantizable_modules(quantized_model)
-    omods = dict(original_model.named_modules())
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    n_windows = ids.numel() // seqlen if max_windows is None else min(ids.numel() // seqlen, max_windows)
-    if n_windows < 1:
-        raise ValueError(f"need at least one window: got {ids.numel()} tokens for seqlen={seqlen}")
-    acc = {n: [0.0, 0.0, 0] for n in qmods}  # sum squared error, sum squared reference output, tokens
-    diff = {n: (get_weight(omods[n]).float() - get_weight(m).float()) for n, m in qmods.items()}
-    ref = {n: get_weight(omods[n]).float() for n in qmods}
+    with torch.no_grad():  # forward passes only: no autograd graph
+        qmods = quantizable_modules(quantized_model)
+        omods = dict(original_model.named_modules())
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        n_windows = ids.numel() // seqlen if max_windows is None else min(ids.numel() // seqlen, max_windows)
+        if n_windows < 1:
+            raise ValueError(f"need at least one window: got {ids.numel()} tokens for seqlen={seqlen}")
+        acc = {n: [0.0, 0.0, 0] for n in qmods}  # sum squared error, sum squared reference output, tokens
+        diff = {n: (get_weight(omods[n]).float() - get_weight(m).float()) for n, m in qmods.items()}
+        ref = {n: get_weight(omods[n]).float() for n in qmods}
 
-    def hook(name):
-        def f(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            D, W = diff[name].to(x.device), ref[name].to(x.device)
-            e, y = x @ D.T, x @ W.T
-            a = acc[name]
-            a[0] += float((e * e).sum())
-            a[1] += float((y * y).sum())
-            a[2] += x.shape[0]
+        def hook(name):
+            def f(module, args, output):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                D, W = diff[name].to(x.device), ref[name].to(x.device)
+                e, y = x @ D.T, x @ W.T
+                a = acc[name]
+                a[0] += float((e * e).sum())
+                a[1] += float((y * y).sum())
+                a[2] += x.shape[0]
 
-        return f
+            return f
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in qmods.items()]
-    dev = next(quantized_model.parameters()).device
-    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    try:
-        for i in tqdm(range(0, n_windows, batch_size), desc="held-out layer error", disable=not progress):
-            quantized_model(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for n, (sse, ssy, t) in acc.items():
-        rows = diff[n].shape[0]
-        out[n] = {
-            "output_mse": sse / (t * rows),
-            "output_rel_error": sse / ssy if ssy > 0 else 0.0,
-            "tokens": t,
-        }
-    return out
+        handles = [m.register_forward_hook(hook(n)) for n, m in qmods.items()]
+        dev = next(quantized_model.parameters()).device
+        windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+        try:
+            for i in tqdm(range(0, n_windows, batch_size), desc="held-out layer error", disable=not progress):
+                quantized_model(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for n, (sse, ssy, t) in acc.items():
+            rows = diff[n].shape[0]
+            out[n] = {
+                "output_mse": sse / (t * rows),
+                "output_rel_error": sse / ssy if ssy > 0 else 0.0,
+                "tokens": t,
+            }
+        return out

@@ -1,57 +1,28 @@
-"""Models: loading (offline default + Hugging Face), the per-family adapter table, whole-model GPTQ."""
+"""Models: loading (offline default + Hugging Face), the per-family adapter table, whole-model GPTQ.
 
-from .adapters import (
-    ADAPTERS,
-    SUPPORTED_MODEL_TYPES,
-    Adapter,
-    BlockInputs,
-    UnsupportedModelError,
-    catch_block_inputs,
-    get_adapter,
-    get_weight,
-    head_logits,
-    quantizable_modules,
-    run_block,
-    run_blocks,
-    set_weight,
-)
-from .loading import (
-    CURATED_MODELS,
-    DEFAULT_MODEL,
-    LoadedModel,
-    MemoryEstimate,
-    ModelLoadError,
-    ModelTooLargeError,
-    available_offline,
-    cache_root,
-    estimate_model_memory,
-    load_model,
-    memory_budget,
-)
+Names load on first access: most of them need torch (see gptq_explorer.lazy_torch), and the app's first
+view only reads the model list (`gptq_explorer.models.catalog`).
+"""
 
-__all__ = [
-    "ADAPTERS",
-    "SUPPORTED_MODEL_TYPES",
-    "Adapter",
-    "BlockInputs",
-    "UnsupportedModelError",
-    "catch_block_inputs",
-    "get_adapter",
-    "get_weight",
-    "head_logits",
-    "quantizable_modules",
-    "run_block",
-    "run_blocks",
-    "set_weight",
-    "CURATED_MODELS",
-    "DEFAULT_MODEL",
-    "LoadedModel",
-    "MemoryEstimate",
-    "ModelLoadError",
-    "ModelTooLargeError",
-    "available_offline",
-    "estimate_model_memory",
-    "memory_budget",
-    "cache_root",
-    "load_model",
-]
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(
+        ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "Adapter", "BlockInputs", "UnsupportedModelError",
+         "catch_block_inputs", "get_adapter", "get_weight", "head_logits", "quantizable_modules", "run_block",
+         "run_blocks", "set_weight"], "adapters"),
+    **dict.fromkeys(["CURATED_MODELS", "DEFAULT_MODEL"], "catalog"),
+    **dict.fromkeys(
+        ["LoadedModel", "MemoryEstimate", "ModelLoadError", "ModelTooLargeError", "available_offline",
+         "cache_root", "estimate_model_memory", "load_model", "memory_budget"], "loading"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gptq_explorer.models' has no attribute {name!r}")

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import html
 import os
+import sys
 from urllib.parse import parse_qsl, urlencode
 
 import ipywidgets as widgets
-import torch
 
 from .common import InputError, info_html
 from .layer_lab import LayerLab
@@ -30,17 +30,22 @@ TAB_TITLES = ("Layer Lab", "Model Lab", "Sweeps")
 PREFIX = {"model": "ml.", "sweeps": "sw."}
 
 
-def configure_threads() -> int:
-    """Apply GPTQ_EXPLORER_THREADS (or OMP_NUM_THREADS) to torch; returns the thread count in use."""
+def configure_threads() -> int | None:
+    """Apply GPTQ_EXPLORER_THREADS (or OMP_NUM_THREADS) to torch; returns the thread count set (None when
+    the environment names none). torch is not imported for this (see gptq_explorer.lazy_torch): when it
+    is not loaded yet, OMP_NUM_THREADS is set instead, which torch takes as its thread count on import."""
     value = os.environ.get("GPTQ_EXPLORER_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if value:
-        try:
-            threads = int(value)
-        except ValueError:
-            threads = 0
-        if threads >= 1:
-            torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    try:
+        threads = int(value or 0)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        return None
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
 
 
 def local_mode_from_env() -> bool:

@@ -407,6 +407,7 @@ export default {
         diag_h: Array.from(scene.diag_h), marker_x: [k], gptq_y: upto(scene.curve_gptq), rtn_y: upto(scene.curve_rtn),
         error_z: rows(frame.z.error), error_cmax: scene.emax, curves_top: (scene.curves_range || [0, 0])[1],
         cursor_path: `column ${k} of crop ${frame.c0}-${frame.c1}`, diag_title: scene.diag_title, hover,
+        drawn_at: Date.now(),  // epoch ms: when this picture reached the canvas (timings)
       };
       el.setAttribute("data-drawn", String(seq));
       canvas.setAttribute("aria-label", `GPTQ step ${k + 1} of ${scene.n}: heatmaps of rows ${frame.r0}-${frame.r1 - 1}, `

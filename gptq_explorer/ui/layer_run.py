@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,16 +108,28 @@ def _running_loss(D: np.ndarray, H: np.ndarray) -> np.ndarray:
     return 0.5 * np.cumsum(2.0 * np.triu(M, 1).sum(axis=0) + np.diag(M))
 
 
+# RTN's side of a run (rounding, its running loss, its held-out error: BLAS and whole-array NumPy, which
+# release the GIL) runs beside the stepper's column loop (Python-bound): ~30 ms less per control change.
+_RTN_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-run-rtn")
+
+
+def _rtn_side(W: np.ndarray, cfg: QuantConfig, perm: np.ndarray, H: np.ndarray, H_held: np.ndarray):
+    rtn = rtn_quantize(W, cfg)
+    running_rtn = _running_loss((W - rtn.weight)[:, perm], H)
+    return rtn, running_rtn, output_mse_from_hessian(W, rtn.weight, H_held)
+
+
 def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     """Run GPTQ (the engine's stepper, every column recorded) and RTN on one layer, with the summary."""
     t0 = time.perf_counter()
     W = data.W
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stepper = gptq_steps(W, data.H, cfg)
+        stepper = gptq_steps(W, data.H, cfg)  # prepares the layer: permutation, damped H, U
+        prep = stepper.prepared
+        rtn_side = _RTN_SIDE.submit(_rtn_side, W, cfg, prep.perm, prep.H, data.H_heldout)
         steps = list(stepper)
     result = stepper.result
-    prep = stepper.prepared
     perm = prep.perm
     n = W.shape[1]
 
@@ -128,8 +141,6 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     losses = np.array([s.loss for s in steps])
     running = np.array([s.running_loss for s in steps])
 
-    rtn = rtn_quantize(W, cfg)
-    running_rtn = _running_loss((W - rtn.weight)[:, perm], prep.H)
 
     group_starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     starts = set(range(0, n, cfg.block_size))
@@ -139,7 +150,7 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
 
     H_held = data.H_heldout
     mse_g = output_mse_from_hessian(W, result.weight, H_held)
-    mse_r = output_mse_from_hessian(W, rtn.weight, H_held)
+    rtn, running_rtn, mse_r = rtn_side.result()
     summary = {
         "weight_mse_gptq": float(np.mean((W - result.weight) ** 2)),
         "weight_mse_rtn": float(np.mean((W - rtn.weight) ** 2)),

@@ -211,7 +211,7 @@ def models_available() -> bool:
 def curated_models() -> dict[str, str]:
     """Model id -> description, from gptq_explorer.models.CURATED_MODELS ({} if that package is missing)."""
     try:
-        from ..models import CURATED_MODELS
+        from ..models.catalog import CURATED_MODELS
     except Exception:  # pragma: no cover
         return {}
     return dict(CURATED_MODELS)
