@@ -9,5 +9,7 @@ import sys
 
 
 def is_tensor(x) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    # getattr: another thread (the app's background model load) may be importing torch right now, and a
+    # half-imported module has no Tensor yet; then no tensor exists either
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)

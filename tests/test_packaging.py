@@ -106,3 +106,22 @@ print("blocked" if sys.modules.get("rfc3987_syntax", 0) is None else "loaded")
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert re.fullmatch(r"0\.5\.\d+", lines[0]) and lines[-1] == "blocked", out.stdout
+
+
+def test_numpy_engine_while_torch_is_half_imported(monkeypatch):
+    """The app's background model load may be importing torch when a control change runs the NumPy engine:
+    a half-imported torch (no Tensor yet) must read as 'not a tensor', not raise."""
+    import sys
+    import types
+
+    import numpy as np
+
+    from gptq_explorer import Hessian, QuantConfig, gptq_quantize, rtn_quantize
+    from gptq_explorer.lazy_torch import is_tensor
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    W = np.random.default_rng(0).normal(size=(8, 16))
+    H = Hessian(16).add_batch(np.random.default_rng(1).normal(size=(64, 16))).H
+    assert not is_tensor(W)
+    assert gptq_quantize(W, H, QuantConfig(group_size=8)).codes.shape == (8, 16)
+    assert rtn_quantize(W).codes.shape == (8, 16)

@@ -41,8 +41,9 @@ def configure_threads() -> int | None:
         threads = 0
     if threads < 1:
         return None
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    set_threads = getattr(sys.modules.get("torch"), "set_num_threads", None)  # None: not (yet) imported
+    if set_threads is not None:
+        set_threads(threads)
     else:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     return threads
