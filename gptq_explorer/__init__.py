@@ -8,21 +8,13 @@ through a layer, and the app's first view, start fast.
 
 import importlib
 
-from .engine import (
-    GPTQStep,
-    GPTQStepper,
-    Hessian,
-    QuantConfig,
-    QuantResult,
-    gptq_quantize,
-    gptq_steps,
-    rtn_quantize,
-)
-
 __version__ = "0.1.0"
 
-# name -> submodule that defines it, imported on first access
+# name -> submodule that defines it, imported on first access (the engine's too: `python -m
+# gptq_explorer.ui.serve` starts Voila without NumPy or SciPy)
 _LAZY = {
+    **dict.fromkeys(["QuantConfig", "QuantResult", "Hessian", "gptq_quantize", "rtn_quantize", "gptq_steps",
+                     "GPTQStep", "GPTQStepper"], "engine"),
     "load_model": "models",
     "LoadedModel": "models",
     "CURATED_MODELS": "models",
@@ -38,8 +30,7 @@ _LAZY = {
     "grid_view": "checkpoint.grid_view",
 }
 
-__all__ = ["QuantConfig", "QuantResult", "Hessian", "gptq_quantize", "rtn_quantize", "gptq_steps",
-           "GPTQStep", "GPTQStepper", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):

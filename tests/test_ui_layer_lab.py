@@ -464,11 +464,17 @@ def test_playing_sends_frames_ahead_and_the_view_runs_the_clock(monkeypatch):
     lab.set(rows=16)  # another crop: frames sent ahead are void
     assert lab.figure.gen > gen and lab.fig.scene["gen"] == lab.figure.gen
     gen = lab.figure.gen
-    lab.set(bits=3)  # another run too
-    assert lab.figure.gen > gen
     sent.clear()
-    lab.fig.playing = True
-    assert sent[0][0]["gen"] == lab.figure.gen and sent[0][0]["frames"][0]["k"] == 107
+    lab.set(bits=3)  # another run too; once the view has drawn it, it gets the next frames ...
+    assert lab.figure.gen > gen and sent == []  # (not before: that would delay the redraw)
+    lab.figure.on_answer({"trace_edit_id": lab.fig.seq})  # the view's "drawn"
+    (msg3, _), = sent
+    assert msg3["gen"] == lab.figure.gen and [m["k"] for m in msg3["frames"]] == list(range(107, 127))
+    lab.figure.on_answer({"trace_edit_id": lab.fig.seq})  # once per run and crop
+    assert len(sent) == 1
+    sent.clear()
+    lab.fig.playing = True  # ... so pressing Play needs no message from the kernel
+    assert sent == []
 
 
 def test_the_kernel_does_not_push_the_column_back_while_playing():

@@ -1,7 +1,8 @@
 """Dashboards: the Layer Lab (one layer, animated GPTQ vs RTN), the Model Lab (whole model: perplexity,
 per-layer error, generations), the Sweeps (config grids) and the app that puts them in tabs. Widgets +
-plotly, served by Voila. ModelLab / Sweeps / ExplorerApp import lazily (the Layer Lab is the first view)."""
+plotly, served by Voila. Every name imports on first use (the Layer Lab is the first view)."""
 
+import importlib
 import sys
 
 # plotly's renderers (the Model Lab and Sweeps charts) import nbformat, which imports jsonschema, which
@@ -10,12 +11,15 @@ import sys
 if "jsonschema" not in sys.modules:
     sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` -> ImportError, which it allows
 
-from .common import InputError
-from .layer_figure import HEATMAPS
-from .layer_lab import DEFAULTS, LabInputError, LayerLab
-from .layer_run import Run, compute_run
-from .layer_source import LayerData, LayerSource, ModelSource, SyntheticSource
-from .presets import PRESETS
+# name -> submodule that defines it, imported on first access (so `python -m gptq_explorer.ui.serve` starts
+# Voila without loading the dashboards; the kernel imports them)
+_LAZY = {
+    "InputError": "common", "HEATMAPS": "layer_figure", "DEFAULTS": "layer_lab", "LabInputError": "layer_lab",
+    "LayerLab": "layer_lab", "Run": "layer_run", "compute_run": "layer_run", "LayerData": "layer_source",
+    "LayerSource": "layer_source", "ModelSource": "layer_source", "SyntheticSource": "layer_source",
+    "PRESETS": "presets", "ModelLab": "model_lab", "ComputeSettings": "model_lab", "Sweeps": "sweeps",
+    "ExplorerApp": "app", "explorer_app": "app",
+}
 
 __all__ = ["LayerLab", "LabInputError", "InputError", "PRESETS", "DEFAULTS", "HEATMAPS", "Run", "compute_run",
            "LayerData", "LayerSource", "ModelSource", "SyntheticSource", "ModelLab", "ComputeSettings",
@@ -23,16 +27,8 @@ __all__ = ["LayerLab", "LabInputError", "InputError", "PRESETS", "DEFAULTS", "HE
 
 
 def __getattr__(name):
-    if name in ("ModelLab", "ComputeSettings"):
-        from . import model_lab
-
-        return getattr(model_lab, name)
-    if name == "Sweeps":
-        from .sweeps import Sweeps
-
-        return Sweeps
-    if name in ("ExplorerApp", "explorer_app"):
-        from . import app
-
-        return getattr(app, name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

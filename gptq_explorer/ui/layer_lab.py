@@ -339,9 +339,11 @@ class LayerLab:
             self._send_ahead()
         else:  # paused: the synced frame is the column shown (a browser that connects later draws it)
             self._render_frame(force=True)
+            self._send_ahead()  # so that Play resumes at once
 
     def _send_ahead(self) -> None:
-        """While playing: the frames after the current column that the view has not got yet."""
+        """The frames after the current column that the view has not got yet: while playing, and once
+        after a new run or a pause, so that pressing Play needs no round trip to the kernel."""
         with self._lock:
             run = self.run
 
@@ -366,6 +368,7 @@ class LayerLab:
         self._answered_at = time.monotonic()
         self._answered_id = int(self.fig.seq)
         self._waiting_since = time.monotonic()
+        self._present_gen = -1  # the generation whose next frames this view got while paused
         self.figure.on_answer = lambda msg: self._on_figure_answer({"new": msg})
         self.fig.observe(self._on_figure_edit, names="seq")
 
@@ -376,6 +379,12 @@ class LayerLab:
         self._figure_alive = True
         self._answered_at = time.monotonic()
         self._answered_id = max(self._answered_id, int(msg.get("trace_edit_id") or 0))
+        # The view has drawn a new run or crop (paused): now send it the next frames, once per generation,
+        # so that pressing Play needs no round trip. Not before the draw: it would delay the redraw.
+        if (not self.fig.playing and self._answered_id >= int(self.fig.seq)
+                and self._present_gen != self.figure.gen):
+            self._present_gen = self.figure.gen
+            self._send_ahead()
 
     def figure_frozen(self, now: float | None = None) -> bool:
         """The figure drew itself in a browser, updates are waiting since, and it has not answered any for
