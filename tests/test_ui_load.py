@@ -260,12 +260,17 @@ class Session:
     def play(self) -> None:
         self.page.locator(".widget-play button").first.click()
 
+    def playing(self) -> bool:
+        """The Play control's own state: its play/pause button shows a pause icon while playing."""
+        return self.page.locator(".widget-play button").first.locator("i.fa-pause").count() > 0
+
     def pause(self) -> None:
-        """Click play/pause only if the column is still moving (a finished animation has stopped itself)."""
-        a = self.column()
-        time.sleep(0.8)
-        if self.column() != a:
+        """Click play/pause only while playing (a finished animation has stopped itself). Not judged by the
+        column moving: a loaded page's column readout can still be catching up after the end, and a click
+        then would start the animation again from column 0."""
+        if self.playing():
             self.play()
+        wait_until(lambda: not self.playing(), 10, 0.2, f"session {self.seed} to pause")
 
     def column(self) -> int:
         return int(slider_value(self.page, "column"))
