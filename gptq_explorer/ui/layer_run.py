@@ -141,7 +141,6 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     losses = np.array([s.loss for s in steps])
     running = np.array([s.running_loss for s in steps])
 
-
     group_starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     starts = set(range(0, n, cfg.block_size))
     if cfg.group_size != -1 and not cfg.static_groups:  # the engine starts a block at every group start
