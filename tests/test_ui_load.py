@@ -265,12 +265,20 @@ class Session:
         return self.page.locator(".widget-play button").first.locator("i.fa-pause").count() > 0
 
     def pause(self) -> None:
-        """Click play/pause only while playing (a finished animation has stopped itself). Not judged by the
-        column moving: a loaded page's column readout can still be catching up after the end, and a click
-        then would start the animation again from column 0."""
-        if self.playing():
+        """Click play/pause while playing, until it is paused. Judged by the button, not by the column
+        moving (a loaded page's column readout can still be catching up after the end). The animation can
+        also end by itself between the look and the click, which then starts it again from column 0: so
+        look again after each click."""
+        for _ in range(3):
+            if not self.playing():
+                return
             self.play()
-        wait_until(lambda: not self.playing(), 10, 0.2, f"session {self.seed} to pause")
+            try:
+                wait_until(lambda: not self.playing(), 5, 0.2, "the pause")
+                return
+            except TimeoutError:
+                continue
+        raise TimeoutError(f"session {self.seed} did not pause after 3 clicks")
 
     def column(self) -> int:
         return int(slider_value(self.page, "column"))
