@@ -6,7 +6,7 @@ metric and checkpoint functions load torch and transformers on first use, so a l
 through a layer, and the app's first view, start fast.
 """
 
-import importlib
+from .lazy import names as _lazy_names
 
 __version__ = "0.1.0"
 
@@ -33,9 +33,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gptq_explorer' has no attribute {name!r}")
+__getattr__ = _lazy_names(__name__, _LAZY)

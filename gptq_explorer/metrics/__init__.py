@@ -5,7 +5,7 @@ Names load on first access (perplexity and generation need torch; see gptq_explo
 `from gptq_explorer.metrics.layer_error import output_mse_from_hessian` costs no torch import.
 """
 
-import importlib
+from ..lazy import names as _lazy_names
 
 _LAZY = {
     "SAMPLE_PROMPTS": "generation",
@@ -24,9 +24,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gptq_explorer.metrics' has no attribute {name!r}")
+__getattr__ = _lazy_names(__name__, _LAZY)

@@ -4,7 +4,7 @@ Names load on first access: most of them need torch (see gptq_explorer.lazy_torc
 view only reads the model list (`gptq_explorer.models.catalog`).
 """
 
-import importlib
+from ..lazy import names as _lazy_names
 
 _LAZY = {
     **dict.fromkeys(
@@ -20,9 +20,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gptq_explorer.models' has no attribute {name!r}")
+__getattr__ = _lazy_names(__name__, _LAZY)

@@ -2,8 +2,9 @@
 per-layer error, generations), the Sweeps (config grids) and the app that puts them in tabs. Widgets +
 plotly, served by Voila. Every name imports on first use (the Layer Lab is the first view)."""
 
-import importlib
 import sys
+
+from ..lazy import names as _lazy_names
 
 # plotly's renderers (the Model Lab and Sweeps charts) import nbformat, which imports jsonschema, which
 # imports its optional IRI checker rfc3987_syntax, which builds a Lark grammar at import: 4-5 s of a kernel
@@ -26,9 +27,4 @@ __all__ = ["LayerLab", "LabInputError", "InputError", "PRESETS", "DEFAULTS", "HE
            "Sweeps", "ExplorerApp", "explorer_app"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy_names(__name__, _LAZY)
