@@ -148,6 +148,17 @@ def run_child(model_dir, ids_file, out, a, group_size: int, nsamples_note: str =
     return rep
 
 
+def nudge_linears(model, eps: float, seed: int = 0) -> None:
+    """W <- W * (1 + eps * N(0, 1)) for every linear except lm_head: a change the size of float rounding."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+                mod.weight.mul_(1 + eps * torch.randn(mod.weight.shape, generator=gen))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -169,6 +180,9 @@ def main(argv=None) -> int:
                    help="ours with static groups (scales from the original weights, as llm-compressor does)")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="ours collects all of a block's Hessians in one pass, as llm-compressor does")
+    p.add_argument("--nudge", type=float, default=0.0,
+                   help="multiply our side's linear weights by 1 + NUDGE x N(0, 1) (seed 0) before "
+                        "quantizing: how far a float-rounding-sized change moves our result")
     p.add_argument("--reuse-theirs", action="store_true",
                    help="reuse the finished llm-compressor run in --work for this config (no time ratio)")
     p.add_argument("--work", default=str(ROOT / "artifacts" / "llmcompressor"), help="scratch folder")
@@ -210,7 +224,8 @@ def main(argv=None) -> int:
     for g in a.group_size or [64]:
         cfg = QuantConfig(bits=a.bits, group_size=g, sym=a.sym, damp_percent=a.damp, desc_act=False,
                           static_groups=a.static_groups, block_size=128)  # fmt: skip
-        variant = ("-static" if a.static_groups else "") + ("" if a.true_sequential else "-nts")
+        variant = (("-static" if a.static_groups else "") + ("" if a.true_sequential else "-nts")
+                   + (f"-nudge{a.nudge:g}" if a.nudge else ""))
         report_name = f"llmcompressor-smollm2-135m-g{'row' if g == -1 else g}-{a.nsamples}x{a.seqlen}"
         theirs_dir = work / f"g{g}"
         calib_info = {"corpus": "prose", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0,
@@ -220,6 +235,9 @@ def main(argv=None) -> int:
                      "true_sequential_ours": a.true_sequential, "load_average_start": load_avg()}  # fmt: skip
         # ours
         ours = load_model(a.model)
+        if a.nudge:
+            nudge_linears(ours.model, a.nudge)
+            row["nudge"] = a.nudge
         t0, c0 = time.perf_counter(), time.process_time()
         qm = quantize_model(ours, calib, cfg, method="gptq", true_sequential=a.true_sequential,
                             progress=False)

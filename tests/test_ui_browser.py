@@ -353,3 +353,66 @@ def test_closed_pages_leave_no_kernels(voila):
         procs = voila.kernel_processes()
         raise AssertionError(f"{len(procs)} kernel processes left, the preheated pool is {pool}: "
                              f"{[p.pid for p in procs]}") from None
+
+
+CLOCK_RUN_JS = """async ([src, scenarios]) => {
+  const { clockStep, CATCH_UP_MS } = await import("data:text/javascript;base64," + src);
+  // requestAnimationFrame at 60 Hz for `seconds`; the next column's frame is missing during `gaps`
+  // ([from, to) ms) and the page skips the ticks in `busy` (a long task); returns the times of the steps
+  return [CATCH_UP_MS, scenarios.map(({ fps, seconds, gaps = [], busy = [] }) => {
+    let clock = null, cur = 0;
+    const steps = [];
+    for (let i = 0; i <= seconds * 60; i++) {
+      const t = (i * 1000) / 60;
+      if (busy.some(([a, b]) => t >= a && t < b)) continue;
+      const have = !gaps.some(([a, b]) => t >= a && t < b);
+      let step;
+      ({ clock, step } = clockStep(clock, t, cur, fps, have));
+      if (step) {
+        if (clock.at !== cur + 1) throw new Error(`stepped from ${cur} to ${clock.at}`);
+        cur += 1;
+        steps.push(t);
+      }
+    }
+    return steps;
+  })];
+}"""
+
+
+def test_animation_clock_keeps_the_rate(browser):
+    """layer_canvas.js's clock (clockStep), ticked as requestAnimationFrame would: the rate over a play is
+    the frames/s setting, one column per step; a short wait for the kernel is made up, a long one is not
+    rushed through afterwards."""
+    import base64
+
+    from gptq_explorer.ui.layer_figure import ESM
+
+    page = browser.new_page()
+    try:
+        src = base64.b64encode(ESM.encode()).decode()
+        scenarios = [
+            {"fps": 15, "seconds": 10},
+            {"fps": 15, "seconds": 10, "gaps": [[2000, 2150], [5000, 5200]]},  # short waits for frames
+            {"fps": 15, "seconds": 10, "gaps": [[3000, 4000]]},  # a long one
+            {"fps": 15, "seconds": 10, "busy": [[6000, 6120]]},  # the page busy for 120 ms
+            {"fps": 30, "seconds": 10},
+        ]
+        catch_up_ms, runs = page.evaluate(CLOCK_RUN_JS, [src, scenarios])
+    finally:
+        page.close()
+    steady, short, long_wait, busy, fast = (np.asarray(r) for r in runs)
+    frame = 1000 / 60
+    assert len(steady) in (149, 150)  # 15/s for 10 s (the last one is due on the last tick)
+    # 66.7 ms apart on the 16.7 ms grid (a step due on a tick may land on the next one, never later)
+    assert set(np.round(np.diff(steady) / frame).astype(int)) <= {3, 4, 5}
+    # short waits: no step while the frame is missing, then catch-up at the display's rate; none lost
+    assert len(short) == len(steady)
+    assert not np.any((short > 2000) & (short < 2150)) and not np.any((short > 5000) & (short < 5200))
+    np.testing.assert_allclose(np.diff(short[short >= 5200])[:2], frame, rtol=1e-6)
+    # a long wait: the clock restarts at the late step (no rush); the steps after it keep the pace
+    assert catch_up_ms < 1000
+    assert abs(len(long_wait) - (len(steady) - 15)) <= 1, len(long_wait)
+    resumed = long_wait[long_wait >= 4000]
+    assert np.all(np.diff(resumed) >= 3 * frame - 1e-6)  # never two ticks in a row
+    assert len(busy) == len(steady)  # a busy page's lateness is made up too
+    assert len(fast) in (299, 300)

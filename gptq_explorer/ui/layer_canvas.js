@@ -81,6 +81,26 @@ function linearTicks(lo, hi, maxTicks) {
   return out;
 }
 
+// The animation clock, one requestAnimationFrame tick of it: `clock` {t0, k0, at} says the cursor was k0
+// at time t0 (ms) and the clock last set it to `at`; null, or a cursor moved by something else (the
+// slider, a step button), starts it at `cur`. Returns the clock and whether to step to cur + 1 now: one
+// column per tick at most, never skipping one, and only when that column's frame is here (haveNext).
+// A step made late (the kernel had not sent its frame yet, or the page was busy) keeps the schedule when
+// it is at most CATCH_UP_MS late: the next steps come at the display's rate until the clock has caught
+// up, so the rate over a play is the setting. Later than that, the clock restarts at that step, so the
+// view never rushes through more than a few columns to make up a long wait.
+export const CATCH_UP_MS = 250;
+export function clockStep(clock, now, cur, fps, haveNext) {
+  if (!clock || cur !== clock.at) clock = { t0: now, k0: cur, at: cur };
+  const rate = Math.max(1, fps) / 1000;  // columns per ms
+  const due = clock.k0 + Math.floor((now - clock.t0) * rate);
+  if (due <= cur || !haveNext) return { clock, step: false };
+  const next = cur + 1;
+  const late = now - (clock.t0 + (next - clock.k0) / rate);
+  clock = late > CATCH_UP_MS ? { t0: now, k0: next, at: next } : { ...clock, at: next };
+  return { clock, step: true };
+}
+
 export default {
   render({ model, el }) {
     const dpr = window.devicePixelRatio || 1;
@@ -479,8 +499,6 @@ export default {
       requestAnimationFrame(tick);
       if (!scene || !scene.n) return;
       const cur = model.get("cursor");
-      // started, or the cursor was moved by something else (the slider, a step button): count from here
-      if (!clock || cur !== clock.at) clock = { t0: now, k0: cur, at: cur };
       // the cursor's own frame first (the Play steps once by itself when pressed, before the kernel has
       // sent that frame): show it, and count the next step's time from now
       if (!(drawn && drawn[0].k === cur)) {
@@ -488,22 +506,17 @@ export default {
         clock = { t0: now, k0: cur, at: cur };
         return;
       }
-      const due = clock.k0 + Math.floor(((now - clock.t0) / 1000) * Math.max(1, model.get("fps")));
-      if (due <= cur) return;
-      // one column per animation frame, never skipping one: behind schedule, the next frames come at the
-      // display's rate until the clock is caught up
-      const next = cur + 1;
-      if (!cache.has(next)) {  // the kernel has not sent it yet: wait, and restart the clock from here
-        clock = { t0: now, k0: cur, at: cur };
-        return;
-      }
-      clock.at = Math.min(next, scene.n - 1);
-      model.set("cursor", clock.at);
+      const next = Math.min(cur + 1, scene.n - 1);
+      let step;
+      ({ clock, step } = clockStep(clock, now, cur, model.get("fps"), cache.has(next)));
+      if (!step) return;
+      model.set("cursor", next);
       draw();  // in this animation frame, not the next (the change also queued a draw: it finds nothing new)
       if (next >= scene.n - 1) model.set("playing", false);
       model.save_changes();
     }
     const onPlaying = () => { if (model.get("playing")) { clock = null; requestAnimationFrame(tick); } };
+    const onFps = () => { clock = null; };  // a new speed counts from the column shown, not from Play
     const onCustom = (msg, buffers) => {
       if (!msg || msg.event !== "ahead" || msg.gen !== cacheGen) return;
       msg.frames.forEach((meta, i) => {
@@ -515,6 +528,7 @@ export default {
       schedule();  // the cursor's own frame may be among them
     };
     model.on("change:playing", onPlaying);
+    model.on("change:fps", onFps);
     model.on("change:cursor", schedule);
     model.on("msg:custom", onCustom);
     if (model.get("playing")) onPlaying();
@@ -530,6 +544,7 @@ export default {
       document.removeEventListener("visibilitychange", onVisibility);
       model.off("change:frame", schedule);
       model.off("change:playing", onPlaying);
+      model.off("change:fps", onFps);
       model.off("change:cursor", schedule);
       model.off("msg:custom", onCustom);
       model.off("change:scene", schedule);
