@@ -1,7 +1,7 @@
 """Explorer responsiveness in a real browser (headless Debian Chromium + Playwright, loopback only): what a
 workshop attendee sees, timed from the browser's side.
 
-    python benchmarks/bench_ui_browser.py [--play-seconds 10] [--fps 15] [--json out.json]
+    python benchmarks/bench_ui_browser.py [--play-seconds 10] [--query fps=30] [--json out.json]
 
 Measures, on the dashboard notebook served by `voila` exactly as `./run.sh app` serves it (its voila.json:
 preheated pool of 1, one torch thread per kernel):
@@ -13,12 +13,12 @@ preheated pool of 1, one torch thread per kernel):
     figure in the browser shows the new error scale: the worse of the two, seen by a light poll (two
     numbers, every 10 ms) and by the figure's own draw timestamp (an earlier poll that copied the
     figure's arrays out of the page took CPU from the page and the kernel: +0.1 s);
-  - animation: Play at its default 15 frames/s for --play-seconds; frames per second the page actually
-    drew = distinct cursor columns the figure showed per second (counted in the page on every animation
-    frame, so the counting itself costs no round trips; from the start of counting, and from the first
-    step, with the time that first step took after the click), next to the rate at which the Play control
-    advanced the column slider in the page; and how long the page went on drawing after Pause (a backlog
-    of frames the browser could not keep up with).
+  - animation: Play at its default 15 frames/s (a link's `fps=` sets another) for --play-seconds; frames
+    per second the page actually drew = distinct cursor columns the figure showed per second (counted in
+    the page on every animation frame, so the counting itself costs no round trips; from the page's own
+    click event, and from the first step, with the time that first step took after the click), next to
+    the rate at which the Play control advanced the column slider in the page; and how long the page went
+    on drawing after Pause (a backlog of frames the browser could not keep up with).
 Targets (issue 6): cold start < 10 s, redraw < 0.3 s, >= 15 frames/s. Run it on a quiet machine
 (`QUIET_KEEP=chrom scripts/quiet.sh python benchmarks/bench_ui_browser.py` pauses nice-19 jobs but not the
 browser).
