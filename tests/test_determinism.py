@@ -40,7 +40,7 @@ def fingerprint(seed: int = 0) -> dict:
 
     from gptq_explorer import Hessian, QuantConfig, gptq_quantize
     from gptq_explorer.data import calibration_windows, evaluation_ids
-    from gptq_explorer.metrics.perplexity import perplexity
+    from gptq_explorer.metrics import perplexity
     from gptq_explorer.models.quantize import quantize_model
 
     torch.set_num_threads(1)

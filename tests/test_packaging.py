@@ -76,12 +76,40 @@ res = gptq_quantize(np.ones((4, 16)), H, QuantConfig(group_size=8))
 assert output_mse_from_hessian(np.ones((4, 16)), res.weight, H) >= 0
 assert rtn_quantize(np.ones((4, 16))).codes.shape == (4, 16)
 assert "smollm2-135m" in CURATED_MODELS
+from gptq_explorer.ui.app import explorer_app
+from gptq_explorer.ui.preheat import page_query
+assert page_query() == ""
+assert not any(m == "voila" or m.startswith("voila.") for m in sys.modules)  # voila.utils: 1.2 s in a kernel
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), configure_threads())
 """
     env = {**__import__("os").environ, "GPTQ_EXPLORER_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[] 1", out.stdout
+
+
+def test_lazy_names_never_shadow_a_submodule():
+    """A package's lazy name equal to one of its submodules' names (metrics.perplexity, the function, in
+    metrics/perplexity.py) turned into the module once anything imported that submodule: `from
+    gptq_explorer.metrics import perplexity` then gave a module, depending on what ran before."""
+    import importlib
+    import pkgutil
+
+    import gptq_explorer
+
+    packages = ["gptq_explorer"] + [info.name for info in pkgutil.walk_packages(gptq_explorer.__path__,
+                                                                              "gptq_explorer.") if info.ispkg]
+    checked = 0
+    for name in packages:
+        package = importlib.import_module(name)
+        submodules = {m.name for m in pkgutil.iter_modules(package.__path__)}
+        lazy = set(getattr(package, "_LAZY", {}))
+        checked += bool(lazy)
+        assert not lazy & submodules, f"{name}: {sorted(lazy & submodules)}"
+    assert checked >= 4  # the package, metrics, models, ui
+    from gptq_explorer.metrics import bf16, perplexity  # bf16 imports the perplexity submodule
+
+    assert callable(perplexity) and bf16.perplexity is perplexity
 
 
 def test_app_server_leaves_out_the_slow_optional_import():

@@ -5,6 +5,9 @@ Uses the synthetic 576x576 source (instant); one test captures a tiny random mod
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import pytest
 from traitlets import TraitError
@@ -490,3 +493,81 @@ def test_the_kernel_does_not_push_the_column_back_while_playing():
     assert lab.play.value == 12 and lab.col == 30
     lab.goto(50)  # a column set here goes to the Play (a browser connecting later copies it to the slider)
     assert lab.play.value == 50
+
+
+def _tiny_llama_source(tmp_path, **kw):
+    pytest.importorskip("transformers")
+    from conftest_models import make_tiny_model
+
+    folder = str(make_tiny_model("llama", tmp_path / "llama"))
+    return ModelSource(model=folder, corpus="prose", nsamples=4, seqlen=32, heldout_tokens=64, **kw)
+
+
+def test_a_deferred_load_waits_for_the_figure_to_draw(tmp_path):
+    """In Voila the model's layer loads once the page has drawn the figure (not while it opens); the
+    timer starts it if the page never answers; a layer picked before then cancels it."""
+    src = _tiny_llama_source(tmp_path, block=1)
+    lab = LayerLab(source=src, models={}, defer_load_s=60)
+    assert lab.data.name.startswith("synthetic") and lab._job is None and lab._deferred == src
+    assert "Loading" in lab.message.value
+    time.sleep(0.3)
+    assert lab._job is None  # nothing drawn yet: still waiting
+    drawn(lab)
+    assert lab._deferred is None and lab._job is not None
+    lab.wait(60)
+    assert lab.errors == [] and lab.data.name == src.name and lab.run.n == 64
+
+    # the page never answers: the timer starts it
+    other = dataclasses.replace(src, block=0)
+    lab2 = LayerLab(source=other, models={}, defer_load_s=0.2)
+    assert lab2.data.name.startswith("synthetic")
+    t0 = time.monotonic()
+    while lab2._job is None and lab2.data.name != other.name and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    lab2.wait(60)
+    assert lab2.data.name == other.name
+
+    # the user picks the synthetic layer before the figure drew: the deferred load is dropped
+    lab3 = LayerLab(source=dataclasses.replace(src, sublayer="mlp.up_proj"), models={}, defer_load_s=60)
+    lab3.set(model="synthetic", block=2)
+    drawn(lab3)
+    assert lab3._deferred is None and lab3._job is None and lab3.data.name == SyntheticSource(seed=2).name
+
+
+def test_a_captured_layer_shows_at_once(tmp_path):
+    """A layer in the cache (the app's preload, while the preheated kernel waited) is the first view: no
+    synthetic layer, no background job."""
+    src = _tiny_llama_source(tmp_path, block=1, sublayer="mlp.down_proj")
+    data = src.load()
+    lab = LayerLab(source=src, models={}, defer_load_s=60)
+    assert lab.data is data and lab._job is None and lab._deferred is None and lab.errors == []
+    assert list(lab.controls["block"].options) == [0, 1] and lab.state()["sublayer"] == "mlp.down_proj"
+    assert lab.message.value == ""
+
+
+def test_captures_run_one_at_a_time(tmp_path):
+    """Two threads capturing layers of one shared model: each forward hook stops the pass, so concurrent
+    captures used to stop each other ('never reached the chosen sublayer'); now the second waits, and
+    the same layer asked twice is captured once."""
+    import threading
+
+    src = _tiny_llama_source(tmp_path, block=0, sublayer="self_attn.v_proj")
+    srcs = [src, src, dataclasses.replace(src, sublayer="mlp.gate_proj"),
+            dataclasses.replace(src, block=1, sublayer="self_attn.o_proj")]
+    results, errors = [None] * len(srcs), []
+
+    def load(i):
+        try:
+            results[i] = srcs[i].load()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(srcs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert results[0] is results[1]
+    assert [r.name for r in results] == [s.name for s in srcs]
+    assert results[2].X_calib.shape == (128, 64) and results[3].X_calib.shape == (128, 64)

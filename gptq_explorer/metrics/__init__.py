@@ -16,9 +16,9 @@ _LAZY = {
     "layer_output_sse": "layer_error",
     "layer_relative_error": "layer_error",
     "output_mse_from_hessian": "layer_error",
-    "PerplexityResult": "perplexity",
-    "perplexity": "perplexity",
-    "window_losses": "perplexity",
+    "PerplexityResult": "perplexity_eval",
+    "perplexity": "perplexity_eval",
+    "window_losses": "perplexity_eval",
 }
 
 __all__ = list(_LAZY)

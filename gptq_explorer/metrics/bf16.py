@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .perplexity import perplexity
+from .perplexity_eval import perplexity
 
 
 def cpu_bf16_flags() -> list[str]:

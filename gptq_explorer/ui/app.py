@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import os
 import sys
+import threading
 from urllib.parse import parse_qsl, urlencode
 
 import ipywidgets as widgets
@@ -23,11 +24,14 @@ import ipywidgets as widgets
 from .common import InputError, info_html
 from .layer_lab import LayerLab
 from .layer_source import ModelSource
+from .preheat import in_voila, page_query, preload_default_layer, preload_enabled
 from .presets import CUSTOM
 
 TABS = ("layer", "model", "sweeps")
 TAB_TITLES = ("Layer Lab", "Model Lab", "Sweeps")
 PREFIX = {"model": "ml.", "sweeps": "sw."}
+
+DEFER_LOAD_S = 10.0  # a page that has not drawn its figure after this long gets its model load anyway
 
 
 def configure_threads() -> int | None:
@@ -51,15 +55,6 @@ def configure_threads() -> int | None:
 
 def local_mode_from_env() -> bool:
     return os.environ.get("GPTQ_EXPLORER_LOCAL", "0").strip().lower() in ("1", "true", "yes")
-
-
-def page_query() -> str:
-    """The Voila page's query string ('' outside Voila); waits for the visitor in a preheated kernel."""
-    if not any(key.startswith("VOILA_") for key in os.environ):
-        return ""
-    from voila.utils import get_query_string
-
-    return (get_query_string() or "").lstrip("?")
 
 
 def split_query(query: str) -> tuple[str, dict, dict, dict, list[str]]:
@@ -86,13 +81,16 @@ class ExplorerApp:
     use (showing their tab, or reading the attribute). app.state() / app.state_query() cover all three."""
 
     def __init__(self, query: str = "", *, local_mode: bool = False, source=None, models=None,
-                 model_lab_kwargs: dict | None = None, sweeps_kwargs: dict | None = None):
+                 model_lab_kwargs: dict | None = None, sweeps_kwargs: dict | None = None,
+                 defer_load_s: float | None = None):
         layer_query, app, self._ml_query, self._sw_query, self.problems = split_query(query or "")
         self.local_mode = local_mode
         self._models = models
         self._ml_kwargs = dict(model_lab_kwargs or {})
         self._sw_kwargs = dict(sweeps_kwargs or {})
-        kw = {"local_mode": local_mode} if models is None else {"local_mode": local_mode, "models": models}
+        kw = {"local_mode": local_mode, "defer_load_s": defer_load_s}
+        if models is not None:
+            kw["models"] = models
         source = source if source is not None else ModelSource()
         if layer_query:
             self.layer_lab = LayerLab.from_query(layer_query, source=source, **kw)
@@ -237,8 +235,20 @@ class ExplorerApp:
 def explorer_app(query: str | None = None, *, local_mode: bool | None = None, source=None,
                  **kwargs) -> ExplorerApp:
     """The explorer: Layer Lab (on the offline default model; a synthetic layer shows while it loads),
-    Model Lab and Sweeps tabs. `query` defaults to the Voila page's query string."""
+    Model Lab and Sweeps tabs. `query` defaults to the Voila page's query string.
+
+    Served by Voila, the kernel is preheated: it waits here for its visitor. When none comes within
+    PRELOAD_AFTER_S, it loads the default model's first layer meanwhile (when the machine is quiet, see
+    preload_default_layer), so a later visitor sees it at once: where preload_enabled() says so.
+    A visitor who is there sooner gets the synthetic layer first, and the model loads once the page has
+    drawn it (DEFER_LOAD_S at the latest), not while the browser is still opening the page."""
     configure_threads()
     local = local_mode_from_env() if local_mode is None else local_mode
-    query = page_query() if query is None else query
+    if query is None:
+        visitor_here = threading.Event()
+        preload = preload_enabled()
+        query = page_query(while_waiting=(lambda: preload_default_layer(visitor_here)) if preload else None)
+        visitor_here.set()  # a preload still running now goes on at full speed: this visitor needs it
+        if in_voila():
+            kwargs.setdefault("defer_load_s", DEFER_LOAD_S)
     return ExplorerApp(query, local_mode=local, source=source, **kwargs)

@@ -60,6 +60,7 @@ from .layer_source import (
     LayerSource,
     ModelSource,
     SyntheticSource,
+    cached_model_structure,
     curated_models,
     model_structure,
 )
@@ -129,9 +130,14 @@ class LayerLab:
     """
 
     def __init__(self, source: LayerSource | None = None, *, models=None, local_mode: bool = False,
-                 threaded: bool = True, state: dict | None = None):
+                 threaded: bool = True, state: dict | None = None, defer_load_s: float | None = None):
         self.local_mode = bool(local_mode)
         self.threaded = bool(threaded)
+        # A model's layer loads in the background; with defer_load_s it starts only once the figure has
+        # drawn itself in a browser (or after that many seconds): the load (torch's import, forward
+        # passes) otherwise takes the CPU and the kernel's attention from the page that is opening.
+        self.defer_load_s = defer_load_s
+        self._deferred: ModelSource | None = None
         self.errors: list[str] = []
         self.last_error: BaseException | None = None
         self.summary: dict = {}
@@ -150,10 +156,16 @@ class LayerLab:
         values.update(self._state_of_source(source))
         self._build_controls(values)
 
-        # The first layer is loaded synchronously when that is quick (synthetic) or asked for (threaded=
-        # False); a model is otherwise loaded in the background, with the synthetic layer shown meanwhile.
+        # The first layer is loaded synchronously when that is quick (synthetic, or captured already) or
+        # asked for (threaded=False); a model is otherwise loaded in the background, with the synthetic
+        # layer shown meanwhile.
         pending = None
-        if isinstance(source, SyntheticSource) or not self.threaded:
+        if isinstance(source, ModelSource) and source.cached() is not None:
+            structure = cached_model_structure(source.model)
+            if structure is not None:
+                self._structures[source.model] = structure
+        if (isinstance(source, SyntheticSource) or not self.threaded
+                or (isinstance(source, ModelSource) and source.model in self._structures)):
             try:
                 self.data = source.load()
                 if isinstance(source, ModelSource):
@@ -177,7 +189,13 @@ class LayerLab:
             self._set_source_controls(self._state_of_source(pending))
             self._info(f"Loading {html.escape(pending.name)} in the background; showing a synthetic layer "
                        "meanwhile.")
-            self._start_source_job(pending)
+            if self.defer_load_s is None:
+                self._start_source_job(pending)
+            else:
+                self._deferred = pending  # started by the figure's first answer, or by this timer
+                timer = threading.Timer(self.defer_load_s, self._start_deferred_load)
+                timer.daemon = True
+                timer.start()
 
     # -----------------------------------------------------------------------------------------------------
     # construction
@@ -385,6 +403,8 @@ class LayerLab:
                 and self._present_gen != self.figure.gen):
             self._present_gen = self.figure.gen
             self._send_ahead()
+        if self._deferred is not None:  # the page has drawn: now the model may take the CPU
+            self._start_deferred_load()
 
     def figure_frozen(self, now: float | None = None) -> bool:
         """The figure drew itself in a browser, updates are waiting since, and it has not answered any for
@@ -868,7 +888,9 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
         return self.figure.view(name)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until the background job (model load / activation capture), if any, has finished."""
+        """Block until the background job (model load / activation capture), if any, has finished (a load
+        deferred until the figure draws starts now)."""
+        self._start_deferred_load()
         job = self._job
         if job is not None and job.thread is not None:
             job.thread.join(timeout)
@@ -1028,8 +1050,15 @@ used to build H. GPTQ + RTN computed in {run.seconds:.2f} s.</small></div>"""
             synthetic = c["model"].value == SYNTHETIC
             c["corpus"].disabled = c["nsamples"].disabled = synthetic
 
+    def _start_deferred_load(self) -> None:
+        with self._lock:
+            pending, self._deferred = self._deferred, None
+        if pending is not None and not self._closed:
+            self._start_source_job(pending)
+
     def _cancel_job(self) -> None:
         """Drop the running job (its result will be ignored) and hide the progress bar."""
+        self._deferred = None  # the user chose another layer before the deferred load began
         if self._job is not None:
             self._job.cancel.set()
             self._job = None

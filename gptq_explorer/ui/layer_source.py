@@ -195,6 +195,7 @@ _MODEL_LOCK = threading.RLock()
 _MODELS: OrderedDict = OrderedDict()  # model name -> LoadedModel (at most MAX_MODELS kept)
 MAX_MODELS = 1
 _ACTS_LOCK = threading.RLock()
+_CAPTURE_LOCK = threading.Lock()
 _ACTS: OrderedDict = OrderedDict()  # ModelSource.key -> LayerData
 MAX_CACHED_LAYERS = 6
 
@@ -241,6 +242,12 @@ def model_structure(name: str, progress: Progress | None = None) -> tuple[int, l
     return len(adapter.get_blocks(lm.model)), adapter.linear_names()
 
 
+def cached_model_structure(name: str) -> tuple[int, list[str]] | None:
+    """model_structure for a model that is loaded already; None (and nothing loaded) otherwise."""
+    with _MODEL_LOCK:  # reentrant: held while model_structure finds it, so it cannot be evicted between
+        return model_structure(name) if name in _MODELS else None
+
+
 def _adapter(lm):
     if lm.adapter is None:
         from ..models import get_adapter
@@ -281,16 +288,32 @@ class ModelSource:
     def load(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None) -> LayerData:
         progress = progress or _noop_progress
         should_cancel = should_cancel or _never
+        data = self.cached()
+        if data is not None:
+            return data
+        # One capture at a time: two forward hooks on one shared module would stop each other's forward
+        # pass, and a second caller of the same layer (the app's preload, then the lab) gets the first's.
+        while not _CAPTURE_LOCK.acquire(timeout=0.1):
+            _check_cancel(should_cancel)
+        try:
+            data = self.cached()
+            if data is None:
+                data = self._capture(progress, should_cancel)
+                with _ACTS_LOCK:
+                    _ACTS[self.key] = data
+                    while len(_ACTS) > MAX_CACHED_LAYERS:
+                        _ACTS.popitem(last=False)
+        finally:
+            _CAPTURE_LOCK.release()
+        return data
+
+    def cached(self) -> LayerData | None:
+        """The layer's data if it was captured already (nothing is loaded)."""
         with _ACTS_LOCK:
             if self.key in _ACTS:
                 _ACTS.move_to_end(self.key)
                 return _ACTS[self.key]
-        data = self._capture(progress, should_cancel)
-        with _ACTS_LOCK:
-            _ACTS[self.key] = data
-            while len(_ACTS) > MAX_CACHED_LAYERS:
-                _ACTS.popitem(last=False)
-        return data
+        return None
 
     def _capture(self, progress: Progress, should_cancel: ShouldCancel) -> LayerData:
         import torch
