@@ -231,6 +231,25 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         page.wait_for_function("(c) => document.body.innerText.includes('Step ' + (c + 1) + ' of 576')",
                                arg=col, timeout=10_000)
 
+        # a new run while playing (bits 3 -> 4): the view goes on from its column, never a step back to the
+        # kernel's (which lags the view's by a round trip) when the new run's first frame comes
+        page.evaluate(COUNT_FRAMES_JS)
+        play.click()
+        _wait(page, lambda: (s := plot_state(page)) and s["marker_x"].size and s["marker_x"][0] >= col + 8,
+              30, "the animation to go on")
+        handle.focus()
+        handle.press("ArrowRight")
+        wait_until(lambda: (_summary_label(page) or "").startswith("4-bit g128 sym on synthetic"), 20,
+                   what="the summary to say 4-bit while playing")
+        time.sleep(1.0)
+        play.click()  # pause
+        col2 = int(wait_until(lambda: (v := slider_value(page, "column")) and _stable(page, v), 10,
+                              0.3, "the column to stop"))
+        frames = page.evaluate("() => { window.__stopCounting = true; return window.__frames; }")
+        shown = [int(k) for _, k in frames]
+        assert shown[-1] == col2 and shown == list(range(shown[0], col2 + 1)), shown
+        assert col2 >= col + 16, (col, col2)
+
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
         assert voila.kernel_alive(page.kernel_ids[0])

@@ -90,6 +90,8 @@ function linearTicks(lo, hi, maxTicks) {
 // up, so the rate over a play is the setting. Later than that, the clock restarts at that step, so the
 // view never rushes through more than a few columns to make up a long wait.
 export const CATCH_UP_MS = 250;
+// Longest a playing view keeps its picture waiting for the cursor's frame of a new run (see draw()).
+export const HOLD_MS = 1000;
 export function clockStep(clock, now, cur, fps, haveNext) {
   if (!clock || cur !== clock.at) clock = { t0: now, k0: cur, at: cur };
   const rate = Math.max(1, fps) / 1000;  // columns per ms
@@ -393,10 +395,21 @@ export default {
     }
 
     let drawn = null;  // what is on the canvas: the frame, scene and highlight objects
+    let holdSince = null;
     function draw() {
       pending = false;
       read();
       if (drawn && drawn[0] === frame && drawn[1] === scene && drawn[2] === hover) return;
+      // Playing, and a new run's (or crop's) first frame is behind the cursor: the kernel rendered it at
+      // its own column, which lags the view's by a round trip (more while it computed the run). Keep the
+      // picture until the cursor's frame comes (the kernel sends it on the cursor's next update; 1 s at
+      // most) rather than step back.
+      const cur = model.get("cursor");
+      if (drawn && model.get("playing") && frame.k < cur && !cache.has(cur)) {
+        holdSince = holdSince ?? performance.now();
+        if (performance.now() - holdSince < HOLD_MS) { setTimeout(schedule, 50); return; }
+      }
+      holdSince = null;
       drawn = [frame, scene, hover];
       ctx.clearRect(0, 0, WIDTH, HEIGHT);
       ctx.fillStyle = "#fff";
