@@ -185,3 +185,13 @@ def test_a_preload_waits_for_a_quiet_machine_or_its_visitor(monkeypatch, tmp_pat
     data = tiny().cached()
     assert not thread.is_alive() and data is not None and data.W.shape == (64, 64)
     assert tiny().load() is data
+
+
+def test_without_the_sync_client_voilas_helper_answers(preheated, monkeypatch):
+    """websockets older than 11 has no sync client: the query then comes from Voila's own helper."""
+    import sys
+
+    voila_utils = pytest.importorskip("voila.utils")
+    monkeypatch.setitem(sys.modules, "websockets.sync.client", None)  # `import` of it -> ImportError
+    monkeypatch.setattr(voila_utils, "get_query_string", lambda url=None: "?bits=2&tab=sweeps")
+    assert page_query(5) == "bits=2&tab=sweeps"
