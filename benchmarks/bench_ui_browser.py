@@ -8,8 +8,9 @@ preheated pool of 1, one torch thread per kernel):
   - cold start: server start -> widgets visible -> the Layer Lab's figure drawn
     (first page, served by the kernel the pool preheated while the server started; the page shows the
     synthetic layer at once) -> the default model's layer in the summary and in the figure;
-  - a second page (the pool's refill, which preloads the default model's layer when no visitor has come
-    for 3 s): open -> figure drawn -> the layer it shows first -> the default model's layer;
+  - a second page (the pool's refill, which preloads the default model's layer while it waits where
+    gptq_explorer.ui.preheat.preload_enabled: 4+ cores, or GPTQ_EXPLORER_PRELOAD=1): open -> figure
+    drawn -> the layer it shows first -> the default model's layer;
   - control changes on the default model's layer: bits 4 -> 3 -> 2 (keyboard on the slider) -> the
     figure in the browser shows the new error scale: the worse of the two, seen by a light poll (two
     numbers, every 10 ms) and by the figure's own draw timestamp (an earlier poll that copied the
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
             page2.goto(url, timeout=a.timeout * 1000)
             t2 = wait_for_app(page2, a.timeout, 0.1)
             out["second_page_to_plot_s"] = t2["plot_at"] - t0
-            # its first view: the model's layer when the kernel had preloaded it while waiting (app.py)
+            # its first view: the model's layer when the kernel had preloaded it while waiting (preheat.py)
             out["second_page_first_layer"] = wait_until(lambda: summary_layer(page2), 30, 0.05, "the summary")
             if not a.query:
                 wait_until(lambda: "smollm2-135m block 0" in summary_layer(page2), a.timeout, 0.1,

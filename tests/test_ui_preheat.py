@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 import time
 
@@ -67,8 +68,6 @@ def test_the_visitors_query_reaches_the_kernel(preheated):
         assert page_query(10, while_waiting=lambda: calls.append(1)) == "bits=3&tab=model"
     assert server.paths == ["/voila/query/kernel-1"]
     assert calls == []  # the visitor was there at once: nothing preloaded
-    import os
-
     assert os.environ["SERVER_NAME"] == "127.0.0.1" and os.environ["QUERY_STRING"] == "bits=3&tab=model"
 
 
@@ -101,7 +100,7 @@ def test_outside_a_preheated_kernel(monkeypatch):
     monkeypatch.setenv("VOILA_PREHEAT", "False")
     monkeypatch.setenv("QUERY_STRING", "?bits=2")
     assert page_query() == "bits=2"  # a kernel Voila started for the request has it in its environment
-    for key in [k for k in __import__("os").environ if k.startswith("VOILA_")]:
+    for key in [k for k in os.environ if k.startswith("VOILA_")]:
         monkeypatch.delenv(key)
     assert page_query() == ""  # not in Voila
 

@@ -160,12 +160,9 @@ class LayerLab:
         # asked for (threaded=False); a model is otherwise loaded in the background, with the synthetic
         # layer shown meanwhile.
         pending = None
-        if isinstance(source, ModelSource) and source.cached() is not None:
-            structure = cached_model_structure(source.model)
-            if structure is not None:
-                self._structures[source.model] = structure
-        if (isinstance(source, SyntheticSource) or not self.threaded
-                or (isinstance(source, ModelSource) and source.model in self._structures)):
+        captured = (isinstance(source, ModelSource) and source.cached() is not None
+                    and cached_model_structure(source.model) is not None)  # nothing left to load
+        if isinstance(source, SyntheticSource) or not self.threaded or captured:
             try:
                 self.data = source.load()
                 if isinstance(source, ModelSource):
