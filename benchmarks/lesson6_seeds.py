@@ -2,11 +2,11 @@
 
     python benchmarks/lesson6_seeds.py --seeds 0 1 2 3 4 [--calib prose code "prose + code"]
 
-Each run is lessons_design.whole_model_run on the offline smollm2-135m with the lesson's settings (GPTQ
-4-bit g128 sym, damp 0.01, 16 calibration windows of 512 tokens drawn with the seed, perplexity on the
-first 8 x 512 evaluation tokens of prose and of code: the same tokens for every run). One JSON per run in
-data/results/lesson6/ (an existing one is skipped, so two processes can share the list: each claims a run
-with a lock file). About 3-4 CPU minutes per run on one thread. Seed 0 repeats the runs lesson 6 stored.
+Each run is lessons.damping_calibration.whole_model_run on the offline smollm2-135m with the lesson's
+settings (GPTQ 4-bit g128 sym, damp 0.01, 16 calibration windows of 512 tokens drawn with the seed,
+perplexity on the first 8 x 512 evaluation tokens of prose and of code: the same tokens for every run). One
+JSON per run in data/results/lessons/calibration_seeds/ (an existing one is skipped, so two processes can
+share the list: each claims a run with a lock file). Seed 0 repeats the runs lesson 6 stored.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "data" / "results" / "lesson6"
+OUT = ROOT / "data" / "results" / "lessons" / "calibration_seeds"
 
 
 def run_path(calib: str, seed: int) -> Path:
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from gptq_explorer import QuantConfig, load_model
-    from gptq_explorer.lessons_design import whole_model_run
+    from gptq_explorer import DEFAULT_MODEL, QuantConfig, load_model
+    from gptq_explorer.lessons.damping_calibration import whole_model_run
 
     torch.set_num_threads(a.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                 continue  # another process runs it
             if path.exists():
                 continue
-            lm = lm or load_model("smollm2-135m")
+            lm = lm or load_model(DEFAULT_MODEL)
             res = whole_model_run(lm, QuantConfig(bits=4), "gptq", calib=calib, seed=seed)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1) + "\n")

@@ -27,7 +27,7 @@ _LAZY = {
     "perplexity": "metrics",
     "save_quantized": "checkpoint",
     "load_quantized": "checkpoint",
-    "grid_view": "checkpoint.grid_view",
+    "grid_view": "views.grid_view",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,62 +11,56 @@ corpora and their sizes.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from .engine import QuantConfig
 from .metrics.generation import SAMPLE_TOKENS
+from .models.catalog import DEFAULT_MODEL
+from .settings import CALIBRATION_KEYS, EVALUATION_KEYS, KNOBS, QUANT_KEYS, Knob, parse_assignments, resolve
 
-# A newcomer's run: small enough to finish in a few minutes on 2 CPU cores (the paper uses 128 x 2048).
-DEFAULT_NSAMPLES = 16
-DEFAULT_SEQLEN = 512
-DEFAULT_EVAL_TOKENS = 8192
-
-_INT_FIELDS = ("bits", "group_size", "block_size")
-_BOOL_FIELDS = ("sym", "desc_act", "static_groups")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+CLI_KNOBS = (*QUANT_KEYS, *CALIBRATION_KEYS, *EVALUATION_KEYS)  # the knobs `quantize` takes as flags
 
 
 class UsageError(ValueError):
     """A bad command line found after parsing (exit code 2)."""
 
 
+def knob_dest(knob: Knob) -> str:
+    """The argparse attribute of a knob: its flag's name (--damp -> args.damp, --calib -> args.calib)."""
+    return knob.flag.lstrip("-").replace("-", "_")
+
+
+def _add_knob(parser: argparse.ArgumentParser, knob: Knob) -> None:
+    """The knob's flag(s), default and help, from its declaration (values are checked in check_args, so a
+    bad one exits through main with code 2 and the knob's own message)."""
+    dest = knob_dest(knob)
+    if knob.type is bool:
+        if knob.off_flag:  # on by default: a pair of flags
+            pair = parser.add_mutually_exclusive_group()
+            pair.add_argument(knob.flag, dest=dest, action="store_true", default=knob.default, help=knob.help)
+            pair.add_argument(knob.off_flag, dest=dest, action="store_false", help=f"not {knob.flag}")
+        else:
+            parser.add_argument(knob.flag, dest=dest, action="store_true", default=knob.default,
+                                help=knob.help)
+        return
+    parser.add_argument(knob.flag, dest=dest, type=knob.type, default=knob.default, help=knob.help)
+
+
 def _parse_override(text: str) -> tuple[str, dict]:
     """'blocks.0.*:bits=8,group_size=128' -> ('blocks.0.*', {'bits': 8, 'group_size': 128})."""
     pattern, sep, assignments = text.partition(":")
-    fields = ", ".join((*_INT_FIELDS, "damp_percent", *_BOOL_FIELDS))
     if not sep or not pattern.strip() or not assignments.strip():
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected PATTERN:field=value[,field=value], e.g. 'blocks.0.*:bits=8' or "
-            f"'*.down_proj:bits=8,group_size=64' (fields: {fields})"
+            f"'*.down_proj:bits=8,group_size=64' (fields: {', '.join(QUANT_KEYS)})"
         )
-    values = {}
-    for item in assignments.split(","):
-        key, eq, raw = item.partition("=")
-        key, raw = key.strip().replace("-", "_"), raw.strip()
-        if not eq or not key or not raw:
-            raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not field=value (e.g. bits=8)")
-        try:
-            if key in _INT_FIELDS:
-                values[key] = int(raw)
-            elif key == "damp_percent":
-                values[key] = float(raw)
-            elif key in _BOOL_FIELDS:
-                if raw.lower() not in _TRUE + _FALSE:
-                    raise ValueError
-                values[key] = raw.lower() in _TRUE
-            else:
-                raise argparse.ArgumentTypeError(f"{text!r}: unknown field {key!r}; use one of: {fields}")
-        except ValueError:
-            kind = {"damp_percent": "a number"}.get(key, "an integer" if key in _INT_FIELDS else "true/false")
-            raise argparse.ArgumentTypeError(f"{text!r}: {key}={raw!r} must be {kind}") from None
-    return pattern.strip(), values
+    try:
+        return pattern.strip(), parse_assignments(assignments, QUANT_KEYS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _merge_overrides(pairs: list[tuple[str, dict]]) -> dict:
@@ -83,32 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="convert the offline model to its safetensors cache (once)")
-    prep.add_argument("--model", default="smollm2-135m")
+    prep.add_argument("--model", default=DEFAULT_MODEL)
+    prep.add_argument("--check", action="store_true",
+                      help=f"only say whether {DEFAULT_MODEL} is converted already (exit 0) or not (exit 1)")
 
     q = sub.add_parser("quantize", help="quantize a model and measure its perplexity")
-    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a Hugging Face id, or a folder")
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL}, a Hugging Face id, or a folder")
     q.add_argument("--method", choices=("fp", "rtn", "gptq"), default="gptq",
                    help="fp = no quantization (the baseline)")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128, help="columns per group; -1 = one group per row")
-    sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True)
-    sym.add_argument("--asym", dest="sym", action="store_false")
-    q.add_argument("--desc-act", action="store_true")
-    q.add_argument("--static-groups", action="store_true")
-    q.add_argument("--damp", type=float, default=0.01, help="damp_percent (fraction of mean diag H)")
-    q.add_argument("--block-size", type=int, default=128)
+    for name in QUANT_KEYS:
+        _add_knob(q, KNOBS[name])
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     q.add_argument("--override", action="append", type=_parse_override, default=[],
                    help="per-layer settings, e.g. 'blocks.0.*:bits=8' (repeatable)")
-    q.add_argument("--calib", default="prose", help="prose | code | wikitext2 | c4 | ptb | a text file")
-    q.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
-    q.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="calibration window length")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--eval", default="prose,code", help="comma-separated corpora ('' = none)")
-    q.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="tokens per corpus")
-    q.add_argument("--eval-seqlen", type=int, default=None,
-                   help="perplexity window length (default: --seqlen; the paper uses 2048)")
+    for name in (*CALIBRATION_KEYS, *EVALUATION_KEYS):
+        _add_knob(q, KNOBS[name])
     q.add_argument("--device", default=None, help="cpu, cuda, or auto")
     q.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: $GPTQ_EXPLORER_THREADS, else torch's default)")
@@ -147,18 +130,28 @@ def _threads(args) -> int | None:
     return None
 
 
+def knob_values(args) -> dict:
+    """{knob name: value} from the command line, each checked by its knob (UsageError naming the flag);
+    a knob that follows another (--eval-seqlen follows --seqlen) is resolved."""
+    values = {}
+    for name in CLI_KNOBS:
+        knob = KNOBS[name]
+        value = getattr(args, knob_dest(knob))
+        try:
+            values[name] = knob.check(value)
+        except ValueError as exc:
+            raise UsageError(f"{knob.flag} {value}: {exc}") from None
+    return resolve(values)
+
+
 def check_args(args) -> QuantConfig:
     """Everything about the command line that can be checked without loading the model; returns the
     QuantConfig. Raises UsageError / ValueError naming the fix."""
     import torch
 
-    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, damp_percent=args.damp,
-                      desc_act=args.desc_act, static_groups=args.static_groups, block_size=args.block_size)
-    if args.nsamples < 1 or args.seqlen < 1:
-        raise UsageError(f"--nsamples and --seqlen must be positive (got {args.nsamples}, {args.seqlen})")
-    eval_seqlen = args.eval_seqlen or args.seqlen
-    if eval_seqlen < 2:
-        raise UsageError(f"--eval-seqlen must be at least 2, got {eval_seqlen}")
+    values = knob_values(args)
+    cfg = QuantConfig(**{k: values[k] for k in QUANT_KEYS})
+    eval_seqlen = values["eval_seqlen"]
     if [c for c in args.eval.split(",") if c.strip()] and args.eval_tokens < eval_seqlen:
         raise UsageError(
             f"--eval-tokens {args.eval_tokens} is shorter than one perplexity window of {eval_seqlen} "
@@ -199,132 +192,30 @@ def check_args(args) -> QuantConfig:
     return cfg
 
 
-def _corpus_info(corpus: str) -> dict | None:
-    from dataclasses import asdict
-
-    from .data import corpus_info
-
-    try:
-        return asdict(corpus_info(corpus))
-    except ValueError:
-        return None
-
-
-def _environment(device=None) -> dict:
-    """Versions and the machine the numbers were measured on; `device` is where blocks ran and GPTQ solved
-    (None: the model's own device, the CPU for models loaded here)."""
-    import torch
-    import transformers
-
-    from . import __version__ as ours
-
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        load = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "gptq_explorer": ours, "git": _git_state(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": load,
-            "device": str(device or "cpu"), **_gpu(device)}
-
-
-def _gpu(device) -> dict:
-    import torch
-
-    if device is None or torch.device(device).type != "cuda":
-        return {}
-    return {"gpu": torch.cuda.get_device_name(torch.device(device)), "cuda": torch.version.cuda}
-
-
-def _git_state() -> str | None:
-    """The checkout's commit, with '+dirty' when the package's own files differ from it (None outside git)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "gptq_explorer"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
 def run_quantize(args) -> dict:
+    """`gptq-explorer quantize`: the command line checked, then one services.reports.build_report call
+    (the report's schema: gptq_explorer.services.results)."""
     import torch
 
-    from .data import calibration_windows, evaluation_ids
-    from .metrics import perplexity
-    from .models import load_model
-    from .models.quantize import quantize_model
+    from .services.reports import ComputeSettings, build_report
 
     cfg = check_args(args)
+    values = knob_values(args)
     threads = _threads(args)
     if threads:
         torch.set_num_threads(threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    overrides = _merge_overrides(args.override)
-    eval_corpora = [c.strip() for c in args.eval.split(",") if c.strip()]
-    eval_seqlen = args.eval_seqlen or args.seqlen
-    started = time.perf_counter()
-    loaded = load_model(args.model)
-    timings = {"load": time.perf_counter() - started}
-    # evaluation tokens first: a bad corpus name or a short corpus fails before the quantization
-    eval_ids = {c: evaluation_ids(loaded.tokenizer, c, args.eval_tokens) for c in eval_corpora}
-    report: dict = {"model": args.model, "source": loaded.source, "method": args.method,
-                    "config": cfg.to_dict(), "true_sequential": args.true_sequential,
-                    "overrides": overrides, "threads": torch.get_num_threads(), "calibration": None,
-                    "evaluation": {"corpora": eval_corpora, "tokens": args.eval_tokens, "seqlen": eval_seqlen,
-                                   "corpus_info": {c: _corpus_info(c) for c in eval_corpora}},
-                    "memory": {}, "export": None}
-    layers: list = []
-    qm = None
-    if args.method != "fp":
-        t0 = time.perf_counter()
-        calib = None
-        if args.method == "gptq" or args.rtn_calib:  # RTN needs no data (only to measure its errors)
-            calib = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-            report["calibration"] = {"corpus": str(args.calib), "nsamples": args.nsamples,
-                                     "seqlen": args.seqlen, "seed": args.seed,
-                                     "corpus_info": _corpus_info(args.calib)}
-        qm = quantize_model(loaded, calib, cfg, method=args.method, true_sequential=args.true_sequential,
-                            overrides=overrides, device=device, progress=not args.quiet,
-                            cache_dir=args.cache_dir)
-        timings["quantize"] = time.perf_counter() - t0
-        timings.update({f"quantize_{k}": v for k, v in qm.timings.items()})
-        layers = qm.report_rows()
-        report["memory"] = dict(qm.memory)
-    report["layers"] = layers
-    ppl, windows = {}, {}
-    for corpus, ids in eval_ids.items():
-        t0 = time.perf_counter()
-        res = perplexity(loaded.model, ids, seqlen=eval_seqlen, progress=not args.quiet, device=device,
-                         amp_dtype=torch.bfloat16 if args.bf16 else None, desc=f"perplexity {corpus}")
-        ppl[corpus], windows[corpus] = res.ppl, res.n_windows
-        timings[f"eval_{corpus}"] = time.perf_counter() - t0
-    report["perplexity"] = ppl
-    report["perplexity_windows"] = windows
-    if args.samples:
-        from .metrics import generate_samples
-
-        t0 = time.perf_counter()
-        report["samples"] = generate_samples(loaded.model, loaded.tokenizer,
-                                             max_new_tokens=args.sample_tokens)
-        timings["samples"] = time.perf_counter() - t0
-    if args.save:
-        from .checkpoint import save_quantized
-
-        export = save_quantized(qm, args.save, format=args.format, overwrite=args.overwrite)
-        report["export"] = {"folder": str(args.save), "format": export.format, "summary": export.summary(),
-                            "warnings": list(export.warnings)}
-    timings["total"] = time.perf_counter() - started
-    report["timings"] = timings
-    report["environment"] = _environment(device)
-    report["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return report
+    settings = ComputeSettings(
+        corpus=values["corpus"], nsamples=values["nsamples"], seqlen=values["seqlen"], seed=values["seed"],
+        eval_corpora=tuple(c.strip() for c in values["eval"].split(",") if c.strip()),
+        eval_tokens=values["eval_tokens"], eval_seqlen=values["eval_seqlen"],
+        max_new_tokens=args.sample_tokens)
+    return build_report(args.model, args.method, cfg, settings, true_sequential=args.true_sequential,
+                        overrides=_merge_overrides(args.override), device=device, rtn_calib=args.rtn_calib,
+                        samples=args.samples, bf16=args.bf16, cache_dir=args.cache_dir, save=args.save,
+                        save_format=args.format, overwrite=args.overwrite, bars=not args.quiet)
 
 
 def print_report(report: dict, out=None) -> None:
@@ -364,32 +255,20 @@ def print_report(report: dict, out=None) -> None:
           file=out)
 
 
-def _write_json(path: str, report: dict) -> None:
-    """Strict JSON (a non-finite perplexity becomes null), written atomically."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(clean(report), indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, p)
-
-
 def main(argv=None) -> int:
     from .checkpoint.packing import CheckpointFormatError
+    from .models.capture import Cancelled
     from .models.loading import ModelLoadError
-    from .models.quantize import QuantizationCancelled
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on a bad flag
     try:
+        if args.command == "prepare" and args.check:
+            from .models.loading import offline_model_ready
+
+            ready = offline_model_ready()
+            print(f"{DEFAULT_MODEL}: {'ready' if ready else 'not converted yet (run gptq-explorer prepare)'}")
+            return 0 if ready else 1
         if args.command == "prepare":
             from .models import load_model
 
@@ -402,13 +281,15 @@ def main(argv=None) -> int:
         # our errors name the problem and the fix
         print(f"gptq-explorer: error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, QuantizationCancelled):
+    except (KeyboardInterrupt, Cancelled):
         print("gptq-explorer: interrupted; nothing was written (the model's weights were restored)",
               file=sys.stderr)
         return 130
     print_report(report)
     if args.json_path:
-        _write_json(args.json_path, report)
+        from .services.results import write_json
+
+        write_json(args.json_path, report)
         print(f"report written to {args.json_path}")
     return 0
 

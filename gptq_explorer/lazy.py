@@ -1,8 +1,8 @@
 """Names a package imports on first access (PEP 562): `__getattr__ = lazy.names(__name__, {name: submodule})`.
 
-The app's first view and the Voila server need little of the package; torch alone costs ~2.3 s to import
-(see gptq_explorer.lazy_torch). A name is imported from its submodule the first time it is asked for and
-then kept on the package like an ordinary attribute."""
+The app's first view and the Voila server need little of the package; torch alone is slow to import
+(see gptq_explorer.lazy_torch and docs/performance.md). A name is imported from its submodule the first
+time it is asked for and then kept on the package like an ordinary attribute."""
 
 from __future__ import annotations
 

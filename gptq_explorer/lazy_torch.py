@@ -1,7 +1,8 @@
-"""torch on first use. Importing torch costs ~2.3 s here; the Layer Lab's first view (the NumPy stepper on
-a synthetic layer) needs none of it, and a Voila kernel's start lies on the path to the first page. So the
-engine, the metrics and the app import torch inside the functions that use it, and ask `is_tensor` (which
-never imports torch: if it is not loaded, nothing can be a tensor) which path an input takes."""
+"""torch on first use. Importing torch is slow (see docs/performance.md); the Layer Lab's first view
+(the NumPy stepper on a synthetic layer) needs none of it, and a Voila kernel's start lies on the path to
+the first page. So the engine, the metrics and the app import torch inside the functions that use it, and
+ask `is_tensor` (which never imports torch: if it is not loaded, nothing can be a tensor) which path an
+input takes."""
 
 from __future__ import annotations
 

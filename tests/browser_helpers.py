@@ -1,9 +1,9 @@
 """Helpers for the real-browser tests (tests/test_ui_browser.py): a standalone Voila server on loopback,
 headless Debian Chromium driven by Playwright, and reading the page's plotly state.
 
-Recipe and traps: ../shared/reference/jupyter-stack.md ("A real browser test here"). Nothing here downloads
-anything: Playwright's own browsers are never installed; the Debian `chromium` binary is used, and every
-request that does not go to 127.0.0.1 (or data:/blob:) is aborted.
+docs/testing.md says how the browser tests run. Nothing here downloads anything: Playwright's own browsers
+are never installed; the Debian `chromium` binary is used, and every request that does not go to 127.0.0.1
+(or data:/blob:) is aborted.
 """
 
 from __future__ import annotations

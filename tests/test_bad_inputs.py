@@ -1,9 +1,9 @@
-"""Bad input, one test per row of the README's "Bad input" table: what is tried, and what the user gets.
+"""Bad input, one test per row of the table in docs/errors.md: what is tried, and what the user gets.
 
 Every message must name the problem AND the fix; nothing may be left half-done: a failed quantization restores
 the model's weights, a failed export or cache write leaves no folder that could be read back as valid (temp
 folder + completion marker + rename), and a rejected batch leaves a Hessian unchanged. Tiny models only
-(hidden 64, a byte tokenizer): the whole file runs in ~20 s on 2 busy cores.
+(hidden 64, a byte tokenizer), so the whole file runs in seconds.
 """
 
 from __future__ import annotations
@@ -202,6 +202,25 @@ def test_settings_out_of_range(kwargs, message):
 def test_unknown_setting_lists_the_allowed_ones():
     with pytest.raises(ValueError, match=r"unknown QuantConfig field\(s\) \['bitz'\]; allowed: .*'bits'"):
         QuantConfig.from_dict({"bitz": 4})
+
+
+def test_a_config_that_is_not_a_quantconfig_is_refused():
+    """A string or a dict where a QuantConfig belongs: every entry point (QuantConfig.coerce) says what it
+    wants, and a model is left unchanged."""
+    from gptq_explorer import gptq_steps, rtn_quantize
+
+    W, H = layer()
+    with pytest.raises(ValueError, match="cfg must be a QuantConfig"):
+        gptq_quantize(W, H, "4bit")
+    with pytest.raises(ValueError, match="cfg must be a QuantConfig"):
+        rtn_quantize(W, "4bit")
+    with pytest.raises(ValueError, match="cfg must be a QuantConfig"):
+        gptq_steps(W, H, {"bits": 4})
+    model = tiny_llama()
+    before = weights(model)
+    with pytest.raises(ValueError, match="cfg must be a QuantConfig"):
+        quantize_model(model, calib(), cfg="4bit", progress=False)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,7 +1,7 @@
 """The GPTQ checkpoint format layer: bit packing, zero conventions, per-linear tensors, config JSON.
 
-Expected words are written out as literals, computed by hand from the field layout in
-shared/reference/gptq-anchors.md §3.3, so a wrong shift or mask fails here.
+Expected words are written out as literals, computed by hand from the field layout (value k of a
+run in bits [bits*k, bits*(k+1)) of one little-endian stream), so a wrong shift or mask fails here.
 """
 
 import numpy as np

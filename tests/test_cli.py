@@ -16,7 +16,7 @@ from gptq_explorer.metrics import perplexity
 from gptq_explorer.models import load_model, set_weight
 from gptq_explorer.models import quantize as qmod
 
-# small enough for ~1 s per run: 4 calibration windows of 64 tokens, 512 evaluation tokens per corpus
+# small runs: 4 calibration windows of 64 tokens, 512 evaluation tokens per corpus
 FAST = ["--nsamples", "4", "--seqlen", "64", "--eval-tokens", "512", "--quiet"]
 N_LINEARS = 2 * 7  # two LLaMA blocks of q, k, v, o, gate, up, down
 
@@ -217,7 +217,7 @@ def test_save_reloads_with_equal_logits(tiny, tmp_path, monkeypatch):
         (["--bits", "9"], "bits must be between 2 and 8"),
         (["--group-size", "0"], "group_size must be -1"),
         (["--damp", "2"], "damp_percent must be strictly between 0 and 1"),
-        (["--nsamples", "0"], "--nsamples and --seqlen must be positive"),
+        (["--nsamples", "0"], "--nsamples 0: nsamples must be a positive number of windows"),
         (["--eval-tokens", "10"], "give --eval-tokens >= 64"),
         (["--method", "fp", "--save", "somewhere"], "--save needs --method rtn or gptq"),
         (["--method", "fp", "--override", "blocks.0.*:bits=8"], "--override needs --method rtn or gptq"),
@@ -256,3 +256,15 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["quantize", "--method", "awq"])
     assert exc.value.code == 2 and "invalid choice: 'awq'" in capsys.readouterr().err
+
+
+def test_prepare_check_says_whether_the_offline_model_is_converted(tmp_path, monkeypatch, capsys):
+    from gptq_explorer.models.loading import _smollm2_cache_dir, cache_folder_complete
+
+    monkeypatch.setenv("GPTQ_EXPLORER_CACHE", str(tmp_path))
+    assert cli.main(["prepare", "--check"]) == 1  # an empty cache: nothing converted, nothing loaded
+    assert "not converted yet" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+    monkeypatch.delenv("GPTQ_EXPLORER_CACHE")
+    ready = cache_folder_complete(_smollm2_cache_dir())
+    assert cli.main(["prepare", "--check"]) == (0 if ready else 1)

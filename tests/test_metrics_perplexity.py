@@ -81,6 +81,29 @@ def test_shape_and_length_errors():
     assert r.n_windows == 2
 
 
+def test_progress_callback_and_cancel_check():
+    """A dashboard's perplexity: the same number, progress as a fraction after each batch, and a check()
+    before each batch whose exception cancels the evaluation (the model's mode is put back)."""
+    rng = np.random.default_rng(1)
+    table, ids = rng.normal(size=(7, 7)), torch.tensor(rng.integers(0, 7, size=5 * 4))
+    fractions, calls = [], []
+    r = perplexity(Bigram(table), ids, seqlen=4, batch_size=2, progress=fractions.append,
+                   check=lambda: calls.append(1))
+    assert r.ppl == pytest.approx(manual_ppl(table, ids.numpy(), 4)[0], rel=1e-5)
+    assert fractions == [0.4, 0.8, 1.0] and len(calls) == 3
+
+    def cancel_second():
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+
+    calls.clear()
+    m = Bigram(table).train()
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(m, ids, seqlen=4, batch_size=2, progress=False, check=cancel_second)
+    assert m.training
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_layer_output_mse(lib):
     rng = np.random.default_rng(1)

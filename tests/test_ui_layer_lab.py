@@ -14,6 +14,7 @@ from traitlets import TraitError
 
 from gptq_explorer.engine import QuantConfig, gptq_steps
 from gptq_explorer.ui import LabInputError, LayerLab, ModelSource, SyntheticSource
+from gptq_explorer.ui import layer_animation as animation_module
 from gptq_explorer.ui import layer_lab as lab_module
 from gptq_explorer.ui.layer_figure import from_f32
 
@@ -309,7 +310,7 @@ def test_background_load_can_be_cancelled(tmp_path):
     def slow_cancelled(self, progress=None, should_cancel=None):
         lab._on_cancel()
         assert should_cancel()
-        from gptq_explorer.ui.layer_source import Cancelled
+        from gptq_explorer.services.layer_source import Cancelled
         raise Cancelled("cancelled")
 
     orig = ModelSource.load
@@ -351,9 +352,9 @@ def test_a_frozen_figure_is_rebuilt(monkeypatch):
     lab.set(bits=3)
     lab.goto(40)
     now = time.monotonic()
-    assert lab.figure_frozen(now + lab_module.FIGURE_STALE_S + 1) and not lab.figure_frozen(now)
+    assert lab.figure_frozen(now + animation_module.FIGURE_STALE_S + 1) and not lab.figure_frozen(now)
     drawn(lab, lab.fig.seq - 1)  # an older frame: still waiting for the last
-    assert lab.figure_frozen(now + lab_module.FIGURE_STALE_S + 1)
+    assert lab.figure_frozen(now + animation_module.FIGURE_STALE_S + 1)
     drawn(lab)
     assert not lab.figure_frozen(now + 100)  # answered: alive
 
@@ -374,7 +375,7 @@ def test_a_frozen_figure_is_rebuilt(monkeypatch):
     assert lab.col == 42
 
     # the watchdog thread: started by the probe, rebuilds a figure whose frames go unanswered
-    monkeypatch.setattr(lab_module, "FIGURE_STALE_S", 0.3)
+    monkeypatch.setattr(animation_module, "FIGURE_STALE_S", 0.3)
     lab._on_probe(lab.probe, {"event": "rendered"}, [])
     lab._on_probe(lab.probe, {"event": "figure", "drawn": True, "seconds": 2}, [])  # the new one drew
     lab.goto(41)  # and takes the frame ...
@@ -413,7 +414,7 @@ def test_browser_messages_wait_for_figure_updates_in_other_threads():
 
 
 def test_the_dashboards_skip_jsonschemas_slow_iri_checker():
-    """rfc3987_syntax builds a Lark grammar at import (4-5 s of every kernel start, via plotly's
+    """rfc3987_syntax builds a Lark grammar at import (seconds of every kernel start, via plotly's
     FigureWidget -> nbformat -> jsonschema); importing the dashboards first makes jsonschema skip it, and
     jsonschema (which nbformat uses) still validates."""
     import subprocess
@@ -438,7 +439,7 @@ def test_playing_sends_frames_ahead_and_the_view_runs_the_clock(monkeypatch):
     timer is parked), through frames the kernel sends ahead: each exactly the frame the kernel would draw
     at that column, sent once per generation (run + crop), and not again as the synced frame."""
     lab = LayerLab(models={})
-    assert lab.play.interval == lab_module.PLAY_PARKED_MS and lab.fig.fps == 15
+    assert lab.play.interval == animation_module.PLAY_PARKED_MS and lab.fig.fps == 15
     lab.controls["fps"].value = 10
     assert lab.fig.fps == 10
     sent = []
@@ -447,7 +448,7 @@ def test_playing_sends_frames_ahead_and_the_view_runs_the_clock(monkeypatch):
     lab.fig.playing = True  # what jslink does when the Play button is pressed
     (msg, bufs), = sent
     ks = [m["k"] for m in msg["frames"]]
-    assert msg["event"] == "ahead" and ks == list(range(101, 101 + lab_module.AHEAD_FRAMES))
+    assert msg["event"] == "ahead" and ks == list(range(101, 101 + animation_module.AHEAD_FRAMES))
     assert len(bufs) == 7 * len(ks) and msg["gen"] == lab.figure.gen
     # frame 105 as sent ahead == what the kernel shows at column 105
     i = ks.index(105)
@@ -459,7 +460,7 @@ def test_playing_sends_frames_ahead_and_the_view_runs_the_clock(monkeypatch):
     for name, z in ahead.items():
         np.testing.assert_array_equal(z, lab.view(name)[0].astype(np.float32).ravel())
     (msg2, _), = sent[1:]
-    assert [m["k"] for m in msg2["frames"]] == [101 + lab_module.AHEAD_FRAMES + j for j in range(5)]
+    assert [m["k"] for m in msg2["frames"]] == [101 + animation_module.AHEAD_FRAMES + j for j in range(5)]
     lab.controls["col"].value = 106
     lab.play.playing = lab.fig.playing = False  # paused: the synced frame is the column shown
     assert lab.fig.seq > seq and lab.figure.shown()["k"] == 106

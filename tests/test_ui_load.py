@@ -181,8 +181,8 @@ def _shown_summary(page) -> dict | None:
 
 def _expected_summary(seed: int, cfg) -> dict:
     """The same numbers from the engine directly, formatted as the page formats them."""
+    from gptq_explorer.services.layer_source import SyntheticSource
     from gptq_explorer.ui.layer_run import compute_run
-    from gptq_explorer.ui.layer_source import SyntheticSource
 
     s = compute_run(SyntheticSource(seed=seed).load(), cfg).summary
     return {
@@ -297,7 +297,7 @@ class Session:
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GPTQ_EXPLORER_LOAD_TEST") == "0",
-                    reason="GPTQ_EXPLORER_LOAD_TEST=0 skips the 4-session load test (~2.5 min)")
+                    reason="GPTQ_EXPLORER_LOAD_TEST=0 skips the 4-session load test (minutes)")
 def test_concurrent_sessions_under_load(chromium):
     from playwright.sync_api import sync_playwright
 

@@ -1,7 +1,8 @@
 """Model Lab and the tabbed app, driven from Python on a tiny random-init LLaMA (tests/conftest_models.py).
 
 Every number the charts show is checked against what the package computes independently (perplexity with
-metrics.perplexity, per-layer errors from quantize_model's report). Budget: ~30 s on 2 busy cores.
+metrics.perplexity, per-layer errors from quantize_model's report). Kept small: one tiny model, reduced
+settings (docs/performance.md has the timings).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def test_computed_results_are_cached_on_disk(computed, tiny, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed a cached result")
 
-    monkeypatch.setattr(ml, "compute_report", boom)
+    monkeypatch.setattr(ml, "build_report", boom)
     lab = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY,
                    cache_dir=tiny["cache"], threaded=False, shipped=[])
     assert lab.results.origin == "computed" and lab.results.complete
@@ -117,7 +118,7 @@ def test_computed_results_are_cached_on_disk(computed, tiny, monkeypatch):
 def test_cancel_leaves_the_model_unquantized_and_says_cancelled(computed, tiny, monkeypatch):
     import torch
 
-    from gptq_explorer.ui.layer_source import get_model
+    from gptq_explorer.services.layer_source import get_model
 
     lab = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY,
                    cache_dir=tiny["cache"], threaded=True, shipped=[])
@@ -166,7 +167,7 @@ def test_a_shipped_preset_shows_instantly_with_its_numbers(computed, tiny, monke
     lab4.set(bits=4)
     _write_shipped(shipped_dir, {f"{m}-4": lab4.results.reports[m] for m in ml.METHODS}, "smollm2-135m")
     monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(shipped_dir))
-    monkeypatch.setattr(ml, "compute_report", lambda *a, **k: pytest.fail("computed instead of shipped"))
+    monkeypatch.setattr(ml, "build_report", lambda *a, **k: pytest.fail("computed instead of shipped"))
     lab = ModelLab("smollm2-135m", models={"smollm2-135m": "SmolLM2"}, settings=TINY,
                    cache_dir=tiny["root"] / "empty-cache", threaded=False)
     assert lab.results.origin == "precomputed" and lab.results.complete  # at once, the default config

@@ -167,7 +167,7 @@ def test_a_preload_waits_for_a_quiet_machine_or_its_visitor(monkeypatch, tmp_pat
     pytest.importorskip("transformers")
     from conftest_models import make_tiny_model
 
-    from gptq_explorer.ui import layer_source
+    from gptq_explorer.services import layer_source
     from gptq_explorer.ui.preheat import preload_default_layer
 
     folder = str(make_tiny_model("llama", tmp_path / "llama"))

@@ -1,6 +1,6 @@
 """Sweeps, driven from Python on a small synthetic layer: the heatmaps hold the engine's numbers.
 
-Budget: ~15 s on 2 busy cores (a 64 x 192 layer; 20-40 configs of GPTQ + RTN on the torch path).
+Kept small: a 64 x 192 layer; 20-40 configs of GPTQ + RTN on the torch path (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,52 +1,22 @@
 """Standard GPTQ checkpoints: the on-disk format (packing, tensors, config JSON), export and import.
 
-Format reference: shared/reference/gptq-anchors.md §3.
+The format, as users meet it: docs/checkpoints.md. Names load from their submodule on first use (export and
+load need torch; the format and packing layers need only NumPy).
 """
 
-from .config import CheckpointConfig, LayerSpec, parse_quantization_config, quantization_config_dict
-from .export import ExportResult, LoaderSupport, save_quantized
-from .format import (
-    UnpackedLinear,
-    check_linear_shape,
-    default_g_idx,
-    dequantize,
-    n_groups,
-    pack_linear,
-    read_linear,
-)
-from .load import QuantizedCheckpoint, load_quantized
-from .packing import (
-    CheckpointFormatError,
-    decode_zeros,
-    encode_zeros,
-    pack_cols,
-    pack_rows,
-    unpack_cols,
-    unpack_rows,
-)
+from ..lazy import names as _lazy_names
 
-__all__ = [
-    "CheckpointConfig",
-    "CheckpointFormatError",
-    "ExportResult",
-    "LoaderSupport",
-    "QuantizedCheckpoint",
-    "LayerSpec",
-    "UnpackedLinear",
-    "check_linear_shape",
-    "decode_zeros",
-    "default_g_idx",
-    "dequantize",
-    "encode_zeros",
-    "load_quantized",
-    "n_groups",
-    "pack_cols",
-    "pack_linear",
-    "pack_rows",
-    "parse_quantization_config",
-    "quantization_config_dict",
-    "read_linear",
-    "save_quantized",
-    "unpack_cols",
-    "unpack_rows",
-]
+_LAZY = {
+    **dict.fromkeys(
+        ["CheckpointConfig", "LayerSpec", "parse_quantization_config", "quantization_config_dict"], "config"),
+    **dict.fromkeys(["ExportResult", "LoaderSupport", "save_quantized"], "export"),
+    **dict.fromkeys(["UnpackedLinear", "check_linear_shape", "default_g_idx", "dequantize", "n_groups",
+                     "pack_linear", "read_linear"], "format"),
+    **dict.fromkeys(["QuantizedCheckpoint", "load_quantized"], "load"),
+    **dict.fromkeys(["CheckpointFormatError", "decode_zeros", "encode_zeros", "pack_cols", "pack_rows",
+                     "unpack_cols", "unpack_rows"], "packing"),
+}
+
+__all__ = list(_LAZY)
+
+__getattr__ = _lazy_names(__name__, _LAZY)

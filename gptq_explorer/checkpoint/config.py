@@ -1,6 +1,6 @@
 """The quantization config JSON of a GPTQ checkpoint: write it, and read what others wrote.
 
-Reference: shared/reference/gptq-anchors.md §3.5 (fields per tool) and §3.6 (what loaders require).
+docs/checkpoints.md lists the fields each tool writes and what each loader requires.
 
 The same dict goes to ``quantize_config.json`` (AutoGPTQ, vLLM) and to
 ``config.json["quantization_config"]`` (transformers/optimum, GPTQModel). It carries both the

@@ -1,6 +1,6 @@
 """Export a model quantized by the explorer as a standard GPTQ checkpoint folder.
 
-Reference: shared/reference/gptq-anchors.md §3 (format) and §3.6 (what loaders require).
+docs/checkpoints.md describes the format and what each loader requires.
 
 The folder holds what transformers' ``save_pretrained`` would write, except that every quantized
 linear's ``weight`` is replaced by ``qweight``/``qzeros``/``scales``/``g_idx`` (and ``bias`` in fp16):

@@ -1,6 +1,6 @@
 """Per-linear tensors of a GPTQ checkpoint: build them from engine results and read them back.
 
-Reference: shared/reference/gptq-anchors.md §3.1 (tensor names, dtypes, shapes), §3.4 (dequantization).
+The tensor names, dtypes and shapes are those AutoGPTQ, GPTQModel, transformers and vLLM read.
 
 Layouts. The engine keeps codes/scales/zeros in the ``nn.Linear`` layout: ``codes[out, in]``,
 ``scales[out, n_groups]``, ``zeros[out, n_groups]``. The checkpoint is transposed:

@@ -1,6 +1,6 @@
 """Open a GPTQ checkpoint folder (ours or anyone's): the integer view plus a runnable float model.
 
-Reference: shared/reference/gptq-anchors.md §3.7 (the round-trip check this loader performs).
+A round trip through this loader reproduces the exported weights exactly (tests/test_checkpoint_roundtrip.py).
 
 The model is built from config.json *without* its quantization_config, so transformers does not ask
 for optimum/gptqmodel; each quantized linear gets ``fp16(scale) * (code - zero)`` as a float weight, so

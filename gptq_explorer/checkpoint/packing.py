@@ -1,6 +1,6 @@
 """Bit packing and zero-point conventions of the GPTQ checkpoint format.
 
-Reference: shared/reference/gptq-anchors.md §3.3 (packing) and §3.4 (zero points).
+The layout is what AutoGPTQ and GPTQModel write (docs/checkpoints.md).
 
 Every packer in the ecosystem (AutoGPTQ ``QuantLinear.pack``, GPTQModel ``pack_block``)
 lays values out as one little-endian bit stream: value ``k`` of a run occupies bits

@@ -53,7 +53,7 @@ def gptq_quantize(W, H, cfg: QuantConfig | None = None, *, backend: str | None =
     NumPy in -> NumPy out (float64 by default); torch in -> torch out on the same device (float32 by
     default; dtype=torch.float64 on request). device=None keeps the input's device, "auto" picks CUDA.
     """
-    cfg = cfg or QuantConfig()
+    cfg = QuantConfig.coerce(cfg)
     backend, device = _resolve(W, backend, device)
     if backend == "numpy":
         if is_tensor(W) or is_tensor(H):
@@ -69,7 +69,7 @@ def gptq_quantize(W, H, cfg: QuantConfig | None = None, *, backend: str | None =
 def rtn_quantize(W, cfg: QuantConfig | None = None, *, backend: str | None = None, device=None,
                  dtype=None) -> QuantResult:
     """Round-to-nearest on the same grid as GPTQ (no Hessian). Same input/output rules as gptq_quantize."""
-    cfg = cfg or QuantConfig()
+    cfg = QuantConfig.coerce(cfg)
     backend, device = _resolve(W, backend, device)
     if backend == "numpy":
         if is_tensor(W):

@@ -11,18 +11,20 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..settings import KNOBS, QUANT_KEYS
+
 # Damping is raised x10 after a failed Cholesky factorization, up to this fraction of mean(diag H).
 MAX_DAMP_PERCENT = 1.0
 
 
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+def _default(name: str) -> Any:
+    return KNOBS[name].default
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize one linear layer.
+    """How to quantize one linear layer. Each field is a knob of gptq_explorer.settings (its default, its
+    allowed values and its help live there; construction checks every field against its knob).
 
     bits          2..8 bits per weight; codes are integers in [0, 2**bits - 1].
     group_size    input columns sharing one (scale, zero) per output row; -1 = one group per row.
@@ -33,37 +35,17 @@ class QuantConfig:
     block_size    columns per lazy batch update (paper, Step 2). It changes speed, never the result.
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    damp_percent: float = 0.01
-    desc_act: bool = False
-    static_groups: bool = False
-    block_size: int = 128
+    bits: int = _default("bits")
+    group_size: int = _default("group_size")
+    sym: bool = _default("sym")
+    damp_percent: float = _default("damp_percent")
+    desc_act: bool = _default("desc_act")
+    static_groups: bool = _default("static_groups")
+    block_size: int = _default("block_size")
 
     def __post_init__(self) -> None:
-        _check_int("bits", self.bits)
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be between 2 and 8 (2, 3, 4, 5, 6, 7 or 8), got {self.bits}")
-        _check_int("group_size", self.group_size)
-        if self.group_size == 0 or self.group_size < -1:
-            raise ValueError(
-                f"group_size must be -1 (one group per row) or a positive number of columns, "
-                f"got {self.group_size}"
-            )
-        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
-            raise ValueError(f"damp_percent must be a number in (0, 1), got {self.damp_percent!r}")
-        if not 0 < self.damp_percent < 1:
-            raise ValueError(
-                f"damp_percent must be strictly between 0 and 1 (0.01 = 1% of mean diag(H)), "
-                f"got {self.damp_percent}"
-            )
-        _check_int("block_size", self.block_size)
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be a positive number of columns, got {self.block_size}")
-        for flag in ("sym", "desc_act", "static_groups"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        for name in QUANT_KEYS:
+            KNOBS[name].check(getattr(self, name))
 
     @property
     def maxq(self) -> int:
@@ -77,6 +59,17 @@ class QuantConfig:
     def n_groups(self, d_in: int) -> int:
         width = self.group_width(d_in)
         return -(-d_in // width)
+
+    @classmethod
+    def coerce(cls, cfg: Any) -> QuantConfig:
+        """The config a quantizer was given: None -> the defaults; anything but a QuantConfig is refused with
+        the same kind of message as a bad value."""
+        if cfg is None:
+            return cls()
+        if not isinstance(cfg, cls):
+            raise ValueError(f"cfg must be a QuantConfig, e.g. QuantConfig(bits=4, group_size=128), "
+                             f"got {cfg!r} ({type(cfg).__name__})")
+        return cfg
 
     def replace(self, **changes: Any) -> QuantConfig:
         return dataclasses.replace(self, **changes)

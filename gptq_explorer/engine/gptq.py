@@ -16,8 +16,8 @@ U[q, q:] = (H_F^-1)_{q,:} / sqrt([H_F^-1]_qq).
 Two places where the reference code is wrong and this engine is right:
   1. Groups inside a lazy-update block. With group_size < block_size the reference takes a group's
      (scale, zero) from the global W, which lacks the updates of the current block; its result then
-     changes with block_size. Here block boundaries are also placed at every group start, so a group's
-     grid always comes from fully updated weights and the result never depends on block_size.
+     changes with block_size. Here block boundaries are also placed at every group start (engine.blocks),
+     so a group's grid always comes from fully updated weights and the result never depends on block_size.
   2. Symmetric groups with no negative weight: see grid.grid_params.
 Everywhere else the steps, their order and their quirks are the reference's (gptq-anchors.md, §1).
 """
@@ -32,6 +32,8 @@ import scipy.linalg
 from scipy.linalg import blas
 
 from . import checks
+from .blocks import block_bounds
+from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid import dequantize, grid_params, quantize_codes
 
@@ -162,14 +164,6 @@ def _subtract_matmul(C: np.ndarray, A: np.ndarray, B: np.ndarray) -> None:
         C[...] = out
 
 
-def _block_bounds(n: int, cfg: QuantConfig, dynamic_groups: bool) -> list[tuple[int, int]]:
-    starts = set(range(0, n, cfg.block_size))
-    if dynamic_groups:
-        starts |= set(range(0, n, cfg.group_width(n)))  # fix 1: a group never starts inside a block
-    starts = sorted(starts)
-    return list(zip(starts, starts[1:] + [n]))
-
-
 def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GPTQStep]:
     """The column loop (paper, Algorithm 1). Yields a GPTQStep per column if record; returns the result."""
     # Column-major copies: the loop walks columns, so each column is contiguous and the BLAS updates
@@ -177,7 +171,7 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
     W, U, perm = np.array(prep.W, order="F"), prep.U, prep.perm
     rows, n = W.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
-    dynamic_groups = cfg.group_size != -1 and not cfg.static_groups
+    dynamic_groups = is_dynamic(cfg)
 
     Q = np.zeros_like(W)
     codes = np.zeros((rows, n), dtype=np.int32, order="F")
@@ -186,7 +180,7 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
     running_loss = 0.0
     scale = zero = None
 
-    for i1, i2 in _block_bounds(n, cfg, dynamic_groups):
+    for i1, i2 in block_bounds(n, cfg):
         if dynamic_groups and i1 % width == 0:
             # The group's grid from the current, error-compensated weights (all updates applied).
             scale, zero = grid_params(W[:, i1 : i1 + width], cfg.bits, cfg.sym)
@@ -279,7 +273,7 @@ class GPTQStepper:
     """
 
     def __init__(self, W, H, cfg: QuantConfig | None = None, dtype=np.float64):
-        self.config = cfg or QuantConfig()
+        self.config = QuantConfig.coerce(cfg)
         self.prepared = prepare_layer(W, H, self.config, dtype)
         self.result: QuantResult | None = None
 

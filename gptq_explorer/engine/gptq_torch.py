@@ -32,6 +32,8 @@ import torch
 
 from . import checks
 from . import grid as grid_np
+from .blocks import block_bounds
+from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid import tie_tolerance
 
@@ -105,14 +107,6 @@ def _factor_upper(H: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
     return torch.flip(L, (0, 1))
 
 
-def _block_bounds(n: int, cfg: QuantConfig, dynamic_groups: bool) -> list[tuple[int, int]]:
-    starts = set(range(0, n, cfg.block_size))
-    if dynamic_groups:
-        starts |= set(range(0, n, cfg.group_width(n)))  # a group never starts inside a block
-    starts = sorted(starts)
-    return list(zip(starts, starts[1:] + [n]))
-
-
 def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """Fully updated weights of columns a..b (as rows of the transposed layout) when every column before
     a is quantized: W0 + S R_FF^-1, i.e. W0^T + R_FF^-T S^T."""
@@ -131,8 +125,9 @@ class _ColumnStep:
     """Quantize one column and record its code, value and scaled error (the inner loop's hot path).
 
     On CPU the elementwise work runs as NumPy ufuncs on zero-copy views of the torch buffers, with the
-    NumPy engine's own grid functions: a torch op costs ~5-10 us of dispatch on a 4096-vector, a NumPy
-    ufunc ~2 us, and the column loop is ~15 such ops per column. On CUDA it stays in torch.
+    NumPy engine's own grid functions: a torch op's dispatch costs several times a NumPy ufunc's on a
+    4096-vector, and the column loop is ~15 such ops per column (docs/performance.md). On CUDA it stays
+    in torch.
     """
 
     def __init__(self, Qt, codes_t, Errt, maxq: int):
@@ -278,7 +273,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
     checks.check_symmetric(checks.max_asymmetry(H), max(-float(h_min), float(h_max)))
     n, rows = W0t.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
-    dynamic_groups = cfg.group_size != -1 and not cfg.static_groups
+    dynamic_groups = is_dynamic(cfg)
 
     row_grid = _grid_params(W0t, cfg.bits, cfg.sym, dim=0) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
@@ -322,7 +317,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
         grid = step.grid(*row_grid)
     if static_grids is not None:
         static_steps = [step.grid(*g) for g in static_grids]
-    bounds = _block_bounds(n, cfg, dynamic_groups)
+    bounds = block_bounds(n, cfg)
     with _single_thread(R.device, enabled=worker_threads > 0), \
             _LazyUpdates(St, R, W0t, Qt, bounds, worker_threads) as lazy:
         for k, (i1, i2) in enumerate(bounds):

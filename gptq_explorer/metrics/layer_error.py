@@ -93,6 +93,7 @@ def heldout_layer_errors(
     from tqdm.auto import tqdm
 
     from gptq_explorer.models.adapters import get_weight, quantizable_modules
+    from gptq_explorer.models.capture import hooks
 
     with torch.no_grad():  # forward passes only: no autograd graph
         qmods = quantizable_modules(quantized_model)
@@ -105,27 +106,20 @@ def heldout_layer_errors(
         diff = {n: (get_weight(omods[n]).float() - get_weight(m).float()) for n, m in qmods.items()}
         ref = {n: get_weight(omods[n]).float() for n in qmods}
 
-        def hook(name):
-            def f(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                D, W = diff[name].to(x.device), ref[name].to(x.device)
-                e, y = x @ D.T, x @ W.T
-                a = acc[name]
-                a[0] += float((e * e).sum())
-                a[1] += float((y * y).sum())
-                a[2] += x.shape[0]
+        def measure(call):
+            x = call.input.reshape(-1, call.input.shape[-1]).float()
+            D, W = diff[call.name].to(x.device), ref[call.name].to(x.device)
+            e, y = x @ D.T, x @ W.T
+            a = acc[call.name]
+            a[0] += float((e * e).sum())
+            a[1] += float((y * y).sum())
+            a[2] += x.shape[0]
 
-            return f
-
-        handles = [m.register_forward_hook(hook(n)) for n, m in qmods.items()]
         dev = next(quantized_model.parameters()).device
         windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-        try:
+        with hooks(qmods, measure):
             for i in tqdm(range(0, n_windows, batch_size), desc="held-out layer error", disable=not progress):
                 quantized_model(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         out = {}
         for n, (sse, ssy, t) in acc.items():
             rows = diff[n].shape[0]

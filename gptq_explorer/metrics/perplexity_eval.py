@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,17 +79,23 @@ def perplexity(
     ids,
     seqlen: int = 2048,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[float], None] = True,
     device=None,
     amp_dtype: torch.dtype | None = None,
     max_windows: int | None = None,
     desc: str = "perplexity",
+    check: Callable[[], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a token stream with the paper's protocol (see the module doc).
 
-    ids: 1-D LongTensor (or (1, N)). device: move the model there for the evaluation (and back after).
+    ids: 1-D LongTensor (or (1, N)). batch_size: windows per forward pass (None: as many as keep one
+    batch's logits near 256 MB). device: move the model there for the evaluation (and back after).
     amp_dtype: e.g. torch.bfloat16 to run the forward passes under autocast (the loss stays float32).
     max_windows: evaluate only the first windows (quick looks).
+    progress: True = a tqdm bar (`desc`), False = nothing, or a callable given the fraction of windows done
+    after each batch (a dashboard's progress bar).
+    check: called before each batch; raise from it to cancel (the exception propagates, the model is put
+    back where it was).
     """
     ids = _as_stream(ids)
     n = ids.numel()
@@ -112,14 +119,19 @@ def perplexity(
 
     from tqdm.auto import tqdm
 
+    report = progress if callable(progress) else None
     losses: list[float] = []
     t0 = time.perf_counter()
     try:
-        with tqdm(total=n_windows, desc=desc, unit="win", disable=not progress, leave=False) as bar:
+        with tqdm(total=n_windows, desc=desc, unit="win", disable=progress is not True, leave=False) as bar:
             for i in range(0, n_windows, bs):
+                if check is not None:
+                    check()
                 losses += window_losses(model, windows[i : i + bs], amp_dtype).tolist()
                 bar.update(min(bs, n_windows - i))
                 bar.set_postfix(ppl=f"{math.exp(sum(losses) / len(losses)):.3f}")
+                if report is not None:
+                    report(len(losses) / n_windows)
     finally:
         model.train(was_training)
         if moved:

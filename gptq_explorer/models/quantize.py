@@ -51,7 +51,6 @@ from safetensors import SafetensorError
 from .adapters import (
     Adapter,
     BlockInputs,
-    _StopForward,
     _to,
     catch_block_inputs,
     find_linear_like,
@@ -61,6 +60,7 @@ from .adapters import (
     run_block,
     set_weight,
 )
+from .capture import HookCall, StopForward, hooks, run_until_stopped
 
 CACHE_FORMAT = 1  # bump when the cached files change meaning
 # Kept results: uint8 codes and the module's own weight (True), or int32 codes and a separate float32 copy
@@ -163,9 +163,10 @@ def layer_configs(names: list[str], cfg, overrides: dict | None, adapter: Adapte
 
 
 class _GroupCollector:
-    """Forward hooks on one group's linears. Each hook keeps its input; after each batch one Hessian per
-    distinct input tensor is updated (k, v, q see the very same tensor, so they share one Hessian).
-    Once every linear of the group has run, the rest of the block is skipped."""
+    """Hessians of one group's linears, fed by a forward hook (models.capture.hooks) on each of them: the
+    hook keeps the linear's input; after each batch, flush() adds each distinct input tensor to one Hessian
+    (k, v, q see the very same tensor, so they share one Hessian). Once every linear of the group has run,
+    the hook ends the block's forward pass (StopForward): the rest of the block is not needed."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], device):
         from gptq_explorer import Hessian
@@ -175,15 +176,11 @@ class _GroupCollector:
         self.device = device
         self.hessians: dict[str, Any] = {}
         self._inputs: dict[str, torch.Tensor] = {}
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
-    def _hook(self, name):
-        def hook(module, args, output):
-            self._inputs[name] = args[0].detach()
-            if len(self._inputs) == len(self.modules):
-                raise _StopForward
-
-        return hook
+    def hook(self, call: HookCall) -> None:
+        self._inputs[call.name] = call.input.detach()
+        if len(self._inputs) == len(self.modules):
+            raise StopForward
 
     def flush(self) -> None:
         seen: list[tuple[torch.Tensor, Any]] = []
@@ -199,10 +196,6 @@ class _GroupCollector:
             elif name not in self.hessians:
                 self.hessians[name] = h
         self._inputs.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,15 +254,13 @@ def _result_to_cpu(res, module=None):
 
 
 def _forward_pass(block, inps, kwargs_dev, device, batch_size, cancel, collector=None, out=None):
-    """Run block over all samples in batches; with a collector, feed its Hessians; with out, store outputs."""
+    """Run block over all samples in batches; with a collector, feed its Hessians (the pass stops after the
+    group's last linear); with out, store the block's outputs."""
     for i in range(0, inps.shape[0], batch_size):
         if _cancelled(cancel):
             raise QuantizationCancelled("cancelled")
         x = inps[i : i + batch_size].to(device)
-        try:
-            y = run_block(block, x, kwargs_dev)
-        except _StopForward:
-            y = None
+        y = run_until_stopped(run_block, block, x, kwargs_dev)
         if collector is not None:
             collector.flush()
         if out is not None:
@@ -310,12 +301,12 @@ def quantize_model(
     cancel: a threading.Event or a callable returning True to stop; raises QuantizationCancelled after
     restoring the original weights. cache_dir: reuse / store results (and Hessians, if save_hessians)
     keyed by sha256 of (model weights, calibration ids, config, method, overrides).
-    hessian_condition: report cond(H + damping) per Hessian (an eigendecomposition; False saves ~10%).
+    hessian_condition: report cond(H + damping) per Hessian (an eigendecomposition each; False skips it).
     """
     from gptq_explorer import QuantConfig
 
     t_start = time.perf_counter()
-    cfg = cfg or QuantConfig()
+    cfg = QuantConfig.coerce(cfg)
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
     # a LoadedModel (or anything with .model/.tokenizer) or the model itself; careful: a bare
@@ -498,47 +489,41 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
     seen: dict[int, torch.Tensor] = {}  # group index -> its input (the members must all share it)
     spent = {"q": 0.0, "h": 0.0}
 
-    def make_hook(gi, rel):
-        def pre(module, args):
-            x = args[0]
-            if gi in seen:
-                if x is not seen[gi]:
-                    raise RuntimeError(
-                        f"{ad.block_prefix(i)}.{rel} does not share its input with the rest of its group "
-                        f"{groups[gi]}; run quantize_model with single_pass=False"
-                    )
-                return
-            job.check_cancel()
-            seen[gi] = x
-            t0 = time.perf_counter()
-            H = Hessian(x.shape[-1], backend="torch", device=device).add_batch(x).H
-            spent["h"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            owner = f"{ad.block_prefix(i)}.{groups[gi][0]}"
-            stats = _hessian_stats(H, job.cfgs[owner].damp_percent, job.hessian_condition)
-            qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], H.numel() * 4)
-            if job.keep_hessians:
-                job.hessians[owner] = H.detach().cpu()
-            for r in groups[gi]:
-                name = f"{ad.block_prefix(i)}.{r}"
-                bar.set_postfix_str(name)
-                if name != owner:
-                    job.alias[name] = owner
-                _quantize_layer(job, name, i, gi, linears[r], H, dict(stats))
-            spent["q"] += time.perf_counter() - t0
+    group_of = {r: gi for gi, g in enumerate(groups) for r in g}
 
-        return pre
+    def before_linear(call: HookCall) -> None:
+        gi, rel = group_of[call.name], call.name
+        x = call.input
+        if gi in seen:
+            if x is not seen[gi]:
+                raise RuntimeError(
+                    f"{ad.block_prefix(i)}.{rel} does not share its input with the rest of its group "
+                    f"{groups[gi]}; run quantize_model with single_pass=False"
+                )
+            return
+        job.check_cancel()
+        seen[gi] = x
+        t0 = time.perf_counter()
+        H = Hessian(x.shape[-1], backend="torch", device=device).add_batch(x).H
+        spent["h"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        owner = f"{ad.block_prefix(i)}.{groups[gi][0]}"
+        stats = _hessian_stats(H, job.cfgs[owner].damp_percent, job.hessian_condition)
+        qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], H.numel() * 4)
+        if job.keep_hessians:
+            job.hessians[owner] = H.detach().cpu()
+        for r in groups[gi]:
+            name = f"{ad.block_prefix(i)}.{r}"
+            bar.set_postfix_str(name)
+            if name != owner:
+                job.alias[name] = owner
+            _quantize_layer(job, name, i, gi, linears[r], H, dict(stats))
+        spent["q"] += time.perf_counter() - t0
 
-    handles = [
-        linears[r].register_forward_pre_hook(make_hook(gi, r)) for gi, g in enumerate(groups) for r in g
-    ]
     t0 = time.perf_counter()
-    try:
+    with hooks({r: linears[r] for g in groups for r in g}, before_linear, when="before"):
         job.check_cancel()
         out = run_block(block, inps.to(device), extra)
-    finally:
-        for h in handles:
-            h.remove()
     missing = [g for gi, g in enumerate(groups) if gi not in seen]
     if missing:
         raise RuntimeError(f"block {i}: the linears {missing} never ran, so they were not quantized")
@@ -582,10 +567,8 @@ def _sequential(job: _Job, blocks, calib_ids):
             for gi, group in enumerate(groups):
                 t0 = time.perf_counter()
                 coll = _GroupCollector({rel: linears[rel] for rel in group}, device)
-                try:
+                with hooks(coll.modules, coll.hook):
                     _forward_pass(block, inps, extra, device, bs, job.cancel, collector=coll)
-                finally:
-                    coll.remove()
                 tm["forward"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 owners: dict[int, tuple] = {}  # id(Hessian) -> (owner layer, stats); coll keeps them alive

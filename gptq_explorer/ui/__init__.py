@@ -7,8 +7,9 @@ import sys
 from ..lazy import names as _lazy_names
 
 # plotly's renderers (the Model Lab and Sweeps charts) import nbformat, which imports jsonschema, which
-# imports its optional IRI checker rfc3987_syntax, which builds a Lark grammar at import: 4-5 s of a kernel
-# on 2 cores. Nothing in a kernel validates IRIs, so the dashboards skip that checker.
+# imports its optional IRI checker rfc3987_syntax, which builds a Lark grammar at import: seconds of a
+# kernel's start (docs/performance.md). Nothing in a kernel validates IRIs, so the dashboards skip that
+# checker.
 if "jsonschema" not in sys.modules:
     sys.modules.setdefault("rfc3987_syntax", None)  # `import rfc3987_syntax` -> ImportError, which it allows
 
@@ -16,9 +17,11 @@ if "jsonschema" not in sys.modules:
 # Voila without loading the dashboards; the kernel imports them)
 _LAZY = {
     "InputError": "common", "HEATMAPS": "layer_figure", "DEFAULTS": "layer_lab", "LabInputError": "layer_lab",
-    "LayerLab": "layer_lab", "Run": "layer_run", "compute_run": "layer_run", "LayerData": "layer_source",
-    "LayerSource": "layer_source", "ModelSource": "layer_source", "SyntheticSource": "layer_source",
-    "PRESETS": "presets", "ModelLab": "model_lab", "ComputeSettings": "model_lab", "Sweeps": "sweeps",
+    "LayerLab": "layer_lab", "Run": "layer_run", "compute_run": "layer_run",
+    # the layer source is a service and the presets are settings ("." + these names is relative to ui)
+    "LayerData": ".services.layer_source", "LayerSource": ".services.layer_source",
+    "ModelSource": ".services.layer_source", "SyntheticSource": ".services.layer_source",
+    "PRESETS": ".settings", "ModelLab": "model_lab", "ComputeSettings": "model_lab", "Sweeps": "sweeps",
     "ExplorerApp": "app", "explorer_app": "app",
 }
 

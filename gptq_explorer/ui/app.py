@@ -13,44 +13,26 @@ Sweeps' with `sw.` (sw.facet=desc_act). Unknown keys and bad values are listed i
 
 from __future__ import annotations
 
+import functools
 import html
 import os
-import sys
 import threading
 from urllib.parse import parse_qsl, urlencode
 
 import ipywidgets as widgets
 
-from .common import InputError, info_html
+from ..services.layer_source import ModelSource
+from ..services.threads import configure_threads
+from ..settings import CUSTOM
+from .common import InputError, Shown, link_html, query_of
 from .layer_lab import LayerLab
-from .layer_source import ModelSource
 from .preheat import in_voila, page_query, preload_default_layer, preload_enabled
-from .presets import CUSTOM
 
 TABS = ("layer", "model", "sweeps")
 TAB_TITLES = ("Layer Lab", "Model Lab", "Sweeps")
 PREFIX = {"model": "ml.", "sweeps": "sw."}
 
 DEFER_LOAD_S = 10.0  # a page that has not drawn its figure after this long gets its model load anyway
-
-
-def configure_threads() -> int | None:
-    """Apply GPTQ_EXPLORER_THREADS (or OMP_NUM_THREADS) to torch; returns the thread count set (None when
-    the environment names none). torch is not imported for this (see gptq_explorer.lazy_torch): when it
-    is not loaded yet, OMP_NUM_THREADS is set instead, which torch takes as its thread count on import."""
-    value = os.environ.get("GPTQ_EXPLORER_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    try:
-        threads = int(value or 0)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        return None
-    set_threads = getattr(sys.modules.get("torch"), "set_num_threads", None)  # None: not (yet) imported
-    if set_threads is not None:
-        set_threads(threads)
-    else:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    return threads
 
 
 def local_mode_from_env() -> bool:
@@ -76,7 +58,7 @@ def split_query(query: str) -> tuple[str, dict, dict, dict, list[str]]:
     return urlencode(layer), app, ml, sw, problems
 
 
-class ExplorerApp:
+class ExplorerApp(Shown):
     """The tabs (see the module doc). app.layer_lab is built at once; app.model_lab and app.sweeps on first
     use (showing their tab, or reading the attribute). app.state() / app.state_query() cover all three."""
 
@@ -106,7 +88,7 @@ class ExplorerApp:
         self.tabs.titles = TAB_TITLES
         self.tabs.observe(self._on_tab, names="selected_index")
         self._rebind_copy(self.layer_lab)
-        self.layer_lab.preset.observe(self._on_layer_preset, names="value")
+        self.layer_lab.preset.observe(functools.partial(self._on_preset, "model"), names="value")
         if self.problems:
             self.layer_lab._info("Some settings in the link were not used: "
                                  + "; ".join(html.escape(p) for p in self.problems))
@@ -116,13 +98,6 @@ class ExplorerApp:
         self.root = widgets.VBox([self.tabs])
 
     # -----------------------------------------------------------------------------------------------------
-
-    @property
-    def widget(self) -> widgets.Widget:
-        return self.root
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.root._repr_mimebundle_(**kwargs)
 
     @property
     def model_lab(self):
@@ -138,7 +113,7 @@ class ExplorerApp:
             if not self._ml_query and self.layer_lab.preset.value != CUSTOM:
                 lab.apply_preset(self.layer_lab.preset.value)
             self._rebind_copy(lab)
-            lab.preset.observe(self._on_model_preset, names="value")
+            lab.preset.observe(functools.partial(self._on_preset, "layer"), names="value")
             self._slots[1].children = [lab.widget]
         return self._model_lab
 
@@ -162,8 +137,8 @@ class ExplorerApp:
             except InputError as exc:
                 problems.append(f"{key}={value!r} ignored: {exc}")
         if problems:
-            view.message.value = info_html(f"Some {name} settings in the link were not used: "
-                                           + "; ".join(html.escape(p) for p in problems))
+            view._info(f"Some {name} settings in the link were not used: "
+                       + "; ".join(html.escape(p) for p in problems))
 
     def _on_tab(self, change) -> None:
         try:
@@ -183,21 +158,15 @@ class ExplorerApp:
     # -----------------------------------------------------------------------------------------------------
     # presets: choosing one in one lab applies it to the other
 
-    def _on_layer_preset(self, change) -> None:
-        if self._syncing or change["new"] == CUSTOM or self._model_lab is None:
+    def _on_preset(self, to: str, change) -> None:
+        """A preset chosen in one lab: apply it to the other ("layer" or "model"; one not built yet takes
+        it when it is built)."""
+        target = self.layer_lab if to == "layer" else self._model_lab
+        if self._syncing or change["new"] == CUSTOM or target is None:
             return
         self._syncing = True
         try:
-            self._model_lab.apply_preset(change["new"])
-        finally:
-            self._syncing = False
-
-    def _on_model_preset(self, change) -> None:
-        if self._syncing or change["new"] == CUSTOM:
-            return
-        self._syncing = True
-        try:
-            self.layer_lab.apply_preset(change["new"])
+            target.apply_preset(change["new"])
         finally:
             self._syncing = False
 
@@ -216,18 +185,14 @@ class ExplorerApp:
         return out
 
     def state_query(self) -> str:
-        return urlencode({k: (("1" if v else "0") if isinstance(v, bool) else v)
-                          for k, v in self.state().items()})
+        return query_of(self.state())
 
     def _rebind_copy(self, lab) -> None:
         """A lab's 'Copy link' button gives the whole app's state."""
         lab.copy_button.on_click(lab._on_copy_link, remove=True)
 
         def copy(_button=None, lab=lab):
-            qs = self.state_query()
-            lab.link.value = ("<div class='gptq-link' style='font-size:12px'>Link to this state (select and "
-                              f"copy): <code style='user-select:all'>?{html.escape(qs)}</code> "
-                              f"<a href='?{html.escape(qs)}' target='_blank'>open</a></div>")
+            lab.link.value = link_html(self.state_query())
 
         lab.copy_button.on_click(copy)
 

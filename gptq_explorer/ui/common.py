@@ -1,4 +1,5 @@
-"""Pieces every view shares: the message box (errors with the fix to try, CSS classes tests can find),
+"""Pieces every view shares: the Dashboard base (display, the message box with errors and the fix to try,
+CSS classes tests can find, quiet control changes, waiting for the background job), links to a state,
 background jobs with progress and Cancel, static plotly plots, and value checks.
 
 Static plots: the Model Lab's and the Sweeps' charts change only when a result arrives, so they are shown
@@ -11,17 +12,20 @@ is shown and cannot miss updates: each change replaces the whole output. The go.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import json
 import logging
 import threading
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 import ipywidgets as widgets
 import numpy as np
 
-from .layer_source import Cancelled
+from ..models.catalog import DEFAULT_MODEL
+from ..services.layer_source import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +43,21 @@ class InputError(ValueError):
     """A value (from Python or a link) outside what the controls allow."""
 
 
-def fix_for(exc: BaseException) -> str:
-    """The fix to try, for the message box."""
-    name = type(exc).__name__
-    if isinstance(exc, Cancelled) or name in ("QuantizationCancelled",):
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, Cancelled) or type(exc).__name__ == "QuantizationCancelled"
+
+
+def fix_for(exc: BaseException, fixes: dict[str, str] | None = None) -> str:
+    """The fix to try, for the message box. `fixes`: a dashboard's own fix per exception class name
+    ("Cancelled" for a cancellation), where it knows better."""
+    name = "Cancelled" if _cancelled(exc) else type(exc).__name__
+    if fixes and name in fixes:
+        return fixes[name]
+    if name == "Cancelled":
         return "Nothing to fix: what was on screen stays; press the button again to restart."
     if name in ("ModelLoadError", "UnsupportedModelError"):
-        return ("Pick another model from the list (the offline default, smollm2-135m, needs no network), or "
-                "the synthetic layer.")
+        return (f"Pick another model from the list (the offline default, {DEFAULT_MODEL}, needs no network), "
+                "or the synthetic layer.")
     if name == "CorpusError":
         return "Pick the other calibration corpus (prose or code)."
     if isinstance(exc, np.linalg.LinAlgError) or "positive definite" in str(exc):
@@ -60,7 +71,7 @@ def fix_for(exc: BaseException) -> str:
 
 def message_html(exc: BaseException, where: str = "", fix: str | None = None) -> str:
     """The error box: '<where>: <Type>: <message> Try: <fix>' (a cancellation reads 'Cancelled.')."""
-    cancelled = isinstance(exc, Cancelled) or type(exc).__name__ == "QuantizationCancelled"
+    cancelled = _cancelled(exc)
     text = f"Cancelled. {exc}" if cancelled and str(exc) not in ("", "cancelled") else (
         "Cancelled." if cancelled else f"{type(exc).__name__}: {exc}")
     color, bg = ("#8a6d3b", "#fcf8e3") if cancelled else ("#a94442", "#f2dede")
@@ -82,6 +93,19 @@ def message_widget() -> widgets.HTML:
     return w
 
 
+def query_of(values: dict) -> str:
+    """A state as a URL query string (no leading '?'); a bool reads 1 or 0."""
+    return urlencode({k: ("1" if v else "0") if isinstance(v, bool) else v for k, v in values.items()})
+
+
+def link_html(query: str, open_link: bool = True) -> str:
+    """What 'Copy link' shows: the state as a query string to select and copy (and a link opening it)."""
+    qs = html.escape(query)
+    opener = f" <a href='?{qs}' target='_blank'>open</a>" if open_link else ""
+    return ("<div class='gptq-link' style='font-size:12px'>Link to this state (select and copy): "
+            f"<code style='user-select:all'>?{qs}</code>{opener}</div>")
+
+
 def guarded(method):
     """Run a callback; on any exception show it in the page (self.show_error), never raise into the kernel."""
 
@@ -97,6 +121,88 @@ def guarded(method):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# what every dashboard does
+
+
+class Shown:
+    """Something displayed through its outermost widget, `root` (`lab.widget`, or `lab` as a cell's last
+    line)."""
+
+    root: widgets.Widget
+
+    @property
+    def widget(self) -> widgets.Widget:
+        return self.root
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.root._repr_mimebundle_(**kwargs)
+
+
+class Dashboard(Shown):
+    """The Layer Lab, the Model Lab and the Sweeps: errors and notes in the message box, control changes
+    that skip the callbacks (`with self._quietly():`), and waiting for the background job. A subclass
+    calls `_init_dashboard()` first, then sets `message` (message_widget()) and `root`; `job` is its
+    background Job (or None). NAME names it in the log; FIXES: its own fixes (see fix_for)."""
+
+    NAME = "dashboard"
+    FIXES: dict[str, str] = {}
+    message: widgets.HTML
+    job: Job | None
+
+    def _init_dashboard(self) -> None:
+        self.errors: list[str] = []
+        self.last_error: BaseException | None = None
+        self._quiet = 0
+
+    @contextlib.contextmanager
+    def _quietly(self):
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def show_error(self, exc: BaseException, where: str = "") -> None:
+        """Show an exception in the page with the fix to try (and log the traceback). The box has the CSS
+        class gptq-error (gptq-cancelled for a cancellation), its fix gptq-fix."""
+        self.last_error = exc
+        self.errors.append("Cancelled." if _cancelled(exc) else f"{type(exc).__name__}: {exc}")
+        log.warning("%s %s failed", self.NAME, where, exc_info=exc)
+        self.message.value = message_html(exc, where, fix_for(exc, self.FIXES))
+
+    def _info(self, text_html: str) -> None:
+        self.message.value = info_html(text_html)
+
+    def _clear_message(self) -> None:
+        self.message.value = ""
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the background job, if any, has finished (or `timeout` seconds)."""
+        if self.job is not None:
+            self.job.join(timeout)
+
+    def _start_job(self, job: Job, steps: Callable[[], None], finish: Callable[[], None], name: str) -> None:
+        """Run `steps` as the background job `job` (a thread named `name` where self.threaded): its outcome
+        becomes "done", "cancelled" (steps raised Cancelled) or "failed" (the error is shown in the page),
+        copied to self.last_outcome; then finish() runs, whatever happened."""
+
+        def work():
+            try:
+                steps()
+                job.outcome = "done"
+            except Cancelled:
+                job.outcome = "cancelled"
+            except Exception as exc:  # noqa: BLE001 - shown in the page, never raised into the kernel
+                job.outcome = "failed"
+                self.show_error(exc, where=job.label)
+            finally:
+                self.last_outcome = job.outcome
+                finish()
+
+        run_job(job, work, self.threaded, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # background jobs
 
 
@@ -109,6 +215,12 @@ class Job:
         self.thread: threading.Thread | None = None
         self.outcome: str = "running"  # -> "done" | "cancelled" | "failed"
         self.notes: list[str] = []  # things the user should know about a finished job (e.g. not saved)
+        self.finished = threading.Event()  # set once its work has returned (run_job), or by its owner
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the work has returned: also right after the job was published, before its thread
+        started (a Thread cannot be joined then)."""
+        self.finished.wait(timeout)
 
     def check(self) -> None:
         if self.cancel.is_set():
@@ -146,11 +258,19 @@ class ProgressBar:
 
 
 def run_job(job: Job, work: Callable[[], None], threaded: bool, name: str) -> None:
+    """Run `work` for `job`, in a daemon thread named `name` or here; job.finished is set when it returns."""
+
+    def run():
+        try:
+            work()
+        finally:
+            job.finished.set()
+
     if threaded:
-        job.thread = threading.Thread(target=work, name=name, daemon=True)
+        job.thread = threading.Thread(target=run, name=name, daemon=True)
         job.thread.start()
     else:
-        work()
+        run()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,16 +306,6 @@ class StaticPlot:
 # values
 
 
-def as_bool(value) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise InputError(f"expected true or false, got {value!r}")
-
-
 def as_int(value) -> int:
     if isinstance(value, bool):
         raise InputError(f"expected an integer, got {value!r}")
@@ -206,16 +316,6 @@ def as_int(value) -> int:
     if not np.isfinite(f) or f != int(f):
         raise InputError(f"expected an integer, got {value!r}")
     return int(f)
-
-
-def as_float(value) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"expected a number, got {value!r}") from None
-    if not np.isfinite(f):
-        raise InputError(f"expected a finite number, got {value!r}")
-    return f
 
 
 # ---------------------------------------------------------------------------------------------------------

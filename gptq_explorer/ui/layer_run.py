@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine import QuantConfig, gptq_steps, rtn_quantize
+from ..engine.blocks import block_bounds
 from ..metrics.layer_error import output_mse_from_hessian
-from .layer_source import LayerData
+from ..services.layer_source import LayerData
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _running_loss(D: np.ndarray, H: np.ndarray) -> np.ndarray:
 
 
 # RTN's side of a run (rounding, its running loss, its held-out error: BLAS and whole-array NumPy, which
-# release the GIL) runs beside the stepper's column loop (Python-bound): ~30 ms less per control change.
+# release the GIL) runs beside the stepper's column loop (Python-bound): a faster control change.
 _RTN_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-run-rtn")
 
 
@@ -142,10 +143,7 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     running = np.array([s.running_loss for s in steps])
 
     group_starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    starts = set(range(0, n, cfg.block_size))
-    if cfg.group_size != -1 and not cfg.static_groups:  # the engine starts a block at every group start
-        starts |= set(range(0, n, cfg.group_width(n)))
-    block_starts = np.array(sorted(starts), dtype=np.int64)
+    block_starts = np.array([a for a, _ in block_bounds(n, cfg)], dtype=np.int64)  # the engine's blocks
 
     H_held = data.H_heldout
     mse_g = output_mse_from_hessian(W, result.weight, H_held)

@@ -3,10 +3,11 @@ meanwhile (where cores are spare) preload the default model's first layer.
 
 Voila (0.5) runs the notebook in a pool kernel when the server starts; the app's cell then waits here for
 the request of the visitor who takes that kernel. page_query asks the server's request-info socket for it
-directly (Voila's helper imports Voila's server side: 1.2 s of the kernel, after the visitor asked for the
-page). preload_default_layer fills the Layer Lab's caches (gptq_explorer.ui.layer_source) in a thread,
-one step at a time and only while the machine is quiet, so the spare kernel never slows the visitors of
-the others; once its own visitor is there, at full speed.
+directly (Voila's helper imports Voila's server side, a noticeable part of the kernel's start, after the
+visitor asked for the page; docs/performance.md). preload_default_layer fills the Layer Lab's caches
+(gptq_explorer.services.layer_source) in a thread, one step at a time and only while the machine is
+quiet, so the spare kernel never slows the visitors of the others; once its own visitor is there, at full
+speed.
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ def page_query(timeout: float = 24 * 3600.0, *, while_waiting=None) -> str:
     `while_waiting()` is called once if none has come after PRELOAD_AFTER_S.
 
     Voila's own helper (voila.utils.get_query_string) does the same, but importing voila.utils imports
-    voila's server (jupyter_server, jupyterlab_server): 1.2 s of a kernel on 2 cores, after the visitor has
-    asked for the page. This asks the server's request-info socket directly, as that helper does."""
+    voila's server (jupyter_server, jupyterlab_server), which is slow (docs/performance.md), after the
+    visitor has asked for the page. This asks the server's request-info socket directly, as that helper
+    does."""
     if not in_voila():
         return ""
     if os.environ.get("VOILA_PREHEAT", "False") == "False":  # a kernel started for this request
         return os.environ.get("QUERY_STRING", "").lstrip("?")
     try:
         info = wait_for_visitor(voila_request_info_url(), timeout, while_waiting=while_waiting)
-    except ImportError:  # websockets older than 11 (no sync client): Voila's helper, 1.2 s slower
+    except ImportError:  # websockets older than 11 (no sync client): Voila's helper, slower
         from voila.utils import get_query_string
 
         return (get_query_string() or "").lstrip("?")
@@ -90,8 +92,8 @@ def wait_for_visitor(url: str, timeout: float = 24 * 3600.0, *, while_waiting=No
 
 def preload_enabled(env=None) -> bool:
     """GPTQ_EXPLORER_PRELOAD: 1 or 0; `auto` (the default) preloads on machines with PRELOAD_MIN_CPUS
-    cores or more. On 2 cores the spare kernel's preload took CPU from the visitor already there (their
-    redraws up to 0.08 s slower, their own model layer ~2 s later), for a visitor who may never come."""
+    cores or more. On 2 cores the spare kernel's preload took CPU from the visitor already there (slower
+    redraws, their own model layer later: docs/performance.md), for a visitor who may never come."""
     env = os.environ if env is None else env
     value = env.get("GPTQ_EXPLORER_PRELOAD", "auto").strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -115,11 +117,12 @@ def preload_default_layer(visitor_here: threading.Event | None = None) -> thread
         return False
 
     def work():
-        from .layer_source import ModelSource, models_available
+        from ..services.layer_source import ModelSource, models_available
 
         try:
-            # the imports are most of it (~8 s of CPU here; loading the cached weights and capturing the
-            # layer's inputs take ~1 s): one module at a time, so that a busy machine is not kept waiting
+            # the imports are most of it (loading the cached weights and capturing the layer's inputs
+            # take far less; docs/performance.md): one module at a time, so that a busy machine is not kept
+            # waiting
             for module in PRELOAD_IMPORTS:
                 polite()
                 with contextlib.suppress(ImportError):

@@ -1,8 +1,8 @@
-"""Serve the explorer with Voila, 2-3 s sooner: `python -m gptq_explorer.ui.serve explorer.ipynb [args]`.
+"""Serve the explorer with Voila, seconds sooner: `python -m gptq_explorer.ui.serve explorer.ipynb [args]`.
 
 Exactly `voila [args]`, with one optional import blocked. jupyter_server validates its events with
 jsonschema, which imports every optional format checker it finds, and `rfc3987_syntax` (its IRI check)
-compiles ~35 Earley parsers at import: 2.2-3.0 s of the server's 3.5-4.5 s start on this machine
+compiles ~35 Earley parsers at import: most of the server's start (docs/performance.md)
 (jupyter-server/jupyter_server#1559, python-jsonschema/jsonschema#1428). No Jupyter schema uses the
 "iri" formats, so without it jsonschema just skips that check. Plain `voila` serves the same app.
 """

@@ -16,7 +16,6 @@ Charts are static plotly figures (common.StaticPlot); `sw.mse_plot.figure` / `sw
 from __future__ import annotations
 
 import html
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -28,12 +27,20 @@ from plotly.subplots import make_subplots
 
 from ..engine import QuantConfig, gptq_quantize, rtn_quantize
 from ..metrics.layer_error import output_mse_from_hessian
-from ._blas import single_blas_thread
-from .common import InputError, Job, ProgressBar, StaticPlot, guarded, info_html, message_html, message_widget
-from .common import run_job as _run_job
-from .layer_source import Cancelled, LayerData, SyntheticSource
-
-log = logging.getLogger(__name__)
+from ..models.catalog import DEFAULT_MODEL
+from ..services.layer_source import SYNTHETIC, Cancelled, LayerData, SyntheticSource
+from ..services.threads import single_blas_thread
+from .common import (
+    Dashboard,
+    InputError,
+    Job,
+    ProgressBar,
+    StaticPlot,
+    guarded,
+    info_html,
+    message_html,
+    message_widget,
+)
 
 SWEEP_BITS = (2, 3, 4, 8)
 SWEEP_GROUPS = (-1, 256, 128, 64, 32)
@@ -87,7 +94,7 @@ def cached(key: tuple, cfg: QuantConfig) -> tuple[float, float] | None:
     return None if v is None else v[:2]
 
 
-class Sweeps:
+class Sweeps(Dashboard):
     """The Sweeps view (see the module doc). Public API:
 
     Sweeps(layer_lab=None, *, source=None, model_lab=None, threaded=True, autorun=False)
@@ -96,6 +103,9 @@ class Sweeps:
     sw.mse_plot / sw.ppl_plot            StaticPlot (figure + output widget)
     source: a LayerSource to sweep when there is no Layer Lab (tests, notebooks).
     """
+
+    NAME = "Sweeps"
+    CHOICES = {"facet": list(FACETS), "corpus": list(CORPORA)}  # what `set` takes
 
     def __init__(self, layer_lab=None, *, source=None, model_lab=None, threaded: bool = True,
                  autorun: bool = False, model: str | None = None, cache_dir=None):
@@ -107,8 +117,7 @@ class Sweeps:
         self._model = model
         self._cache_dir = cache_dir
         self.threaded = bool(threaded)
-        self.errors: list[str] = []
-        self.last_error: BaseException | None = None
+        self._init_dashboard()
         self.job: Job | None = None
         self.last_outcome: str | None = None
         self.grid: dict = {}
@@ -150,13 +159,6 @@ class Sweeps:
             W.HBox([self.corpus, self.refresh_button], layout=W.Layout(align_items="center")),
             self.ppl_plot.widget])
 
-    @property
-    def widget(self) -> widgets.Widget:
-        return self.root
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.root._repr_mimebundle_(**kwargs)
-
     # -----------------------------------------------------------------------------------------------------
     # what to sweep
 
@@ -164,7 +166,7 @@ class Sweeps:
         """(layer data, its cache key, the base config) from the Layer Lab, or the given source."""
         if self.layer_lab is not None:
             lab = self.layer_lab
-            return lab.data, lab._source.key, lab._config()
+            return lab.data, lab._source.key, lab.config()
         return self._source.load(), self._source.key, QuantConfig()
 
     def configs(self, base: QuantConfig | None = None) -> list[tuple[object, int, int, QuantConfig]]:
@@ -190,30 +192,25 @@ class Sweeps:
             return self.model_lab.model
         if self.layer_lab is not None:
             m = self.layer_lab.state()["model"]
-            return m if m != "synthetic" else "smollm2-135m"
-        return "smollm2-135m"
+            return m if m != SYNTHETIC else DEFAULT_MODEL
+        return DEFAULT_MODEL
 
     # -----------------------------------------------------------------------------------------------------
     # running
 
     def set(self, **values) -> None:
+        """Change the third axis (facet) and the perplexity corpus; a bad value raises InputError (also
+        shown in the page)."""
         for k, v in values.items():
-            if k == "facet":
-                if v not in FACETS:
-                    exc = InputError(f"facet must be one of {list(FACETS)}, got {v!r}")
-                    self.show_error(exc, "set")
-                    raise exc
-                self.facet.value = v
-            elif k == "corpus":
-                if v not in CORPORA:
-                    exc = InputError(f"corpus must be one of {list(CORPORA)}, got {v!r}")
-                    self.show_error(exc, "set")
-                    raise exc
-                self.corpus.value = v
-            else:
-                exc = InputError(f"unknown setting {k!r}; allowed: ['facet', 'corpus']")
+            try:
+                if k not in self.CHOICES:
+                    raise InputError(f"unknown setting {k!r}; allowed: {list(self.CHOICES)}")
+                if v not in self.CHOICES[k]:
+                    raise InputError(f"{k} must be one of {self.CHOICES[k]}, got {v!r}")
+            except InputError as exc:
                 self.show_error(exc, "set")
-                raise exc
+                raise
+            getattr(self, k).value = v
 
     @guarded
     def _on_facet(self, _change) -> None:
@@ -263,6 +260,7 @@ class Sweeps:
         self.job = job
         if not todo:
             job.outcome = "done"
+            job.finished.set()
             self.last_outcome = "done"
             self._show_cached()
             return
@@ -270,44 +268,31 @@ class Sweeps:
         self.run_button.disabled = True
         self.message.value = ""
 
-        def work():
-            try:
-                with single_blas_thread():
-                    for n, (_fv, _b, _g, cfg) in enumerate(todo):
-                        if job.cancel.is_set():
-                            raise Cancelled("cancelled")
-                        cell(data, key, cfg)
-                        self.progress.set((n + 1) / len(todo),
-                                          f"{job.label}: {n + 1} of {len(todo)} configs ({cfg.label()})")
-                job.outcome = "done"
-            except Cancelled:
-                job.outcome = "cancelled"
-            except Exception as exc:  # noqa: BLE001
-                job.outcome = "failed"
-                self.show_error(exc, where=job.label)
-            finally:
-                self.last_outcome = job.outcome
-                self.progress.stop()
-                self.run_button.disabled = False
-                if job.outcome == "cancelled":
-                    self._show_cached(note="cancelled: only the cells finished before Cancel are shown")
-                    self.message.value = message_html(Cancelled("the sweep stopped; finished cells are "
-                                                                "kept"), where=job.label)
-                elif job.outcome == "done":
-                    self._show_cached()
+        def steps():
+            with single_blas_thread():
+                for n, (_fv, _b, _g, cfg) in enumerate(todo):
+                    job.check()
+                    cell(data, key, cfg)
+                    self.progress.set((n + 1) / len(todo),
+                                      f"{job.label}: {n + 1} of {len(todo)} configs ({cfg.label()})")
 
-        _run_job(job, work, self.threaded, "Sweeps-run")
+        def finish():
+            self.progress.stop()
+            self.run_button.disabled = False
+            if job.outcome == "cancelled":
+                self._show_cached(note="cancelled: only the cells finished before Cancel are shown")
+                self.message.value = message_html(Cancelled("the sweep stopped; finished cells are kept"),
+                                                  where=job.label)
+            elif job.outcome == "done":
+                self._show_cached()
+
+        self._start_job(job, steps, finish, "Sweeps-run")
 
     @guarded
     def cancel(self) -> None:
         if self.job is not None and self.job.outcome == "running":
             self.job.cancel.set()
             self.progress.label.value = "cancelling…"
-
-    def wait(self, timeout: float | None = None) -> None:
-        job = self.job
-        if job is not None and job.thread is not None:
-            job.thread.join(timeout)
 
     # -----------------------------------------------------------------------------------------------------
     # figures
@@ -368,7 +353,7 @@ class Sweeps:
     @guarded
     def refresh_perplexity(self) -> None:
         """Perplexity of whole-model runs over bits x group size, from shipped and computed reports."""
-        from .model_lab import known_reports
+        from ..services.results import known_reports
 
         model = self._model_name()
         corpus = self.corpus.value
@@ -421,11 +406,3 @@ class Sweeps:
                                           f"(sym, desc_act off)<br><sup>{sub}</sup>", font=dict(size=14)),
                           margin=dict(l=70, r=30, t=80, b=50))
         self.ppl_plot.show(fig)
-
-    # -----------------------------------------------------------------------------------------------------
-
-    def show_error(self, exc: BaseException, where: str = "") -> None:
-        self.last_error = exc
-        self.errors.append(f"{type(exc).__name__}: {exc}")
-        log.warning("Sweeps %s failed", where, exc_info=exc)
-        self.message.value = message_html(exc, where)

@@ -1,8 +1,9 @@
-"""The seed lesson's '17.7x lower error' claim, measured (numbers quoted in the README)."""
+"""gptq_explorer.lessons.seed_lesson: the seed lesson's '17.7x lower error' claim, measured (numbers quoted in
+the README)."""
 
 import pytest
 
-from gptq_explorer.experiments import seed_lesson_comparison
+from gptq_explorer.lessons.seed_lesson import seed_lesson_comparison
 
 
 def test_seed_lesson_claim_measured():

@@ -7,34 +7,36 @@ measure the output error on text GPTQ never saw, a name and a one-line descripti
 Two sources:
   * SyntheticSource: correlated Gaussian inputs with a few large "outlier" channels (as real LLM
     activations have) and heavy-tailed weights. Instant, no model: tests, benchmarks, the offline fallback.
-  * ModelSource: a real model's sublayer. The model runs over a few calibration windows with a forward hook
-    on the chosen linear that records its input and then stops the forward pass (nothing after that
-    linear runs); the held-out activations come the same way from the corpus' evaluation part. Results
-    are cached in memory per (model, block, sublayer, corpus, nsamples, ...).
+  * ModelSource: a real model's sublayer. The model runs over a few calibration windows while
+    models.capture.capture_inputs records what the chosen linear receives and stops the forward pass
+    there (nothing after that linear runs); the held-out activations come the same way from the corpus'
+    evaluation part. Results are cached in memory per (model, block, sublayer, corpus, nsamples, ...).
+    The loaded models are cached here too (get_model): the Layer Lab, the Model Lab and the lessons share
+    them.
 
-The ui package depends on the engine, models and data packages, never the other way round.
+A domain service: it builds on the engine, models and data packages; the dashboards (ui/) and the lessons
+use it, never the other way round.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from ..engine import Hessian
+from ..models.capture import Cancelled  # raised when should_cancel() says stop (torch-free to import)
+from ..models.catalog import DEFAULT_MODEL
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
 ShouldCancel = Callable[[], bool]
 
 SYNTHETIC = "synthetic"  # the model name the Layer Lab uses for the synthetic source
-
-
-class Cancelled(Exception):
-    """Raised inside a load when the user pressed Cancel."""
 
 
 def _noop_progress(fraction: float, message: str) -> None:
@@ -59,8 +61,6 @@ class LayerData:
     X_heldout: np.ndarray  # (tokens, d_in)
     name: str
     description: str
-    _H: np.ndarray | None = field(default=None, repr=False, compare=False)
-    _H_heldout: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         W, Xc, Xh = self.W, self.X_calib, self.X_heldout
@@ -78,23 +78,21 @@ class LayerData:
     def shape(self) -> tuple[int, int]:
         return self.W.shape
 
-    @property
+    @functools.cached_property
     def H(self) -> np.ndarray:
         """The layer Hessian 2/n X_calib^T X_calib (n = calibration tokens), from the engine's Hessian."""
-        if self._H is None:
-            H = Hessian(self.W.shape[1]).add_batch(self.X_calib).H
-            H.flags.writeable = False
-            self._H = H
-        return self._H
+        return _read_only_hessian(self.X_calib)
 
-    @property
+    @functools.cached_property
     def H_heldout(self) -> np.ndarray:
         """2/m X_heldout^T X_heldout: the held-out output MSE of any Q is tr(D H_heldout D^T) / (2 d_out)."""
-        if self._H_heldout is None:
-            H = Hessian(self.W.shape[1]).add_batch(self.X_heldout).H
-            H.flags.writeable = False
-            self._H_heldout = H
-        return self._H_heldout
+        return _read_only_hessian(self.X_heldout)
+
+
+def _read_only_hessian(X: np.ndarray) -> np.ndarray:
+    H = Hessian(X.shape[1]).add_batch(X).H
+    H.flags.writeable = False  # shared through caches, like the inputs
+    return H
 
 
 @runtime_checkable
@@ -187,10 +185,6 @@ SYNTHETIC_SUBLAYERS = ("576x576",)
 # a real model
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once the linear's input is recorded: the rest of the model never runs."""
-
-
 _MODEL_LOCK = threading.RLock()
 _MODELS: OrderedDict = OrderedDict()  # model name -> LoadedModel (at most MAX_MODELS kept)
 MAX_MODELS = 1
@@ -258,7 +252,7 @@ def _adapter(lm):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """The inputs of one sublayer of a real model, captured with a forward hook on calibration text.
+    """The inputs of one sublayer of a real model, captured (models.capture) on calibration text.
 
     model: a name load_model accepts (the offline default, a curated hub id, or a local folder);
     block: decoder block index; sublayer: block-relative linear name (e.g. "self_attn.q_proj");
@@ -266,7 +260,7 @@ class ModelSource:
     the first heldout_tokens tokens of the corpus' evaluation part measure the held-out error.
     """
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     block: int = 0
     sublayer: str = "self_attn.q_proj"
     corpus: str = "prose"
@@ -320,6 +314,7 @@ class ModelSource:
 
         from ..data import calibration_windows, evaluation_ids
         from ..models import get_weight
+        from ..models.capture import capture_inputs
 
         for name in ("nsamples", "seqlen", "heldout_tokens", "batch_size"):
             if getattr(self, name) < 1:
@@ -342,10 +337,13 @@ class ModelSource:
         n_eval = max(self.heldout_tokens // self.seqlen, 1) * self.seqlen
         held = evaluation_ids(lm.tokenizer, self.corpus, n_tokens=n_eval).reshape(-1, self.seqlen)
         _check_cancel(should_cancel)
-        X_calib = _capture_inputs(lm.model, module, calib, self.batch_size, should_cancel,
-                                  lambda f: progress(0.15 + 0.55 * f, f"calibration inputs: {f:.0%}"))
-        X_held = _capture_inputs(lm.model, module, held, self.batch_size, should_cancel,
-                                 lambda f: progress(0.7 + 0.25 * f, f"held-out inputs: {f:.0%}"))
+        here = {self.sublayer: module}
+        X_calib = capture_inputs(
+            lm.model, here, calib, self.batch_size, should_cancel=should_cancel,
+            progress=lambda f: progress(0.15 + 0.55 * f, f"calibration inputs: {f:.0%}"))[self.sublayer]
+        X_held = capture_inputs(
+            lm.model, here, held, self.batch_size, should_cancel=should_cancel,
+            progress=lambda f: progress(0.7 + 0.25 * f, f"held-out inputs: {f:.0%}"))[self.sublayer]
         progress(0.97, "done capturing")
         return LayerData(
             W, X_calib, X_held, self.name,
@@ -353,41 +351,6 @@ class ModelSource:
             f"with a forward hook on {self.nsamples} calibration windows of {self.seqlen} tokens from the "
             f"'{self.corpus}' corpus; held-out: {X_held.shape[0]} tokens of its evaluation part.",
         )
-
-
-def _capture_inputs(model, module, ids, batch_size: int, should_cancel: ShouldCancel,
-                    progress: Progress) -> np.ndarray:
-    """Run the model on ids (windows, seqlen) and return what `module` receives, (tokens, d_in) float32.
-
-    A forward hook records the input and raises, so only the part of the model up to this linear runs.
-    """
-    import torch
-
-    chunks: list[np.ndarray] = []
-
-    def hook(mod, inputs, output):
-        x = inputs[0].detach()
-        chunks.append(x.reshape(-1, x.shape[-1]).to("cpu", torch.float32).numpy())
-        raise _StopForward
-
-    device = next(model.parameters()).device
-    handle = module.register_forward_hook(hook)
-    try:
-        n = ids.shape[0]
-        for s in range(0, n, batch_size):
-            _check_cancel(should_cancel)
-            before = len(chunks)
-            with torch.no_grad():
-                try:
-                    model(input_ids=ids[s:s + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-            if len(chunks) == before:
-                raise RuntimeError("the model's forward pass never reached the chosen sublayer")
-            progress(min(s + batch_size, n) / n)
-    finally:
-        handle.remove()
-    return np.concatenate(chunks)
 
 
 def clear_caches() -> None:

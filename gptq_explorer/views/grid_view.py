@@ -2,7 +2,7 @@
 
 ``layer`` is one entry of ``QuantizedCheckpoint.layers`` (an ``UnpackedLinear``, read from any GPTQ
 checkpoint) or an engine ``QuantResult``. Both hold the nn.Linear layout: codes ``[out, in]``, scales and
-zeros ``[out, n_groups]``, g_idx ``[in]`` (shared/reference/gptq-anchors.md §3.1, §3.4).
+zeros ``[out, n_groups]``, g_idx ``[in]``, with ``w = scale[g] * (code - zero[g])``, ``g = g_idx[column]``.
 
 Panels:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import to_numpy
+from ..checkpoint.format import to_numpy
 
 SCALE_BINS = 40
 
@@ -95,6 +95,22 @@ def _colorbar_beside(fig) -> dict:
     )
 
 
+def _axis_titles(fig, cell, x: str, y: str) -> None:
+    fig.update_xaxes(title_text=x, row=cell[0], col=cell[1])
+    fig.update_yaxes(title_text=y, row=cell[0], col=cell[1])
+
+
+def _count_bars(fig, cell, name: str, levels, counts, color: str, hover: str, x_title: str, y_title: str):
+    """A bar chart of how often each level 0 .. 2**bits - 1 occurs, in one panel."""
+    import plotly.graph_objects as go
+
+    fig.add_trace(
+        go.Bar(name=name, x=levels, y=counts, marker_color=color, hovertemplate=hover + "<extra></extra>"),
+        *cell,
+    )
+    _axis_titles(fig, cell, x_title, y_title)
+
+
 def grid_view(layer, name: str | None = None, *, desc_act: bool | None = None, bins: int = SCALE_BINS):
     """A plotly ``go.Figure`` with the layer's grid: scales per group, zero-point usage, code histogram,
     and the g_idx order when act-order (desc_act) is on.
@@ -140,36 +156,14 @@ def grid_view(layer, name: str | None = None, *, desc_act: bool | None = None, b
         ),
         *cells[0],
     )
-    fig.update_xaxes(title_text="group", row=cells[0][0], col=cells[0][1])
-    fig.update_yaxes(title_text="scale", row=cells[0][0], col=cells[0][1])
+    _axis_titles(fig, cells[0], "group", "scale")
 
     zero_counts = np.bincount(zeros.ravel(), minlength=levels.size)
-    fig.add_trace(
-        go.Bar(
-            name="zero points",
-            x=levels,
-            y=zero_counts,
-            marker_color="#d62728",
-            hovertemplate="zero %{x}: %{y} (row, group) pairs<extra></extra>",
-        ),
-        *cells[1],
-    )
-    fig.update_xaxes(title_text="zero point", row=cells[1][0], col=cells[1][1])
-    fig.update_yaxes(title_text="(row, group) pairs", row=cells[1][0], col=cells[1][1])
-
+    _count_bars(fig, cells[1], "zero points", levels, zero_counts, "#d62728",
+                "zero %{x}: %{y} (row, group) pairs", "zero point", "(row, group) pairs")
     code_counts = np.bincount(codes.ravel(), minlength=levels.size)
-    fig.add_trace(
-        go.Bar(
-            name="codes",
-            x=levels,
-            y=code_counts,
-            marker_color="#1f77b4",
-            hovertemplate="code %{x}: %{y} weights<extra></extra>",
-        ),
-        *cells[2],
-    )
-    fig.update_xaxes(title_text="integer code", row=cells[2][0], col=cells[2][1])
-    fig.update_yaxes(title_text="weights", row=cells[2][0], col=cells[2][1])
+    _count_bars(fig, cells[2], "codes", levels, code_counts, "#1f77b4", "code %{x}: %{y} weights",
+                "integer code", "weights")
 
     if desc_act:
         fig.add_trace(
@@ -183,8 +177,7 @@ def grid_view(layer, name: str | None = None, *, desc_act: bool | None = None, b
             ),
             *cells[3],
         )
-        fig.update_xaxes(title_text="input column", row=cells[3][0], col=cells[3][1])
-        fig.update_yaxes(title_text="group (g_idx)", row=cells[3][0], col=cells[3][1])
+        _axis_titles(fig, cells[3], "input column", "group (g_idx)")
 
     distinct = np.unique(sizes)
     width = (

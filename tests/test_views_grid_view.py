@@ -7,7 +7,7 @@ import torch
 
 from gptq_explorer import QuantConfig, gptq_quantize, rtn_quantize
 from gptq_explorer.checkpoint import load_quantized, pack_linear, read_linear, save_quantized
-from gptq_explorer.checkpoint.grid_view import grid_view, scale_histograms
+from gptq_explorer.views.grid_view import grid_view, scale_histograms
 
 
 def traces(fig) -> dict:
