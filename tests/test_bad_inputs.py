@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest_models import make_byte_tokenizer, make_tiny_model, one_thread, tiny_config  # noqa: F401
+from tiny_models import make_byte_tokenizer, make_tiny_model, tiny_config
 
 from gptq_explorer import Hessian, QuantConfig, gptq_quantize
 from gptq_explorer.checkpoint import CheckpointFormatError
@@ -372,7 +372,7 @@ def test_damaged_weights_of_a_local_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from conftest_models import make_byte_tokenizer as tok
+    from tiny_models import make_byte_tokenizer as tok
 
     qm = quantize_model(tiny_llama(), None, QuantConfig(bits=4, group_size=32), method="rtn", progress=False)
     qm.tokenizer = tok()

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE_VENV = ROOT / os.environ.get("GPTQ_EXPLORER_OUTSIDE_VENV", ".venv-outside")  # absolute wins
 OUTSIDE_PY = OUTSIDE_VENV / "bin" / "python"
 
-VOCAB = 260  # the byte tokenizer of conftest_models: 256 bytes + <|endoftext|> + spare rows
+VOCAB = 260  # the byte tokenizer of tiny_models: 256 bytes + <|endoftext|> + spare rows
 LOGITS_REL_TOL = 0.01
 WEIGHT_REL_TOL = 2.0**-11  # fp16 rounding: at most half an ulp, i.e. 2**-11 relative
 
@@ -160,7 +160,7 @@ def _tiny_quantized(bits, group_size, sym, desc_act, seed=0):
     from types import SimpleNamespace
 
     import torch
-    from conftest_models import make_byte_tokenizer
+    from tiny_models import make_byte_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gptq_explorer import QuantConfig, gptq_quantize

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest_models import make_tiny_model, one_thread  # noqa: F401
+from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig
 from gptq_explorer.checkpoint import n_groups, pack_linear

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest_models import make_byte_tokenizer, one_thread  # noqa: F401
+from tiny_models import make_byte_tokenizer
 
 from gptq_explorer import QuantConfig
 from gptq_explorer.checkpoint import save_quantized

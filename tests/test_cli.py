@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest_models import VOCAB, make_tiny_model, one_thread  # noqa: F401
+from tiny_models import VOCAB, make_tiny_model
 
 from gptq_explorer import cli
 from gptq_explorer.checkpoint import load_quantized

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from conftest_models import byte_tokenizer, one_thread, smollm2  # noqa: F401
 
 from gptq_explorer.data import (
     CorpusError,

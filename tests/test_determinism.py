@@ -35,7 +35,7 @@ def _sha(*arrays) -> str:
 
 def fingerprint(seed: int = 0) -> dict:
     """Digests of one seeded experiment (see the module doc). JSON-serialisable."""
-    from conftest_models import make_byte_tokenizer, tiny_config
+    from tiny_models import make_byte_tokenizer, tiny_config
     from transformers import AutoModelForCausalLM
 
     from gptq_explorer import Hessian, QuantConfig, gptq_quantize

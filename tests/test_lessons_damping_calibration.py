@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest_models import make_tiny_model, one_thread  # noqa: F401
 from test_lessons_real_layers import as_real_layers
+from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig, gptq_quantize
 from gptq_explorer.lessons import damping_calibration as L

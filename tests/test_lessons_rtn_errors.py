@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest_models import make_tiny_model, one_thread  # noqa: F401
+from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig, rtn_quantize
 from gptq_explorer.lessons import rtn_errors as L

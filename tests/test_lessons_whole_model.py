@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest_models import make_tiny_model, one_thread  # noqa: F401
+from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig, rtn_quantize
 from gptq_explorer.checkpoint.storage import storage_of

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest_models import one_thread, smollm2  # noqa: F401
 
 from gptq_explorer.metrics import (
     layer_output_mse,

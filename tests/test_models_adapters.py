@@ -3,7 +3,7 @@ blocks one at a time reproduces the full model's logits (the basis of the sequen
 
 import pytest
 import torch
-from conftest_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, one_thread, tiny_dirs  # noqa: F401
+from tiny_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES
 
 from gptq_explorer.models import (
     SUPPORTED_MODEL_TYPES,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest_models import one_thread, tiny_config  # noqa: F401
+from tiny_models import tiny_config
 
 from gptq_explorer.models import get_adapter
 from gptq_explorer.models.capture import (

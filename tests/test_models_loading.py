@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest_models import one_thread, smollm2, tiny_config, tiny_dirs  # noqa: F401
+from tiny_models import tiny_config
 
 from gptq_explorer.models import CURATED_MODELS, DEFAULT_MODEL, ModelLoadError, load_model, loading
 

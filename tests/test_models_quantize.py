@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest_models import TINY_FAMILIES, one_thread, tiny_dirs  # noqa: F401
+from tiny_models import TINY_FAMILIES
 
 from gptq_explorer import QuantConfig
 from gptq_explorer.models import catch_block_inputs, get_weight, load_model, run_blocks

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest_models import make_tiny_model, one_thread  # noqa: F401
+from tiny_models import make_tiny_model
 
 from gptq_explorer import cli
 from gptq_explorer.services import results

@@ -146,3 +146,74 @@ def test_presets_are_valid_configs_that_change_only_what_they_say():
             assert values == defaults
     heavy = settings.PRESETS["Heavy damping (30%)"][0]["damp_percent"]
     assert math.isclose(heavy, 10**-0.5)
+
+
+# ------------------------------------------------------------------ the dashboards and their links
+
+
+def _labs(tmp_path):
+    from gptq_explorer.ui import LayerLab
+    from gptq_explorer.ui.model_lab import ModelLab
+
+    return [LayerLab(models={}), ModelLab("m", models={"m": "a model"}, shipped=[], cache_dir=tmp_path,
+                                          threaded=False)]
+
+
+def _range_of(widget):
+    import ipywidgets as widgets
+
+    if isinstance(widget, widgets.FloatLogSlider):
+        return 10**widget.min, 10**widget.max
+    return widget.min, widget.max
+
+
+def test_each_dashboard_exposes_its_knobs_with_the_same_default_and_range(tmp_path):
+    import ipywidgets as widgets
+
+    from gptq_explorer.ui.common import InputError
+
+    labs = _labs(tmp_path)
+    assert {"bits", "group_size", "sym", "desc_act", "damp_percent"} <= set(labs[1].KNOBS)
+    assert set(QUANT_KEYS) <= set(labs[0].KNOBS)
+    for lab in labs:
+        assert lab.errors == []
+        for name in lab.KNOBS:
+            k, control = KNOBS[name], lab.controls[name]
+            assert control.value == k.default, (type(lab).__name__, name)
+            assert lab.DEFAULTS[name] == k.default
+            assert control.description == k.control_label
+            if k.offered is not None:
+                assert [v for _, v in control.options] == list(k.offered)
+            elif k.type is bool:
+                assert isinstance(control, widgets.Checkbox)
+            else:
+                low, high = k.slider_range()
+                assert _range_of(control) == pytest.approx((low, high), rel=1e-12)
+            # a link's "yes" is a bool there (Knob.parse); "maybe" is not
+            bads = ["maybe", 2] if k.type is bool else outside(k)
+            for bad in bads + ([7] if k.offered and 7 not in k.offered else []):
+                with pytest.raises(InputError, match=rf"{name}"):
+                    lab.set(**{name: bad})
+                assert control.value == k.default  # nothing changed
+        assert lab.config() == QuantConfig(**{k: KNOBS[k].default for k in QUANT_KEYS})
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_each_dashboards_link_parser_takes_the_knobs(tmp_path, which):
+    lab = _labs(tmp_path)[which]
+    for name in lab.KNOBS:
+        k = KNOBS[name]
+        text = ("1" if k.default else "0") if k.type is bool else str(k.default)
+        values, problems = type(lab).parse_query(f"{name}={text}")
+        assert values == {name: k.default} and problems == []
+        if k.type is not bool:
+            values, problems = type(lab).parse_query(f"{name}=nonsense")
+            assert values == {} and len(problems) == 1
+            assert problems[0].startswith(f"{name}='nonsense' ignored")
+    values, problems = type(lab).parse_query("bits=3&group_size=64&damp_percent=0.1")
+    assert values == {"bits": 3, "group_size": 64, "damp_percent": 0.1} and problems == []
+    lab.set(**values)
+    assert lab.config() == QuantConfig(bits=3, group_size=64, damp_percent=0.1)
+    again, problems = type(lab).parse_query(lab.state_query(), models={"m": "a model"})  # a copied link
+    assert problems == []
+    assert {k: again[k] for k in lab.KNOBS} == {k: lab.controls[k].value for k in lab.KNOBS}

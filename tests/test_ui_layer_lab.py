@@ -265,7 +265,7 @@ def test_synthetic_blocks_are_seeds(lab):
 def test_model_source_captures_the_sublayer_inputs(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from conftest_models import make_tiny_model
+    from tiny_models import make_tiny_model
 
     from gptq_explorer.models import get_weight, load_model
 
@@ -298,7 +298,7 @@ def test_model_source_captures_the_sublayer_inputs(tmp_path):
 
 def test_background_load_can_be_cancelled(tmp_path):
     pytest.importorskip("transformers")
-    from conftest_models import make_tiny_model
+    from tiny_models import make_tiny_model
 
     folder = str(make_tiny_model("opt", tmp_path / "opt"))
     lab = LayerLab(models={folder: "tiny opt"})  # threaded
@@ -498,7 +498,7 @@ def test_the_kernel_does_not_push_the_column_back_while_playing():
 
 def _tiny_llama_source(tmp_path, **kw):
     pytest.importorskip("transformers")
-    from conftest_models import make_tiny_model
+    from tiny_models import make_tiny_model
 
     folder = str(make_tiny_model("llama", tmp_path / "llama"))
     return ModelSource(model=folder, corpus="prose", nsamples=4, seqlen=32, heldout_tokens=64, **kw)

@@ -1,4 +1,4 @@
-"""Model Lab and the tabbed app, driven from Python on a tiny random-init LLaMA (tests/conftest_models.py).
+"""Model Lab and the tabbed app, driven from Python on a tiny random-init LLaMA (tests/tiny_models.py).
 
 Every number the charts show is checked against what the package computes independently (perplexity with
 metrics.perplexity, per-layer errors from quantize_model's report). Kept small: one tiny model, reduced
@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest_models import make_tiny_model, one_thread  # noqa: F401
+from tiny_models import make_tiny_model
 from traitlets import TraitError
 
 from gptq_explorer.ui import InputError, SyntheticSource

@@ -165,7 +165,7 @@ def test_a_preload_waits_for_a_quiet_machine_or_its_visitor(monkeypatch, tmp_pat
     """The spare kernel preloads only while the machine is quiet; once its visitor is there, at full
     speed. The layer then sits in the Layer Lab's cache."""
     pytest.importorskip("transformers")
-    from conftest_models import make_tiny_model
+    from tiny_models import make_tiny_model
 
     from gptq_explorer.services import layer_source
     from gptq_explorer.ui.preheat import preload_default_layer

@@ -169,7 +169,7 @@ class _GroupCollector:
     the hook ends the block's forward pass (StopForward): the rest of the block is not needed."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], device):
-        from gptq_explorer import Hessian
+        from ..engine import Hessian
 
         self._Hessian = Hessian
         self.modules = modules
@@ -303,7 +303,7 @@ def quantize_model(
     keyed by sha256 of (model weights, calibration ids, config, method, overrides).
     hessian_condition: report cond(H + damping) per Hessian (an eigendecomposition each; False skips it).
     """
-    from gptq_explorer import QuantConfig
+    from ..engine import QuantConfig
 
     t_start = time.perf_counter()
     cfg = QuantConfig.coerce(cfg)
@@ -416,7 +416,7 @@ class _Job:
 
 
 def _quantize_layer(job: _Job, name, block_idx, group_idx, module, H=None, stats=None):
-    from gptq_explorer import gptq_quantize, rtn_quantize
+    from ..engine import gptq_quantize, rtn_quantize
 
     qm, cfg_l, device = job.qm, job.cfgs[name], job.device
     t0 = time.perf_counter()
@@ -483,7 +483,7 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
     """Quantize one block in a single forward over all samples: a pre-hook on each group's linears
     collects the Hessian from the group's input and quantizes the whole group before the first of them
     runs, so everything downstream already sees quantized weights (true-sequential semantics)."""
-    from gptq_explorer import Hessian
+    from ..engine import Hessian
 
     ad, qm, device = job.adapter, job.qm, job.device
     seen: dict[int, torch.Tensor] = {}  # group index -> its input (the members must all share it)
@@ -695,7 +695,7 @@ def _save_cached(qm: QuantizedModel, folder: Path, hessians: dict | None, alias:
 def _load_cached(qm: QuantizedModel, folder: Path) -> bool:
     from safetensors.torch import load_file
 
-    from gptq_explorer import QuantConfig, QuantResult
+    from ..engine import QuantConfig, QuantResult
 
     if not (folder / "report.json").is_file():
         return False

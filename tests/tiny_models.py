@@ -1,12 +1,8 @@
-"""Shared fixtures for the models/data/metrics tests: tiny random-init models of every adapter family
-(saved as safetensors folders with a byte-level tokenizer, no network) and the real offline SmolLM2.
-
-Import the fixtures you use into a test module: `from conftest_models import tiny_dirs  # noqa: F401`.
-"""
+"""Tiny random-init models of every adapter family, saved as safetensors folders with a byte-level
+tokenizer (no network): the helpers the tests build their models with (the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 TINY_FAMILIES = ("llama", "opt", "gpt2", "gpt_neox")
@@ -85,33 +81,3 @@ def make_tiny_model(family: str, folder, seed: int = 0):
     model.save_pretrained(folder, safe_serialization=True)
     make_byte_tokenizer().save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    """family -> folder of a saved tiny model, for all four adapter families plus mistral and qwen2."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {f: make_tiny_model(f, root / f) for f in TINY_FAMILIES + EXTRA_LLAMA_LIKE}
-
-
-@pytest.fixture(scope="session")
-def byte_tokenizer():
-    return make_byte_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real offline default model (the first run converts the GGUF: up to a minute)."""
-    from gptq_explorer.models import load_model
-
-    return load_model()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~5x faster than two contended ones.
-    Autouse: importing it into a test module (`from conftest_models import one_thread`) turns it on there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
