@@ -19,9 +19,9 @@ from pathlib import Path
 from .engine import QuantConfig
 from .metrics.generation import SAMPLE_TOKENS
 from .models.catalog import DEFAULT_MODEL
-from .settings import CALIBRATION_KEYS, EVALUATION_KEYS, KNOBS, QUANT_KEYS, Knob, parse_assignments, resolve
+from .settings import KNOBS, QUANT_KEYS, Knob, parse_assignments, resolve
 
-CLI_KNOBS = (*QUANT_KEYS, *CALIBRATION_KEYS, *EVALUATION_KEYS)  # the knobs `quantize` takes as flags
+CLI_KNOBS = tuple(KNOBS)  # `quantize` takes every knob as a flag, in the order they are declared
 
 
 class UsageError(ValueError):
@@ -41,7 +41,7 @@ def _add_knob(parser: argparse.ArgumentParser, knob: Knob) -> None:
         if knob.off_flag:  # on by default: a pair of flags
             pair = parser.add_mutually_exclusive_group()
             pair.add_argument(knob.flag, dest=dest, action="store_true", default=knob.default, help=knob.help)
-            pair.add_argument(knob.off_flag, dest=dest, action="store_false", help=f"not {knob.flag}")
+            pair.add_argument(knob.off_flag, dest=dest, action="store_false", help=f"the opposite of {knob.flag}")
         else:
             parser.add_argument(knob.flag, dest=dest, action="store_true", default=knob.default,
                                 help=knob.help)
@@ -85,13 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL}, a Hugging Face id, or a folder")
     q.add_argument("--method", choices=("fp", "rtn", "gptq"), default="gptq",
                    help="fp = no quantization (the baseline)")
-    for name in QUANT_KEYS:
+    for name in CLI_KNOBS:
         _add_knob(q, KNOBS[name])
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     q.add_argument("--override", action="append", type=_parse_override, default=[],
                    help="per-layer settings, e.g. 'blocks.0.*:bits=8' (repeatable)")
-    for name in (*CALIBRATION_KEYS, *EVALUATION_KEYS):
-        _add_knob(q, KNOBS[name])
     q.add_argument("--device", default=None, help="cpu, cuda, or auto")
     q.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: $GPTQ_EXPLORER_THREADS, else torch's default)")
