@@ -87,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp = no quantization (the baseline)")
     for name in CLI_KNOBS:
         _add_knob(q, KNOBS[name])
-    q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     q.add_argument("--override", action="append", type=_parse_override, default=[],
                    help="per-layer settings, e.g. 'blocks.0.*:bits=8' (repeatable)")
     q.add_argument("--device", default=None, help="cpu, cuda, or auto")

@@ -30,7 +30,7 @@ class Knob:
     type: type
     default: Any
     help: str
-    group: str  # "quant" (a QuantConfig field), "calibration" or "evaluation"
+    group: str  # "quant" (a QuantConfig field), "model", "calibration" or "evaluation"
     flag: str  # the command-line flag; for a bool that defaults to True, the flag that keeps it on
     label: str = ""  # what a dashboard control shows (default: the name)
     off_flag: str | None = None  # the flag that turns a bool off (--asym)
@@ -181,6 +181,10 @@ _KNOBS = (
     Knob("block_size", int, 128, "columns per lazy batch update; changes speed, never the result", "quant",
          "--block-size", label="block size", low=1, rule="a positive number of columns",
          offered=(16, 32, 64, 128, 256)),
+    # -- the whole model ------------------------------------------------------------------------------------
+    Knob("true_sequential", bool, True, "inside a block, quantize the linears group by group in forward "
+         "order (q/k/v, then o, ...), each group calibrated on the outputs of the groups already quantized",
+         "model", "--true-sequential", off_flag="--no-true-sequential"),
     # -- calibration ---------------------------------------------------------------------------------------
     Knob("corpus", str, "prose", "calibration text: prose | code | wikitext2 | c4 | ptb | a text file",
          "calibration", "--calib", label="calib corpus", offered=("prose", "code")),
