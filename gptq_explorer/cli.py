@@ -41,7 +41,8 @@ def _add_knob(parser: argparse.ArgumentParser, knob: Knob) -> None:
         if knob.off_flag:  # on by default: a pair of flags
             pair = parser.add_mutually_exclusive_group()
             pair.add_argument(knob.flag, dest=dest, action="store_true", default=knob.default, help=knob.help)
-            pair.add_argument(knob.off_flag, dest=dest, action="store_false", help=f"the opposite of {knob.flag}")
+            pair.add_argument(knob.off_flag, dest=dest, action="store_false",
+                              help=f"the opposite of {knob.flag}")
         else:
             parser.add_argument(knob.flag, dest=dest, action="store_true", default=knob.default,
                                 help=knob.help)
