@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .config import dynamic_key, quantization_config_dict, tool_version
-from .format import check_linear_shape, n_groups, pack_linear, to_numpy
+from .format import check_linear_shape, n_groups, pack_linear, to_numpy, whole_numbers
 from .packing import CheckpointFormatError, check_bits
 
 SHARD_BYTES = 2 * 1024**3  # shard when the tensors exceed 2 GB, like save_pretrained's default scale
@@ -100,16 +100,6 @@ class _Layer:
 # ------------------------------------------------------------------------ gathering
 
 
-def _integers(x, what: str) -> np.ndarray:
-    """Engine codes/zeros may be float arrays holding integers; anything else is a bug upstream."""
-    a = to_numpy(x)
-    if np.issubdtype(a.dtype, np.integer):
-        return a.astype(np.int64)
-    if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
-        raise CheckpointFormatError(f"{what} must hold whole numbers")
-    return a.astype(np.int64)
-
-
 def _gather_layers(qm) -> list[_Layer]:
     from ..models.adapters import get_weight
 
@@ -120,10 +110,10 @@ def _gather_layers(qm) -> list[_Layer]:
         out_f, in_f = (int(d) for d in W.shape)
         cfg = res.config
         bits = cfg.bits
-        codes = _integers(res.codes, f"{name}: codes")
-        zeros = _integers(res.zeros, f"{name}: zeros")
+        codes = whole_numbers(res.codes, f"{name}: codes")
+        zeros = whole_numbers(res.zeros, f"{name}: zeros")
         scales = to_numpy(res.scales).astype(np.float32)
-        g_idx = _integers(res.g_idx, f"{name}: g_idx")
+        g_idx = whole_numbers(res.g_idx, f"{name}: g_idx")
         if codes.shape != (out_f, in_f):
             raise CheckpointFormatError(
                 f"{name}: codes have shape {codes.shape} but the module's weight is "

@@ -53,6 +53,17 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def whole_numbers(x, what: str) -> np.ndarray:
+    """int64 NumPy of an array or tensor holding whole numbers (engine codes and zeros may be float arrays
+    holding integers); anything else raises CheckpointFormatError naming `what`."""
+    a = to_numpy(x)
+    if np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.int64)
+    if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
+        raise CheckpointFormatError(f"{what} must hold whole numbers")
+    return a.astype(np.int64)
+
+
 def n_groups(in_features: int, group_size: int) -> int:
     """ceil(in / group_size); group_size -1 means a single group over the whole row (§3.1)."""
     if group_size == -1:

@@ -24,7 +24,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -106,12 +106,23 @@ class LayerSource(Protocol):
              should_cancel: ShouldCancel | None = None) -> LayerData: ...
 
 
+class KeyedSource:
+    """A source dataclass's `key`: (KIND, every field's value), what identifies its LayerData in the caches
+    (a field marked metadata={"key": False} changes only how fast it loads)."""
+
+    KIND = ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.KIND, *(getattr(self, f.name) for f in fields(self) if f.metadata.get("key", True)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # synthetic
 
 
 @dataclass(frozen=True)
-class SyntheticSource:
+class SyntheticSource(KeyedSource):
     """A random layer whose inputs look like a transformer's: correlated, with a few outlier channels.
 
     X = (F M + noise) * channel_scale, with F (tokens, rank) shared latent factors (the correlation), and
@@ -126,11 +137,7 @@ class SyntheticSource:
     seed: int = 0
     n_outliers: int = 8
     rank: int = 48
-
-    @property
-    def key(self) -> tuple:
-        return ("synthetic", self.d_out, self.d_in, self.n_calib, self.n_heldout, self.seed, self.n_outliers,
-                self.rank)
+    KIND = "synthetic"
 
     @property
     def name(self) -> str:
@@ -251,7 +258,7 @@ def _adapter(lm):
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class ModelSource(KeyedSource):
     """The inputs of one sublayer of a real model, captured (models.capture) on calibration text.
 
     model: a name load_model accepts (the offline default, a curated hub id, or a local folder);
@@ -268,12 +275,8 @@ class ModelSource:
     seqlen: int = 256
     heldout_tokens: int = 1024
     seed: int = 0
-    batch_size: int = 4
-
-    @property
-    def key(self) -> tuple:
-        return ("model", self.model, self.block, self.sublayer, self.corpus, self.nsamples, self.seqlen,
-                self.heldout_tokens, self.seed)
+    batch_size: int = field(default=4, metadata={"key": False})  # speed only: not part of the key
+    KIND = "model"
 
     @property
     def name(self) -> str:

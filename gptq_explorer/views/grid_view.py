@@ -21,18 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint.format import to_numpy
+from ..checkpoint.format import to_numpy, whole_numbers
 
 SCALE_BINS = 40
-
-
-def _as_int(x, what: str) -> np.ndarray:
-    a = to_numpy(x)
-    if np.issubdtype(a.dtype, np.integer):
-        return a.astype(np.int64)
-    if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
-        raise ValueError(f"{what} must hold whole numbers")
-    return a.astype(np.int64)
 
 
 def layer_arrays(layer) -> dict:
@@ -45,10 +36,10 @@ def layer_arrays(layer) -> dict:
             "grid_view needs a checkpoint layer (UnpackedLinear) or a QuantResult, "
             f"got {type(layer).__name__}"
         )
-    codes = _as_int(layer.codes, "codes")
+    codes = whole_numbers(layer.codes, "codes")
     scales = to_numpy(layer.scales).astype(np.float64)
-    zeros = _as_int(layer.zeros, "zeros")
-    g_idx = _as_int(layer.g_idx, "g_idx")
+    zeros = whole_numbers(layer.zeros, "zeros")
+    g_idx = whole_numbers(layer.g_idx, "g_idx")
     if codes.ndim != 2 or scales.ndim != 2 or scales.shape != zeros.shape:
         raise ValueError(
             f"expected codes [out, in] and scales/zeros [out, n_groups], got codes {codes.shape}, "
