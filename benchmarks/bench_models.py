@@ -7,7 +7,7 @@ asym, as `gptq-explorer quantize --json` reports, one per run, in data/results/<
     python benchmarks/bench_models.py --table-only                              # the table so far
     python benchmarks/bench_models.py --only gptq-w3-g128-sym --force           # redo one run
     python benchmarks/bench_models.py --device cuda --out DIR                   # on a GPU, into DIR
-                                                    (the report records the device; see README "On a GPU")
+                                      (the report records the device; see docs/results.md, "On a GPU")
 
 Protocol: calibration 128 x 512 tokens of prose (seed 0; RTN's result uses none, but it runs the same
 data through to report its per-layer output errors on the same inputs as GPTQ: --rtn-calib); evaluation

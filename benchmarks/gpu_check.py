@@ -96,7 +96,7 @@ def tiny_llama_folder(folder: Path) -> Path:
     import transformers as tf
 
     sys.path.insert(0, str(TESTS))
-    from conftest_models import VOCAB, make_byte_tokenizer
+    from tiny_models import VOCAB, make_byte_tokenizer
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4,

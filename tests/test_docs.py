@@ -76,3 +76,21 @@ def test_no_file_points_at_material_users_do_not_have():
                            capture_output=True, text=True)
     assert found.returncode in (0, 1), found.stderr
     assert found.stdout == "", f"files refer to {needle}, which users do not have:\n{found.stdout}"
+
+
+def test_readme_headline_table_is_the_shipped_reports():
+    """Each row of the README's GPTQ-vs-RTN table is a shipped report's perplexity, rounded to 2 decimals."""
+    from gptq_explorer.services.results import find_run
+
+    rows = re.findall(r"^\| (baseline \(FP32\)|RTN|GPTQ)(?:, (\d)-bit, (groups of 128|one scale per row))? "
+                      r"\| \**([\d,.]+)\** \| \**([\d,.]+)\** \|$", README.read_text(), flags=re.M)
+    assert len(rows) == 7
+    for method, bits, grouping, prose, code in rows:
+        if method.startswith("baseline"):
+            run = find_run(method="fp")
+        else:
+            run = find_run(method=method.lower(), bits=int(bits), sym=True,
+                           group_size=128 if grouping == "groups of 128" else -1)
+        assert run is not None, (method, bits, grouping)
+        shown = (float(prose.replace(",", "")), float(code.replace(",", "")))
+        assert shown == (round(run["perplexity"]["prose"], 2), round(run["perplexity"]["code"], 2))

@@ -1,5 +1,5 @@
 """gptq_explorer.lessons.seed_lesson: the seed lesson's '17.7x lower error' claim, measured (numbers quoted in
-the README)."""
+docs/engine.md)."""
 
 import pytest
 

@@ -155,8 +155,8 @@ def test_shipped_runs_carry_what_the_model_lab_shows(monkeypatch, bits, grid):
 
 
 # ------------------------------------------------------- the runs on an H200 (data/results/h200-python3.12)
-# `benchmarks/bench_models.py --device cuda` (README, "On a GPU"): the same protocol on a GPU machine whose
-# Python is 3.12.3, so the offline corpora are 3.12.3's text (the code corpus differs; the first 65,536
+# `benchmarks/bench_models.py --device cuda` (docs/results.md, "On a GPU"): the same protocol on a GPU machine
+# whose Python is 3.12.3, so the offline corpora are 3.12.3's text (the code corpus differs; the first 65,536
 # evaluation tokens of prose nearly coincide with 3.11.7's).
 
 
@@ -264,7 +264,7 @@ def test_llmcompressor_side_by_side(monkeypatch, name):
 def test_llmcompressor_same_semantics_and_noise(monkeypatch):
     """With llm-compressor's semantics on our side (static groups, Hessians of a block in one pass) g64 agrees
     within 0.2% on prose and 1.5% on code, with 87% of the weights identical; per row the code gap is of the
-    size a float-rounding nudge of our own weights makes (README, "Against llm-compressor")."""
+    size a float-rounding nudge of our own weights makes (docs/results.md, "Against llm-compressor")."""
     monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
     g64 = _comparison("g64-32x512-static-nts")
     pp = g64["perplexity"]

@@ -1,4 +1,5 @@
-"""The seed lesson's "17.7x lower error" claim, measured (the README quotes it; lesson 3 re-creates its loop).
+"""The seed lesson's "17.7x lower error" claim, measured (docs/engine.md quotes it; lesson 3 re-creates its
+loop).
 
 seed_lesson_comparison() re-runs the demo of the lesson this product grew from: W 256x512 and X 128x512
 Gaussian (seed 42), 4-bit, group 128, where the lesson claims GPTQ gives "typically 17.7x lower error"

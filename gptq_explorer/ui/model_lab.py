@@ -86,7 +86,8 @@ class ModelLab(Lab):
     lab.results                        the ResultSet on screen; lab.ppl_plot / lab.layer_plot (StaticPlot)
     lab.config()                       the QuantConfig the controls show
     ModelLab.KNOBS                     the knobs it shows; lab.controls[name] is a knob's control
-    shipped: a list of reports to use instead of gptq_explorer.results (tests); None = the shipped ones.
+    shipped: a list of reports to use instead of services.results' shipped runs (tests); None = the shipped
+    ones.
     """
 
     NAME = "ModelLab"
