@@ -9,7 +9,8 @@ from tiny_models import TINY_FAMILIES
 from gptq_explorer import QuantConfig
 from gptq_explorer.models import catch_block_inputs, get_weight, load_model, run_blocks
 from gptq_explorer.models import quantize as qmod
-from gptq_explorer.models.quantize import QuantizationCancelled, load_cached_hessians, quantize_model
+from gptq_explorer.models.quantize import QuantizationCancelled, quantize_model
+from gptq_explorer.models.quantize_cache import load_cached_hessians
 
 CFG3 = QuantConfig(bits=3, group_size=32)
 
@@ -197,9 +198,9 @@ def test_cancel_with_an_event_and_errors_restore(tiny_dirs, monkeypatch):  # noq
     with pytest.raises(QuantizationCancelled):
         quantize_model(lm, calib(), CFG3, progress=False, cancel=ev)
     # an error in the middle (here: the 3rd layer) also puts everything back
-    import gptq_explorer
+    from gptq_explorer import engine
 
-    real, n = gptq_explorer.gptq_quantize, {"k": 0}
+    real, n = engine.gptq_quantize, {"k": 0}
 
     def flaky(*a, **k):
         n["k"] += 1
@@ -207,7 +208,7 @@ def test_cancel_with_an_event_and_errors_restore(tiny_dirs, monkeypatch):  # noq
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(gptq_explorer, "gptq_quantize", flaky)
+    monkeypatch.setattr(engine, "gptq_quantize", flaky)  # what models.quantize calls
     with pytest.raises(RuntimeError, match="boom"):
         quantize_model(lm, calib(), CFG3, progress=False)
     after = snapshot(lm.model)

@@ -361,8 +361,6 @@ def save_quantized(
     asymmetric zero of 0 is refused (v1 stores zero-1). Codes are written exactly as the quantizer chose
     them; scales and bias are stored in fp16 (so the reloaded weights are fp16(scale) * (code - zero)).
     """
-    import torch
-
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
@@ -371,14 +369,64 @@ def save_quantized(
     if not layers:
         raise CheckpointFormatError("the model has no quantized layers to export")
     format = _preflight(layers, format)
+    packed = _pack_layers(layers, format)
+
+    qcfg = quantized_model.config
+    overrides = _layer_overrides(layers, qcfg)
+    qdict = quantization_config_dict(
+        bits=qcfg.bits,
+        group_size=qcfg.group_size,
+        desc_act=qcfg.desc_act,
+        sym=qcfg.sym,
+        damp_percent=qcfg.damp_percent,
+        static_groups=qcfg.static_groups,
+        true_sequential=bool(getattr(quantized_model, "true_sequential", True)),
+        format=format,
+        dynamic=overrides or None,
+    )
+    loaders = loader_support(
+        layers, format, bool(overrides), has_tokenizer=getattr(quantized_model, "tokenizer", None) is not None
+    )
+
+    model = quantized_model.model
+    tensors = _checkpoint_tensors(model, layers, packed)
+    metadata = _metadata(qcfg, format)
+    config = model.config.to_dict()
+    config["quantization_config"] = qdict
+    _write_folder(folder, quantized_model, tensors, metadata, config, qdict, max_shard_bytes)
+
+    msgs = [s.line() for s in loaders if not s.ok]
+    result = ExportResult(
+        folder=folder,
+        format=format,
+        files=sorted(os.listdir(folder)),
+        n_quantized=len(layers),
+        total_bytes=sum(_tensor_bytes(t) for t in tensors.values()),
+        quantization_config=qdict,
+        loaders=loaders,
+        warnings=msgs,
+        notes=export_notes(loaders),
+    )
+    if warn:
+        for m in msgs + [n for n in result.notes if not any(n in m for m in msgs)]:
+            warnings.warn(f"GPTQ export {folder}: {m}", stacklevel=2)
+    return result
+
+
+def _pack_layers(layers: list[_Layer], format: str) -> dict[str, dict]:
+    """Every layer's checkpoint tensors, by name; packing validates codes/zeros/g_idx ranges, so this runs
+    before anything is written."""
     packed = {}
-    for L in layers:  # packing validates codes/zeros/g_idx ranges; all before anything is written
+    for L in layers:
         try:
             packed[L.name] = pack_linear(L.codes, L.scales, L.zeros, L.g_idx, L.bits, format, bias=L.bias)
         except CheckpointFormatError as e:
             raise CheckpointFormatError(f"{L.name}: {e} (nothing was written)") from None
+    return packed
 
-    qcfg = quantized_model.config
+
+def _layer_overrides(layers: list[_Layer], qcfg) -> dict:
+    """The 'dynamic' field: the full grid of every layer whose grid differs from the model's config."""
     overrides = {}
     for L in layers:
         diff = {
@@ -398,23 +446,13 @@ def save_quantized(
                 "sym": L.sym,
                 "desc_act": L.desc_act,
             }
-    qdict = quantization_config_dict(
-        bits=qcfg.bits,
-        group_size=qcfg.group_size,
-        desc_act=qcfg.desc_act,
-        sym=qcfg.sym,
-        damp_percent=qcfg.damp_percent,
-        static_groups=qcfg.static_groups,
-        true_sequential=bool(getattr(quantized_model, "true_sequential", True)),
-        format=format,
-        dynamic=overrides or None,
-    )
-    loaders = loader_support(
-        layers, format, bool(overrides), has_tokenizer=getattr(quantized_model, "tokenizer", None) is not None
-    )
+    return overrides
 
-    # the state dict: quantized linears replaced, every other tensor unchanged
-    model = quantized_model.model
+
+def _checkpoint_tensors(model, layers: list[_Layer], packed: dict[str, dict]) -> dict:
+    """The state dict to write, sorted by name: quantized linears replaced, every other tensor unchanged."""
+    import torch
+
     state = _dedupe_tied(dict(model.state_dict()))
     for L in layers:
         state.pop(f"{L.name}.weight", None)
@@ -423,8 +461,12 @@ def save_quantized(
     for name, t in packed.items():
         for k, v in t.items():
             tensors[f"{name}.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
-    tensors = dict(sorted(tensors.items()))
-    metadata = {
+    return dict(sorted(tensors.items()))
+
+
+def _metadata(qcfg, format: str) -> dict:
+    """The safetensors header's metadata (strings only)."""
+    return {
         "format": "pt",
         "quantizer": f"gptq_explorer:{tool_version()}",
         "gptq_bits": str(qcfg.bits),
@@ -435,16 +477,25 @@ def save_quantized(
         "gptq_quant_method": "gptq",
     }
 
-    config = model.config.to_dict()
-    config["quantization_config"] = qdict
 
+def _write_folder(
+    folder: Path,
+    quantized_model,
+    tensors: dict,
+    metadata: dict,
+    config: dict,
+    qdict: dict,
+    max_shard_bytes: int,
+) -> None:
+    """Write every file into a temporary sibling, then rename it onto ``folder``; on any failure the temporary
+    folder is removed (and a full disk is said so, with the size needed)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         _write_safetensors(tensors, tmp, metadata, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(qdict, indent=2) + "\n")
-        gen = getattr(model, "generation_config", None)
+        gen = getattr(quantized_model.model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         tok = getattr(quantized_model, "tokenizer", None)
@@ -464,23 +515,6 @@ def save_quantized(
                 f"space there, or save to a folder on another disk",
             ) from exc
         raise
-
-    msgs = [s.line() for s in loaders if not s.ok]
-    result = ExportResult(
-        folder=folder,
-        format=format,
-        files=sorted(os.listdir(folder)),
-        n_quantized=len(layers),
-        total_bytes=sum(_tensor_bytes(t) for t in tensors.values()),
-        quantization_config=qdict,
-        loaders=loaders,
-        warnings=msgs,
-        notes=export_notes(loaders),
-    )
-    if warn:
-        for m in msgs + [n for n in result.notes if not any(n in m for m in msgs)]:
-            warnings.warn(f"GPTQ export {folder}: {m}", stacklevel=2)
-    return result
 
 
 def _apply_umask(tmp: Path) -> None:

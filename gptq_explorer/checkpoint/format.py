@@ -206,21 +206,11 @@ def _dtype_name(x) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def read_linear(
-    tensors: Mapping, bits: int, format: str = "gptq", prefix: str = "", group_size: int | None = None
-) -> UnpackedLinear:
-    """Checkpoint tensors of one linear -> :class:`UnpackedLinear`, validating as it goes (§3.7).
-
-    ``tensors`` maps names to numpy arrays or torch tensors; keys are ``{prefix}.qweight`` etc.
-    ``group_size``, when given, is checked against the number of groups. Errors name the tensor.
-    """
-    bits = check_bits(bits)
-    format = check_format(format)
+def _read_arrays(tensors: Mapping, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """qweight, qzeros (int32), scales (as float32) and g_idx (as int64) of one linear, as numpy, once their
+    stored dtypes and number of dimensions are the checkpoint's."""
     p = f"{prefix}." if prefix else ""
     raw = {name: _get(tensors, prefix, name) for name in TENSOR_NAMES}
-    bias_key = f"{p}bias"
-    raw_bias = tensors.get(bias_key) if bias_key in tensors else None
-
     for name in ("qweight", "qzeros", "g_idx"):
         if _dtype_name(raw[name]) != "int32":
             raise CheckpointFormatError(f"{p}{name} must be int32, got {_dtype_name(raw[name])}")
@@ -238,7 +228,11 @@ def read_linear(
     ):
         if a.ndim != nd:
             raise CheckpointFormatError(f"{p}{name} must be {nd}-D, got shape {tuple(a.shape)}")
+    return qweight, qzeros, scales, g_idx
 
+
+def _check_packed_shapes(qweight, qzeros, scales, g_idx, bits: int, p: str) -> None:
+    """The packed shapes agree at `bits`: in_features comes from g_idx, out_features from qweight."""
     per_block, words = block_shape(bits)
     in_f, out_f = g_idx.shape[0], qweight.shape[1]
     expect = {
@@ -266,7 +260,12 @@ def read_linear(
             f"{p}qzeros has shape {tuple(qzeros.shape)}, expected {expect['qzeros']} "
             f"for out_features={out_f} at {bits} bits"
         )
-    G = scales.shape[0]
+
+
+def _check_groups(scales, g_idx, group_size: int | None, p: str) -> None:
+    """The number of groups fits `group_size` (when given), g_idx names only existing groups, and the
+    scales are finite."""
+    G, in_f = scales.shape[0], g_idx.shape[0]
     if group_size is not None:
         want = 1 if group_size == -1 else n_groups(in_f, group_size)
         if G != want:
@@ -280,8 +279,27 @@ def read_linear(
         )
     if not np.isfinite(scales).all():
         raise CheckpointFormatError(f"{p}scales contain inf or NaN")
+
+
+def read_linear(
+    tensors: Mapping, bits: int, format: str = "gptq", prefix: str = "", group_size: int | None = None
+) -> UnpackedLinear:
+    """Checkpoint tensors of one linear -> :class:`UnpackedLinear`, validating as it goes (§3.7).
+
+    ``tensors`` maps names to numpy arrays or torch tensors; keys are ``{prefix}.qweight`` etc.
+    ``group_size``, when given, is checked against the number of groups. Errors name the tensor.
+    """
+    bits = check_bits(bits)
+    format = check_format(format)
+    p = f"{prefix}." if prefix else ""
+    bias_key = f"{p}bias"
+    raw_bias = tensors.get(bias_key) if bias_key in tensors else None
+    qweight, qzeros, scales, g_idx = _read_arrays(tensors, prefix)
+    _check_packed_shapes(qweight, qzeros, scales, g_idx, bits, p)
+    _check_groups(scales, g_idx, group_size, p)
     bias = None
     if raw_bias is not None:
+        out_f = qweight.shape[1]
         bias = to_numpy(raw_bias).astype(np.float32)
         if bias.shape != (out_f,):
             raise CheckpointFormatError(f"{p}bias has shape {tuple(bias.shape)}, expected ({out_f},)")

@@ -23,7 +23,7 @@ from ..models.gguf import ggml_block
 def file_storage(folder) -> dict:
     """Bytes in an exported folder's safetensors file(s), read from their headers: per quantized-tensor kind
     (qweight/qzeros/scales/g_idx), the other tensors (by name), and the number of quantized linears."""
-    from ..models.loading import safetensors_header
+    from ..models.memory import safetensors_header
 
     folder = Path(folder)
     out = {"quantized": dict.fromkeys(TENSOR_NAMES, 0), "other": {}, "linears": 0}

@@ -149,41 +149,23 @@ def _window_ppl(model, hidden: torch.Tensor, ids: torch.Tensor, adapter) -> floa
     return math.exp(sum(losses) / len(losses))
 
 
-def rtn_error_study(lm, cfg: QuantConfig | None = None, n_windows: int = 8, seqlen: int = 256,
-                    corpus: str = "prose", layer_token_stride: int = 4, top_channels: int = 4) -> RTNStudy:
-    """Round-to-nearest on every linear of every block of a loaded model, measured on held-out windows.
+def _rtn_weights(blocks, adapter, cfg: QuantConfig) -> list[dict]:
+    """RTN's (out, in) weights of every linear, one dict per block keyed like adapter.linears(block)."""
+    from ..models import get_weight
 
-    Three passes over the blocks, all on the same `n_windows` windows of `seqlen` tokens from the start of
-    the corpus' evaluation part:
-      FP          the original model; hooks measure each linear's own output error ||X (W - Q)^T|| / ||X W^T||
-                  with its FP input X (the per-layer error, no upstream error), on every
-                  `layer_token_stride`-th token (to save time);
-      cumulative  blocks 0..k RTN-quantized: the hidden state after block k vs FP (errors compound);
-      isolated    only block k quantized, fed the FP hidden state: its own error, nothing upstream.
-    The model is restored afterwards. Perplexity: FP and all blocks quantized, on these windows.
-    """
-    from ..data import evaluation_ids
-    from ..models import catch_block_inputs, get_adapter, get_weight, run_block
-    from ..models.capture import hooks
-
-    cfg = cfg or QuantConfig()
-    model = lm.model
-    adapter = lm.adapter or get_adapter(model)
-    blocks = adapter.get_blocks(model)
-    ids = evaluation_ids(lm.tokenizer, corpus, n_tokens=n_windows * seqlen).reshape(n_windows, seqlen)
-    seconds = {}
-
-    t = time.perf_counter()
     qweights = []
     for block in blocks:
         lin = adapter.linears(block)
         qweights.append({n: rtn_quantize(get_weight(m).detach().float().clone(), cfg).weight
                          for n, m in lin.items()})
-    seconds["rtn"] = time.perf_counter() - t
+    return qweights
 
-    t = time.perf_counter()
-    inputs = catch_block_inputs(model, ids, adapter)
-    acc: dict[str, list] = {}
+
+def _fp_pass(blocks, adapter, inputs, qweights: list[dict], layer_token_stride: int):
+    """The FP pass: every block's output hidden state, and each linear's LayerError, its output error
+    measured by a hook on its FP input X as the pass goes by."""
+    from ..models import get_weight, run_block
+    from ..models.capture import hooks
 
     diffs, linears = {}, {}
     shapes, wrel = {}, {}
@@ -195,6 +177,8 @@ def rtn_error_study(lm, cfg: QuantConfig | None = None, n_windows: int = 8, seql
             shapes[full] = tuple(W.shape)
             wrel[full] = rel_error(Q, W)
             diffs[full], linears[full] = W - Q, m
+
+    acc: dict[str, list] = {}  # name -> [sum of squared output errors, sum of squared outputs]
 
     def measure(call):  # each linear's own output error on its FP input, every layer_token_stride-th token
         x = call.input.reshape(-1, call.input.shape[-1])[::layer_token_stride].float()
@@ -210,9 +194,21 @@ def rtn_error_study(lm, cfg: QuantConfig | None = None, n_windows: int = 8, seql
         for block in blocks:
             x = run_block(block, x, inputs)
             fp.append(x)
-    seconds["fp_pass"] = time.perf_counter() - t
 
-    t = time.perf_counter()
+    layers = []
+    for full, (sse, ssy) in acc.items():
+        k = int(full[len(adapter.blocks) + 1 :].split(".", 1)[0])
+        layers.append(LayerError(full, k, full.split(".", len(adapter.blocks.split(".")) + 1)[-1],
+                                 shapes[full], wrel[full], math.sqrt(sse / ssy)))
+    return fp, layers
+
+
+def _quantized_passes(blocks, adapter, inputs, qweights: list[dict], fp: list, top_channels: int):
+    """Block by block, RTN weights swapped in and restored: the cumulative run (blocks 0..k quantized) and
+    the isolated one (only block k, fed the FP hidden state), each compared with the FP pass. Returns the
+    cumulative run's last hidden state and RTNStudy's fields for the comparisons."""
+    from ..models import run_block
+
     cumulative, isolated, error_rms, cum_rest, iso_rest = [], [], [], [], []
     x = inputs.hidden
     with torch.no_grad():
@@ -228,19 +224,50 @@ def rtn_error_study(lm, cfg: QuantConfig | None = None, n_windows: int = 8, seql
             cum_rest.append(_rest_rel_error(x, fp[k], top_channels))
             iso_rest.append(_rest_rel_error(y, fp[k], top_channels))
             error_rms.append(float((x - fp[k]).double().pow(2).mean().sqrt()))
+    return x, {"cumulative": cumulative, "isolated": isolated, "error_rms": error_rms,
+               "cumulative_rest": cum_rest, "isolated_rest": iso_rest}
+
+
+def rtn_error_study(lm, cfg: QuantConfig | None = None, n_windows: int = 8, seqlen: int = 256,
+                    corpus: str = "prose", layer_token_stride: int = 4, top_channels: int = 4) -> RTNStudy:
+    """Round-to-nearest on every linear of every block of a loaded model, measured on held-out windows.
+
+    Three passes over the blocks, all on the same `n_windows` windows of `seqlen` tokens from the start of
+    the corpus' evaluation part:
+      FP          the original model; hooks measure each linear's own output error ||X (W - Q)^T|| / ||X W^T||
+                  with its FP input X (the per-layer error, no upstream error), on every
+                  `layer_token_stride`-th token (to save time);
+      cumulative  blocks 0..k RTN-quantized: the hidden state after block k vs FP (errors compound);
+      isolated    only block k quantized, fed the FP hidden state: its own error, nothing upstream.
+    The model is restored afterwards. Perplexity: FP and all blocks quantized, on these windows.
+    """
+    from ..data import evaluation_ids
+    from ..models import catch_block_inputs, get_adapter
+
+    cfg = cfg or QuantConfig()
+    model = lm.model
+    adapter = lm.adapter or get_adapter(model)
+    blocks = adapter.get_blocks(model)
+    ids = evaluation_ids(lm.tokenizer, corpus, n_tokens=n_windows * seqlen).reshape(n_windows, seqlen)
+    seconds = {}
+
+    t = time.perf_counter()
+    qweights = _rtn_weights(blocks, adapter, cfg)
+    seconds["rtn"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    inputs = catch_block_inputs(model, ids, adapter)
+    fp, layers = _fp_pass(blocks, adapter, inputs, qweights, layer_token_stride)
+    seconds["fp_pass"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    x, passes = _quantized_passes(blocks, adapter, inputs, qweights, fp, top_channels)
     seconds["quantized_passes"] = time.perf_counter() - t
 
-    layers = []
-    for full, (sse, ssy) in acc.items():
-        k = int(full[len(adapter.blocks) + 1 :].split(".", 1)[0])
-        layers.append(LayerError(full, k, full.split(".", len(adapter.blocks.split(".")) + 1)[-1],
-                                 shapes[full], wrel[full], math.sqrt(sse / ssy)))
     return RTNStudy(
-        config=cfg, corpus=corpus, n_windows=n_windows, seqlen=seqlen, layers=layers,
-        cumulative=cumulative, isolated=isolated,
-        hidden_rms=[float(h.double().pow(2).mean().sqrt()) for h in fp], error_rms=error_rms,
+        config=cfg, corpus=corpus, n_windows=n_windows, seqlen=seqlen, layers=layers, **passes,
+        hidden_rms=[float(h.double().pow(2).mean().sqrt()) for h in fp],
         top_share=[_top_share(h, top_channels) for h in fp], top_channels=top_channels,
-        cumulative_rest=cum_rest, isolated_rest=iso_rest,
         ppl_fp=_window_ppl(model, fp[-1], ids, adapter), ppl_rtn=_window_ppl(model, x, ids, adapter),
         seconds=seconds,
     )

@@ -13,8 +13,9 @@ _LAZY = {
          "run_blocks", "set_weight"], "adapters"),
     **dict.fromkeys(["CURATED_MODELS", "DEFAULT_MODEL"], "catalog"),
     **dict.fromkeys(
-        ["LoadedModel", "MemoryEstimate", "ModelLoadError", "ModelTooLargeError", "available_offline",
-         "cache_root", "estimate_model_memory", "load_model", "memory_budget"], "loading"),
+        ["LoadedModel", "available_offline", "cache_root", "estimate_model_memory", "load_model"], "loading"),
+    **dict.fromkeys(["ModelLoadError", "ModelTooLargeError"], "load_errors"),
+    **dict.fromkeys(["MemoryEstimate", "memory_budget"], "memory"),
 }
 
 __all__ = list(_LAZY)

@@ -182,118 +182,171 @@ def build_report(
     given model is unchanged). extra: keys added to the report as given.
     The evaluation tokens are read before anything is quantized: a bad corpus fails first.
     """
-    import torch
-
-    from ..data import calibration_windows, evaluation_ids
+    from ..data import evaluation_ids
     from ..engine import QuantConfig
-    from ..metrics import generate_samples, perplexity
-    from ..models import get_adapter, load_model
-    from ..models.capture import clean_copy, hooks
-    from ..models.quantize import QuantizationCancelled, quantize_model
+    from ..models.capture import clean_copy
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     cfg = QuantConfig.coerce(cfg)
     settings = settings or ComputeSettings()
-    say = progress or (lambda fraction, text: None)
+    check = _cancel_check(should_cancel)
+    started = time.perf_counter()
+    timings: dict = {}
+    loaded, name, private_copy = _open_model(model, name, private_copy, timings)
+    check()
+    tok = loaded.tokenizer
+    eval_ids = {c: evaluation_ids(tok, c, settings.eval_tokens) for c in settings.eval_corpora}
+    report = _report_head(name, loaded.source, method, cfg, settings, true_sequential, overrides)
+    work = clean_copy(loaded.model) if private_copy else loaded.model
+    quant_share = 0.0 if method == "fp" else 0.7  # of the progress bar (the rest: measuring)
+    qm = None
+    try:
+        if method != "fp":
+            options = dict(true_sequential=true_sequential, overrides=overrides, device=device, progress=bars,
+                           cancel=should_cancel, cache_dir=cache_dir, save_hessians=save_hessians,
+                           hessian_condition=hessian_condition)
+            qm = _quantize(work, tok, method, cfg, settings, report, timings, rtn_calib=rtn_calib,
+                           progress=progress, quant_share=quant_share, options=options)
+        report["layers"] = [] if qm is None else qm.report_rows()
+        _measure(work, tok, eval_ids, settings, report, timings, samples=samples, progress=progress,
+                 quant_share=quant_share, bars=bars, device=device, bf16=bf16, check=check)
+        if save:
+            report["export"] = _export(qm, save, save_format, overwrite)
+    finally:
+        work = qm = None  # a kept exception's traceback must not keep a model copy alive
+    return _close(report, timings, started, device, extra)
+
+
+# the builder's steps, in the order it takes them; each fills its part of the report (the schema's key
+# order is the order of these assignments)
+
+
+def _cancel_check(should_cancel: Callable[[], bool] | None) -> Callable[[], None]:
+    """check(): raises Cancelled when should_cancel() says so (never without one)."""
 
     def check() -> None:
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled")
 
-    started = time.perf_counter()
-    timings: dict = {}
+    return check
+
+
+def _open_model(model, name: str | None, private_copy: bool | None, timings: dict) -> tuple:
+    """(LoadedModel, the report's name, whether to work on a copy). A name is loaded here and is ours to
+    change; a given LoadedModel may be shared, so by default it is copied."""
+    from ..models import load_model
+
     if isinstance(model, (str, os.PathLike)):
-        name = name or str(model)
+        t0 = time.perf_counter()
         loaded = load_model(str(model))
-        timings["load"] = time.perf_counter() - started
-        private_copy = bool(private_copy)
-    else:
-        loaded, name = model, name or model.name
-        private_copy = True if private_copy is None else private_copy
-    check()
-    tok = loaded.tokenizer
+        timings["load"] = time.perf_counter() - t0
+        return loaded, name or str(model), bool(private_copy)
+    return model, name or model.name, True if private_copy is None else private_copy
+
+
+def _report_head(name: str, source, method: str, cfg, settings: ComputeSettings, true_sequential: bool,
+                 overrides: dict | None) -> dict:
+    """The report's first keys: what the run is. calibration, memory and export are filled in by the steps
+    that know them (None / {} when they do not happen)."""
+    import torch
+
     corpora = list(settings.eval_corpora)
-    eval_ids = {c: evaluation_ids(tok, c, settings.eval_tokens) for c in corpora}
-    report: dict = {"model": name, "source": loaded.source, "method": method, "config": cfg.to_dict(),
-                    "true_sequential": true_sequential, "overrides": dict(overrides or {}),
-                    "threads": torch.get_num_threads(), "calibration": None,
-                    "evaluation": {"corpora": corpora, "tokens": settings.eval_tokens,
-                                   "seqlen": settings.eval_seqlen,
-                                   "corpus_info": {c: corpus_info(c) for c in corpora}},
-                    "memory": {}, "export": None}
-    work = clean_copy(loaded.model) if private_copy else loaded.model
-    quant_share = 0.0 if method == "fp" else 0.7  # of the progress bar
-    qm = None
+    return {"model": name, "source": source, "method": method, "config": cfg.to_dict(),
+            "true_sequential": true_sequential, "overrides": dict(overrides or {}),
+            "threads": torch.get_num_threads(), "calibration": None,
+            "evaluation": {"corpora": corpora, "tokens": settings.eval_tokens, "seqlen": settings.eval_seqlen,
+                           "corpus_info": {c: corpus_info(c) for c in corpora}},
+            "memory": {}, "export": None}
+
+
+def _quantize(work, tok, method: str, cfg, settings: ComputeSettings, report: dict, timings: dict, *,
+              rtn_calib: bool, progress: Progress | None, quant_share: float, options: dict):
+    """Quantize `work` in place (quantize_model; options: its other keyword arguments) and return the
+    QuantizedModel; fills the report's calibration and memory (and from_cache) and the quantize timings.
+    progress moves through [0, quant_share] as the decoder blocks are reached."""
+    from ..data import calibration_windows
+    from ..models import get_adapter
+    from ..models.capture import hooks
+    from ..models.quantize import QuantizationCancelled, quantize_model
+
+    t0 = time.perf_counter()
+    calib = None
+    if method == "gptq" or rtn_calib:  # RTN needs no data (only to measure its errors)
+        calib = calibration_windows(tok, settings.corpus, settings.nsamples, settings.seqlen, settings.seed)
+        report["calibration"] = {"corpus": str(settings.corpus), "nsamples": settings.nsamples,
+                                 "seqlen": settings.seqlen, "seed": settings.seed,
+                                 "corpus_info": corpus_info(settings.corpus)}
+    # the dashboard's progress: a pre-hook on each decoder block says which one is being quantized
+    blocks = get_adapter(work).get_blocks(work) if progress is not None else []
+    watched = {str(i): b for i, b in enumerate(blocks)}
+
+    def block_started(call) -> None:
+        i = int(call.name) + 1
+        progress(quant_share * i / len(blocks), f"quantizing block {i}/{len(blocks)}")
+
     try:
-        layers: list = []
-        if method != "fp":
-            t0 = time.perf_counter()
-            calib = None
-            if method == "gptq" or rtn_calib:  # RTN needs no data (only to measure its errors)
-                calib = calibration_windows(tok, settings.corpus, settings.nsamples, settings.seqlen,
-                                            settings.seed)
-                report["calibration"] = {"corpus": str(settings.corpus), "nsamples": settings.nsamples,
-                                         "seqlen": settings.seqlen, "seed": settings.seed,
-                                         "corpus_info": corpus_info(settings.corpus)}
-            # the dashboard's progress: a pre-hook on each decoder block says which one is being quantized
-            blocks = get_adapter(work).get_blocks(work) if progress is not None else []
-            watched = {str(i): b for i, b in enumerate(blocks)}
+        with hooks(watched, block_started, when="before"):
+            qm = quantize_model(work, calib, cfg, method=method, tokenizer=tok, **options)
+    except QuantizationCancelled as exc:
+        raise Cancelled(str(exc)) from None
+    timings["quantize"] = time.perf_counter() - t0
+    timings.update({f"quantize_{k}": v for k, v in qm.timings.items()})
+    report["memory"] = dict(qm.memory)
+    if options["cache_dir"] is not None:
+        report["from_cache"] = qm.from_cache
+    return qm
 
-            def block_started(call) -> None:
-                i = int(call.name) + 1
-                say(quant_share * i / len(blocks), f"quantizing block {i}/{len(blocks)}")
 
-            try:
-                with hooks(watched, block_started, when="before"):
-                    qm = quantize_model(work, calib, cfg, method=method, true_sequential=true_sequential,
-                                        overrides=overrides, device=device, progress=bars,
-                                        cancel=should_cancel, cache_dir=cache_dir,
-                                        save_hessians=save_hessians, hessian_condition=hessian_condition,
-                                        tokenizer=tok)
-            except QuantizationCancelled as exc:
-                raise Cancelled(str(exc)) from None
-            timings["quantize"] = time.perf_counter() - t0
-            timings.update({f"quantize_{k}": v for k, v in qm.timings.items()})
-            layers = qm.report_rows()
-            report["memory"] = dict(qm.memory)
-            if cache_dir is not None:
-                report["from_cache"] = qm.from_cache
-        report["layers"] = layers
-        ppl, windows = {}, {}
-        span = (1 - quant_share) * 0.85 / max(len(corpora), 1)
-        for i, (corpus, ids) in enumerate(eval_ids.items()):
-            t0 = time.perf_counter()
-            base = quant_share + i * span
-            say(base, f"perplexity on {corpus}")
+def _measure(work, tok, eval_ids: dict, settings: ComputeSettings, report: dict, timings: dict, *,
+             samples: bool, progress: Progress | None, quant_share: float, bars: bool, device, bf16: bool,
+             check: Callable[[], None]) -> None:
+    """Perplexity on each evaluation corpus (then, with `samples`, greedy generations) into the report, each
+    one's time into timings; progress moves through [quant_share, 1)."""
+    import torch
 
-            def windows_done(f, base=base, corpus=corpus):
-                say(base + f * span, f"perplexity on {corpus}")
+    from ..metrics import generate_samples, perplexity
 
-            res = perplexity(work, ids, seqlen=settings.eval_seqlen, batch_size=settings.batch_size,
-                             progress=bars if progress is None else windows_done, device=device,
-                             amp_dtype=torch.bfloat16 if bf16 else None, desc=f"perplexity {corpus}",
-                             check=check)
-            ppl[corpus], windows[corpus] = res.ppl, res.n_windows
-            timings[f"eval_{corpus}"] = time.perf_counter() - t0
-        report["perplexity"] = ppl
-        report["perplexity_windows"] = windows
-        if samples:
-            say(quant_share + (1 - quant_share) * 0.85, "generating samples")
-            t0 = time.perf_counter()
-            report["samples"] = generate_samples(work, tok, SAMPLE_PROMPTS, settings.max_new_tokens, check)
-            timings["samples"] = time.perf_counter() - t0
-        if save:
-            from ..checkpoint import save_quantized
+    say = progress or (lambda fraction, text: None)
+    ppl, windows = {}, {}
+    span = (1 - quant_share) * 0.85 / max(len(settings.eval_corpora), 1)  # of the progress bar, per corpus
+    for i, (corpus, ids) in enumerate(eval_ids.items()):
+        t0 = time.perf_counter()
+        base = quant_share + i * span
+        say(base, f"perplexity on {corpus}")
 
-            if qm is None:
-                raise ValueError("save needs method 'rtn' or 'gptq': a full-precision run has nothing "
-                                 "quantized to export")
-            export = save_quantized(qm, save, format=save_format, overwrite=overwrite)
-            report["export"] = {"folder": str(save), "format": export.format, "summary": export.summary(),
-                                "warnings": list(export.warnings)}
-    finally:
-        work = qm = None  # a kept exception's traceback must not keep a model copy alive
+        def windows_done(f, base=base, corpus=corpus):
+            say(base + f * span, f"perplexity on {corpus}")
+
+        res = perplexity(work, ids, seqlen=settings.eval_seqlen, batch_size=settings.batch_size,
+                         progress=bars if progress is None else windows_done, device=device,
+                         amp_dtype=torch.bfloat16 if bf16 else None, desc=f"perplexity {corpus}",
+                         check=check)
+        ppl[corpus], windows[corpus] = res.ppl, res.n_windows
+        timings[f"eval_{corpus}"] = time.perf_counter() - t0
+    report["perplexity"] = ppl
+    report["perplexity_windows"] = windows
+    if samples:
+        say(quant_share + (1 - quant_share) * 0.85, "generating samples")
+        t0 = time.perf_counter()
+        report["samples"] = generate_samples(work, tok, SAMPLE_PROMPTS, settings.max_new_tokens, check)
+        timings["samples"] = time.perf_counter() - t0
+
+
+def _export(qm, folder, format: str | None, overwrite: bool) -> dict:
+    """The report's "export": `qm` written as a GPTQ checkpoint folder (checkpoint.save_quantized)."""
+    from ..checkpoint import save_quantized
+
+    if qm is None:
+        raise ValueError("save needs method 'rtn' or 'gptq': a full-precision run has nothing "
+                         "quantized to export")
+    export = save_quantized(qm, folder, format=format, overwrite=overwrite)
+    return {"folder": str(folder), "format": export.format, "summary": export.summary(),
+            "warnings": list(export.warnings)}
+
+
+def _close(report: dict, timings: dict, started: float, device, extra: dict | None) -> dict:
+    """The report's last keys: the timings (total since `started`), where it ran, when, and `extra`."""
     timings["total"] = time.perf_counter() - started
     report["timings"] = timings
     report["environment"] = environment(device)

@@ -102,41 +102,30 @@ def _count_bars(fig, cell, name: str, levels, counts, color: str, hover: str, x_
     _axis_titles(fig, cell, x_title, y_title)
 
 
-def grid_view(layer, name: str | None = None, *, desc_act: bool | None = None, bins: int = SCALE_BINS):
-    """A plotly ``go.Figure`` with the layer's grid: scales per group, zero-point usage, code histogram,
-    and the g_idx order when act-order (desc_act) is on.
-
-    desc_act: None takes it from a QuantResult's config, or, for a checkpoint layer (which does not
-    carry it), from g_idx itself: act-order is on when g_idx is not sorted.
-    """
-    import plotly.graph_objects as go
+def _panels(desc_act: bool):
+    """The empty figure and its panel cells: three in a row, or a 2x2 grid with the g_idx order."""
     from plotly.subplots import make_subplots
-
-    a = layer_arrays(layer)
-    codes, scales, zeros, g_idx, bits = a["codes"], a["scales"], a["zeros"], a["g_idx"], a["bits"]
-    if desc_act is None:
-        desc_act = a["desc_act"] if a["desc_act"] is not None else bool(np.any(np.diff(g_idx) < 0))
-    out_f, in_f = codes.shape
-    n_groups = scales.shape[1]
-    levels = np.arange(2**bits)
-    sizes = np.bincount(g_idx, minlength=n_groups)
 
     titles = ["scales per group", "zero-point usage", "code histogram"]
     if desc_act:
         titles.append("g_idx order (act-order)")
         fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.14,
                             vertical_spacing=0.16)  # fmt: skip
-        cells = [(1, 1), (1, 2), (2, 1), (2, 2)]
-    else:
-        fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.15)
-        cells = [(1, 1), (1, 2), (1, 3)]
+        return fig, [(1, 1), (1, 2), (2, 1), (2, 2)]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.15)
+    return fig, [(1, 1), (1, 2), (1, 3)]
+
+
+def _scale_heatmap(fig, cell, scales: np.ndarray, sizes: np.ndarray, bins: int) -> None:
+    """Scales per group: a histogram of each group's scales as one column of a heatmap."""
+    import plotly.graph_objects as go
 
     counts, edges = scale_histograms(scales, bins)
     centers = (edges[:-1] + edges[1:]) / 2
     fig.add_trace(
         go.Heatmap(
             name="scales per group",
-            x=np.arange(n_groups),
+            x=np.arange(scales.shape[1]),
             y=centers,
             z=counts,
             colorscale="Viridis",
@@ -145,31 +134,56 @@ def grid_view(layer, name: str | None = None, *, desc_act: bool | None = None, b
             hovertemplate="group %{x} (%{customdata} columns)<br>scale ≈ %{y:.4g}<br>%{z} rows"
             "<extra></extra>",
         ),
-        *cells[0],
+        *cell,
     )
-    _axis_titles(fig, cells[0], "group", "scale")
+    _axis_titles(fig, cell, "group", "scale")
 
+
+def _g_idx_order(fig, cell, g_idx: np.ndarray) -> None:
+    """The group of every input column (shown with act-order only: without it, a staircase)."""
+    import plotly.graph_objects as go
+
+    fig.add_trace(
+        go.Scatter(
+            name="g_idx",
+            x=np.arange(g_idx.size),
+            y=g_idx,
+            mode="markers",
+            marker=dict(size=3, color=g_idx, colorscale="Turbo"),
+            hovertemplate="input column %{x} -> group %{y}<extra></extra>",
+        ),
+        *cell,
+    )
+    _axis_titles(fig, cell, "input column", "group (g_idx)")
+
+
+def grid_view(layer, name: str | None = None, *, desc_act: bool | None = None, bins: int = SCALE_BINS):
+    """A plotly ``go.Figure`` with the layer's grid: scales per group, zero-point usage, code histogram,
+    and the g_idx order when act-order (desc_act) is on.
+
+    desc_act: None takes it from a QuantResult's config, or, for a checkpoint layer (which does not
+    carry it), from g_idx itself: act-order is on when g_idx is not sorted.
+    """
+    a = layer_arrays(layer)
+    codes, scales, zeros, g_idx, bits = a["codes"], a["scales"], a["zeros"], a["g_idx"], a["bits"]
+    if desc_act is None:
+        desc_act = a["desc_act"] if a["desc_act"] is not None else bool(np.any(np.diff(g_idx) < 0))
+    n_groups = scales.shape[1]
+    levels = np.arange(2**bits)
+    sizes = np.bincount(g_idx, minlength=n_groups)
+
+    fig, cells = _panels(desc_act)
+    _scale_heatmap(fig, cells[0], scales, sizes, bins)
     zero_counts = np.bincount(zeros.ravel(), minlength=levels.size)
     _count_bars(fig, cells[1], "zero points", levels, zero_counts, "#d62728",
                 "zero %{x}: %{y} (row, group) pairs", "zero point", "(row, group) pairs")
     code_counts = np.bincount(codes.ravel(), minlength=levels.size)
     _count_bars(fig, cells[2], "codes", levels, code_counts, "#1f77b4", "code %{x}: %{y} weights",
                 "integer code", "weights")
-
     if desc_act:
-        fig.add_trace(
-            go.Scatter(
-                name="g_idx",
-                x=np.arange(in_f),
-                y=g_idx,
-                mode="markers",
-                marker=dict(size=3, color=g_idx, colorscale="Turbo"),
-                hovertemplate="input column %{x} -> group %{y}<extra></extra>",
-            ),
-            *cells[3],
-        )
-        _axis_titles(fig, cells[3], "input column", "group (g_idx)")
+        _g_idx_order(fig, cells[3], g_idx)
 
+    out_f, in_f = codes.shape
     distinct = np.unique(sizes)
     width = (
         f"{distinct[0]} columns each" if distinct.size == 1 else f"{distinct.min()}-{distinct.max()} columns"

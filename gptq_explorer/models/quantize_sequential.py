@@ -1,0 +1,347 @@
+"""The sequential method, block by block (see models/quantize.py for the whole story): Hessian collection with
+hooks, one layer's quantization and report, and the two schedules that give the same result: the single
+pass (one block forward, a pre-hook quantizes each group as its input arrives) and the paper's loop (one
+pass per group plus one for the outputs). RTN without data quantizes every linear directly."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .adapters import (
+    Adapter,
+    BlockInputs,
+    _to,
+    catch_block_inputs,
+    get_weight,
+    run_block,
+    set_weight,
+)
+from .capture import HookCall, StopForward, hooks, run_until_stopped
+from .quantize_results import LayerReport, QuantizationCancelled, QuantizedModel, _result_to_cpu
+
+# ---------------------------------------------------------------------------------------------------------
+# Hessian collection with hooks
+
+
+class _GroupCollector:
+    """Hessians of one group's linears, fed by a forward hook (models.capture.hooks) on each of them: the
+    hook keeps the linear's input; after each batch, flush() adds each distinct input tensor to one Hessian
+    (k, v, q see the very same tensor, so they share one Hessian). Once every linear of the group has run,
+    the hook ends the block's forward pass (StopForward): the rest of the block is not needed."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], device):
+        from ..engine import Hessian
+
+        self._Hessian = Hessian
+        self.modules = modules
+        self.device = device
+        self.hessians: dict[str, Any] = {}
+        self._inputs: dict[str, torch.Tensor] = {}
+
+    def hook(self, call: HookCall) -> None:
+        self._inputs[call.name] = call.input.detach()
+        if len(self._inputs) == len(self.modules):
+            raise StopForward
+
+    def flush(self) -> None:
+        seen: list[tuple[torch.Tensor, Any]] = []
+        for name in self.modules:
+            x = self._inputs[name]
+            h = next((h for t, h in seen if t is x), None)
+            if h is None:
+                if name not in self.hessians:
+                    self.hessians[name] = self._Hessian(x.shape[-1], backend="torch", device=self.device)
+                h = self.hessians[name]
+                h.add_batch(x)
+                seen.append((x, h))
+            elif name not in self.hessians:
+                self.hessians[name] = h
+        self._inputs.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cancelling, one layer's statistics, one batched pass, one layer's quantization
+
+
+def _cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _hessian_stats(H: torch.Tensor, damp: float, condition: bool) -> dict:
+    d = torch.diagonal(H)
+    stats = {"h_trace": float(d.sum()), "h_mean_diag": float(d.mean()), "dead_columns": int((d == 0).sum())}
+    if condition:
+        # float32 is enough: damping keeps the smallest eigenvalue >= damp * mean(diag) (cond <~ 1e6)
+        Hd = H.float().clone()
+        Hd[d == 0, d == 0] = 1.0  # as GPTQ does before damping
+        Hd += (
+            damp * float(torch.diagonal(Hd).mean()) * torch.eye(H.shape[0], dtype=Hd.dtype, device=Hd.device)
+        )
+        ev = torch.linalg.eigvalsh(Hd)
+        stats["h_condition"] = float(ev[-1] / ev[0]) if float(ev[0]) > 0 else float("inf")
+    return stats
+
+
+def _output_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    # with H = 2/n sum x x^T: ||X D^T||^2 / (n * out) = tr(D H D^T) / (2 * out)
+    D = (W - Q).to(H.dtype)
+    err = float(((D @ H) * D).sum())
+    ref = float(((W.to(H.dtype) @ H) * W.to(H.dtype)).sum())
+    return err / (2 * W.shape[0]), (err / ref if ref > 0 else 0.0)
+
+
+def _forward_pass(block, inps, kwargs_dev, device, batch_size, cancel, collector=None, out=None):
+    """Run block over all samples in batches; with a collector, feed its Hessians (the pass stops after the
+    group's last linear); with out, store the block's outputs."""
+    for i in range(0, inps.shape[0], batch_size):
+        if _cancelled(cancel):
+            raise QuantizationCancelled("cancelled")
+        x = inps[i : i + batch_size].to(device)
+        y = run_until_stopped(run_block, block, x, kwargs_dev)
+        if collector is not None:
+            collector.flush()
+        if out is not None:
+            out[i : i + batch_size] = y.to(out.device, out.dtype)
+
+
+@dataclass
+class _Job:
+    """Everything one quantize_model run needs to carry around."""
+
+    qm: QuantizedModel
+    adapter: Adapter
+    cfgs: dict  # module path -> QuantConfig (overrides applied)
+    device: torch.device
+    home: torch.device
+    batch_size: int
+    progress: bool
+    cancel: Any
+    hessian_condition: bool
+    keep_hessians: bool
+    single_pass: bool = False
+    compact: bool = True  # the kept results' layout (models.quantize.COMPACT_RESULTS)
+    originals: dict = field(default_factory=dict)  # weights we changed (CPU copies), to restore on failure
+    hessians: dict = field(default_factory=dict)  # owner layer -> H, when caching
+    alias: dict = field(default_factory=dict)  # layer -> owner layer, for layers sharing an input (k, v, q)
+
+    def check_cancel(self):
+        if _cancelled(self.cancel):
+            raise QuantizationCancelled("cancelled")
+
+
+def _quantize_layer(job: _Job, name, block_idx, group_idx, module, H=None, stats=None):
+    from ..engine import gptq_quantize, rtn_quantize
+
+    qm, cfg_l, device = job.qm, job.cfgs[name], job.device
+    t0 = time.perf_counter()
+    W = get_weight(module).detach().to(device=device, dtype=torch.float32, copy=True)
+    if stats is None:
+        stats = _hessian_stats(H, cfg_l.damp_percent, job.hessian_condition) if H is not None else {}
+    if qm.method == "gptq":
+        res = gptq_quantize(W, H, cfg_l, backend="torch", device=device)
+    else:
+        res = rtn_quantize(W, cfg_l, backend="torch", device=device)
+    Q = res.weight
+    job.originals.setdefault(name, module.weight.data.detach().to("cpu", copy=True))
+    set_weight(module, Q)
+    wn = float(W.norm())
+    rep = LayerReport(
+        name=name, block=block_idx, group=group_idx, shape=tuple(W.shape), bits=cfg_l.bits,
+        group_size=cfg_l.group_size, sym=cfg_l.sym, method=qm.method, **stats,
+        damp_percent_used=res.damp_percent_used,
+        loss=None if res.losses is None else float(res.losses.sum()),
+        weight_rel_error=float((W - Q).norm()) / wn if wn > 0 else 0.0,
+    )  # fmt: skip
+    if H is not None:
+        rep.output_mse, rep.output_rel_error = _output_errors(W, Q, H)
+    rep.seconds = time.perf_counter() - t0
+    qm.results[name] = _result_to_cpu(res, module, job.compact)
+    qm.layers.append(rep)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the schedules: RTN without data, the single pass, the paper's loop
+
+
+def _rtn_without_data(job: _Job, blocks):
+    from tqdm.auto import tqdm
+
+    ad = job.adapter
+    for i, block in enumerate(tqdm(blocks, desc="rtn", unit="block", disable=not job.progress)):
+        linears = ad.linears(block)
+        for gi, group in enumerate(ad.groups(True)):
+            for rel in group:
+                job.check_cancel()
+                _quantize_layer(job, f"{ad.block_prefix(i)}.{rel}", i, gi, linears[rel])
+
+
+def _single_pass_bytes(model, nsamples: int, seqlen: int) -> int:
+    """Rough peak activation memory of one block run on the whole calibration set at once (float32)."""
+    c = model.config
+    hidden = c.hidden_size
+    inter = next(
+        (v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(c, k, None))), 4 * hidden
+    )
+    return nsamples * seqlen * (3 * inter + 8 * hidden) * 4
+
+
+def _single_pass_fits(model, nsamples: int, seqlen: int, device) -> bool:
+    need = _single_pass_bytes(model, nsamples, seqlen)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need <= 0.25 * free
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        avail = 8 << 30
+    return need <= min(4 << 30, 0.3 * avail)
+
+
+def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, bar):
+    """Quantize one block in a single forward over all samples: a pre-hook on each group's linears
+    collects the Hessian from the group's input and quantizes the whole group before the first of them
+    runs, so everything downstream already sees quantized weights (true-sequential semantics)."""
+    from ..engine import Hessian
+
+    ad, qm, device = job.adapter, job.qm, job.device
+    seen: dict[int, torch.Tensor] = {}  # group index -> its input (the members must all share it)
+    spent = {"q": 0.0, "h": 0.0}
+
+    group_of = {r: gi for gi, g in enumerate(groups) for r in g}
+
+    def before_linear(call: HookCall) -> None:
+        gi, rel = group_of[call.name], call.name
+        x = call.input
+        if gi in seen:
+            if x is not seen[gi]:
+                raise RuntimeError(
+                    f"{ad.block_prefix(i)}.{rel} does not share its input with the rest of its group "
+                    f"{groups[gi]}; run quantize_model with single_pass=False"
+                )
+            return
+        job.check_cancel()
+        seen[gi] = x
+        t0 = time.perf_counter()
+        H = Hessian(x.shape[-1], backend="torch", device=device).add_batch(x).H
+        spent["h"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        owner = f"{ad.block_prefix(i)}.{groups[gi][0]}"
+        stats = _hessian_stats(H, job.cfgs[owner].damp_percent, job.hessian_condition)
+        qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], H.numel() * 4)
+        if job.keep_hessians:
+            job.hessians[owner] = H.detach().cpu()
+        for r in groups[gi]:
+            name = f"{ad.block_prefix(i)}.{r}"
+            bar.set_postfix_str(name)
+            if name != owner:
+                job.alias[name] = owner
+            _quantize_layer(job, name, i, gi, linears[r], H, dict(stats))
+        spent["q"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with hooks({r: linears[r] for g in groups for r in g}, before_linear, when="before"):
+        job.check_cancel()
+        out = run_block(block, inps.to(device), extra)
+    missing = [g for gi, g in enumerate(groups) if gi not in seen]
+    if missing:
+        raise RuntimeError(f"block {i}: the linears {missing} never ran, so they were not quantized")
+    tm["quantize"] += spent["q"]
+    tm["hessian"] = tm.get("hessian", 0.0) + spent["h"]
+    tm["forward"] += time.perf_counter() - t0 - spent["q"] - spent["h"]
+    return out.to(inps.device)
+
+
+def _quantize_group(job: _Job, i, gi, group, linears, coll: _GroupCollector, bar) -> None:
+    """Quantize one group of block i from the Hessians its collector gathered. Linears that share an input
+    (k, v, q) share one Hessian: its statistics are computed, and it is kept, once, under the first of them
+    (the owner); the others are recorded as its aliases."""
+    qm, ad = job.qm, job.adapter
+    owners: dict[int, tuple] = {}  # id(Hessian) -> (owner layer, stats); coll keeps them alive
+    group_bytes = 0
+    for rel in group:
+        name = f"{ad.block_prefix(i)}.{rel}"
+        bar.set_postfix_str(name)
+        h = coll.hessians[rel]
+        H = h.H
+        if id(h) in owners:  # shares its input with an earlier layer of the group
+            job.alias[name] = owners[id(h)][0]
+            stats = owners[id(h)][1]
+        else:
+            group_bytes += H.numel() * H.element_size()
+            stats = _hessian_stats(H, job.cfgs[name].damp_percent, job.hessian_condition)
+            owners[id(h)] = (name, stats)
+            if job.keep_hessians:
+                job.hessians[name] = H.detach().cpu()
+        job.check_cancel()
+        _quantize_layer(job, name, i, gi, linears[rel], H, dict(stats))
+    qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], group_bytes)
+
+
+def _papers_loop_block(job: _Job, i, block, linears, groups, inps, outs, extra, tm, bar) -> None:
+    """Quantize one block the paper's way, in batches of job.batch_size: per group, one pass (stopped after
+    the group's last linear) collects the group's Hessians, then the group is quantized; a final pass
+    writes the block's outputs, all its weights quantized, into outs (the next block's inputs)."""
+    device, bs = job.device, job.batch_size
+    for gi, group in enumerate(groups):
+        t0 = time.perf_counter()
+        coll = _GroupCollector({rel: linears[rel] for rel in group}, device)
+        with hooks(coll.modules, coll.hook):
+            _forward_pass(block, inps, extra, device, bs, job.cancel, collector=coll)
+        tm["forward"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _quantize_group(job, i, gi, group, linears, coll, bar)
+        del coll  # free the group's Hessians before the next group collects its own
+        tm["quantize"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _forward_pass(block, inps, extra, device, bs, job.cancel, out=outs)  # the next block's inputs
+    tm["forward"] += time.perf_counter() - t0
+
+
+def _sequential(job: _Job, blocks, calib_ids):
+    """Catch block 0's inputs, then quantize the blocks in order, each calibrated on the outputs of the
+    (already quantized) blocks before it; per block, the single pass or the paper's loop."""
+    from tqdm.auto import tqdm
+
+    qm, ad, device, home, bs = job.qm, job.adapter, job.device, job.home, job.batch_size
+    tm = {"catch": 0.0, "forward": 0.0, "quantize": 0.0}
+    t0 = time.perf_counter()
+    caught = catch_block_inputs(qm.model, calib_ids, ad, batch_size=bs, device=device)
+    tm["catch"] = time.perf_counter() - t0
+    # activations stay on the CPU when blocks are streamed to a GPU; otherwise where they are
+    inps = caught.hidden.to("cpu") if device != home and device.type == "cuda" else caught.hidden
+    outs = None if job.single_pass else torch.empty_like(inps)
+    extra = BlockInputs(inps, _to(caught.args, device), _to(caught.kwargs, device))
+    del caught
+    qm.memory["activation_buffers_bytes"] = 2 * inps.numel() * inps.element_size()
+    qm.memory["single_pass"] = job.single_pass
+    qm.memory["hessian_bytes_max_group"] = 0
+    groups = ad.groups(qm.true_sequential)
+    bar = tqdm(
+        total=len(blocks), desc=f"{qm.method} {qm.config.label()}", unit="block", disable=not job.progress
+    )
+    try:
+        for i, block in enumerate(blocks):
+            if device != home:
+                block.to(device)
+            linears = ad.linears(block)
+            if job.single_pass:
+                inps = _single_pass_block(job, i, block, linears, groups, inps, extra, tm, bar)
+            else:
+                _papers_loop_block(job, i, block, linears, groups, inps, outs, extra, tm, bar)
+                inps, outs = outs, inps
+            if device != home:
+                block.to(home)
+            bar.update(1)
+    finally:
+        bar.close()
+    qm.timings = tm
