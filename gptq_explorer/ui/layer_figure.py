@@ -3,7 +3,7 @@
 Drawn by a small widget of our own (LayerCanvas: an anywidget whose ESM, layer_canvas.js, draws on one
 canvas), not plotly: plotly.js re-lays-out its whole 8-panel figure on every call, far too slow for an
 animation whatever changed (docs/performance.md), and its FigureWidget ships a
-5 MB copy of plotly.js that had to start within anywidget's 2 s deadline on a loaded machine. The canvas
+5 MB copy of plotly.js that had to start within anywidget's start-up deadline on a loaded machine. The canvas
 draws a frame in a few milliseconds, and its ESM is small.
 
 Two synced traits carry the state, as float32 bytes (binary widget buffers, no JSON lists):

@@ -22,13 +22,11 @@ import time
 
 PRELOAD_AFTER_S = 3.0  # a preheated kernel with no visitor this long preloads the default layer
 PRELOAD_MIN_CPUS = 4  # ... by default only on a machine with this many cores (preload_enabled)
-# what loading the default model (SmolLM2, a Llama) imports, in order (seconds alone on this machine)
-PRELOAD_IMPORTS = ("torch",  # 2.3
-                   "transformers",  # 0.7
-                   "transformers.models.auto.modeling_auto",  # 0.6
-                   "transformers.models.llama.configuration_llama",  # 1.1
-                   "transformers.models.llama.modeling_llama",  # 1.2
-                   "gptq_explorer.models", "gptq_explorer.data")
+# what loading the default model (SmolLM2, a Llama) imports, in order, one at a time (each import's cost:
+# docs/performance.md)
+PRELOAD_IMPORTS = ("torch", "transformers", "transformers.models.auto.modeling_auto",
+                   "transformers.models.llama.configuration_llama",
+                   "transformers.models.llama.modeling_llama", "gptq_explorer.models", "gptq_explorer.data")
 
 log = logging.getLogger(__name__)
 
