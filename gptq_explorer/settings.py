@@ -26,7 +26,7 @@ class Knob:
     where `open_low` / `open_high`), plus the values in `also`. Dashboards offer `offered` (a dropdown)
     or the range `offered_range` (a slider; logarithmic when `log`) and clamp link values to it."""
 
-    name: str
+    name: str  # also its QuantConfig field, its key in a dashboard link and in a report
     type: type
     default: Any
     help: str
@@ -46,10 +46,6 @@ class Knob:
     log: bool = False
     option_labels: tuple = ()  # (value, label) pairs a dropdown shows instead of the bare value
     follows: str | None = None  # default None means "the value of this other knob" (eval_seqlen -> seqlen)
-
-    @property
-    def link_key(self) -> str:
-        return self.name
 
     @property
     def control_label(self) -> str:

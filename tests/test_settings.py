@@ -217,3 +217,10 @@ def test_each_dashboards_link_parser_takes_the_knobs(tmp_path, which):
     again, problems = type(lab).parse_query(lab.state_query(), models={"m": "a model"})  # a copied link
     assert problems == []
     assert {k: again[k] for k in lab.KNOBS} == {k: lab.controls[k].value for k in lab.KNOBS}
+
+
+def test_the_offered_corpora_are_the_offline_ones():
+    from gptq_explorer.data.corpora import LOCAL_CORPORA
+    from gptq_explorer.ui import sweeps
+
+    assert KNOBS["corpus"].offered == LOCAL_CORPORA == sweeps.CORPORA

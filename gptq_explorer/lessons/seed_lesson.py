@@ -77,10 +77,6 @@ class SeedLessonComparison:
     def real_ratio_heldout(self) -> float:
         return self.rtn_heldout / self.gptq_heldout
 
-    @property
-    def simplified_ratio_heldout(self) -> float:
-        return self.lesson_rtn_heldout / self.lesson_simplified_heldout
-
     def rows(self) -> list[dict]:
         """A table: one row per quantizer."""
         d = asdict(self)

@@ -202,11 +202,6 @@ def set_weight(module: nn.Module, W: torch.Tensor) -> None:
     w.copy_(src.to(dtype=w.dtype, device=w.device))
 
 
-def in_out_features(module: nn.Module) -> tuple[int, int]:
-    out_f, in_f = get_weight(module).shape
-    return int(in_f), int(out_f)
-
-
 def find_linear_like(module: nn.Module) -> dict[str, nn.Module]:
     """All nn.Linear / Conv1D modules inside a module (name relative to it)."""
     return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}

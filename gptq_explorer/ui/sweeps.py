@@ -30,6 +30,7 @@ from ..metrics.layer_error import output_mse_from_hessian
 from ..models.catalog import DEFAULT_MODEL
 from ..services.layer_source import SYNTHETIC, Cancelled, LayerData, SyntheticSource
 from ..services.threads import single_blas_thread
+from ..settings import KNOBS
 from .common import (
     Dashboard,
     InputError,
@@ -50,7 +51,7 @@ FACETS = {
     "damp_percent": [0.001, 0.01, 0.1],
 }
 FACET_LABEL = {"none": "(none)", "desc_act": "desc_act off / on", "damp_percent": "damping 0.1% / 1% / 10%"}
-CORPORA = ("prose", "code")
+CORPORA = KNOBS["corpus"].offered  # the corpora the dashboards offer
 MAX_CACHED = 5000
 _CACHE: OrderedDict = OrderedDict()  # (layer key, QuantConfig) -> (gptq mse, rtn mse, seconds)
 _CACHE_LOCK = threading.Lock()
