@@ -256,13 +256,13 @@ def print_report(report: dict, out=None) -> None:
 def main(argv=None) -> int:
     from .checkpoint.packing import CheckpointFormatError
     from .models.capture import Cancelled
-    from .models.loading import ModelLoadError
+    from .models.load_errors import ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on a bad flag
     try:
         if args.command == "prepare" and args.check:
-            from .models.loading import offline_model_ready
+            from .models.cache_folders import offline_model_ready
 
             ready = offline_model_ready()
             print(f"{DEFAULT_MODEL}: {'ready' if ready else 'not converted yet (run gptq-explorer prepare)'}")

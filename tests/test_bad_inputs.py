@@ -24,7 +24,7 @@ from gptq_explorer.checkpoint import CheckpointFormatError
 from gptq_explorer.checkpoint.export import save_quantized
 from gptq_explorer.checkpoint.load import load_quantized
 from gptq_explorer.data import CorpusError, calibration_windows
-from gptq_explorer.models import ModelLoadError, load_model, loading
+from gptq_explorer.models import ModelLoadError, cache_folders, load_model, loading
 from gptq_explorer.models.quantize import QuantizationCancelled, quantize_model
 
 BACKENDS = ("numpy", "torch")
@@ -482,16 +482,16 @@ def test_full_disk_while_writing_a_model_cache_folder(tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"No space left on the device while writing the cache folder .*"
                                              r"nothing was cached.*GPTQ_EXPLORER_CACHE"):
-        loading.write_cache_folder(target, write, needs="about 0.5 GB")
+        cache_folders.write_cache_folder(target, write, needs="about 0.5 GB")
     assert list(target.parent.iterdir()) == []
     # a finished folder is complete; cutting a file short (or losing one) makes it incomplete
-    loading.write_cache_folder(target, lambda tmp: (tmp / "a.bin").write_bytes(b"x" * 100) and {})
-    assert loading.cache_folder_complete(target)
+    cache_folders.write_cache_folder(target, lambda tmp: (tmp / "a.bin").write_bytes(b"x" * 100) and {})
+    assert cache_folders.cache_folder_complete(target)
     (target / "a.bin").write_bytes(b"x" * 50)
-    assert not loading.cache_folder_complete(target)
+    assert not cache_folders.cache_folder_complete(target)
     (target / "a.bin").unlink()
-    assert not loading.cache_folder_complete(target)
-    assert not loading.cache_folder_complete(tmp_path / "missing")
+    assert not cache_folders.cache_folder_complete(target)
+    assert not cache_folders.cache_folder_complete(tmp_path / "missing")
 
 
 def test_full_disk_while_caching_a_quantization_leaves_no_entry(tmp_path, monkeypatch):

@@ -259,12 +259,12 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_prepare_check_says_whether_the_offline_model_is_converted(tmp_path, monkeypatch, capsys):
-    from gptq_explorer.models.loading import _smollm2_cache_dir, cache_folder_complete
+    from gptq_explorer.models.cache_folders import cache_folder_complete, smollm2_cache_dir
 
     monkeypatch.setenv("GPTQ_EXPLORER_CACHE", str(tmp_path))
     assert cli.main(["prepare", "--check"]) == 1  # an empty cache: nothing converted, nothing loaded
     assert "not converted yet" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
     monkeypatch.delenv("GPTQ_EXPLORER_CACHE")
-    ready = cache_folder_complete(_smollm2_cache_dir())
+    ready = cache_folder_complete(smollm2_cache_dir())
     assert cli.main(["prepare", "--check"]) == (0 if ready else 1)

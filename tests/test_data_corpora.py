@@ -43,7 +43,7 @@ def test_split_cuts_at_a_document_boundary(name):
     assert calib.endswith("\n\n")  # whole documents on each side
 
 
-def test_windows_are_deterministic_and_seeded(byte_tokenizer):  # noqa: F811
+def test_windows_are_deterministic_and_seeded(byte_tokenizer):
     a = calibration_windows(byte_tokenizer, "prose", nsamples=6, seqlen=64, seed=0)
     b = calibration_windows(byte_tokenizer, "prose", nsamples=6, seqlen=64, seed=0)
     c = calibration_windows(byte_tokenizer, "prose", nsamples=6, seqlen=64, seed=1)
@@ -56,7 +56,7 @@ def test_windows_are_deterministic_and_seeded(byte_tokenizer):  # noqa: F811
     assert torch.equal(a, torch.stack([ids[s : s + 64] for s in starts]))
 
 
-def test_calibration_and_evaluation_never_overlap(byte_tokenizer):  # noqa: F811
+def test_calibration_and_evaluation_never_overlap(byte_tokenizer):
     tok = byte_tokenizer
     calib_text, eval_text = corpus_parts("prose")
     cal, ev = calibration_ids(tok, "prose"), evaluation_ids(tok, "prose")
@@ -70,7 +70,7 @@ def test_calibration_and_evaluation_never_overlap(byte_tokenizer):  # noqa: F811
     assert evaluation_ids(tok, "prose", n_tokens=1000).tolist() == ev[:1000].tolist()
 
 
-def test_user_file(tmp_path, byte_tokenizer):  # noqa: F811
+def test_user_file(tmp_path, byte_tokenizer):
     f = tmp_path / "notes.txt"
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(40)]
     f.write_text("\n".join(lines), encoding="utf-8")
@@ -111,7 +111,7 @@ def test_paper_datasets_without_datasets_package(name, monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_token_budget(smollm2):  # noqa: F811
+def test_smollm2_token_budget(smollm2):
     """Enough held-out tokens for the README runs: >= 64 windows of 1024 prose tokens, and the code split
     has far more; calibration has room for 128 x 512 random windows."""
     tok = smollm2.tokenizer

@@ -123,7 +123,7 @@ def test_layer_output_mse(lib):
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_equals_hf_loss(smollm2):  # noqa: F811
+def test_smollm2_perplexity_equals_hf_loss(smollm2):
     """Our windows + CE agree with transformers' own shifted LM loss, and the value is sane."""
     from gptq_explorer.data import evaluation_ids
 

@@ -55,7 +55,7 @@ GROUP_SIZES = {"llama": [3, 1, 2, 1], "opt": [3, 1, 1, 1], "gpt2": [1, 1, 1, 1],
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dirs):  # noqa: F811
+def tiny(tiny_dirs):
     return {f: load_model(str(d)) for f, d in tiny_dirs.items()}
 
 
@@ -91,7 +91,7 @@ def test_orientation_matches_forward(tiny, family):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_set_weight_roundtrip(tiny_dirs, family):  # noqa: F811
+def test_set_weight_roundtrip(tiny_dirs, family):
     lm = load_model(str(tiny_dirs[family]))  # a private copy: we modify it
     m = next(iter(lm.adapter.linears(lm.adapter.get_blocks(lm.model)[0]).values()))
     W = get_weight(m).clone()
@@ -130,7 +130,7 @@ def test_blocks_one_by_one_reproduce_logits(tiny, family, batch_size):
         set_weight(m, W)
 
 
-def test_eager_attention_mask_is_caught(tiny_dirs):  # noqa: F811
+def test_eager_attention_mask_is_caught(tiny_dirs):
     """With eager attention the causal mask is a tensor in the caught kwargs; replaying it must still
     reproduce the logits."""
     from transformers import AutoModelForCausalLM

@@ -7,10 +7,17 @@ import pytest
 import torch
 from tiny_models import tiny_config
 
-from gptq_explorer.models import CURATED_MODELS, DEFAULT_MODEL, ModelLoadError, load_model, loading
+from gptq_explorer.models import (
+    CURATED_MODELS,
+    DEFAULT_MODEL,
+    ModelLoadError,
+    cache_folders,
+    load_model,
+    loading,
+)
 
 
-def test_local_folder_loads(tiny_dirs):  # noqa: F811
+def test_local_folder_loads(tiny_dirs):
     lm = load_model(str(tiny_dirs["opt"]))
     assert type(lm.model).__name__ == "OPTForCausalLM" and lm.adapter.family == "opt"
     assert str(tiny_dirs["opt"]) in lm.source and "safetensors" in lm.source
@@ -18,7 +25,7 @@ def test_local_folder_loads(tiny_dirs):  # noqa: F811
     assert not lm.model.training and lm.model.dtype == torch.float32
 
 
-def test_dtype_is_respected(tiny_dirs):  # noqa: F811
+def test_dtype_is_respected(tiny_dirs):
     lm = load_model(str(tiny_dirs["gpt2"]), dtype=torch.bfloat16)
     assert lm.model.dtype == torch.bfloat16
 
@@ -110,9 +117,9 @@ def test_half_written_cache_is_not_used(tmp_path, monkeypatch):
 
 def test_cache_root_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTQ_EXPLORER_CACHE", str(tmp_path / "c"))
-    assert loading.cache_root() == tmp_path / "c"
+    assert cache_folders.cache_root() == tmp_path / "c"
     monkeypatch.delenv("GPTQ_EXPLORER_CACHE")
-    assert "gptq_explorer" in str(loading.cache_root())
+    assert "gptq_explorer" in str(cache_folders.cache_root())
 
 
 def test_curated_models_have_adapters():
@@ -126,7 +133,7 @@ def test_curated_models_have_adapters():
 
 
 @pytest.mark.slow
-def test_smollm2_default(smollm2):  # noqa: F811
+def test_smollm2_default(smollm2):
     lm = smollm2
     m = lm.model
     assert type(m).__name__ == "LlamaForCausalLM" and lm.adapter.family == "llama"
@@ -137,7 +144,7 @@ def test_smollm2_default(smollm2):  # noqa: F811
     assert "Q4_1" in lm.source and "de-quantized" in lm.source and "fp32" in lm.source
     assert len(lm.tokenizer) == 49152
     marker = json.loads(
-        (loading.cache_root() / "models" / DEFAULT_MODEL / "gptq_explorer_source.json").read_text()
+        (cache_folders.cache_root() / "models" / DEFAULT_MODEL / "gptq_explorer_source.json").read_text()
     )
     assert marker["gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     # the values sit on the Q4_1 grid: at most 16 distinct values per 32-wide block of a row
@@ -146,7 +153,7 @@ def test_smollm2_default(smollm2):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_smollm2_reload_is_fast(smollm2):  # noqa: F811
+def test_smollm2_reload_is_fast(smollm2):
     t0 = time.perf_counter()
     lm = load_model()
     dt = time.perf_counter() - t0

@@ -31,7 +31,7 @@ def snapshot(model):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_dirs, tmp_path_factory):  # noqa: F811
+def runs(tiny_dirs, tmp_path_factory):
     """Per family: FP logits/last hidden, and 3-bit g32 RTN and GPTQ runs (GPTQ cached with Hessians)."""
     cache, cache_b = tmp_path_factory.mktemp("qcache"), tmp_path_factory.mktemp("qcache_batched")
     ids = calib()
@@ -129,7 +129,7 @@ def test_each_hessian_comes_from_the_quantized_upstream(runs, family, mode):
         torch.testing.assert_close(hs[n].double(), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-4, msg=n)
 
 
-def test_eight_bits_is_close_to_fp(runs, tiny_dirs):  # noqa: F811
+def test_eight_bits_is_close_to_fp(runs, tiny_dirs):
     ids = calib()
     r = runs["llama"]
     q8 = quantize_model(
@@ -143,7 +143,7 @@ def test_eight_bits_is_close_to_fp(runs, tiny_dirs):  # noqa: F811
     assert max(x.weight_rel_error for x in q8.layers) < 0.01
 
 
-def test_overrides(tiny_dirs):  # noqa: F811
+def test_overrides(tiny_dirs):
     over = {"blocks.0.*": {"bits": 8}, "blocks.-1.mlp.*": {"group_size": -1}, "*.down_proj": {"sym": False}}
     qm = quantize_model(
         load_model(str(tiny_dirs["llama"])), calib(), CFG3, method="rtn", overrides=over, progress=False
@@ -171,7 +171,7 @@ def test_overrides(tiny_dirs):  # noqa: F811
 
 
 @pytest.mark.parametrize("when", [0, 5])
-def test_cancel_restores_the_original_weights(tiny_dirs, when):  # noqa: F811
+def test_cancel_restores_the_original_weights(tiny_dirs, when):
     lm = load_model(str(tiny_dirs["opt"]))
     before = snapshot(lm.model)
     calls = {"n": 0}
@@ -190,7 +190,7 @@ def test_cancel_restores_the_original_weights(tiny_dirs, when):  # noqa: F811
         assert len(e.value.layers_done) > 0  # it had really started changing weights
 
 
-def test_cancel_with_an_event_and_errors_restore(tiny_dirs, monkeypatch):  # noqa: F811
+def test_cancel_with_an_event_and_errors_restore(tiny_dirs, monkeypatch):
     lm = load_model(str(tiny_dirs["gpt2"]))
     before = snapshot(lm.model)
     ev = threading.Event()
@@ -232,7 +232,7 @@ def test_single_pass_equals_the_papers_loop(runs, family):
     assert b.timings["forward"] > 0 and a.timings["hessian"] > 0
 
 
-def test_cache_roundtrip(runs, tiny_dirs):  # noqa: F811
+def test_cache_roundtrip(runs, tiny_dirs):
     r = runs["gpt_neox"]
     again = quantize_model(
         load_model(str(tiny_dirs["gpt_neox"])), calib(), CFG3, progress=False, cache_dir=r["cache"]["gptq"]
@@ -255,7 +255,7 @@ def test_cache_roundtrip(runs, tiny_dirs):  # noqa: F811
     assert qmod.cache_key(m, calib(), CFG3, "gptq", True, {"*": {"bits": 8}}) != k
 
 
-def test_rtn_needs_no_data_and_not_inplace(tiny_dirs, runs):  # noqa: F811
+def test_rtn_needs_no_data_and_not_inplace(tiny_dirs, runs):
     lm = load_model(str(tiny_dirs["llama"]))
     before = snapshot(lm.model)
     q = quantize_model(lm, None, CFG3, method="rtn", progress=False, inplace=False)
@@ -267,7 +267,7 @@ def test_rtn_needs_no_data_and_not_inplace(tiny_dirs, runs):  # noqa: F811
         quantize_model(lm, None, CFG3, method="gptq", progress=False)
 
 
-def test_not_true_sequential_shares_one_pass(tiny_dirs):  # noqa: F811
+def test_not_true_sequential_shares_one_pass(tiny_dirs):
     q = quantize_model(
         load_model(str(tiny_dirs["llama"])), calib(), CFG3, true_sequential=False, progress=False
     )
@@ -293,7 +293,7 @@ def test_heldout_layer_errors_match_the_report_on_calibration_data(runs, family)
     assert all(v["output_mse"] > 0 and v["tokens"] == 128 for v in held.values())
 
 
-def test_accepts_a_bare_model(tiny_dirs):  # noqa: F811
+def test_accepts_a_bare_model(tiny_dirs):
     """A LlamaForCausalLM has a `.model` attribute (its body): it must not be mistaken for a LoadedModel."""
     lm = load_model(str(tiny_dirs["llama"]))
     q = quantize_model(lm.model, calib(), CFG3, progress=False)

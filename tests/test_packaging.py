@@ -55,8 +55,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_first_view_needs_no_torch():
     """The Layer Lab's first view (NumPy stepper, synthetic layer) and the NumPy engine import no torch:
-    importing it costs ~2.3 s of a Voila kernel's start (gptq_explorer.lazy_torch). A fresh interpreter,
-    so what other tests imported does not count."""
+    importing it is a large part of a Voila kernel's start (docs/performance.md). A fresh interpreter, so
+    what other tests imported does not count."""
     import subprocess
     import sys
 
@@ -86,6 +86,23 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[] 1", out.stdout
+
+
+def test_prepare_check_needs_no_torch(tmp_path):
+    """./run.sh asks `gptq-explorer prepare --check` on every start: it must not pay for torch."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from gptq_explorer.cli import main
+assert main(["prepare", "--check"]) == 1  # an empty cache
+assert "torch" not in sys.modules, "prepare --check imported torch"
+"""
+    env = {**__import__("os").environ, "GPTQ_EXPLORER_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "not converted yet" in out.stdout
 
 
 def test_lazy_names_never_shadow_a_submodule():

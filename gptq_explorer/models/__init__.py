@@ -13,7 +13,8 @@ _LAZY = {
          "run_blocks", "set_weight"], "adapters"),
     **dict.fromkeys(["CURATED_MODELS", "DEFAULT_MODEL"], "catalog"),
     **dict.fromkeys(
-        ["LoadedModel", "available_offline", "cache_root", "estimate_model_memory", "load_model"], "loading"),
+        ["LoadedModel", "available_offline", "estimate_model_memory", "load_model"], "loading"),
+    **dict.fromkeys(["cache_root", "offline_model_ready"], "cache_folders"),
     **dict.fromkeys(["ModelLoadError", "ModelTooLargeError"], "load_errors"),
     **dict.fromkeys(["MemoryEstimate", "memory_budget"], "memory"),
 }

