@@ -37,3 +37,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random-init LLaMA, loaded; one per test module, so a module may change its weights."""
+    from gptq_explorer.models import load_model
+
+    return load_model(str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")))
+
+
+# synthetic layers with correlated inputs (services.layer_source.SyntheticSource), for the lessons' tests
+@pytest.fixture(scope="module")
+def synth():
+    """64 x 192: groups of 128 leave a last group of 64, like SmolLM2's 576."""
+    from gptq_explorer.services.layer_source import SyntheticSource
+
+    return SyntheticSource(d_out=64, d_in=192, n_calib=1024, n_heldout=512, seed=5, rank=20).load()
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """32 x 300: groups of 128 leave a short last group."""
+    from gptq_explorer.services.layer_source import SyntheticSource
+
+    return SyntheticSource(d_out=32, d_in=300, n_calib=1024, n_heldout=512, seed=3, rank=24).load()
+
+
+@pytest.fixture(scope="module")
+def small():
+    """24 x 48: small enough to check against brute force."""
+    from gptq_explorer.services.layer_source import SyntheticSource
+
+    return SyntheticSource(d_out=24, d_in=48, n_calib=512, n_heldout=256, seed=1, rank=12).load()

@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig
 from gptq_explorer.checkpoint import n_groups, pack_linear
 from gptq_explorer.checkpoint import storage as S
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from gptq_explorer.models import load_model
-
-    return load_model(str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

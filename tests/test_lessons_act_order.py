@@ -10,13 +10,6 @@ from test_lessons_real_layers import as_real_layers
 
 from gptq_explorer import QuantConfig, gptq_quantize
 from gptq_explorer.lessons import act_order as L
-from gptq_explorer.services.layer_source import SyntheticSource
-
-
-@pytest.fixture(scope="module")
-def synth():
-    """A correlated synthetic layer 64 x 192 (g128 leaves a last group of 64, like SmolLM2's 576)."""
-    return SyntheticSource(d_out=64, d_in=192, n_calib=1024, n_heldout=512, seed=5, rank=20).load()
 
 
 def test_actorder_variants_and_g_idx_layout(synth):

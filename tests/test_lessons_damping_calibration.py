@@ -7,26 +7,12 @@ import numpy as np
 import pytest
 import torch
 from test_lessons_real_layers import as_real_layers
-from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig, gptq_quantize
 from gptq_explorer.lessons import damping_calibration as L
 from gptq_explorer.lessons.bits_and_groups import model_storage
 from gptq_explorer.lessons.measures import hessian_from, output_rel_error
 from gptq_explorer.services.layer_source import SyntheticSource
-
-
-@pytest.fixture(scope="module")
-def synth():
-    """A correlated synthetic layer 64 x 192 (g128 leaves a last group of 64, like SmolLM2's 576)."""
-    return SyntheticSource(d_out=64, d_in=192, n_calib=1024, n_heldout=512, seed=5, rank=20).load()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from gptq_explorer.models import load_model
-
-    return load_model(str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")))
 
 
 def test_damping_sweep_and_spectrum(synth):

@@ -10,18 +10,7 @@ from gptq_explorer import Hessian, QuantConfig, gptq_quantize
 from gptq_explorer.engine.grid import grid_params
 from gptq_explorer.lessons import obs_update as L
 from gptq_explorer.lessons.measures import rel_error
-from gptq_explorer.services.layer_source import LayerData, SyntheticSource
-
-
-@pytest.fixture(scope="module")
-def layer():
-    """A correlated synthetic layer (32 x 300, so groups of 128 leave a short last group)."""
-    return SyntheticSource(d_out=32, d_in=300, n_calib=1024, n_heldout=512, seed=3, rank=24).load()
-
-
-@pytest.fixture(scope="module")
-def small():
-    return SyntheticSource(d_out=24, d_in=48, n_calib=512, n_heldout=256, seed=1, rank=12).load()
+from gptq_explorer.services.layer_source import LayerData
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_model
 
 from gptq_explorer.lessons import real_layers as L
 
@@ -20,12 +19,6 @@ def as_real_layers(data, name="model.layers.3.mlp.down_proj", corpora=("prose",)
                         {(name, c): X_calib[c] for c in corpora}, {(name, c): X_heldout[c] for c in corpora},
                         tuple(corpora), 4, 256, X_heldout[corpora[0]].shape[0])
 
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from gptq_explorer.models import load_model
-
-    return load_model(str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")))
 
 
 def test_capture_inputs_matches_a_plain_hook(tiny_lm):

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig, rtn_quantize
 from gptq_explorer.lessons import rtn_errors as L
@@ -26,13 +25,6 @@ def test_grid_facts(small):
     f3 = L.grid_facts(small.W, QuantConfig(bits=3, group_size=-1))
     assert f3["zeros"] == [4] and f3["codes"][1] <= 7
 
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from gptq_explorer.models import load_model
-
-    folder = make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
-    return load_model(str(folder))
 
 
 def test_rtn_error_study_tiny_model(tiny_lm):

@@ -14,18 +14,6 @@ from gptq_explorer.engine.grid import grid_params
 from gptq_explorer.lessons import step_by_step as L
 from gptq_explorer.lessons.obs_update import lesson2_summary, pick_triplet
 from gptq_explorer.lessons.seed_lesson import lesson_simplified_gptq
-from gptq_explorer.services.layer_source import SyntheticSource
-
-
-@pytest.fixture(scope="module")
-def layer():
-    """A correlated synthetic layer (32 x 300, so groups of 128 leave a short last group)."""
-    return SyntheticSource(d_out=32, d_in=300, n_calib=1024, n_heldout=512, seed=3, rank=24).load()
-
-
-@pytest.fixture(scope="module")
-def small():
-    return SyntheticSource(d_out=24, d_in=48, n_calib=512, n_heldout=256, seed=1, rank=12).load()
 
 
 @pytest.mark.parametrize("desc_act", [False, True])

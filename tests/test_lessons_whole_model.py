@@ -6,18 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_model
 
 from gptq_explorer import QuantConfig, rtn_quantize
 from gptq_explorer.checkpoint.storage import storage_of
 from gptq_explorer.lessons import whole_model as L
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from gptq_explorer.models import load_model
-
-    return load_model(str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")))
 
 
 @pytest.fixture(scope="module")
