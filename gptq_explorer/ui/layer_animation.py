@@ -154,6 +154,11 @@ class LayerAnimation:
             self.figure.frame(run, k, win, frame(run, k, win), self._hover, sent=sent)
             self._last_window = win
             self.explain.value = explain_html(run, k, win)
+            if force and self.fig.playing:
+                # a new run or crop while playing: the view's frames are void and it steps only onto a
+                # frame it has, so it waits for the next ones; without them no cursor change comes back
+                # to ask for more, and the animation would stop there
+                self._send_ahead()
 
     def _render_hover(self) -> None:
         with self._lock:

@@ -531,7 +531,11 @@ export default {
     const onPlaying = () => { if (model.get("playing")) { clock = null; requestAnimationFrame(tick); } };
     const onFps = () => { clock = null; };  // a new speed counts from the column shown, not from Play
     const onCustom = (msg, buffers) => {
-      if (!msg || msg.event !== "ahead" || msg.gen !== cacheGen) return;
+      if (!msg || msg.event !== "ahead") return;
+      // a new run's scene can come just before its frames, before any draw has read it: read it now, or
+      // these frames (the next ones of the new run) would be dropped and a playing view would wait forever
+      read();
+      if (msg.gen !== cacheGen) return;
       msg.frames.forEach((meta, i) => {
         const b = buffers.slice(7 * i, 7 * i + 7);
         const z = {};
