@@ -67,7 +67,7 @@ class Knob:
     def check(self, value: Any) -> Any:
         """`value` if the engine accepts it, else ValueError naming the knob, the allowed values and what
         was given. No conversion: 4.0 is not an integer and "yes" is not a bool here (see `parse`)."""
-        if value is None and self.follows:
+        if value is None and (self.follows or None in self.also):
             return value
         if self.type is bool:
             if not isinstance(value, bool):
@@ -118,6 +118,8 @@ class Knob:
                 value = float(text)
                 if not math.isfinite(value):
                     raise ValueError
+            elif None in self.also and (text is None or str(text).lower() in ("", "none")):
+                value = None
             else:
                 value = str(text)
         except (TypeError, ValueError):
@@ -177,6 +179,26 @@ _KNOBS = (
     Knob("block_size", int, 128, "columns per lazy batch update; changes speed, never the result", "quant",
          "--block-size", label="block size", low=1, rule="a positive number of columns",
          offered=(16, 32, 64, 128, 256)),
+    # -- quantization methods beyond the 2022 paper (docs/methods.md) ------------------------------------
+    Knob("mse_norm", float, 0.0, "search each row's range (the reference's MSE grid: shrink it in 1% steps "
+         "down to 21%, keep the least sum |w - q|^p); 0 = the min-max range", "quant", "--mse-norm",
+         label="MSE grid (norm p)", low=0.0, rule="0 (min-max grid) or a norm p > 0 (the reference uses 2.4)",
+         offered=(0.0, 2.0, 2.4, 3.0), option_labels=((0.0, "off (min-max)"), (2.4, "2.4 (reference)"))),
+    Knob("group_aware", bool, False, "GAR order: groups by their largest diag(H), columns inside a group by "
+         "diag(H); act-order's benefit with g_idx = i // group_size", "quant", "--group-aware",
+         label="GAR (group-aware order)"),
+    Knob("gptaq_alpha", float, 0.0, "GPTAQ: fit each layer to the full-precision model's inputs too, with "
+         "this weight (GPTQModel recommends 0.25); 0 = plain GPTQ", "quant", "--gptaq-alpha",
+         label="GPTAQ alpha", low=0.0, high=1.0, rule="between 0 (off) and 1 (GPTQModel recommends 0.25)",
+         offered=(0.0, 0.25, 0.5, 1.0), option_labels=((0.0, "off (GPTQ)"),)),
+    Knob("rotation", str, None, "rotate the input dimension before quantizing: 'hadamard' (a randomized "
+         "Hadamard rotation, QuaRot style) or none", "quant", "--rotation", also=(None,),
+         choices=("hadamard",), rule="None (no rotation) or 'hadamard'", offered=(None, "hadamard"),
+         option_labels=((None, "none"),)),
+    Knob("rotation_seed", int, 0, "which random signs the Hadamard rotation uses", "quant", "--rotation-seed",
+         label="rotation seed", low=0),
+    Knob("ternary", bool, False, "three values per row (and group): {min, 0, max}, the reference's trits; "
+         "bits is ignored", "quant", "--ternary"),
     # -- the whole model ------------------------------------------------------------------------------------
     Knob("true_sequential", bool, True, "inside a block, quantize the linears group by group in forward "
          "order (q/k/v, then o, ...), each group calibrated on the outputs of the groups already quantized",

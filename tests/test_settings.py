@@ -50,8 +50,10 @@ def test_every_knob_is_complete():
         assert k.type in (int, float, bool, str)
         if k.default is not None:
             assert k.check(k.default) == k.default
-        else:
+        elif k.follows:
             assert k.follows in KNOBS  # None means "the value of another knob"
+        else:
+            assert None in k.also and k.check(None) is None  # None is a value of its own (no rotation)
         for v in inside(k):
             k.check(v)
         for v in outside(k):

@@ -31,7 +31,8 @@ def _resolve(W, backend, device):
 
 
 def _to_numpy(res: QuantResult) -> QuantResult:
-    for field in ("weight", "codes", "scales", "zeros", "g_idx", "perm", "losses", "dead_columns"):
+    for field in ("weight", "codes", "scales", "zeros", "g_idx", "perm", "losses", "dead_columns",
+                  "rotation"):
         value = getattr(res, field)
         if is_tensor(value):
             setattr(res, field, value.cpu().numpy())
@@ -46,23 +47,26 @@ def _torch_dtype(dtype):
     return {np.float32: torch.float32, np.float64: torch.float64}.get(dtype, dtype)
 
 
-def gptq_quantize(W, H, cfg: QuantConfig | None = None, *, backend: str | None = None, device=None,
+def _numpy(x):
+    return np.asarray(x.detach().cpu()) if is_tensor(x) else x
+
+
+def gptq_quantize(W, H, cfg: QuantConfig | None = None, dXXT=None, *, backend: str | None = None, device=None,
                   dtype=None) -> QuantResult:
     """Quantize W (d_out, d_in) with GPTQ, given the Hessian H (d_in, d_in) of its inputs.
 
+    dXXT (d_in, d_in): GPTAQ's statistic (Hessian.dXXT), required when cfg.gptaq_alpha > 0.
     NumPy in -> NumPy out (float64 by default); torch in -> torch out on the same device (float32 by
     default; dtype=torch.float64 on request). device=None keeps the input's device, "auto" picks CUDA.
     """
     cfg = QuantConfig.coerce(cfg)
     backend, device = _resolve(W, backend, device)
     if backend == "numpy":
-        if is_tensor(W) or is_tensor(H):
-            W, H = np.asarray(W.detach().cpu() if is_tensor(W) else W), np.asarray(
-                H.detach().cpu() if is_tensor(H) else H)
-        return gptq_quantize_numpy(W, H, cfg, dtype=dtype or np.float64)
+        return gptq_quantize_numpy(_numpy(W), _numpy(H), cfg, dtype=dtype or np.float64,
+                                   dXXT=None if dXXT is None else _numpy(dXXT))
     from .gptq_torch import gptq_quantize_torch
 
-    res = gptq_quantize_torch(W, H, cfg, device=device, dtype=_torch_dtype(dtype))
+    res = gptq_quantize_torch(W, H, cfg, device=device, dtype=_torch_dtype(dtype), dXXT=dXXT)
     return res if is_tensor(W) else _to_numpy(res)
 
 
@@ -72,9 +76,7 @@ def rtn_quantize(W, cfg: QuantConfig | None = None, *, backend: str | None = Non
     cfg = QuantConfig.coerce(cfg)
     backend, device = _resolve(W, backend, device)
     if backend == "numpy":
-        if is_tensor(W):
-            W = W.detach().cpu().numpy()
-        return rtn_quantize_numpy(W, cfg, dtype=dtype or np.float64)
+        return rtn_quantize_numpy(_numpy(W), cfg, dtype=dtype or np.float64)
     from .gptq_torch import rtn_quantize_torch
 
     res = rtn_quantize_torch(W, cfg, device=device, dtype=_torch_dtype(dtype))

@@ -24,12 +24,28 @@ def check_shapes(w_shape: tuple, h_shape: tuple | None) -> None:
         )
 
 
+def check_gptaq(cfg, dxxt_shape: tuple | None, h_shape: tuple) -> None:
+    """GPTAQ needs dXXT, shaped like H."""
+    if cfg.gptaq_alpha <= 0:
+        return
+    if dxxt_shape is None:
+        raise ValueError(
+            f"GPTAQ (gptaq_alpha={cfg.gptaq_alpha:g}) needs dXXT, the full-precision inputs' statistic: "
+            "build the Hessian with h.add_batch(X, X_fp=X_fp) and call gptq_quantize(W, h.H, cfg, "
+            "dXXT=h.dXXT); or set "
+            "gptaq_alpha=0 for plain GPTQ")
+    if tuple(dxxt_shape) != tuple(h_shape):
+        raise ValueError(f"dXXT must have the shape of H {tuple(h_shape)}; got {tuple(dxxt_shape)}")
+
+
 # What to do about non-finite input, by what it is: weights come from a checkpoint, H from activations.
 _FINITE_FIX = {
     "W": "The layer's weights are broken: reload the model in float32 (a half-precision overflow?) or "
          "re-download / re-export the checkpoint.",
     "H": "H comes from the calibration activations: one overflowed (common in float16). Run the "
          "calibration forward pass in float32, or drop the sample that produces it.",
+    "dXXT": "dXXT comes from the calibration activations of both models: one overflowed (common in float16). "
+            "Run the calibration forward passes in float32.",
 }
 
 

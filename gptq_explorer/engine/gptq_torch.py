@@ -36,11 +36,17 @@ from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid import tie_tolerance
+from .order import group_of_steps, processing_order
 
 
-def _grid_params(w: torch.Tensor, bits: int, sym: bool, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch twin of grid.grid_params: (scale, zero) per row of w (rows, cols); dim=0 for w transposed."""
-    maxq = 2**bits - 1
+def grid_of(w: torch.Tensor, cfg: QuantConfig, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch twin of grid.grid_of: (scale, zero) per row of w (rows, cols); dim=0 for w transposed."""
+    return _grid_params(w, cfg.bits, cfg.sym, dim, cfg.mse_norm, cfg.ternary)
+
+
+def _grid_params(w: torch.Tensor, bits: int, sym: bool, dim: int = 1, mse_norm: float = 0.0,
+                 ternary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch twin of grid.grid_params."""
     xmin = w.amin(dim=dim).clamp(max=0)
     xmax = w.amax(dim=dim).clamp(min=0)
     if sym:
@@ -49,8 +55,33 @@ def _grid_params(w: torch.Tensor, bits: int, sym: bool, dim: int = 1) -> tuple[t
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale, zero = (xmax, xmin) if ternary else _uniform(xmin, xmax, bits, sym)
+    if mse_norm > 0:
+        scale, zero = _mse_search(w, dim, xmin, xmax, scale, zero, bits, sym, mse_norm, ternary)
+    return scale, zero
+
+
+def _uniform(xmin, xmax, bits: int, sym: bool):
+    maxq = 2**bits - 1
     scale = (xmax - xmin) / maxq
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _mse_search(w, dim, xmin, xmax, scale, zero, bits, sym, norm, ternary):
+    """torch twin of grid._mse_search."""
+    maxq = 2**bits - 1
+    best = torch.full_like(scale, float("inf"))
+    scale, zero = scale.clone(), zero.clone()
+    for i in range(int(grid_np.MSE_MAXSHRINK * grid_np.MSE_GRID)):
+        p = 1 - i / grid_np.MSE_GRID
+        s1, z1 = (p * xmax, p * xmin) if ternary else _uniform(p * xmin, p * xmax, bits, sym)
+        _, q = _quantize(w, s1.unsqueeze(dim), z1.unsqueeze(dim), maxq, ternary)
+        err = (q - w).abs_().pow_(norm).sum(dim=dim)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
 
@@ -62,7 +93,11 @@ def _round_half_even(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x)
 
 
-def _quantize(w, scale, zero, maxq):
+def _quantize(w, scale, zero, maxq, ternary: bool = False):
+    """(codes, dequantized values) of w; ternary: scale = xmax, zero = xmin (grid.ternary_codes)."""
+    if ternary:
+        codes = 1.0 + (w > scale / 2).to(w.dtype) - (w < zero / 2).to(w.dtype)
+        return codes, torch.where(codes == 2, scale, torch.where(codes == 0, zero, torch.zeros_like(w)))
     codes = torch.clamp(_round_half_even(w / scale) + zero, 0, maxq)
     return codes, scale * (codes - zero)
 
@@ -130,9 +165,9 @@ class _ColumnStep:
     in torch.
     """
 
-    def __init__(self, Qt, codes_t, Errt, maxq: int):
+    def __init__(self, Qt, codes_t, Errt, maxq: int, ternary: bool = False):
         self.numpy = Qt.device.type == "cpu" and NUMPY_COLUMN_STEP
-        self.maxq = maxq
+        self.maxq, self.ternary = maxq, ternary
         self.Q, self.codes, self.Err = (t.numpy() for t in (Qt, codes_t, Errt)) if self.numpy else \
             (Qt, codes_t, Errt)
 
@@ -143,11 +178,14 @@ class _ColumnStep:
         scale, zero = grid
         if self.numpy:
             w = W1[i].numpy()
-            self.codes[row] = grid_np.quantize_codes(w, scale, zero, self.maxq)
-            np.multiply(scale, self.codes[row] - zero, out=self.Q[row])
+            self.codes[row] = grid_np.quantize_codes(w, scale, zero, self.maxq, self.ternary)
+            if self.ternary:
+                self.Q[row] = grid_np.dequantize(self.codes[row], scale, zero, ternary=True)
+            else:
+                np.multiply(scale, self.codes[row] - zero, out=self.Q[row])
         else:
             w = W1[i]
-            self.codes[row], self.Q[row] = _quantize(w, scale, zero, self.maxq)
+            self.codes[row], self.Q[row] = _quantize(w, scale, zero, self.maxq, self.ternary)
         err = self.Err[row]
         np.subtract(w, self.Q[row], out=err) if self.numpy else torch.sub(w, self.Q[row], out=err)
         err /= d  # Err = (w - q) / [H^-1]_qq^(1/2)
@@ -241,8 +279,9 @@ class _LazyUpdates:
             self.cond.notify_all()
 
 
-def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32) -> QuantResult:
+def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32, dXXT=None) -> QuantResult:
     checks.check_shapes(tuple(W.shape), tuple(H.shape))
+    checks.check_gptaq(cfg, None if dXXT is None else tuple(dXXT.shape), tuple(H.shape))
     rows, n = W.shape
     target = torch.device(device) if device is not None else (W.device if isinstance(W, torch.Tensor)
                                                                else torch.device("cpu"))
@@ -250,7 +289,7 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
     # threads for the pipelined lazy updates: all but the one that runs the column loop
     worker_threads = torch.get_num_threads() - 1 if target.type == "cpu" and not small else 0
     with _single_thread(target, enabled=small):
-        return _gptq_torch(W, H, cfg, device, dtype, worker_threads)
+        return _gptq_torch(W, H, cfg, device, dtype, worker_threads, dXXT)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -258,7 +297,35 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) -> QuantResult:
+class _Gptaq:
+    """GPTAQ's extra term in the R form (the NumPy engine has the readable P form; tests check they agree).
+
+    With P = M U, M = alpha triu_1(dXXT U^T), the corrections w_i P[i, j] of earlier columns add up, for
+    column j, to sum_{k <= j} g_k U[k, j] with g_k = sum_{i < k} w_i M[i, k]: a correction g_k d_k of column
+    k itself before it is rounded, and an error g_k subtracted from the one it propagates (Err' = Err - g).
+    Then W0 - Q = Err' U still holds, so the lazy updates stay as they are; only g is accumulated, lazily,
+    from the pre-rounding values Wpre (transposed layout: Gt[k] = g_k)."""
+
+    def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, W0t: torch.Tensor):
+        # dXXT U^T = dXXT R^-T: one triangular solve, no inverse
+        self.M = alpha * torch.linalg.solve_triangular(R.T, dXXT, upper=False, left=False).triu_(1)
+        self.Gt = torch.zeros_like(W0t)
+        self.Wpre = torch.empty_like(W0t)
+
+    def before(self, W1: torch.Tensor, i: int, col: int, i1: int, d: float) -> torch.Tensor:
+        """g of column col (block row i): add g d to it, keep its pre-rounding value; returns g."""
+        g = self.Gt[col]
+        if i > 0:
+            g = torch.addmv(g, self.Wpre[i1:col].T, self.M[i1:col, col])
+        W1[i].add_(g, alpha=d)
+        self.Wpre[col] = W1[i]
+        return g
+
+    def block_done(self, i1: int, i2: int) -> None:
+        self.Gt[i2:].addmm_(self.M[i1:i2, i2:].T, self.Wpre[i1:i2])
+
+
+def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
     device = torch.device(device) if device is not None else None
     W = W.detach() if isinstance(W, torch.Tensor) else torch.as_tensor(np.asarray(W))
     W = W.to(device=device or W.device, dtype=dtype)
@@ -271,26 +338,43 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
     checks.check_finite("H", _all_finite(H))
     h_min, h_max = torch.aminmax(H)
     checks.check_symmetric(checks.max_asymmetry(H), max(-float(h_min), float(h_max)))
+    gptaq = cfg.gptaq_alpha > 0
+    if gptaq:
+        dXXT = _to_tensor(dXXT, W0t.device, dtype)
+        checks.check_finite("dXXT", _all_finite(dXXT))
     n, rows = W0t.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
     dynamic_groups = is_dynamic(cfg)
 
-    row_grid = _grid_params(W0t, cfg.bits, cfg.sym, dim=0) if cfg.group_size == -1 else None
+    rot = None
+    if cfg.rotation:  # y = W x = (W R^T)(R x); transposed: W0t <- R W0t, H <- R H R^T
+        from .gptq import rotation_matrix
+
+        rot = torch.as_tensor(rotation_matrix(n, cfg), device=W0t.device).to(dtype)
+        W0t = rot @ W0t
+        H = rot @ H @ rot.T
+        H = (H + H.T) / 2
+        dXXT = rot @ dXXT @ rot.T if gptaq else None
+
+    row_grid = grid_of(W0t, cfg, dim=0) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
     checks.warn_all_dead(int(dead.sum()), n)
     if bool(dead.any()):
         H[dead, dead] = 1.0
         W0t[dead] = 0.0
+        if gptaq:
+            dXXT[:, dead] = 0.0
     static_grids = None
     if cfg.static_groups and cfg.group_size != -1:
-        static_grids = [_grid_params(W0t[s : s + width], cfg.bits, cfg.sym, dim=0)
-                        for s in range(0, n, width)]
-    if cfg.desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        static_grids = [grid_of(W0t[s : s + width], cfg, dim=0) for s in range(0, n, width)]
+    reordered = cfg.desc_act or cfg.group_aware
+    perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
+    perm = torch.as_tensor(perm_np, device=W0t.device)
+    if reordered:
         H = H.index_select(0, perm).index_select(1, perm)
         W0t = W0t.index_select(0, perm)
-    else:
-        perm = torch.arange(n, device=W0t.device)
+        if gptaq:
+            dXXT = dXXT.index_select(0, perm).index_select(1, perm)
 
     mean_diag = float(torch.diag(H).mean())
     for damp in checks.damping_schedule(cfg.damp_percent):
@@ -307,10 +391,12 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
     St = torch.zeros_like(W0t)  # pending corrections, transposed: S = D[:, :i] @ R[:i, :]
     Qt = torch.empty_like(W0t)
     codes_t = torch.empty_like(W0t)  # integer codes, stored as floats until the end
-    Errt = torch.empty_like(W0t)  # scaled errors (w - q) / U_ii, the paper's Err1
+    Errt = torch.empty_like(W0t)  # scaled errors (w - q) / U_ii, the paper's Err1 (GPTAQ: Err')
     losses = torch.empty(n, device=W0t.device, dtype=dtype)
-    step = _ColumnStep(Qt, codes_t, Errt, maxq)
-    perm_cpu = perm.cpu().tolist()
+    asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, W0t) if gptaq else None
+    del dXXT
+    step = _ColumnStep(Qt, codes_t, Errt, maxq, cfg.ternary)
+    perm_cpu = perm_np.tolist()
     scales, zeros = [], []
     grid = None
     if row_grid is not None:
@@ -327,11 +413,13 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
             W1 = torch.addmm(W0t[i1:i2], U1.T, St[i1:i2])  # the block's state W0 + S R_BB^-1, transposed
             if dynamic_groups and i1 % width == 0:
                 if i2 - i1 >= width:
-                    group = W1
+                    # GPTAQ: the state also holds the pending g's share, sum_k g_k U[k, j] (see _Gptaq)
+                    group = W1 if asym is None else torch.addmm(W1, U1.T, asym.Gt[i1:i2])
                 else:  # a group wider than the block: its grid needs the state of columns past i2
                     lazy.wait(k, len(bounds))
-                    group = _state_t(W0t, St, R, i1, min(i1 + width, n))
-                scale, zero = _grid_params(group[:width], cfg.bits, cfg.sym, dim=0)
+                    pending = St if asym is None else St + asym.Gt
+                    group = _state_t(W0t, pending, R, i1, min(i1 + width, n))
+                scale, zero = grid_of(group[:width], cfg, dim=0)
                 scales.append(scale)
                 zeros.append(zero)
                 grid = step.grid(scale, zero)
@@ -344,15 +432,25 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
                             W1[i].addmv_(Errt[i1 + s1 : i1 + i].T, U1[s1:i, i], alpha=-1)
                         if static_grids is not None:
                             grid = static_steps[perm_cpu[i1 + i] // width]
-                        step(W1, i, i1 + i, grid, d[i])
+                        if asym is None:
+                            step(W1, i, i1 + i, grid, d[i])
+                        else:
+                            g = asym.before(W1, i, i1 + i, i1, d[i])
+                            step(W1, i, i1 + i, grid, d[i])
+                            losses[i1 + i] = Errt[i1 + i].square().sum() / 2
+                            Errt[i1 + i].sub_(g)
                     if s2 < i2 - i1:  # the sub-block's errors reach the rest of the block as one matmul
                         W1[s2:].addmm_(U1[s1:s2, s2:].T, Errt[i1 + s1 : i1 + s2], alpha=-1)
             lazy.block_done(k)
-            losses[i1:i2] = Errt[i1:i2].square().sum(dim=1) / 2  # the paper's Losses: (w - q)^2 / U_qq^2 / 2
+            if asym is None:
+                # the paper's Losses: (w - q)^2 / U_qq^2 / 2
+                losses[i1:i2] = Errt[i1:i2].square().sum(dim=1) / 2
+            elif i2 < n:
+                asym.block_done(i1, i2)
     invperm = torch.argsort(perm)
 
     def original_order(t: torch.Tensor) -> torch.Tensor:
-        t = t.index_select(0, invperm) if cfg.desc_act else t
+        t = t.index_select(0, invperm) if reordered else t
         return torch.empty((rows, n), device=t.device, dtype=t.dtype).copy_(t.T)
 
     if row_grid is not None:
@@ -362,14 +460,19 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
         scales_t = torch.stack([s for s, _ in static_grids], dim=1)
         zeros_t = torch.stack([z for _, z in static_grids], dim=1)
         g_idx = (torch.arange(n, device=R.device) // width).to(torch.int32)
+    elif cfg.group_aware:  # groups stayed together: their grids in the original group order
+        order = torch.as_tensor(np.argsort(group_of_steps(perm_np, cfg)), device=R.device)
+        scales_t, zeros_t = torch.stack(scales, dim=1)[:, order], torch.stack(zeros, dim=1)[:, order]
+        g_idx = (torch.arange(n, device=R.device) // width).to(torch.int32)
     else:
         scales_t, zeros_t = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         g_idx = (invperm // width).to(torch.int32)
+    weight = original_order(Qt)
     return QuantResult(
-        weight=original_order(Qt),
+        weight=weight if rot is None else weight @ rot,
         codes=original_order(codes_t).to(torch.int32),
         scales=scales_t,
-        zeros=zeros_t.to(torch.int32),
+        zeros=zeros_t if cfg.ternary else zeros_t.to(torch.int32),
         g_idx=g_idx,
         perm=perm,
         losses=losses[invperm],
@@ -377,6 +480,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0) 
         method="gptq",
         damp_percent_used=damp,
         dead_columns=dead,
+        rotation=rot,
     )
 
 
@@ -385,24 +489,33 @@ def rtn_quantize_torch(W, cfg: QuantConfig, device=None, dtype=torch.float32) ->
     W = _to_tensor(W, torch.device(device) if device is not None else None, dtype)
     checks.check_finite("W", bool(torch.isfinite(W).all()))
     rows, n = W.shape
+    rot = None
+    if cfg.rotation:
+        from .gptq import rotation_matrix
+
+        rot = torch.as_tensor(rotation_matrix(n, cfg), device=W.device).to(dtype)
+        W = W @ rot.T
     width = cfg.group_width(n)
     Q = torch.empty_like(W)
     codes = torch.empty((rows, n), device=W.device, dtype=torch.int32)
     scales, zeros = [], []
     for s in range(0, n, width):
-        scale, zero = _grid_params(W[:, s : s + width], cfg.bits, cfg.sym)
-        c, Q[:, s : s + width] = _quantize(W[:, s : s + width], scale[:, None], zero[:, None], cfg.maxq)
+        scale, zero = grid_of(W[:, s : s + width], cfg)
+        c, Q[:, s : s + width] = _quantize(W[:, s : s + width], scale[:, None], zero[:, None], cfg.maxq,
+                                           cfg.ternary)
         codes[:, s : s + width] = c.to(torch.int32)
         scales.append(scale)
         zeros.append(zero)
+    zeros_t = torch.stack(zeros, dim=1)
     return QuantResult(
-        weight=Q,
+        weight=Q if rot is None else Q @ rot,
         codes=codes,
         scales=torch.stack(scales, dim=1),
-        zeros=torch.stack(zeros, dim=1).to(torch.int32),
+        zeros=zeros_t if cfg.ternary else zeros_t.to(torch.int32),
         g_idx=(torch.arange(n, device=W.device) // width).to(torch.int32),
         perm=torch.arange(n, device=W.device),
         losses=None,
         config=cfg,
         method="rtn",
+        rotation=rot,
     )

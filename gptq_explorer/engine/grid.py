@@ -7,17 +7,44 @@ One (scale, zero) pair per output row of a group of input columns:
 Asymmetric (the paper's default): the row range [min, max] is widened to include 0, then
 scale = (max - min) / maxq and zero = round(-min / scale), so 0 is exactly representable.
 Symmetric: zero = 2**(bits-1) (8 for 4-bit, what every GPTQ kernel assumes) and the range is
-[-max|w|, +max|w|].
+[-max|w|, +max|w|]. Two variants from the reference code: an MSE grid search over shrunk ranges, and
+ternary values {xmin, 0, xmax}.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+# The reference's MSE grid search (Quantizer.configure(mse=True, grid=100, maxshrink=.8)): the range is
+# shrunk to p = 1, 0.99, ..., 0.21 of the min-max one and the p with the least sum |w - q|^norm is kept.
+MSE_GRID = 100
+MSE_MAXSHRINK = 0.8
 
-def grid_params(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (scale, zero) for a block of weights w of shape (rows, cols)."""
-    maxq = 2**bits - 1
+
+def grid_of(w: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (scale, zero) of w (rows, cols) for a QuantConfig: its bits, sym, mse_norm and ternary."""
+    return grid_params(w, cfg.bits, cfg.sym, cfg.mse_norm, cfg.ternary)
+
+
+def grid_params(w: np.ndarray, bits: int, sym: bool, mse_norm: float = 0.0,
+                ternary: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (scale, zero) for a block of weights w of shape (rows, cols).
+
+    Ternary (the reference's trits): the three values are {xmin, 0, xmax}; scale holds xmax and zero
+    holds xmin (floats), as in the reference's Quantizer. mse_norm > 0: the reference's grid search.
+    """
+    xmin, xmax = _range(w, sym)
+    if ternary:
+        scale, zero = xmax, xmin
+    else:
+        scale, zero = _uniform(xmin, xmax, bits, sym)
+    if mse_norm > 0:
+        scale, zero = _mse_search(w, xmin, xmax, scale, zero, bits, sym, mse_norm, ternary)
+    return scale, zero
+
+
+def _range(w: np.ndarray, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's [xmin, xmax], widened to include 0 (symmetric: [-max|w|, max|w|])."""
     xmin = np.minimum(w.min(axis=1), 0.0)
     xmax = np.maximum(w.max(axis=1), 0.0)
     if sym:
@@ -27,13 +54,38 @@ def grid_params(w: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.nda
         amax = np.maximum(-xmin, xmax)
         xmin, xmax = -amax, amax
     empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any positive scale works; use the reference's
-    xmin = np.where(empty, -1.0, xmin)
-    xmax = np.where(empty, 1.0, xmax)
+    return np.where(empty, -1.0, xmin), np.where(empty, 1.0, xmax)
+
+
+def _uniform(xmin: np.ndarray, xmax: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+    maxq = 2**bits - 1
     scale = (xmax - xmin) / maxq
     if sym:
         zero = np.full_like(scale, (maxq + 1) / 2)
     else:
         zero = np.round(-xmin / scale)
+    return scale, zero
+
+
+def _mse_search(w, xmin, xmax, scale, zero, bits, sym, norm, ternary):
+    """The reference's search: for p = 1, 0.99, ..., 0.21, the grid of the range [p xmin, p xmax]; each row
+    keeps the first p with the least sum |w - q|^norm (a later p must be strictly better)."""
+    maxq = 2**bits - 1
+    best = np.full(w.shape[0], np.inf)
+    scale, zero = scale.copy(), zero.copy()
+    for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        if ternary:
+            s1, z1 = p * xmax, p * xmin
+            q = dequantize(ternary_codes(w, s1[:, None], z1[:, None]), s1[:, None], z1[:, None], ternary=True)
+        else:
+            s1, z1 = _uniform(p * xmin, p * xmax, bits, sym)
+            q = dequantize(quantize_codes(w, s1[:, None], z1[:, None], maxq), s1[:, None], z1[:, None])
+        err = np.sum(np.abs(q - w) ** norm, axis=1)
+        better = err < best
+        best[better] = err[better]
+        scale[better] = s1[better]
+        zero[better] = z1[better]
     return scale, zero
 
 
@@ -61,10 +113,20 @@ def round_half_even(x: np.ndarray) -> np.ndarray:
     return np.round(x)
 
 
-def quantize_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int) -> np.ndarray:
+def quantize_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int,
+                   ternary: bool = False) -> np.ndarray:
     """Integer codes (as floats) of w on the grid."""
+    if ternary:
+        return ternary_codes(w, scale, zero)
     return np.clip(round_half_even(w / scale) + zero, 0, maxq)
 
 
-def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+def ternary_codes(w: np.ndarray, xmax: np.ndarray, xmin: np.ndarray) -> np.ndarray:
+    """Codes 0, 1, 2 for xmin, 0, xmax: the reference's rule, xmax above xmax / 2, xmin below xmin / 2."""
+    return 1.0 + (w > xmax / 2) - (w < xmin / 2)
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, ternary: bool = False) -> np.ndarray:
+    if ternary:  # scale = xmax, zero = xmin
+        return np.where(codes == 2, scale, np.where(codes == 0, zero, 0.0))
     return scale * (codes - zero)

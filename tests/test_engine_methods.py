@@ -1,0 +1,210 @@
+"""The methods beyond the paper (MSE grid, GAR, GPTAQ, Hadamard rotation, ternary): the NumPy reference and
+the torch path agree on every one, none depends on block_size, and each does what it says on a layer with
+correlated inputs. The anchors' own code is compared in test_engine_methods_anchors.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gptq_explorer.engine import GPTQStepper, Hessian, QuantConfig, gptq_quantize, rtn_quantize
+from gptq_explorer.engine.order import processing_order
+
+D_IN = 96
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """W (40, 96) and the Hessian of inputs with an outlier channel; X_fp differs from X by a few %."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(D_IN, D_IN))
+    A[:, 3] *= 8
+    X = rng.normal(size=(3000, D_IN)) @ A
+    X_fp = X + 0.03 * rng.normal(size=X.shape) @ A
+    W = rng.normal(size=(40, D_IN))
+    h = Hessian(D_IN).add_batch(X, X_fp=X_fp)
+    return W, h, X, X_fp
+
+
+CONFIGS = [
+    dict(mse_norm=2.4),
+    dict(mse_norm=2.4, sym=False, group_size=-1),
+    dict(mse_norm=2.0, bits=3, group_size=32, desc_act=True),
+    dict(group_size=32, group_aware=True),
+    dict(group_size=40, group_aware=True),  # a short last group
+    dict(ternary=True),
+    dict(ternary=True, sym=False, group_size=32),
+    dict(gptaq_alpha=0.25, group_size=32),
+    dict(gptaq_alpha=1.0, group_size=-1, desc_act=True),
+    dict(gptaq_alpha=0.5, group_size=64, block_size=16),  # a group wider than a block
+    dict(gptaq_alpha=0.5, static_groups=True, desc_act=True, group_size=32),
+    dict(rotation="hadamard"),
+    dict(rotation="hadamard", rotation_seed=3, gptaq_alpha=0.25, group_size=32, mse_norm=2.4),
+    dict(gptaq_alpha=0.3, group_size=40, group_aware=True, block_size=8),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: QuantConfig(**kw).label())
+def test_numpy_and_torch_agree_and_block_size_changes_nothing(layer, kw):
+    W, h, _, _ = layer
+    cfg = QuantConfig(**kw)
+    a = gptq_quantize(W, h.H, cfg, dXXT=h.dXXT)
+    b = gptq_quantize(W, h.H, cfg, dXXT=h.dXXT, backend="torch", dtype=torch.float64)
+    c = gptq_quantize(W, h.H, cfg.replace(block_size=7), dXXT=h.dXXT)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_allclose(a.weight, b.weight, atol=1e-12)
+    np.testing.assert_allclose(a.scales, b.scales, atol=1e-12)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-9)
+    np.testing.assert_array_equal(a.perm, b.perm)
+    np.testing.assert_array_equal(a.codes, c.codes)
+    R = np.eye(D_IN) if a.rotation is None else a.rotation
+    np.testing.assert_allclose(a.dequantize() @ R, a.weight, atol=1e-12)
+    f32 = gptq_quantize(torch.tensor(W, dtype=torch.float32), torch.tensor(h.H, dtype=torch.float32), cfg,
+                        dXXT=torch.tensor(h.dXXT, dtype=torch.float32))
+    assert np.mean(f32.codes.numpy() == a.codes) > 0.99
+    ra, rb = rtn_quantize(W, cfg), rtn_quantize(W, cfg, backend="torch", dtype=torch.float64)
+    np.testing.assert_array_equal(ra.codes, rb.codes)
+
+
+def test_the_torch_column_step_of_cuda_agrees(layer, monkeypatch):
+    """CUDA runs the column step in torch ops (no NumPy views): the same codes, here on the CPU."""
+    from gptq_explorer.engine import gptq_torch
+
+    W, h, _, _ = layer
+    monkeypatch.setattr(gptq_torch, "NUMPY_COLUMN_STEP", False)
+    for kw in (dict(ternary=True, sym=False, group_size=32),
+               dict(gptaq_alpha=0.25, mse_norm=2.4, group_size=32)):
+        cfg = QuantConfig(**kw)
+        a = gptq_quantize(W, h.H, cfg, dXXT=h.dXXT)
+        b = gptq_quantize(W, h.H, cfg, dXXT=h.dXXT, backend="torch", dtype=torch.float64)
+        np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def rel(A, B):
+    return float(np.linalg.norm(A - B) / np.linalg.norm(B))
+
+
+def test_each_method_on_a_correlated_layer(layer):
+    """Measured claims on this layer (3-bit g32): MSE grid lowers RTN's weight error; GAR and desc_act lower
+    GPTQ's output error; GPTAQ lowers the error against the full-precision output W X_fp; the rotation
+    spreads the outlier channel, so RTN's output error drops."""
+    W, h, X, X_fp = layer
+    base = QuantConfig(bits=3, group_size=32)
+    gptq = gptq_quantize(W, h.H, base)
+    out = lambda r: rel(r.weight @ X.T, W @ X.T)  # noqa: E731
+    out_fp = lambda r: rel(r.weight @ X.T, W @ X_fp.T)  # noqa: E731
+    assert rel(rtn_quantize(W, base.replace(mse_norm=2.4)).weight, W) < rel(rtn_quantize(W, base).weight, W)
+    assert out(gptq_quantize(W, h.H, base.replace(group_aware=True))) < out(gptq)
+    gptaq = gptq_quantize(W, h.H, base.replace(gptaq_alpha=1.0), dXXT=h.dXXT)
+    assert out_fp(gptaq) < out_fp(gptq)
+    rot = base.replace(rotation="hadamard")
+    assert out(rtn_quantize(W, rot)) < out(rtn_quantize(W, base))
+
+
+def test_gptaq_with_identical_inputs_is_gptq(layer):
+    W, h, X, _ = layer
+    same = Hessian(D_IN).add_batch(X, X_fp=X)
+    assert np.abs(same.dXXT).max() == 0
+    a = gptq_quantize(W, h.H, QuantConfig(gptaq_alpha=0.5), dXXT=same.dXXT)
+    np.testing.assert_array_equal(a.codes, gptq_quantize(W, h.H, QuantConfig()).codes)
+
+
+def test_gar_order():
+    diag = np.array([1.0, 5, 2, 2, 9, 0, 3, 3, 4, 8])  # groups of 4: [1 5 2 2] [9 0 3 3], short [4 8]
+    perm = processing_order(diag, QuantConfig(group_size=4, group_aware=True))
+    # the group with max 9 first (9, 3, 3 stable, 0), then max 5 (5, 2, 2 stable, 1); the short group last
+    np.testing.assert_array_equal(perm, [4, 6, 7, 5, 1, 2, 3, 0, 8, 9])
+    np.testing.assert_array_equal(processing_order(diag, QuantConfig(desc_act=True))[:3], [4, 9, 1])
+
+
+def test_gar_keeps_g_idx_and_groups_contiguous(layer):
+    W, h, _, _ = layer
+    res = gptq_quantize(W, h.H, QuantConfig(group_size=32, group_aware=True))
+    np.testing.assert_array_equal(res.g_idx, np.arange(D_IN) // 32)
+    assert sorted(res.perm[:32] // 32) == [res.perm[0] // 32] * 32  # a group is processed in one piece
+    np.testing.assert_allclose(res.dequantize(), res.weight, atol=1e-12)
+
+
+def test_ternary_values_are_min_zero_max():
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(8, 64))
+    res = rtn_quantize(W, QuantConfig(ternary=True, sym=False, group_size=-1))
+    for row, w in zip(res.weight, W):
+        assert set(np.unique(row)) <= {w.min(), 0.0, w.max()}
+    # the reference's thresholds: xmax above xmax / 2, xmin below xmin / 2
+    np.testing.assert_array_equal(res.weight[0], np.where(W[0] > W[0].max() / 2, W[0].max(),
+                                                          np.where(W[0] < W[0].min() / 2, W[0].min(), 0)))
+    sym = rtn_quantize(W, QuantConfig(ternary=True))
+    for row in sym.weight:
+        assert len(set(np.abs(row[row != 0]))) == 1
+
+
+def test_mse_grid_shrinks_the_range_and_never_loses():
+    rng = np.random.default_rng(2)
+    W = rng.standard_t(df=3, size=(64, 128))  # heavy tails: the min-max range wastes levels on outliers
+    base = QuantConfig(bits=3, group_size=-1)
+    mm, mse = rtn_quantize(W, base), rtn_quantize(W, base.replace(mse_norm=2.0))
+    assert np.all(mse.scales <= mm.scales + 1e-15) and np.mean(mse.scales < mm.scales) > 0.5
+    per_row = lambda r: np.sum((r.weight - W) ** 2, axis=1)  # noqa: E731
+    assert np.all(per_row(mse) <= per_row(mm) + 1e-12)
+
+
+def test_rotation_result_is_in_the_original_basis(layer):
+    W, h, X, _ = layer
+    res = gptq_quantize(W, h.H, QuantConfig(rotation="hadamard"))
+    R = res.rotation
+    np.testing.assert_allclose(R @ R.T, np.eye(D_IN), atol=1e-12)
+    np.testing.assert_allclose(res.weight, res.dequantize() @ R, atol=1e-12)
+    assert rel(res.weight @ X.T, W @ X.T) < 0.1
+    other = gptq_quantize(W, h.H, QuantConfig(rotation="hadamard", rotation_seed=1))
+    assert not np.allclose(other.rotation, R)
+
+
+def test_stepper_shows_gptaq_correction_and_equals_the_batch_result(layer):
+    W, h, _, _ = layer
+    cfg = QuantConfig(gptaq_alpha=0.5, group_size=-1, block_size=16)
+    stepper = GPTQStepper(W, h.H, cfg, dXXT=h.dXXT)
+    steps = list(stepper)
+    assert all(s.asym_row is not None for s in steps)
+    first = steps[0]
+    np.testing.assert_allclose(first.update, -np.outer(first.error, first.hinv_row) + first.correction)
+    assert np.abs(first.correction).max() > 0
+    np.testing.assert_array_equal(stepper.result.codes, gptq_quantize(W, h.H, cfg, dXXT=h.dXXT).codes)
+    assert GPTQStepper(W, h.H, QuantConfig()).prepared.P is None
+
+
+def test_hessian_dxxt():
+    rng = np.random.default_rng(3)
+    X, X_fp = rng.normal(size=(2, 50, 8)), rng.normal(size=(2, 50, 8))
+    h = Hessian(8).add_batch(X[0], X_fp=X_fp[0]).add_batch(X[1], X_fp=X_fp[1])
+    x, xf = X.reshape(-1, 8), X_fp.reshape(-1, 8)
+    np.testing.assert_allclose(h.dXXT, 2 / 100 * (xf - x).T @ x)
+    ht = Hessian(8, backend="torch").add_batch(torch.tensor(X[0]), X_fp=torch.tensor(X_fp[0]))
+    np.testing.assert_allclose(ht.dXXT.numpy(), 2 / 50 * (xf[:50] - x[:50]).T @ x[:50], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="X_fp was given for some batches"):
+        h.add_batch(X[0])
+    with pytest.raises(ValueError, match="no full-precision inputs"):
+        _ = Hessian(8).add_batch(X[0]).dXXT
+    with pytest.raises(ValueError, match="X_fp must have the shape of X"):
+        Hessian(8).add_batch(X[0], X_fp=X_fp[0][:10])
+
+
+def test_bad_method_settings(layer):
+    W, h, _, _ = layer
+    with pytest.raises(ValueError, match="needs dXXT"):
+        gptq_quantize(W, h.H, QuantConfig(gptaq_alpha=0.25))
+    with pytest.raises(ValueError, match="needs dXXT"):
+        gptq_quantize(W, h.H, QuantConfig(gptaq_alpha=0.25), backend="torch")
+    with pytest.raises(ValueError, match="dXXT must have the shape of H"):
+        gptq_quantize(W, h.H, QuantConfig(gptaq_alpha=0.25), dXXT=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="choose one"):
+        QuantConfig(group_aware=True, desc_act=True)
+    with pytest.raises(ValueError, match="group_size=-1 has none"):
+        QuantConfig(group_aware=True, group_size=-1)
+    with pytest.raises(ValueError, match="rotation must be None"):
+        QuantConfig(rotation="givens")
+    with pytest.raises(ValueError, match="gptaq_alpha must be between"):
+        QuantConfig(gptaq_alpha=2.0)
+    with pytest.raises(ValueError, match="mse_norm must be"):
+        QuantConfig(mse_norm=-1.0)
