@@ -12,7 +12,7 @@ import gptq_explorer
 PACKAGE = Path(gptq_explorer.__file__).parent
 
 # the rooms, top of the table first; a room may import the rooms listed after it (and lazy, lazy_torch)
-LAYERS = ["settings", "engine", "data", "models", "metrics", "checkpoint", "services", "views"]
+LAYERS = ["settings", "engine", "data", "models", "metrics", "checkpoint", "services", "views", "exercises"]
 FRONT_ENDS = ["cli", "ui", "lessons"]
 ANYONE = {"lazy", "lazy_torch"}
 
@@ -90,3 +90,10 @@ def test_the_check_sees_a_wrong_import(tmp_path, monkeypatch):
     assert imports_of(fake / "lessons" / "y.py") == {"cli"}
     assert "ui" not in allowed("engine") and "cli" not in allowed("lessons")
     assert "settings" in allowed("engine") and "engine" not in allowed("settings")
+
+
+def test_the_exercises_sit_below_the_rooms_they_check_and_above_the_front_ends():
+    assert {"engine", "checkpoint", "metrics"} <= allowed("exercises")
+    assert not set(FRONT_ENDS) & allowed("exercises")
+    assert all("exercises" in allowed(front) for front in FRONT_ENDS)
+    assert all("exercises" not in allowed(room) for room in LAYERS if room != "exercises")
