@@ -46,6 +46,7 @@ class Knob:
     log: bool = False
     option_labels: tuple = ()  # (value, label) pairs a dropdown shows instead of the bare value
     follows: str | None = None  # default None means "the value of this other knob" (eval_seqlen -> seqlen)
+    beyond_paper: bool = False  # a method after the 2022 paper (docs/methods.md): off by default
 
     @property
     def control_label(self) -> str:
@@ -180,25 +181,26 @@ _KNOBS = (
          "--block-size", label="block size", low=1, rule="a positive number of columns",
          offered=(16, 32, 64, 128, 256)),
     # -- quantization methods beyond the 2022 paper (docs/methods.md) ------------------------------------
-    Knob("mse_norm", float, 0.0, "search each row's range (the reference's MSE grid: shrink it in 1% steps "
-         "down to 21%, keep the least sum |w - q|^p); 0 = the min-max range", "quant", "--mse-norm",
-         label="MSE grid (norm p)", low=0.0, rule="0 (min-max grid) or a norm p > 0 (the reference uses 2.4)",
-         offered=(0.0, 2.0, 2.4, 3.0), option_labels=((0.0, "off (min-max)"), (2.4, "2.4 (reference)"))),
+    Knob("mse_norm", float, 0.0, "search each row's range (the reference's MSE grid: shrink it in steps of "
+         "0.01 down to 0.21 of it, keep the least sum |w - q|^p); 0 = the min-max range", "quant",
+         "--mse-norm", label="MSE grid (norm p)", low=0.0,
+         rule="0 (min-max grid) or a norm p > 0 (the reference uses 2.4)", offered=(0.0, 2.0, 2.4, 3.0),
+         option_labels=((0.0, "off (min-max)"), (2.4, "2.4 (reference)")), beyond_paper=True),
     Knob("group_aware", bool, False, "GAR order: groups by their largest diag(H), columns inside a group by "
          "diag(H); act-order's benefit with g_idx = i // group_size", "quant", "--group-aware",
-         label="GAR (group-aware order)"),
+         label="GAR (group-aware order)", beyond_paper=True),
     Knob("gptaq_alpha", float, 0.0, "GPTAQ: fit each layer to the full-precision model's inputs too, with "
          "this weight (GPTQModel recommends 0.25); 0 = plain GPTQ", "quant", "--gptaq-alpha",
          label="GPTAQ alpha", low=0.0, high=1.0, rule="between 0 (off) and 1 (GPTQModel recommends 0.25)",
-         offered=(0.0, 0.25, 0.5, 1.0), option_labels=((0.0, "off (GPTQ)"),)),
+         offered=(0.0, 0.25, 0.5, 1.0), option_labels=((0.0, "off (GPTQ)"),), beyond_paper=True),
     Knob("rotation", str, None, "rotate the input dimension before quantizing: 'hadamard' (a randomized "
          "Hadamard rotation, QuaRot style) or none", "quant", "--rotation", also=(None,),
          choices=("hadamard",), rule="None (no rotation) or 'hadamard'", offered=(None, "hadamard"),
-         option_labels=((None, "none"),)),
+         option_labels=((None, "none"),), beyond_paper=True),
     Knob("rotation_seed", int, 0, "which random signs the Hadamard rotation uses", "quant", "--rotation-seed",
-         label="rotation seed", low=0),
+         label="rotation seed", low=0, beyond_paper=True),
     Knob("ternary", bool, False, "three values per row (and group): {min, 0, max}, the reference's trits; "
-         "bits is ignored", "quant", "--ternary"),
+         "bits is ignored", "quant", "--ternary", beyond_paper=True),
     # -- the whole model ------------------------------------------------------------------------------------
     Knob("true_sequential", bool, True, "inside a block, quantize the linears group by group in forward "
          "order (q/k/v, then o, ...), each group calibrated on the outputs of the groups already quantized",
@@ -224,6 +226,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in _KNOBS}
 QUANT_KEYS: tuple[str, ...] = tuple(k.name for k in _KNOBS if k.group == "quant")
 CALIBRATION_KEYS: tuple[str, ...] = tuple(k.name for k in _KNOBS if k.group == "calibration")
 EVALUATION_KEYS: tuple[str, ...] = tuple(k.name for k in _KNOBS if k.group == "evaluation")
+BEYOND_PAPER_KEYS: tuple[str, ...] = tuple(k.name for k in _KNOBS if k.beyond_paper)
 
 
 def knob(name: str) -> Knob:

@@ -100,6 +100,19 @@ class _Layer:
 # ------------------------------------------------------------------------ gathering
 
 
+def _check_exportable(name: str, cfg) -> None:
+    """The GPTQ format stores scale * (code - zero) per group, applied to the layer's own inputs."""
+    if cfg.rotation:
+        raise CheckpointFormatError(
+            f"{name} was quantized with rotation={cfg.rotation!r}: its codes hold W R^T and the layer must "
+            "rotate its input online (R x) before the matmul, which no standard GPTQ loader does. Export "
+            "without rotation, or keep the rotated model for evaluation in the explorer")
+    if cfg.ternary:
+        raise CheckpointFormatError(
+            f"{name} is ternary: its values {{xmin, 0, xmax}} are not a uniform grid, and GPTQ checkpoints "
+            "store only uniform 2-8 bit grids. Export a 2-bit model instead (bits=2)")
+
+
 def _gather_layers(qm) -> list[_Layer]:
     from ..models.adapters import get_weight
 
@@ -109,6 +122,7 @@ def _gather_layers(qm) -> list[_Layer]:
         W = get_weight(module)
         out_f, in_f = (int(d) for d in W.shape)
         cfg = res.config
+        _check_exportable(name, cfg)
         bits = cfg.bits
         codes = whole_numbers(res.codes, f"{name}: codes")
         zeros = whole_numbers(res.zeros, f"{name}: zeros")

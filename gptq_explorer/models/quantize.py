@@ -116,13 +116,15 @@ def quantize_model(
             return qm
 
     device = torch.device(device) if device is not None else home
+    # GPTAQ carries the full-precision activations beside the quantized ones: the paper's loop does that
+    gptaq = method == "gptq" and any(c.gptaq_alpha > 0 for c in cfgs.values())
     if single_pass is None:
         single_pass = calib_ids is not None and _single_pass_fits(model, *calib_ids.shape, device)
     job = _Job(
         qm=qm, adapter=adapter, cfgs=cfgs, device=device, home=home, batch_size=batch_size,
         progress=progress, cancel=cancel, hessian_condition=hessian_condition,
         keep_hessians=save_hessians and cache_dir is not None,
-        single_pass=bool(single_pass and true_sequential), compact=COMPACT_RESULTS,
+        single_pass=bool(single_pass and true_sequential and not gptaq), gptaq=gptaq, compact=COMPACT_RESULTS,
     )  # fmt: skip
     _run_or_restore(job, blocks, calib_ids, len(names))
     qm.seconds = time.perf_counter() - t_start

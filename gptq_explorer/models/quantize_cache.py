@@ -128,6 +128,11 @@ def _load_cached(qm: QuantizedModel, folder: Path, compact: bool = True) -> bool
                 damp_percent_used=meta["damp_percent_used"],
             )
             res.weight = res.dequantize().to(torch.float32)
+            if res.config.rotation:  # codes are in the rotated basis; the layer computes (Q R) x
+                from ..engine.gptq import rotation_matrix
+
+                res.rotation = torch.as_tensor(rotation_matrix(res.weight.shape[1], res.config))
+                res.weight = res.weight @ res.rotation.to(torch.float32)
             results[name] = res
         layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in info["layers"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:

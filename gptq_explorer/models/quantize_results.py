@@ -71,7 +71,7 @@ def _result_to_cpu(res, module=None, compact: bool = True):
     res.weight is a view of the module's weight instead of a second copy (for SmolLM2 these two save
     ~0.7 GB; the module's weight then IS the result, so changing one changes the other).
     compact=False keeps the earlier layout (models.quantize.COMPACT_RESULTS)."""
-    for f in ("weight", "codes", "scales", "zeros", "g_idx", "perm", "losses", "dead_columns"):
+    for f in ("weight", "codes", "scales", "zeros", "g_idx", "perm", "losses", "dead_columns", "rotation"):
         v = getattr(res, f, None)
         if isinstance(v, torch.Tensor):
             setattr(res, f, v.detach().cpu())

@@ -5,6 +5,7 @@ pass per group plus one for the outputs). RTN without data quantizes every linea
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -49,7 +50,9 @@ class _GroupCollector:
         if len(self._inputs) == len(self.modules):
             raise StopForward
 
-    def flush(self) -> None:
+    def flush(self, fp_inputs: dict | None = None) -> None:
+        """Add the batch's inputs to the Hessians; fp_inputs (GPTAQ): the same linears' inputs in the
+        full-precision block, for dXXT."""
         seen: list[tuple[torch.Tensor, Any]] = []
         for name in self.modules:
             x = self._inputs[name]
@@ -58,11 +61,13 @@ class _GroupCollector:
                 if name not in self.hessians:
                     self.hessians[name] = self._Hessian(x.shape[-1], backend="torch", device=self.device)
                 h = self.hessians[name]
-                h.add_batch(x)
+                h.add_batch(x, X_fp=None if fp_inputs is None else fp_inputs[name])
                 seen.append((x, h))
             elif name not in self.hessians:
                 self.hessians[name] = h
         self._inputs.clear()
+        if fp_inputs is not None:
+            fp_inputs.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,16 +105,22 @@ def _output_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[f
     return err / (2 * W.shape[0]), (err / ref if ref > 0 else 0.0)
 
 
-def _forward_pass(block, inps, kwargs_dev, device, batch_size, cancel, collector=None, out=None):
+def _forward_pass(block, inps, kwargs_dev, device, batch_size, cancel, collector=None, out=None, fp=None):
     """Run block over all samples in batches; with a collector, feed its Hessians (the pass stops after the
-    group's last linear); with out, store the block's outputs."""
+    group's last linear); with out, store the block's outputs. fp (GPTAQ): (full-precision block, its
+    inputs, a collector of its linears' inputs), run on the same batch first, so each Hessian also gets
+    the full-precision inputs of the same tokens."""
     for i in range(0, inps.shape[0], batch_size):
         if _cancelled(cancel):
             raise QuantizationCancelled("cancelled")
+        if fp is not None:
+            fp_block, fp_inps, fp_coll = fp
+            with hooks(fp_coll.modules, fp_coll.hook):
+                run_until_stopped(run_block, fp_block, fp_inps[i : i + batch_size].to(device), kwargs_dev)
         x = inps[i : i + batch_size].to(device)
         y = run_until_stopped(run_block, block, x, kwargs_dev)
         if collector is not None:
-            collector.flush()
+            collector.flush(None if fp is None else fp[2]._inputs)
         if out is not None:
             out[i : i + batch_size] = y.to(out.device, out.dtype)
 
@@ -129,6 +140,7 @@ class _Job:
     hessian_condition: bool
     keep_hessians: bool
     single_pass: bool = False
+    gptaq: bool = False  # carry the full-precision model's activations too (GPTAQ)
     compact: bool = True  # the kept results' layout (models.quantize.COMPACT_RESULTS)
     originals: dict = field(default_factory=dict)  # weights we changed (CPU copies), to restore on failure
     hessians: dict = field(default_factory=dict)  # owner layer -> H, when caching
@@ -139,7 +151,7 @@ class _Job:
             raise QuantizationCancelled("cancelled")
 
 
-def _quantize_layer(job: _Job, name, block_idx, group_idx, module, H=None, stats=None):
+def _quantize_layer(job: _Job, name, block_idx, group_idx, module, H=None, stats=None, dXXT=None):
     from ..engine import gptq_quantize, rtn_quantize
 
     qm, cfg_l, device = job.qm, job.cfgs[name], job.device
@@ -148,7 +160,8 @@ def _quantize_layer(job: _Job, name, block_idx, group_idx, module, H=None, stats
     if stats is None:
         stats = _hessian_stats(H, cfg_l.damp_percent, job.hessian_condition) if H is not None else {}
     if qm.method == "gptq":
-        res = gptq_quantize(W, H, cfg_l, backend="torch", device=device)
+        res = gptq_quantize(W, H, cfg_l, dXXT=dXXT if cfg_l.gptaq_alpha > 0 else None, backend="torch",
+                            device=device)
     else:
         res = rtn_quantize(W, cfg_l, backend="torch", device=device)
     Q = res.weight
@@ -283,27 +296,39 @@ def _quantize_group(job: _Job, i, gi, group, linears, coll: _GroupCollector, bar
             if job.keep_hessians:
                 job.hessians[name] = H.detach().cpu()
         job.check_cancel()
-        _quantize_layer(job, name, i, gi, linears[rel], H, dict(stats))
+        dXXT = h.dXXT if job.gptaq else None
+        if dXXT is not None:
+            group_bytes += 0 if job.alias.get(name) else dXXT.numel() * dXXT.element_size()
+        _quantize_layer(job, name, i, gi, linears[rel], H, dict(stats), dXXT)
     qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], group_bytes)
 
 
-def _papers_loop_block(job: _Job, i, block, linears, groups, inps, outs, extra, tm, bar) -> None:
+def _papers_loop_block(job: _Job, i, block, linears, groups, inps, outs, extra, tm, bar, fp=None) -> None:
     """Quantize one block the paper's way, in batches of job.batch_size: per group, one pass (stopped after
     the group's last linear) collects the group's Hessians, then the group is quantized; a final pass
-    writes the block's outputs, all its weights quantized, into outs (the next block's inputs)."""
+    writes the block's outputs, all its weights quantized, into outs (the next block's inputs).
+    fp (GPTAQ): (the full-precision stream's inputs, outputs): a copy of the block with its original weights
+    runs beside it, giving each Hessian its dXXT and the next block its full-precision inputs."""
     device, bs = job.device, job.batch_size
+    fp_block = copy.deepcopy(block) if fp is not None else None  # before any of its weights change
     for gi, group in enumerate(groups):
         t0 = time.perf_counter()
         coll = _GroupCollector({rel: linears[rel] for rel in group}, device)
+        fp_pass = None
+        if fp is not None:
+            fp_linears = job.adapter.linears(fp_block)
+            fp_pass = (fp_block, fp[0], _GroupCollector({rel: fp_linears[rel] for rel in group}, device))
         with hooks(coll.modules, coll.hook):
-            _forward_pass(block, inps, extra, device, bs, job.cancel, collector=coll)
+            _forward_pass(block, inps, extra, device, bs, job.cancel, collector=coll, fp=fp_pass)
         tm["forward"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         _quantize_group(job, i, gi, group, linears, coll, bar)
-        del coll  # free the group's Hessians before the next group collects its own
+        del coll, fp_pass  # free the group's Hessians before the next group collects its own
         tm["quantize"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     _forward_pass(block, inps, extra, device, bs, job.cancel, out=outs)  # the next block's inputs
+    if fp is not None:
+        _forward_pass(fp_block, fp[0], extra, device, bs, job.cancel, out=fp[1])
     tm["forward"] += time.perf_counter() - t0
 
 
@@ -320,9 +345,12 @@ def _sequential(job: _Job, blocks, calib_ids):
     # activations stay on the CPU when blocks are streamed to a GPU; otherwise where they are
     inps = caught.hidden.to("cpu") if device != home and device.type == "cuda" else caught.hidden
     outs = None if job.single_pass else torch.empty_like(inps)
+    # GPTAQ: the full-precision model's activations, carried block by block beside the quantized ones
+    fp = (inps.clone(), torch.empty_like(inps)) if job.gptaq else None
     extra = BlockInputs(inps, _to(caught.args, device), _to(caught.kwargs, device))
     del caught
-    qm.memory["activation_buffers_bytes"] = 2 * inps.numel() * inps.element_size()
+    qm.memory["activation_buffers_bytes"] = (4 if fp else 2) * inps.numel() * inps.element_size()
+    qm.memory["gptaq_streams"] = 2 if fp else 1
     qm.memory["single_pass"] = job.single_pass
     qm.memory["hessian_bytes_max_group"] = 0
     groups = ad.groups(qm.true_sequential)
@@ -337,8 +365,9 @@ def _sequential(job: _Job, blocks, calib_ids):
             if job.single_pass:
                 inps = _single_pass_block(job, i, block, linears, groups, inps, extra, tm, bar)
             else:
-                _papers_loop_block(job, i, block, linears, groups, inps, outs, extra, tm, bar)
+                _papers_loop_block(job, i, block, linears, groups, inps, outs, extra, tm, bar, fp)
                 inps, outs = outs, inps
+                fp = None if fp is None else (fp[1], fp[0])
             if device != home:
                 block.to(home)
             bar.update(1)

@@ -61,8 +61,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..engine.rtn import RTN_KEYS
 from ..models.catalog import DEFAULT_MODEL
-from ..settings import defaults
+from ..settings import BEYOND_PAPER_KEYS, defaults
 
 REPORT_FORMAT = 1  # bump when a computed (cached) report's meaning changes
 
@@ -129,18 +130,20 @@ def method_config(cfg, method: str) -> dict | None:
         return None
     d = cfg.to_dict()
     if method == "rtn":
-        return {k: d[k] for k in ("bits", "group_size", "sym")}
+        return {k: d[k] for k in RTN_KEYS}
     return d
 
 
 def _config_matches(report: dict, want: dict) -> bool:
-    """The report's config has every value of `want` (None: anything); a field missing from an older report
-    reads as its default, and numbers that are not integers compare to 1e-6."""
+    """The report's config has every value of `want`; a field missing from an older report reads as its
+    default, and numbers that are not integers compare to 1e-6."""
     have, fallback = report.get("config") or {}, defaults()
     for key, value in want.items():
-        if value is None:
-            continue
         got = have.get(key, fallback.get(key))
+        if value is None or got is None:
+            if value is not got:
+                return False
+            continue
         if isinstance(value, float) or isinstance(got, float):
             if got is None or not math.isclose(float(got), float(value), rel_tol=1e-6):
                 return False
@@ -180,10 +183,14 @@ def find_run(
     QuantConfig fields (damp_percent=0.01, ...) and calib_nsamples / calib_seqlen. Runs with per-layer
     overrides never match. With several matches, the most recent ('created') is returned.
     """
-    unknown = set(extra) - {"damp_percent", "static_groups", "block_size", "calib_nsamples", "calib_seqlen"}
+    unknown = set(extra) - {"damp_percent", "static_groups", "block_size", "calib_nsamples", "calib_seqlen",
+                            *BEYOND_PAPER_KEYS}
     if unknown:
         raise TypeError(f"find_run got unknown keyword(s) {sorted(unknown)}")
-    want = {"bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
+    named = {"bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act}
+    # None matches anything for the named fields; the methods after GPTQ must be off (their defaults)
+    want = {**defaults(BEYOND_PAPER_KEYS),
+            **{k: v for k, v in named.items() if v is not None},
             **{k: v for k, v in extra.items() if not k.startswith("calib_")}}
     hits = [r for r in shipped_runs(model) if _matches(r, method, want, extra)]
     if not hits:
