@@ -3,6 +3,7 @@
     python benchmarks/bench_methods.py                    # every row (reduced protocol, ~1-5 min a run)
     python benchmarks/bench_methods.py --only gptaq       # the rows whose name contains 'gptaq'
     python benchmarks/bench_methods.py --table            # print the table of what is stored
+    python benchmarks/bench_methods.py --layers           # time each method on one layer, beside GPTQ
 
 Each run is `gptq-explorer quantize` with the reduced protocol below (stated in every report) and writes
 its JSON report to data/results/methods/<model>/<name>.json, where tests/test_results_methods.py checks
@@ -28,26 +29,29 @@ def rows(grid: str) -> dict[str, list[str]]:
     order = ["--desc-act"] if grid.endswith("grow") else ["--group-aware"]  # GAR needs groups
     return {
         "rtn": ["--method", "rtn"],
-        "rtn-mse": ["--method", "rtn", "--mse-norm", "2.4"],
-        "rtn-had": ["--method", "rtn", "--rotation", "hadamard"],
         "gptq": ["--method", "gptq"],
         "gptq-mse": ["--method", "gptq", "--mse-norm", "2.4"],
         "gptq-order": ["--method", "gptq", *order],
         "gptaq": ["--method", "gptq", "--gptaq-alpha", "0.25"],
         "gptq-had": ["--method", "gptq", "--rotation", "hadamard"],
         "gptaq-mse-order": ["--method", "gptq", "--gptaq-alpha", "0.25", "--mse-norm", "2.4", *order],
+        "rtn-had": ["--method", "rtn", "--rotation", "hadamard"],
+        "rtn-mse": ["--method", "rtn", "--mse-norm", "2.4"],
     }
 
 
 def run(name: str, args: list[str]) -> None:
     out = OUT / f"{name}.json"
+    if (OUT / f"{name}.failed").exists():
+        return
     if out.exists():
         return
     OUT.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "gptq_explorer.cli", "quantize", *args, *PROTOCOL, "--json", str(out),
            "--quiet"]
     print(" ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        (OUT / f"{name}.failed").write_text("see the log\n")
 
 
 def table() -> None:
@@ -59,17 +63,58 @@ def table() -> None:
               f"{m.get('peak_rss_bytes', 0) / 1e9:11.2f}")
 
 
+def time_layers(repeats: int = 3) -> None:
+    """Each method's time on SmolLM2's three layer shapes (torch path, one thread, 4096 tokens of correlated
+    inputs), as a ratio to plain GPTQ measured in the same run."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from gptq_explorer.engine import Hessian, QuantConfig, gptq_quantize
+
+    torch.set_num_threads(1)
+    base = QuantConfig(bits=3, group_size=128)
+    methods = {"gptq": base, "+mse": base.replace(mse_norm=2.4), "+gar": base.replace(group_aware=True),
+               "gptaq": base.replace(gptaq_alpha=0.25), "+rotation": base.replace(rotation="hadamard"),
+               "ternary": base.replace(ternary=True)}
+    rng = np.random.default_rng(0)
+    print(f"{'shape':>11s} " + " ".join(f"{m:>14s}" for m in methods))
+    for d_out, d_in in ((576, 576), (1536, 576), (576, 1536)):
+        A = torch.tensor(rng.normal(size=(d_in, d_in)) / d_in**0.5, dtype=torch.float32)
+        X = torch.randn(4096, d_in) @ A
+        h = Hessian(d_in, backend="torch").add_batch(X, X_fp=X + 0.05 * torch.randn_like(X) @ A)
+        W = torch.randn(d_out, d_in)
+        best = {}
+        for name, cfg in methods.items():
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                gptq_quantize(W, h.H, cfg, dXXT=h.dXXT)
+                runs.append(time.perf_counter() - t0)
+            best[name] = min(runs)
+        cells = [f"{best[m] * 1e3:6.0f} ms {best[m] / best['gptq']:4.1f}x" for m in methods]
+        print(f"{d_out:>5d}x{d_in:<5d} " + " ".join(f"{c:>14s}" for c in cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only the rows whose name contains this")
     ap.add_argument("--table", action="store_true", help="print the stored table and exit")
+    ap.add_argument("--layers", action="store_true", help="time each method on one layer and exit")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"where the reports go (default {OUT})")
     args = ap.parse_args()
-    if not args.table:
-        for grid, flags in GRIDS.items():
-            for method, extra in rows(grid).items():
+    global OUT
+    OUT = args.out
+    if args.layers:
+        time_layers()
+        return
+    if not args.table:  # the rows first, then the grids: every grid gets its main rows early
+        for method in rows("w3-g128"):
+            for grid, flags in GRIDS.items():
                 name = f"{method}-{grid}"
                 if args.only in name:
-                    run(name, [*flags, *extra])
+                    run(name, [*flags, *rows(grid)[method]])
     table()
 
 

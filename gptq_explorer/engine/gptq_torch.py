@@ -69,14 +69,18 @@ def _uniform(xmin, xmax, bits: int, sym: bool):
 
 
 def _mse_search(w, dim, xmin, xmax, scale, zero, bits, sym, norm, ternary):
-    """torch twin of grid._mse_search."""
+    """torch twin of grid._mse_search (one shrink factor at a time: the candidates' tensors stay in cache)."""
     maxq = 2**bits - 1
     best = torch.full_like(scale, float("inf"))
     scale, zero = scale.clone(), zero.clone()
     for i in range(int(grid_np.MSE_MAXSHRINK * grid_np.MSE_GRID)):
         p = 1 - i / grid_np.MSE_GRID
         s1, z1 = (p * xmax, p * xmin) if ternary else _uniform(p * xmin, p * xmax, bits, sym)
-        _, q = _quantize(w, s1.unsqueeze(dim), z1.unsqueeze(dim), maxq, ternary)
+        s, z = s1.unsqueeze(dim), z1.unsqueeze(dim)
+        if ternary:
+            _, q = _quantize(w, s, z, maxq, ternary=True)
+        else:  # plain rounding, as the reference's search: ties only move the error, not the codes
+            q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z).mul_(s)
         err = (q - w).abs_().pow_(norm).sum(dim=dim)
         better = err < best
         best = torch.where(better, err, best)

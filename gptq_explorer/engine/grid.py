@@ -78,9 +78,10 @@ def _mse_search(w, xmin, xmax, scale, zero, bits, sym, norm, ternary):
         if ternary:
             s1, z1 = p * xmax, p * xmin
             q = dequantize(ternary_codes(w, s1[:, None], z1[:, None]), s1[:, None], z1[:, None], ternary=True)
-        else:
+        else:  # plain rounding, as the reference's search: ties only move the error, not the codes
             s1, z1 = _uniform(p * xmin, p * xmax, bits, sym)
-            q = dequantize(quantize_codes(w, s1[:, None], z1[:, None], maxq), s1[:, None], z1[:, None])
+            s, z = s1[:, None], z1[:, None]
+            q = (np.clip(np.round(w / s) + z, 0, maxq) - z) * s
         err = np.sum(np.abs(q - w) ** norm, axis=1)
         better = err < best
         best[better] = err[better]
