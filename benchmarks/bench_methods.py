@@ -98,13 +98,13 @@ def time_layers(repeats: int = 3) -> None:
 
 
 def main() -> None:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only the rows whose name contains this")
     ap.add_argument("--table", action="store_true", help="print the stored table and exit")
     ap.add_argument("--layers", action="store_true", help="time each method on one layer and exit")
     ap.add_argument("--out", type=Path, default=OUT, help=f"where the reports go (default {OUT})")
     args = ap.parse_args()
-    global OUT
     OUT = args.out
     if args.layers:
         time_layers()
