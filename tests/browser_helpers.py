@@ -64,6 +64,7 @@ PLOT_STATE_JS = """() => {
     error_cmax: s.error_cmax,
     cursor_path: s.cursor_path,
     diag_title: s.diag_title,
+    panels: s.panels, label: s.label, basis: s.basis, bands: s.bands, correction_max: s.correction_max,
   };
 }"""
 

@@ -280,3 +280,128 @@ def test_llmcompressor_same_semantics_and_noise(monkeypatch):
     assert 0.04 < noise["code"] < 0.06 and noise["prose"] < 0.015
     side = _comparison("grow-32x512")["perplexity"]
     assert abs(side["ours"]["code"] / side["llmcompressor"]["code"] - 1) < noise["code"]
+
+
+# ---------------------------------------- the method table (data/results/methods/<model>/: its own protocol)
+
+
+def _report(method, bits=3, group=128, prose=20.0, *, nsamples=32, tokens=16384, seqlen=512, **knobs):
+    """A minimal run report, as bench_methods.py writes them (the fields the lookups read)."""
+    from gptq_explorer.engine import QuantConfig
+
+    return {"model": "tiny/llama", "method": method, "overrides": {},
+            "config": QuantConfig(bits=bits, group_size=group, **knobs).to_dict(),
+            "calibration": None if method == "rtn" else {"corpus": "prose", "nsamples": nsamples,
+                                                         "seqlen": 512, "seed": 0},
+            "evaluation": {"corpora": ["prose", "code"], "tokens": tokens, "seqlen": seqlen},
+            "perplexity": {"prose": prose, "code": prose / 2}, "timings": {"quantize": 10.0},
+            "created": "2026-01-01T00:00:00+00:00"}
+
+
+METHOD_TABLE = {
+    "rtn-w3-g128": _report("rtn", prose=150.0),
+    "rtn-had-w3-g128": _report("rtn", prose=60.0, rotation="hadamard"),
+    "rtn-mse-w3-g128": _report("rtn", prose=90.0, mse_norm=2.4),
+    "gptq-w3-g128": _report("gptq", prose=30.0),
+    "gptq-mse-w3-g128": _report("gptq", prose=28.0, mse_norm=2.4),
+    "gptq-order-w3-g128": _report("gptq", prose=29.0, group_aware=True),
+    "gptaq-w3-g128": _report("gptq", prose=27.0, gptaq_alpha=0.25),
+    "gptq-had-w3-g128": _report("gptq", prose=26.0, rotation="hadamard"),
+    "gptq-order-w3-grow": _report("gptq", group=-1, prose=50.0, desc_act=True),
+}
+
+
+@pytest.fixture
+def method_table(tmp_path, monkeypatch):
+    """A results folder with a main table (the paper's protocol; a report from before the method knobs,
+    without their fields) and a method table of the same model."""
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(tmp_path))
+    old = _report("gptq", prose=29.5, nsamples=128, tokens=65536, seqlen=2048)
+    for key in ("mse_norm", "group_aware", "gptaq_alpha", "rotation", "rotation_seed", "ternary"):
+        del old["config"][key]
+    results.write_json(results.model_dir("tiny/llama") / "gptq-w3-g128-sym.json", old)
+    for name, report in METHOD_TABLE.items():
+        results.write_json(results.method_dir("tiny/llama") / f"{name}.json", report)
+    (results.method_dir("tiny/llama") / "gptq-ternary.failed").write_text("see the log\n")  # as the bench
+    return tmp_path
+
+
+def test_method_runs_are_kept_apart_from_the_main_table(method_table):
+    assert results.method_dir("tiny/llama") == method_table / "methods" / "tiny--llama"
+    runs = results.method_runs("tiny/llama")
+    assert sorted(r["run_id"] for r in runs) == sorted(METHOD_TABLE)
+    assert [r["run_id"] for r in shipped_runs("tiny/llama")] == ["gptq-w3-g128-sym"]  # never mixed
+    assert find_run("tiny/llama", "gptq", bits=3, group_size=128)["run_id"] == "gptq-w3-g128-sym"
+    assert results.method_runs("no-such-model") == []
+
+
+def test_the_method_table_is_matched_by_the_whole_config(method_table):
+    from gptq_explorer.engine import QuantConfig
+
+    runs = results.method_runs("tiny/llama")
+
+    def found(method, **knobs):
+        r = results.find_shipped("tiny/llama", method, QuantConfig(bits=3, group_size=128, **knobs), runs)
+        return None if r is None else r["run_id"]
+
+    assert found("gptq") == "gptq-w3-g128"
+    assert found("gptq", gptaq_alpha=0.25) == "gptaq-w3-g128"
+    assert found("gptq", gptaq_alpha=0.5) is None  # another alpha: not measured
+    assert found("gptq", mse_norm=2.4) == "gptq-mse-w3-g128"
+    assert found("gptq", group_aware=True) == "gptq-order-w3-g128"
+    # rotation None and "hadamard" are different runs; the seed counts only with a rotation
+    assert found("gptq", rotation="hadamard") == "gptq-had-w3-g128"
+    assert found("gptq", rotation_seed=5) == "gptq-w3-g128"
+    assert found("gptq", rotation="hadamard", rotation_seed=5) is None
+    assert found("gptq", ternary=True) is None
+    assert found("gptq", mse_norm=2.4, gptaq_alpha=0.25) is None  # a combination that was not run
+    # RTN uses no Hessian: GPTAQ and GAR do not change it, its grid and basis do
+    assert found("rtn", gptaq_alpha=0.25) == found("rtn", group_aware=True) == "rtn-w3-g128"
+    assert found("rtn", rotation="hadamard") == "rtn-had-w3-g128"
+    assert found("rtn", mse_norm=2.4) == "rtn-mse-w3-g128"
+    # a report from before the method knobs reads them as their defaults: plain GPTQ only
+    main = shipped_runs("tiny/llama")
+    cfg = QuantConfig(bits=3, group_size=128)
+    assert results.find_shipped("tiny/llama", "gptq", cfg, main)["run_id"] == "gptq-w3-g128-sym"
+    for knobs in ({"rotation": "hadamard"}, {"gptaq_alpha": 0.25}, {"mse_norm": 2.4}, {"ternary": True}):
+        assert results.find_shipped("tiny/llama", "gptq", cfg.replace(**knobs), main) is None, knobs
+    assert find_run("tiny/llama", "gptq", bits=3, group_size=128, rotation="hadamard") is None
+
+
+def test_method_labels():
+    from gptq_explorer.engine import QuantConfig
+
+    def label(method, **knobs):
+        return results.method_label(method, QuantConfig(**knobs).to_dict())
+
+    assert label("gptq") == "GPTQ" and label("rtn") == "RTN" and results.method_label("fp") == "FP"
+    assert label("gptq", gptaq_alpha=0.25) == "GPTAQ"
+    assert label("gptq", mse_norm=2.4) == "GPTQ + MSE grid"
+    assert label("gptq", group_aware=True) == "GPTQ + GAR"
+    assert label("gptq", desc_act=True) == "GPTQ + act-order"
+    assert label("gptq", rotation="hadamard") == "GPTQ + rotation"
+    assert label("rtn", rotation="hadamard", gptaq_alpha=0.25) == "RTN + rotation"  # RTN has no GPTAQ
+    assert label("gptq", gptaq_alpha=0.25, mse_norm=2.4, group_aware=True) == "GPTAQ + MSE grid + GAR"
+    assert label("gptq", ternary=True) == "GPTQ ternary"
+    assert results.method_label("gptq", {"bits": 4}) == "GPTQ"  # an older report: the defaults
+
+
+def test_shipped_method_runs_state_their_reduced_protocol_and_are_each_found(monkeypatch):
+    """Every run of the shipped method table (benchmarks/bench_methods.py; more arrive as it runs) used the
+    reduced protocol, records every method knob, and is the one run find_shipped returns for its config."""
+    from gptq_explorer.engine import QuantConfig
+    from gptq_explorer.settings import BEYOND_PAPER_KEYS
+
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    runs = results.method_runs("smollm2-135m")
+    if not runs:
+        pytest.skip("no method run measured yet (python benchmarks/bench_methods.py)")
+    main = {r["path"] for r in shipped_runs("smollm2-135m")}
+    for r in runs:
+        assert r["path"] not in main
+        assert r["evaluation"]["tokens"] == 16384 and r["evaluation"]["seqlen"] == 512, r["run_id"]
+        assert r["method"] == "rtn" or (r["calibration"]["nsamples"], r["calibration"]["seqlen"]) == (32, 512)
+        assert set(BEYOND_PAPER_KEYS) <= set(r["config"]), r["run_id"]
+        assert all(math.isfinite(p) for p in r["perplexity"].values())
+        hit = results.find_shipped("smollm2-135m", r["method"], QuantConfig.from_dict(r["config"]), runs)
+        assert hit["run_id"] == r["run_id"]

@@ -264,6 +264,48 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         _close(page)
 
 
+def test_compare_view_animates_a_method(browser, voila):
+    """The compare view: every method on the synthetic layer (a row each, with numbers), and one click on
+    GPTAQ's row sets its knobs and plays it: the figure draws GPTAQ's correction beside the OBS update and
+    its cursor advances."""
+    from gptq_explorer.ui.layer_methods import METHODS
+
+    page = open_page(browser)
+    try:
+        t0 = time.monotonic()
+        page.goto(f"{voila.url}/?model=synthetic", timeout=PAGE_TIMEOUT * 1000)
+        s0 = wait_for_app(page, PAGE_TIMEOUT, 0.3)["state"]
+        assert s0["panels"] == ["W", "updated", "Q", "error", "compensation"]
+        assert s0["label"] == "4-bit g128 sym"
+        t = time.monotonic()
+        page.locator("button", has_text="Compare methods").click()
+        page.wait_for_selector(".gptq-compare-done", state="visible", timeout=90_000)
+        _note("compare_click_to_table", time.monotonic() - t)
+        table = page.inner_text(".gptq-compare")
+        for name in ("RTN", *METHODS):
+            assert name in table, (name, table)
+        numbers = [float(x) for x in re.findall(r"\b\d\.\d+(?:e-\d+)?\b", table)]
+        assert len(numbers) >= 2 * len(METHODS), table  # two errors and a time a row (GPTAQ: one error)
+        assert page.locator(".gptq-animate:visible").count() == len(METHODS)
+        _assert_clean(page, "compare view")
+
+        t = time.monotonic()
+        page.locator("button[title='set the knobs of GPTAQ and play it']").click()
+        s1 = _wait(page, lambda: (s := plot_state(page)) and s["label"] == "4-bit g128 sym GPTAQ a=0.25"
+                   and s["marker_x"].size and s["marker_x"][0] >= 5 and s, 60,
+                   "GPTAQ's animation to reach column 5")
+        _note("animate_click_to_column_5", time.monotonic() - t)
+        assert s1["panels"] == ["W", "updated", "Q", "error", "obs", "correction"], s1["panels"]
+        assert s1["correction_max"] > 0  # the correction panel shows GPTAQ's term
+        assert (_summary_label(page) or "").startswith("4-bit g128 sym GPTAQ a=0.25 on synthetic")
+        page.locator(".widget-play button").first.click()  # pause
+        page.screenshot(path=str(ARTIFACTS / "explorer-compare.png"), full_page=True)
+        _assert_clean(page, "after animating GPTAQ")
+        _note("compare_test", time.monotonic() - t0)
+    finally:
+        _close(page)
+
+
 def _model_lab_tab(page) -> None:
     """Open the Model Lab tab (built on first view): its perplexity chart appears with FP / RTN / GPTQ bars,
     the shipped numbers when data/results has them for the default config."""

@@ -572,3 +572,254 @@ def test_captures_run_one_at_a_time(tmp_path):
     assert results[0] is results[1]
     assert [r.name for r in results] == [s.name for s in srcs]
     assert results[2].X_calib.shape == (128, 64) and results[3].X_calib.shape == (128, 64)
+
+
+# ------------------------------------------------------------------ the methods beyond the 2022 paper
+
+
+def test_every_method_knob_has_a_control_in_a_collapsed_section():
+    from gptq_explorer.ui.layer_methods import METHOD_KEYS
+
+    lab = LayerLab(models={})
+    assert set(METHOD_KEYS) <= set(lab.KNOBS) and set(METHOD_KEYS) <= set(lab.CONFIG_KEYS)
+    section = lab.method_section.children[0].children
+    assert [lab.controls[k] for k in METHOD_KEYS] == list(section)
+    assert lab.method_section.selected_index is None  # collapsed: the default view stays short
+    assert lab.method.value == "GPTQ" and lab.controls["basis"].layout.display == "none"
+    assert lab.controls["rotation_seed"].disabled  # no rotation: the seed does nothing
+
+
+def test_the_method_menu_sets_the_knobs_and_follows_them():
+    from gptq_explorer.ui.layer_methods import COMBINED, METHODS
+
+    lab = LayerLab(source=SyntheticSource(d_out=64, d_in=256, n_calib=512, n_heldout=256), models={})
+    lab.set(bits=3, ternary=True)
+    for name, (changes, _) in [*METHODS.items(), ("GPTQ", ({}, ""))]:
+        lab.method.value = name  # as the browser's menu does
+        assert lab.errors == [] and lab.method.value == name
+        cfg = lab.run.cfg
+        assert cfg.bits == 3 and {k: getattr(cfg, k) for k in changes} == changes
+        assert name in lab.message.value
+    assert lab.run.cfg == QuantConfig(bits=3)  # "GPTQ" sets every method knob back
+    lab.set(ternary=True)
+    assert lab.method.value == "ternary" and lab.controls["bits"].disabled
+    lab.set(ternary=False, mse_norm=2.4, gptaq_alpha=0.25)
+    assert lab.method.value == COMBINED and not lab.controls["bits"].disabled
+    # GAR replaces desc_act, and gives a per-row grid groups to order
+    lab.set(mse_norm=0.0, gptaq_alpha=0.0, desc_act=True, group_size=-1)
+    lab.method.value = "GPTQ + GAR"
+    assert lab.run.cfg == QuantConfig(bits=3, group_aware=True, group_size=128)
+
+
+def test_gar_and_desc_act_cannot_both_be_on():
+    lab = LayerLab(models={})
+    with pytest.raises(LabInputError, match="two column orders"):
+        lab.set(group_aware=True, desc_act=True)
+    assert not lab.controls["group_aware"].value and lab.run.cfg == QuantConfig()
+    # a browser ticks both: the last one ticked wins, and the page says so
+    lab.controls["desc_act"].value = True
+    lab.controls["group_aware"].value = True
+    assert not lab.controls["desc_act"].value and lab.run.cfg == QuantConfig(group_aware=True)
+    assert "desc_act is off now" in lab.message.value
+    lab.controls["group_size"].value = -1
+    assert lab.run.cfg == QuantConfig(group_size=-1) and "GAR is off now" in lab.message.value
+    both = LayerLab.from_query("group_aware=1&desc_act=1", models={})  # a link with both
+    assert both.run.cfg == QuantConfig(desc_act=True) and both.errors == []
+
+
+def test_links_round_trip_every_knob():
+    a = LayerLab(models={})
+    a.set(bits=3, group_size=64, mse_norm=2.4, gptaq_alpha=0.5, rotation="hadamard", rotation_seed=7,
+          ternary=False, basis="original", damp_percent=0.1)
+    a.goto(77)
+    qs = a.state_query()
+    assert "rotation=hadamard" in qs and "rotation_seed=7" in qs and "basis=original" in qs
+    b = LayerLab.from_query(qs, models={})
+    assert b.state() == a.state() and b.errors == [] and b.run.cfg == a.run.cfg
+    np.testing.assert_array_equal(b.view("correction")[0], a.view("correction")[0])
+    c = LayerLab.from_query(LayerLab(models={}).state_query(), models={})  # rotation=None reads back
+    assert c.state()["rotation"] is None and c.controls["rotation"].label == "none"
+    d = LayerLab.from_query("group_aware=1&ternary=1&rotation=nonsense", models={})
+    assert d.run.cfg == QuantConfig(group_aware=True, ternary=True) and "rotation" in d.message.value
+
+
+def test_gptaq_fits_the_full_precision_output():
+    """GPTAQ on the synthetic layer: its data is both streams (the quantized model's inputs, about 11% off
+    the full-precision ones), its steps carry the correction w (x) P, and on held-out tokens it is closer
+    to the full-precision model's output than plain GPTQ on the same inputs (0.040 vs 0.053), at the cost
+    of its own inputs' error (0.020 vs 0.018)."""
+    lab = LayerLab(models={})
+    assert lab.pair is None  # the default view never made the second stream
+    lab.set(gptaq_alpha=0.25, rows=16, cols=40, row0=100)
+    pair, s = lab.pair, lab.summary
+    assert pair.has_fp and lab.data.X_calib is pair.X_calib_fp and lab.run.P is not None
+    rel = np.linalg.norm(pair.X_calib - pair.X_calib_fp) / np.linalg.norm(pair.X_calib_fp)
+    assert 0.05 < rel < 0.2
+    assert s["heldout_fp_mse_gptq"] < 0.85 * s["heldout_fp_mse_gptq0"]
+    assert s["heldout_mse_gptq"] > s["heldout_mse_gptq0"]
+    assert s["heldout_fp_mse_gptq"] < s["heldout_fp_mse_rtn"]
+    assert "GPTAQ" in lab.summary_html.value and "full-precision output" in lab.summary_html.value
+    assert "GPTAQ (α = 0.25)" in lab.explain.value
+    steps = list(gptq_steps(pair.W, pair.H, lab.run.cfg, dXXT=pair.dXXT))
+    rows = np.arange(100, 116)
+    for k in (0, 130, 400):
+        lab.goto(k)
+        comp, _, cols = lab.view("compensation")
+        corr, _, _ = lab.view("correction")
+        upd, _, _ = lab.view("updated")
+        for j, c in enumerate(cols):
+            if c > k:
+                np.testing.assert_allclose(comp[:, j], steps[k].update[rows, c - k - 1], rtol=1e-6,
+                                           atol=1e-10)
+                np.testing.assert_allclose(corr[:, j], steps[k].correction[rows, c - k - 1], rtol=1e-6,
+                                           atol=1e-12)
+            if c == k + 1:  # the next column as the stepper will take it: the corrections are in the state
+                np.testing.assert_allclose(upd[:, j], steps[k + 1].weight[rows], rtol=1e-6, atol=1e-10)
+    assert np.abs(corr[:, cols > k]).max() > 0
+    assert "correction" in lab.figure.shown()["panels"]
+
+
+def test_gptaq_frames_sent_ahead_carry_the_correction(monkeypatch):
+    lab = LayerLab(models={})
+    lab.set(gptaq_alpha=0.25)
+    sent = []
+    monkeypatch.setattr(lab.fig, "send", lambda content, buffers=None: sent.append((content, buffers)))
+    lab.goto(10)
+    lab.fig.playing = True
+    (msg, bufs), = sent
+    assert msg["names"] == ["W", "updated", "Q", "error", "compensation", "correction"]
+    assert len(bufs) == 8 * len(msg["frames"])  # six views, w and q
+    lab.controls["col"].value = 11
+    np.testing.assert_array_equal(from_f32(bufs[5]), lab.view("correction")[0].astype(np.float32).ravel())
+
+
+def test_rotation_works_in_the_rotated_basis_with_a_toggle_back():
+    """Rotated, the views are the stepper's (W R^T); diag(H) is diag(R H R^T), much flatter than diag(H)
+    (the outlier channels spread); in the original basis the W view is W again, and the error of the first
+    rounded column already touches every original input."""
+    lab = LayerLab(models={})
+    lab.set(rotation="hadamard", rows=16, cols=32, row0=40)
+    run, data = lab.run, lab.data
+    R = run.R
+    assert R is not None and lab.controls["basis"].layout.display == "flex"
+    np.testing.assert_allclose(R @ R.T, np.eye(576), atol=1e-12)
+    shown = lab.figure.shown()
+    np.testing.assert_allclose(shown["diag_h"], np.diag(R @ data.H @ R.T)[run.perm], rtol=1e-5)
+    flat = shown["diag_h"].max() / np.median(shown["diag_h"])
+    peaky = np.diag(data.H).max() / np.median(np.diag(data.H))
+    assert flat < peaky / 10, (flat, peaky)
+    assert shown["basis"] == "rotated" and "diag(R H Rᵀ)" in shown["diag_title"]
+    steps = list(gptq_steps(data.W, data.H, run.cfg))
+    np.testing.assert_allclose(lab.view("Q")[0][:, 0], steps[0].quantized[40:56], rtol=1e-6)
+    lab.goto(0)
+    err_rot = lab.view("error")[0]
+    assert np.isnan(err_rot[:, 1:]).all()  # rotated: one column rounded so far
+    lab.set(basis="original")
+    shown = lab.figure.shown()
+    assert shown["basis"] == "original" and shown["titles"]["W"] == "W (original basis)"
+    np.testing.assert_allclose(lab.view("W")[0], data.W[40:56, :32], atol=1e-12)
+    assert np.all(np.abs(lab.view("error")[0]) > 0)  # ... already spread over every original input
+    lab.goto(575)  # the end: the layer in the original basis is the engine's result
+    from gptq_explorer.engine import gptq_quantize
+
+    Wq = gptq_quantize(data.W, data.H, run.cfg).weight
+    _, _, cols = lab.view("updated")
+    np.testing.assert_allclose(lab.view("updated")[0], Wq[40:56, cols], atol=1e-10)
+    np.testing.assert_allclose(lab.view("Q")[0], Wq[40:56, cols], atol=1e-10)
+
+
+def test_gar_keeps_groups_together_on_the_diag_strip():
+    lab = LayerLab(models={})
+    lab.set(group_aware=True, group_size=64)
+    run, shown = lab.run, lab.figure.shown()
+    bands = shown["bands"]
+    assert [b - a for a, b, _ in bands] == [64] * 9 and "GAR order" in shown["diag_title"]
+    diag = np.diag(lab.data.H)
+    maxima = []
+    for a, b, g in bands:
+        assert set(run.perm[a:b] // 64) == {g}  # one original group, kept together
+        assert np.all(np.diff(shown["diag_h"][a:b]) <= 0)  # inside it: by diag(H)
+        maxima.append(diag[g * 64:(g + 1) * 64].max())
+    assert maxima == sorted(maxima, reverse=True)  # groups by their largest diag(H)
+    assert sorted(g for _, _, g in bands) == list(range(9))
+    lab.goto(70)
+    assert "GAR: original group" in lab.explain.value
+
+
+def test_the_compare_view_has_a_row_per_method():
+    """Every method on the synthetic layer, the same data: finite errors, GPTQ's number is the main view's,
+    and on the quantized model's inputs GPTAQ is closer to the full-precision output than GPTQ (0.040 vs
+    0.053) and RTN the farthest of the 4-bit methods; one click animates a method."""
+    from gptq_explorer.ui.layer_methods import METHODS
+
+    lab = LayerLab(models={})
+    gptq_heldout = lab.summary["heldout_mse_gptq"]
+    assert lab.compare_box.layout.display == "none"
+    lab.compare()
+    lab.wait(120)
+    rows = {r["method"]: r for r in lab.compare_rows}
+    assert list(rows) == ["RTN", *METHODS] and lab.errors == []
+    assert lab.compare_box.layout.display == "flex" and "gptq-compare-done" in lab.compare_status.value
+    for name, r in rows.items():
+        assert np.isfinite(r["heldout_fp"]) and r["seconds"] > 0
+        assert (r["heldout"] is None) == (name == "GPTAQ")
+        assert r["heldout"] is None or np.isfinite(r["heldout"])
+    assert rows["GPTQ"]["heldout"] == pytest.approx(gptq_heldout, rel=1e-9)
+    assert rows["GPTAQ"]["heldout_fp"] < 0.85 * rows["GPTQ"]["heldout_fp"]
+    four_bit = [r["heldout_fp"] for n, r in rows.items() if n not in ("RTN", "ternary")]
+    assert rows["RTN"]["heldout_fp"] > max(four_bit)
+    assert rows["GPTQ + rotation"]["heldout"] < rows["GPTQ"]["heldout"]  # the outlier channels
+    assert lab.pair is not None  # GPTAQ's data is ready for its button
+    cells = lab.compare_table.children
+    assert len(cells) == 6 * (1 + len(rows))
+    button = cells[6 * (1 + list(rows).index("GPTAQ")) + 4]
+    button.click()
+    assert lab.run.cfg == QuantConfig(gptaq_alpha=0.25) and lab.play.playing and lab.fig.playing
+    assert lab.method.value == "GPTAQ" and "gptq-compare-done" in lab.compare_status.value  # still valid
+    lab.play.playing = lab.fig.playing = False
+    lab.set(bits=3)
+    assert "press <b>Compare methods</b> again" in lab.compare_status.value
+    lab._close_compare()
+    assert lab.compare_box.layout.display == "none"
+
+
+def test_the_synthetic_pair_is_deterministic():
+    from gptq_explorer.services import layer_source
+
+    a = SyntheticSource(seed=1).load_pair()
+    assert SyntheticSource(seed=1).load_pair() is a  # cached
+    W, X, Xh, name, _ = a  # still unpacks as five
+    assert X is a.X_calib and name == SyntheticSource(seed=1).name
+    layer_source._SYNTH_CACHE.clear()
+    b = SyntheticSource(seed=1).load_pair()
+    np.testing.assert_array_equal(a.X_calib, b.X_calib)
+    np.testing.assert_array_equal(a.X_calib_fp, SyntheticSource(seed=1).load().X_calib)
+    plain = SyntheticSource(seed=1).load()
+    assert not plain.has_fp and plain.heldout_fp_mse(plain.W * 0.9) == pytest.approx(
+        np.mean((plain.X_heldout @ (0.1 * plain.W).T) ** 2), rel=1e-9)
+    with pytest.raises(ValueError, match="load_pair"):
+        _ = plain.dXXT
+
+
+def test_a_model_layers_two_streams(tmp_path):
+    """ModelSource.load_pair: the layer's inputs in the full-precision model (equal to load()'s) and in the
+    model with the blocks before it rounded; block 0 sees the same inputs in both. GPTAQ on a model's layer
+    captures them once it is picked (the default view never does)."""
+    src = _tiny_llama_source(tmp_path, block=1, sublayer="self_attn.q_proj")
+    plain, pair = src.load(), src.load_pair()
+    assert src.load_pair() is pair and src.cached_pair() is pair
+    np.testing.assert_allclose(pair.X_calib_fp, plain.X_calib, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pair.X_heldout_fp, plain.X_heldout, rtol=1e-6, atol=1e-6)
+    assert np.linalg.norm(pair.X_calib - pair.X_calib_fp) > 0.01 * np.linalg.norm(pair.X_calib_fp)
+    first = dataclasses.replace(src, block=0).load_pair()
+    np.testing.assert_array_equal(first.X_calib, first.X_calib_fp)  # nothing before it
+    assert np.all(first.dXXT == 0) and "GPTAQ is GPTQ here" in first.description
+
+    other = dataclasses.replace(src, sublayer="mlp.up_proj")
+    lab = LayerLab(source=other, threaded=False, models={})
+    assert lab.pair is None and other.cached_pair() is None
+    lab.set(gptaq_alpha=0.25)
+    assert lab.errors == [] and lab.pair is other.cached_pair() and lab.run.P is not None
+    assert "heldout_fp_mse_gptq" in lab.summary
+    lab.compare()
+    assert {r["method"] for r in lab.compare_rows} >= {"RTN", "GPTAQ"} and lab.errors == []

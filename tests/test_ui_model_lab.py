@@ -278,3 +278,195 @@ def test_a_full_disk_keeps_the_computed_report_in_memory(tiny, tmp_path, monkeyp
     again = ModelLab(tiny["folder"], models={tiny["folder"]: "tiny llama"}, settings=TINY, cache_dir=cache,
                      threaded=False, shipped=[])
     assert again.results.origin == "none"  # a new session: nothing was stored
+
+
+# ------------------------------------------------ the methods after GPTQ: shipped method runs, Compute
+
+
+def _run(method, bits=3, group=128, prose=20.0, *, main=False, **knobs):
+    """A run report of SmolLM2 as the shipped tables hold it: the main table's protocol (128 x 512, 65,536
+    tokens in windows of 2048) or the method table's reduced one (32 x 512, 16,384 in windows of 512)."""
+    from gptq_explorer.engine import QuantConfig
+
+    ns, tokens, seqlen = (128, 65536, 2048) if main else (32, 16384, 512)
+    return {"model": "smollm2-135m", "method": method, "overrides": {},
+            "config": (QuantConfig(bits=bits, group_size=group, **knobs).to_dict() if method != "fp" else {}),
+            "calibration": None if method != "gptq" else {"corpus": "prose", "nsamples": ns, "seqlen": 512},
+            "evaluation": {"corpora": ["prose", "code"], "tokens": tokens, "seqlen": seqlen},
+            "perplexity": {"prose": prose, "code": prose / 2}, "layers": [],
+            "timings": {"quantize": prose * 3}, "created": "2026-01-01T00:00:00+00:00"}
+
+
+MAIN = {"fp": _run("fp", prose=10.1, main=True), "rtn-w3-g128-sym": _run("rtn", prose=133.6, main=True),
+        "gptq-w3-g128-sym": _run("gptq", prose=29.5, main=True)}
+TABLE = {"rtn-w3-g128": _run("rtn", prose=151.0),
+         "rtn-had-w3-g128": _run("rtn", prose=61.0, rotation="hadamard"),
+         "gptq-w3-g128": _run("gptq", prose=31.0),
+         "gptq-mse-w3-g128": _run("gptq", prose=30.0, mse_norm=2.4),
+         "gptq-order-w3-g128": _run("gptq", prose=29.0, group_aware=True),
+         "gptaq-w3-g128": _run("gptq", prose=27.25, gptaq_alpha=0.25),
+         "gptq-had-w3-g128": _run("gptq", prose=26.5, rotation="hadamard"),
+         "gptaq-mse-order-w3-g128": _run("gptq", prose=25.0, gptaq_alpha=0.25, mse_norm=2.4,
+                                         group_aware=True),
+         "rtn-w4-g128": _run("rtn", bits=4, prose=22.0),
+         "gptq-w4-g128": _run("gptq", bits=4, prose=14.0)}
+
+
+@pytest.fixture
+def methods_lab(tmp_path, monkeypatch):
+    """A Model Lab of SmolLM2 (never loaded) over a main table and a method table written to tmp_path."""
+    from gptq_explorer.services import results
+
+    monkeypatch.setenv("GPTQ_EXPLORER_RESULTS", str(tmp_path / "results"))
+    for name, r in MAIN.items():
+        results.write_json(results.model_dir("smollm2-135m") / f"{name}.json", r)
+    for name, r in TABLE.items():
+        results.write_json(results.method_dir("smollm2-135m") / f"{name}.json", r)
+    monkeypatch.setattr(ml, "build_report", lambda *a, **k: pytest.fail("computed instead of shipped"))
+    lab = ModelLab("smollm2-135m", models={"smollm2-135m": "SmolLM2"}, settings=TINY,
+                   cache_dir=tmp_path / "cache", threaded=False, state={"bits": 3})
+    assert lab.errors == []
+    return lab
+
+
+def ppl(report) -> list[float]:
+    return [report["perplexity"][c] for c in ("prose", "code")]
+
+
+def test_the_method_knobs_are_controls_of_the_model_lab(methods_lab):
+    from gptq_explorer.settings import BEYOND_PAPER_KEYS
+
+    lab = methods_lab
+    assert set(BEYOND_PAPER_KEYS) <= set(lab.KNOBS) and set(BEYOND_PAPER_KEYS) <= set(lab.state())
+    assert lab.method_menu.value == "GPTQ" and "GPTAQ" in lab.method_menu.options
+    lab.set(mse_norm=2.4)
+    assert lab.method_menu.value == "GPTQ + MSE grid" and lab.config().mse_norm == 2.4
+    lab.method_menu.value = "GPTQ + rotation"  # as a browser would: the menu sets the knobs
+    assert lab.state()["rotation"] == "hadamard" and lab.state()["mse_norm"] == 0.0
+    # GAR needs groups and is an order of its own: the menu makes room for it, set() refuses the clash
+    lab.set(group_size=-1, desc_act=True, rotation=None)
+    lab.select_method("GPTQ + GAR")
+    assert lab.state()["group_aware"] and lab.state()["group_size"] == 128 and not lab.state()["desc_act"]
+    with pytest.raises(InputError, match="group_aware=True orders groups"):
+        lab.set(group_size=-1)
+    assert lab.state()["group_size"] == 128 and "gptq-error" in lab.message.value
+    with pytest.raises(InputError, match="unknown method"):
+        lab.select_method("AWQ")
+
+
+def test_selecting_gptaq_shows_the_shipped_method_run_at_once(methods_lab):
+    lab = methods_lab
+    assert lab.results.origin == "precomputed" and "128x512" in lab.status.value  # the main table first
+    lab.select_method("GPTAQ")
+    res = lab.results
+    assert lab.config().gptaq_alpha == 0.25 and res.origin == "precomputed"
+    assert res.reports["gptq"]["path"].endswith("methods/smollm2-135m/gptaq-w3-g128.json")
+    b = bars(lab)
+    assert list(b) == ["FP", "RTN", "GPTAQ"]
+    np.testing.assert_allclose(b["GPTAQ"], [27.25, 13.625])  # the stored report's perplexity
+    np.testing.assert_allclose(b["RTN"], ppl(TABLE["rtn-w3-g128"]))  # RTN of the same (reduced) protocol
+    assert np.all(np.isnan(b["FP"]))  # the method table has no FP run: never the main table's, not comparable
+    status = lab.status.value
+    assert "reduced protocol" in status and "32x512 prose calibration" in status and "16384" in status
+    assert "Not in this set: FP" in status
+    assert "GPTAQ" in lab.summary.value and "27.25" in lab.summary.value
+
+
+def test_the_method_table_has_one_row_per_stored_run_and_selects_it(methods_lab):
+    lab = methods_lab
+    table = lab.method_table
+    w3 = {n: r for n, r in TABLE.items() if n.endswith("w3-g128")}
+    assert len(table.rows) == len(table.buttons) == len(w3) == 8
+    assert [row["label"] for row in table.rows] == [
+        "RTN", "RTN + rotation", "GPTQ", "GPTAQ", "GPTQ + GAR", "GPTQ + MSE grid", "GPTQ + rotation",
+        "GPTAQ + MSE grid + GAR"]
+    for row in table.rows:
+        name = row["report"]["run_id"]
+        assert [row["prose"], row["code"]] == ppl(w3[name])
+        assert row["quantize_s"] == w3[name]["timings"]["quantize"]
+    assert "reduced protocol" in table.title.value.lower() and "3-bit g128 sym" in table.title.value
+    assert len(table.grid.children) == 4 * (1 + 8)  # a header, then a row per run
+    # one click: the run's config, the method table's view, its numbers
+    table.buttons[[r["label"] for r in table.rows].index("GPTQ + rotation")].click()
+    assert lab.config().rotation == "hadamard" and lab.state()["view"] == "methods"
+    assert lab.method_menu.value == "GPTQ + rotation"
+    b = bars(lab)
+    np.testing.assert_allclose(b["GPTQ + rotation"], ppl(TABLE["gptq-had-w3-g128"]))
+    np.testing.assert_allclose(b["RTN + rotation"], ppl(TABLE["rtn-had-w3-g128"]))
+    shown = [row["label"] for row, button in zip(table.rows, table.buttons) if button.button_style == "info"]
+    assert shown == ["RTN + rotation", "GPTQ + rotation"]
+    # plain GPTQ from the table is the table's run (same protocol as the others), not the main table's
+    table.buttons[[r["label"] for r in table.rows].index("GPTQ")].click()
+    np.testing.assert_allclose(bars(lab)["GPTQ"], ppl(TABLE["gptq-w3-g128"]))
+    lab.set(view="auto")
+    np.testing.assert_allclose(bars(lab)["GPTQ"], ppl(MAIN["gptq-w3-g128-sym"]))
+    assert "precomputed: 128x512" in lab.status.value
+    # a combination: the menu says so, the series says which
+    table.buttons[-1].click()
+    assert lab.method_menu.value == ml.COMBINED and "GPTAQ + MSE grid + GAR" in bars(lab)
+    # 4-bit: its two runs; per row: none, and the page says which settings have some
+    lab.set(bits=4, mse_norm=0.0, group_aware=False, gptaq_alpha=0.0)
+    assert [r["label"] for r in table.rows] == ["RTN", "GPTQ"]
+    lab.set(group_size=-1)
+    assert table.rows == [] and "no shipped method run at 4-bit per row sym" in table.title.value
+    assert "4-bit g128 sym, 3-bit g128 sym" in table.title.value
+
+
+def test_a_link_with_a_method_opens_its_run(methods_lab, tmp_path):
+    lab = ModelLab.from_query("bits=3&gptaq_alpha=0.25&view=methods", models={"smollm2-135m": "SmolLM2"},
+                              settings=TINY, cache_dir=tmp_path / "cache", threaded=False)
+    assert lab.errors == [] and lab.method_menu.value == "GPTAQ"
+    np.testing.assert_allclose(bars(lab)["GPTAQ"], ppl(TABLE["gptaq-w3-g128"]))
+    assert "gptaq_alpha=0.25" in lab.state_query() and "rotation=None" in lab.state_query()
+    again, problems = ModelLab.parse_query(lab.state_query(), models={"smollm2-135m": "SmolLM2"})
+    assert problems == [] and again == lab.state()
+
+
+def test_compute_runs_a_method_with_its_knobs(computed):
+    """A method the tables do not have: Compute measures it (build_report gets the method knobs in its
+    QuantConfig); RTN and FP are reused from the cache (GPTAQ and GAR do not change RTN)."""
+    lab = computed
+    lab.set(bits=4, group_size=128, view="auto")
+    rtn_before, errors = bars(lab)["RTN"], len(lab.errors)  # earlier tests' bad values stay listed
+    lab.select_method("GPTAQ")
+    # FP and RTN are computed already (RTN's cache ignores GPTAQ): the set lacks only GPTAQ, and says so
+    assert lab.results.reports["gptq"] is None and lab.results.reports["rtn"] is not None
+    assert "Not in this set: GPTAQ (press Compute" in lab.status.value
+    lab.compute()
+    assert lab.errors[errors:] == [] and lab.last_outcome == "done" and lab.results.origin == "computed"
+    report = lab.results.reports["gptq"]
+    assert report["config"]["gptaq_alpha"] == 0.25 and report["method"] == "gptq"
+    b = bars(lab)
+    np.testing.assert_allclose(b["GPTAQ"], ppl(report))
+    np.testing.assert_allclose(b["RTN"], rtn_before)  # the cached plain RTN: GPTAQ does not change it
+    assert b["GPTAQ"][0] != bars_of_gptq(lab)[0]
+    assert "Done: computing GPTQ" in lab.message.value
+    lab.select_method("GPTQ")
+    assert lab.config().gptaq_alpha == 0.0 and "GPTQ" in bars(lab)
+
+
+def bars_of_gptq(lab) -> np.ndarray:
+    """Plain GPTQ's computed perplexity at the lab's bits and group size (from its cache)."""
+    cfg = lab.config().replace(gptaq_alpha=0.0, mse_norm=0.0, group_aware=False, rotation=None, ternary=False)
+    return np.asarray(ppl(lab.cache.get(lab.model, "gptq", cfg, TINY)))
+
+
+def test_every_shipped_method_run_shows_when_selected(monkeypatch, tmp_path):
+    """The real method table (data/results/methods/smollm2-135m; more runs arrive as the benchmark goes):
+    each run, selected from the table, shows its own perplexity."""
+    from gptq_explorer.services.results import method_runs
+
+    monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
+    runs = method_runs("smollm2-135m")
+    if not runs:
+        pytest.skip("no method run measured yet (python benchmarks/bench_methods.py)")
+    monkeypatch.setattr(ml, "build_report", lambda *a, **k: pytest.fail("computed instead of shipped"))
+    lab = ModelLab("smollm2-135m", models={"smollm2-135m": "SmolLM2"}, cache_dir=tmp_path, threaded=False)
+    for r in runs:
+        lab.select_run(r)
+        shown = lab.results.reports[r["method"]]
+        assert shown["run_id"] == r["run_id"] and "reduced protocol" in lab.status.value, r["run_id"]
+        series = lab.results.name(r["method"], short=True)
+        np.testing.assert_allclose(bars(lab)[series], ppl(r))
+        assert r["run_id"] in [row["report"]["run_id"] for row in lab.method_table.rows]
+    assert lab.errors == []

@@ -4,6 +4,12 @@ A layer source gives `LayerData`: W (d_out, d_in) float64 in the nn.Linear layou
 X_calib (tokens, d_in) that build the Hessian H = 2/n X^T X, held-out inputs X_heldout (tokens, d_in) that
 measure the output error on text GPTQ never saw, a name and a one-line description.
 
+GPTAQ also needs what the layer sees in the full-precision model. `source.load_pair()` gives LayerData
+with both streams for the same tokens: X_calib / X_heldout are the inputs in the *quantized* model (the
+layers before this one quantized with UPSTREAM, RTN 4-bit g128), X_calib_fp / X_heldout_fp the inputs in
+the full-precision model. `load()` stays what it was (the full-precision model's inputs only), so the
+default view pays nothing for the second stream.
+
 Two sources:
   * SyntheticSource: correlated Gaussian inputs with a few large "outlier" channels (as real LLM
     activations have) and heavy-tailed weights. Instant, no model: tests, benchmarks, the offline fallback.
@@ -12,7 +18,9 @@ Two sources:
     there (nothing after that linear runs); the held-out activations come the same way from the corpus'
     evaluation part. Results are cached in memory per (model, block, sublayer, corpus, nsamples, ...).
     The loaded models are cached here too (get_model): the Layer Lab, the Model Lab and the lessons share
-    them.
+    them. load_pair() runs the model block by block twice from block 0's inputs: through the shared
+    full-precision blocks, and through copies of the blocks before the layer's block quantized with
+    UPSTREAM (the shared model is never changed), then captures the sublayer's inputs in its block.
 
 A domain service: it builds on the engine, models and data packages; the dashboards (ui/) and the lessons
 use it, never the other way round.
@@ -29,7 +37,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..engine import Hessian
+from ..engine import Hessian, QuantConfig, rtn_quantize
 from ..models.capture import Cancelled  # raised when should_cancel() says stop (torch-free to import)
 from ..models.catalog import DEFAULT_MODEL
 
@@ -52,15 +60,25 @@ def _check_cancel(should_cancel: ShouldCancel) -> None:
         raise Cancelled("cancelled")
 
 
+# What stands for "the quantized model" upstream of a layer in load_pair(): cheap, and the usual 4-bit one
+UPSTREAM = {"bits": 4, "group_size": 128}
+UPSTREAM_LABEL = "RTN 4-bit g128"
+
+
 @dataclass
 class LayerData:
-    """One linear layer and its inputs. Unpacks as (W, X_calib, X_heldout, name, description)."""
+    """One linear layer and its inputs. Unpacks as (W, X_calib, X_heldout, name, description).
+
+    With the full-precision stream (load_pair()): X_calib_fp / X_heldout_fp are the same tokens' inputs in
+    the full-precision model, and X_calib / X_heldout those in the quantized model."""
 
     W: np.ndarray  # (d_out, d_in) float64
     X_calib: np.ndarray  # (tokens, d_in)
     X_heldout: np.ndarray  # (tokens, d_in)
     name: str
     description: str
+    X_calib_fp: np.ndarray | None = None  # (tokens, d_in): the full-precision model's inputs (GPTAQ)
+    X_heldout_fp: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         W, Xc, Xh = self.W, self.X_calib, self.X_heldout
@@ -68,8 +86,15 @@ class LayerData:
             raise ValueError(f"W, X_calib, X_heldout must be 2-D; got {W.shape}, {Xc.shape}, {Xh.shape}")
         if Xc.shape[1] != W.shape[1] or Xh.shape[1] != W.shape[1]:
             raise ValueError(f"inputs must have d_in = {W.shape[1]} columns; got {Xc.shape} and {Xh.shape}")
-        for a in (W, Xc, Xh):  # shared through caches: make accidental in-place edits fail loudly
-            a.flags.writeable = False
+        if (self.X_calib_fp is None) != (self.X_heldout_fp is None):
+            raise ValueError("give both X_calib_fp and X_heldout_fp (the full-precision stream), or neither")
+        fp = self.X_calib_fp, self.X_heldout_fp
+        if fp[0] is not None and (fp[0].shape != Xc.shape or fp[1].shape != Xh.shape):
+            raise ValueError(f"the full-precision inputs must have the shapes of X_calib {Xc.shape} and "
+                             f"X_heldout {Xh.shape}; got {fp[0].shape} and {fp[1].shape}")
+        for a in (W, Xc, Xh, *fp):  # shared through caches: make accidental in-place edits fail loudly
+            if a is not None:
+                a.flags.writeable = False
 
     def __iter__(self):
         return iter((self.W, self.X_calib, self.X_heldout, self.name, self.description))
@@ -87,6 +112,35 @@ class LayerData:
     def H_heldout(self) -> np.ndarray:
         """2/m X_heldout^T X_heldout: the held-out output MSE of any Q is tr(D H_heldout D^T) / (2 d_out)."""
         return _read_only_hessian(self.X_heldout)
+
+    @property
+    def has_fp(self) -> bool:
+        """Whether the full-precision stream is here (GPTAQ can run)."""
+        return self.X_calib_fp is not None
+
+    @functools.cached_property
+    def dXXT(self) -> np.ndarray:
+        """GPTAQ's 2/n sum (x_fp - x) x^T over the calibration tokens (the engine's Hessian.dXXT)."""
+        if not self.has_fp:
+            raise ValueError(f"{self.name}: no full-precision inputs; GPTAQ needs source.load_pair()")
+        d = Hessian(self.X_calib.shape[1]).add_batch(self.X_calib, X_fp=self.X_calib_fp).dXXT
+        d.flags.writeable = False
+        return d
+
+    @functools.cached_property
+    def Y_heldout_fp(self) -> np.ndarray:
+        """The full-precision model's output of this layer on the held-out tokens, X_heldout_fp W^T."""
+        X = self.X_heldout_fp if self.has_fp else self.X_heldout
+        Y = np.asarray(X, dtype=np.float64) @ self.W.T
+        Y.flags.writeable = False
+        return Y
+
+    def heldout_fp_mse(self, Q: np.ndarray) -> float:
+        """||X_heldout_fp W^T - X_heldout Q^T||^2 / (tokens d_out): how far the layer, quantized and fed the
+        quantized model's inputs, is from the full-precision model's output. Without the full-precision
+        stream it is the plain held-out output MSE."""
+        E = self.Y_heldout_fp - np.asarray(self.X_heldout, dtype=np.float64) @ np.asarray(Q).T
+        return float(np.mean(E * E))
 
 
 def _read_only_hessian(X: np.ndarray) -> np.ndarray:
@@ -146,8 +200,20 @@ class SyntheticSource(KeyedSource):
     def load(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None) -> LayerData:
         return _synthetic(self)
 
+    def load_pair(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None
+                  ) -> LayerData:
+        """The layer with both streams (see _synthetic_pair): X_calib_fp is load()'s X_calib."""
+        return _synthetic_pair(self)
+
 
 _SYNTH_CACHE: OrderedDict = OrderedDict()
+
+
+def _cache_synthetic(key: tuple, data: LayerData) -> LayerData:
+    _SYNTH_CACHE[key] = data
+    while len(_SYNTH_CACHE) > 8:
+        _SYNTH_CACHE.popitem(last=False)
+    return data
 
 
 def _synthetic(src: SyntheticSource) -> LayerData:
@@ -178,10 +244,36 @@ def _synthetic(src: SyntheticSource) -> LayerData:
         f"{outliers.size} outlier input channels, heavy-tailed weights; {src.n_calib} calibration and "
         f"{src.n_heldout} held-out tokens. Instant, no model needed.",
     )
-    _SYNTH_CACHE[src.key] = data
-    while len(_SYNTH_CACHE) > 8:
-        _SYNTH_CACHE.popitem(last=False)
-    return data
+    return _cache_synthetic(src.key, data)
+
+
+def _synthetic_pair(src: SyntheticSource) -> LayerData:
+    """The synthetic layer as the quantized model would feed it. Its full-precision inputs X are load()'s;
+    they come out of an upstream layer X = Z A^T (A a random orthogonal matrix, so Z = X A), and the
+    quantized model's upstream layer is RTN(A) (UPSTREAM): X_q = Z RTN(A)^T = X + X A (RTN(A) - A)^T.
+    The perturbation is structured (a linear function of X, as a real upstream layer's error is), not
+    independent noise; it is about 10% of X. Deterministic in the seed."""
+    key = (*src.key, "pair")
+    if key in _SYNTH_CACHE:
+        _SYNTH_CACHE.move_to_end(key)
+        return _SYNTH_CACHE[key]
+    fp = _synthetic(src)
+    d_in = src.d_in
+    rng = np.random.default_rng((src.seed, 1))  # a stream of its own: load()'s data stays as it was
+    A, _ = np.linalg.qr(rng.standard_normal((d_in, d_in)))
+    E = rtn_quantize(A, QuantConfig(**UPSTREAM)).weight - A
+
+    def quantized(X: np.ndarray) -> np.ndarray:
+        return X + (X @ A) @ E.T
+
+    X_calib, X_heldout = quantized(fp.X_calib), quantized(fp.X_heldout)
+    rel = np.linalg.norm(X_calib - fp.X_calib) / np.linalg.norm(fp.X_calib)
+    data = LayerData(
+        fp.W, X_calib, X_heldout, fp.name,
+        f"{fp.description} Quantized model's inputs: an upstream layer's {UPSTREAM_LABEL} error, "
+        f"{rel:.0%} of the inputs (X_q = X + X A (RTN(A) - A)^T, A random orthogonal).",
+        X_calib_fp=fp.X_calib, X_heldout_fp=fp.X_heldout)
+    return _cache_synthetic(key, data)
 
 
 SYNTHETIC_BLOCKS = 4  # the Layer Lab offers seeds 0..3 as "blocks" of the synthetic source
@@ -283,9 +375,23 @@ class ModelSource(KeyedSource):
         return f"{self.model} block {self.block} {self.sublayer}"
 
     def load(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None) -> LayerData:
+        return self._load(self.key, self._capture, progress, should_cancel)
+
+    def load_pair(self, progress: Progress | None = None, should_cancel: ShouldCancel | None = None
+                  ) -> LayerData:
+        """The layer with both streams: the quantized model's inputs (the blocks before this one quantized
+        with UPSTREAM) and the full-precision model's, for the same tokens (see the module doc)."""
+        return self._load(self.pair_key, self._capture_pair, progress, should_cancel)
+
+    @property
+    def pair_key(self) -> tuple:
+        return (*self.key, "pair")
+
+    def _load(self, key: tuple, capture, progress: Progress | None, should_cancel: ShouldCancel | None
+              ) -> LayerData:
         progress = progress or _noop_progress
         should_cancel = should_cancel or _never
-        data = self.cached()
+        data = _cached(key)
         if data is not None:
             return data
         # One capture at a time: two forward hooks on one shared module would stop each other's forward
@@ -293,11 +399,11 @@ class ModelSource(KeyedSource):
         while not _CAPTURE_LOCK.acquire(timeout=0.1):
             _check_cancel(should_cancel)
         try:
-            data = self.cached()
+            data = _cached(key)
             if data is None:
-                data = self._capture(progress, should_cancel)
+                data = capture(progress, should_cancel)
                 with _ACTS_LOCK:
-                    _ACTS[self.key] = data
+                    _ACTS[key] = data
                     while len(_ACTS) > MAX_CACHED_LAYERS:
                         _ACTS.popitem(last=False)
         finally:
@@ -306,18 +412,18 @@ class ModelSource(KeyedSource):
 
     def cached(self) -> LayerData | None:
         """The layer's data if it was captured already (nothing is loaded)."""
-        with _ACTS_LOCK:
-            if self.key in _ACTS:
-                _ACTS.move_to_end(self.key)
-                return _ACTS[self.key]
-        return None
+        return _cached(self.key)
 
-    def _capture(self, progress: Progress, should_cancel: ShouldCancel) -> LayerData:
+    def cached_pair(self) -> LayerData | None:
+        """load_pair()'s data if it was captured already (nothing is loaded)."""
+        return _cached(self.pair_key)
+
+    def _prepare(self, progress: Progress, should_cancel: ShouldCancel):
+        """(loaded model, adapter, blocks, the linear, W float64, calibration ids, held-out ids)."""
         import torch
 
         from ..data import calibration_windows, evaluation_ids
         from ..models import get_weight
-        from ..models.capture import capture_inputs
 
         for name in ("nsamples", "seqlen", "heldout_tokens", "batch_size"):
             if getattr(self, name) < 1:
@@ -340,6 +446,12 @@ class ModelSource(KeyedSource):
         n_eval = max(self.heldout_tokens // self.seqlen, 1) * self.seqlen
         held = evaluation_ids(lm.tokenizer, self.corpus, n_tokens=n_eval).reshape(-1, self.seqlen)
         _check_cancel(should_cancel)
+        return lm, adapter, blocks, module, W, calib, held
+
+    def _capture(self, progress: Progress, should_cancel: ShouldCancel) -> LayerData:
+        from ..models.capture import capture_inputs
+
+        lm, _adapter_, _blocks, module, W, calib, held = self._prepare(progress, should_cancel)
         here = {self.sublayer: module}
         X_calib = capture_inputs(
             lm.model, here, calib, self.batch_size, should_cancel=should_cancel,
@@ -354,6 +466,86 @@ class ModelSource(KeyedSource):
             f"with a forward hook on {self.nsamples} calibration windows of {self.seqlen} tokens from the "
             f"'{self.corpus}' corpus; held-out: {X_held.shape[0]} tokens of its evaluation part.",
         )
+
+
+    def _capture_pair(self, progress: Progress, should_cancel: ShouldCancel) -> LayerData:
+        lm, adapter, blocks, module, W, calib, held = self._prepare(progress, should_cancel)
+
+        def both(ids, start: float, what: str):
+            def step(f: float) -> None:
+                progress(start + 0.4 * f, f"{what} inputs in both models: {f:.0%}")
+
+            return _two_streams(lm.model, adapter, blocks, self.block, module, ids, self.batch_size,
+                                should_cancel, step)
+
+        X_fp, X_q = both(calib, 0.15, "calibration")
+        H_fp, H_q = both(held, 0.55, "held-out")
+        progress(0.97, "done capturing")
+        before = ("no block before it: both models feed it the same inputs, so GPTAQ is GPTQ here"
+                  if self.block == 0 else
+                  f"block{'s 0-' if self.block > 1 else ' '}{self.block - 1} quantized with {UPSTREAM_LABEL}")
+        return LayerData(
+            W, X_q, H_q, self.name,
+            f"{self.model}, block {self.block}, {self.sublayer} ({W.shape[0]}x{W.shape[1]}): the quantized "
+            f"model's inputs ({before}) and the full-precision model's, for the same {self.nsamples} "
+            f"calibration windows of {self.seqlen} tokens ('{self.corpus}') and {H_q.shape[0]} held-out "
+            "tokens.",
+            X_calib_fp=X_fp, X_heldout_fp=H_fp)
+
+
+def _cached(key: tuple) -> LayerData | None:
+    with _ACTS_LOCK:
+        if key in _ACTS:
+            _ACTS.move_to_end(key)
+            return _ACTS[key]
+    return None
+
+
+def _two_streams(model, adapter, blocks, block: int, module, ids, batch_size: int,
+                 should_cancel: ShouldCancel, progress: Callable[[float], None]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """What `module` (a linear of blocks[block]) receives on token windows `ids`, (full-precision model's,
+    quantized model's). Both streams start from block 0's inputs and run block by block, the same way
+    (so they are equal where nothing differs, bit for bit): through the shared blocks, and through copies
+    of the blocks before `block` with their linears rounded (UPSTREAM). The shared model is never changed."""
+    import copy
+
+    import torch
+
+    from ..models import BlockInputs, catch_block_inputs, get_weight, run_blocks, set_weight
+    from ..models.capture import StopForward, hooks, run_until_stopped
+
+    caught = catch_block_inputs(model, ids, adapter, batch_size=batch_size)
+    fp, q = caught.hidden, caught.hidden
+    for i in range(block):
+        _check_cancel(should_cancel)
+        fp = run_blocks([blocks[i]], BlockInputs(fp, caught.args, caught.kwargs), batch_size)
+        rounded = copy.deepcopy(blocks[i])
+        for mod in adapter.linears(rounded).values():
+            w = get_weight(mod).detach().to(torch.float32)
+            set_weight(mod, rtn_quantize(w, QuantConfig(**UPSTREAM)).weight)
+        q = run_blocks([rounded], BlockInputs(q, caught.args, caught.kwargs), batch_size)
+        del rounded
+        progress(0.9 * (i + 1) / max(block, 1))
+
+    def inputs_of(hidden) -> np.ndarray:
+        rows = []
+
+        def record(call):
+            x = call.input.detach()
+            rows.append(x.reshape(-1, x.shape[-1]).to("cpu", torch.float32).numpy())
+            raise StopForward  # nothing after the linear is needed
+
+        with hooks({"x": module}, record, when="before"):
+            for s in range(0, hidden.shape[0], batch_size):
+                _check_cancel(should_cancel)
+                run_until_stopped(blocks[block], hidden[s:s + batch_size], *caught.args, **caught.kwargs)
+        return np.concatenate(rows)
+
+    X_fp = inputs_of(fp)
+    X_q = X_fp if block == 0 else inputs_of(q)
+    progress(1.0)
+    return X_fp, X_q
 
 
 def clear_caches() -> None:

@@ -44,6 +44,12 @@ One file per run, named by :func:`run_id` (``fp``, ``rtn-w4-g128-sym``, ``gptq-w
 
 Numbers are as measured on the machine named in ``environment`` (times depend on its load).
 
+The method table (``benchmarks/bench_methods.py``: RTN, GPTQ and the methods after it, docs/methods.md) is
+kept apart, in ``data/results/methods/<model>/<name>.json``: the same schema, but its own, REDUCED protocol
+(32 x 512 calibration windows, 16,384 evaluation tokens per corpus in windows of 512), so its numbers are
+never mixed with the main table's. :func:`method_runs` reads it, :func:`find_shipped` matches in it by the
+whole config (``runs=method_runs(model)``), and :func:`method_label` names a run's method.
+
 Computed reports (the Model Lab's Compute button: the same schema plus "samples" and "settings") are kept
 by ReportCache under ``cache_root()/model_lab/reports/<model>/<method>-<key>.json``; known_reports lists a
 model's shipped and computed reports together.
@@ -123,6 +129,42 @@ def shipped_runs(model: str = DEFAULT_MODEL) -> list[dict]:
     return read_reports(model_dir(model))
 
 
+METHOD_TABLE = "methods"  # results_dir()/methods/<model>/: the method table (benchmarks/bench_methods.py)
+
+
+def method_dir(model: str = DEFAULT_MODEL) -> Path:
+    """The method table's folder of one model: results_dir()/methods/<model_slug>."""
+    return results_dir() / METHOD_TABLE / model_slug(model)
+
+
+def method_runs(model: str = DEFAULT_MODEL) -> list[dict]:
+    """Every stored run of the method table of a model (the JSON reports, plus 'run_id' and 'path'), sorted
+    by name; its protocol is its own (reduced), so it is never mixed with shipped_runs. An empty list when
+    nothing has been measured."""
+    return read_reports(method_dir(model), script="benchmarks/bench_methods.py")
+
+
+def method_label(method: str, config: dict | None = None) -> str:
+    """A run's method in words, from its method ("fp", "rtn", "gptq") and config (a report's "config" or
+    QuantConfig.to_dict()): 'FP', 'RTN', 'GPTQ', 'GPTAQ', 'GPTQ + MSE grid', 'RTN + rotation',
+    'GPTAQ + MSE grid + GAR', 'GPTQ + act-order', 'GPTQ ternary'. Missing fields read as defaults."""
+    if method == "fp":
+        return "FP"
+    c = {**defaults(), **(config or {})}
+    name = "GPTAQ" if method == "gptq" and c["gptaq_alpha"] else method.upper()
+    parts = [name]
+    if c["mse_norm"]:
+        parts.append("MSE grid")
+    if method == "gptq" and c["group_aware"]:
+        parts.append("GAR")
+    if method == "gptq" and c["desc_act"]:
+        parts.append("act-order")
+    if c["rotation"]:
+        parts.append("rotation")
+    text = " + ".join(parts)
+    return text + " ternary" if c["ternary"] else text
+
+
 def method_config(cfg, method: str) -> dict | None:
     """The part of a QuantConfig a method's result depends on: RTN the grid only, GPTQ everything, FP
     nothing (None)."""
@@ -199,11 +241,15 @@ def find_run(
 
 
 def find_shipped(model: str, method: str, cfg, runs: list[dict] | None = None) -> dict | None:
-    """The shipped report of `model` for (method, QuantConfig): RTN ignores desc_act and damping (it uses
-    neither), and no method depends on block_size. runs: the reports to search (default: shipped_runs).
+    """The shipped report of `model` for (method, QuantConfig), matched by the whole config (a field missing
+    from an older report reads as its default): RTN ignores desc_act, damping, GAR and GPTAQ (it uses none
+    of them), no method depends on block_size, and the rotation seed counts only with a rotation.
+    runs: the reports to search (default: shipped_runs; method_runs(model) for the method table).
     With several matches, the one with the largest calibration, then evaluation, then the most recent."""
     runs = shipped_runs(model) if runs is None else runs
     want = {k: v for k, v in (method_config(cfg, method) or {}).items() if k != "block_size"}
+    if want.get("rotation") is None:  # without a rotation its seed changes nothing
+        want.pop("rotation_seed", None)
     hits = [r for r in runs if not r.get("overrides") and _matches(r, method, want, {})]
     if not hits:
         return None

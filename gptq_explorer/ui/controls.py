@@ -1,8 +1,9 @@
 """The dashboards' controls from the settings model, and the checks of what the controls allow.
 
 A knob (gptq_explorer.settings) becomes one widget through `knob_control`: a dropdown of what the knob
-offers, an integer slider over its range, a logarithmic slider (base 10) for a `log` knob, a checkbox for a
-bool; its value is the knob's default and its description the knob's label. The widget enforces the
+offers, an integer slider over its range (a number box when the range has no upper end), a logarithmic
+slider (base 10) for a `log` knob, a checkbox for a bool; its value is the knob's default and its
+description the knob's label. The widget enforces the
 allowed values for a browser; `check_knob` does the same for Python callers and links (Knob.offer),
 raising InputError with the knob's message.
 
@@ -22,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import ipywidgets as widgets
+import traitlets
 
 from .. import settings
 from ..engine import QuantConfig
@@ -30,6 +32,26 @@ from .common import Dashboard, InputError, as_int, guarded, link_html, query_of
 
 LOG_STEP = 0.25  # a log slider moves in quarter decades
 LOG_READOUT = ".3g"
+INT_MAX = 2**31 - 1  # the upper end of a number box for an integer knob with no upper bound
+
+
+class OptionDropdown(widgets.Dropdown):
+    """A dropdown where None is a value like any other (the rotation knob's "none"). ipywidgets' own reads
+    value None as "nothing selected" and shows an empty box, even when None is one of its options."""
+
+    @traitlets.validate("value")
+    def _validate_value(self, proposal):
+        if proposal.value is None and None in self._options_values:
+            return None
+        return super()._validate_value(proposal)
+
+    @traitlets.observe("value")
+    def _propagate_value(self, change):
+        if change.new is None and None in self._options_values:
+            if self.index is None or self._options_values[self.index] is not None:
+                self.index = self._options_values.index(None)
+            return
+        super()._propagate_value(change)
 
 
 def knob_control(knob: Knob | str, *, layout: widgets.Layout | None = None,
@@ -41,12 +63,14 @@ def knob_control(knob: Knob | str, *, layout: widgets.Layout | None = None,
         return widgets.Checkbox(value=knob.default, description=knob.control_label, indent=False)
     sized = {"description": knob.control_label, "layout": layout or widgets.Layout(), "style": style or {}}
     if knob.offered is not None:
-        return widgets.Dropdown(options=knob.offered_values(), value=knob.default, **sized)
+        return OptionDropdown(options=knob.offered_values(), value=knob.default, **sized)
     low, high = knob.slider_range()
     if knob.log:
         return widgets.FloatLogSlider(value=knob.default, base=10, min=math.log10(low), max=math.log10(high),
                                       step=LOG_STEP, readout_format=LOG_READOUT, continuous_update=False,
                                       **sized)
+    if knob.type is int and high is None:  # no slider over an unbounded range
+        return widgets.BoundedIntText(min=int(low), max=INT_MAX, value=knob.default, **sized)
     if knob.type is int:
         return widgets.IntSlider(min=int(low), max=int(high), value=knob.default, continuous_update=False,
                                  **sized)

@@ -68,8 +68,9 @@ class LayerAnimation:
         """The one figure, built complete from the current run (see layer_figure), then wrapped."""
         k = self.col
         win = self._window(k)
-        fr = frame(self.run, k, win)
-        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click, lock=self._lock)
+        fr = self._frame(self.run, k, win)
+        self.figure = LabFigure(self.run, k, win, fr, self._on_hover, self._on_click, lock=self._lock,
+                                basis=self.controls["basis"].value)
         self.fig = self.figure.widget
         self._link_figure()
         self._watch_figure()
@@ -102,7 +103,7 @@ class LayerAnimation:
 
             def make(j):
                 win = self._window(j)
-                return win, frame(run, j, win)
+                return win, self._frame(run, j, win)
 
             self.figure.send_ahead(run, self.col, make, AHEAD_FRAMES)
 
@@ -129,6 +130,10 @@ class LayerAnimation:
 
     # -- drawing -----------------------------------------------------------------------------------------
 
+    def _frame(self, run, k: int, win) -> dict:
+        """Step k's views on the crop, in the basis the toggle shows (a rotated run's)."""
+        return frame(run, k, win, self.controls["basis"].value)
+
     def _window(self, k: int):
         c = self.controls
         return window(self.run, k, int(c["rows"].value), int(c["cols"].value), int(c["row0"].value))
@@ -136,7 +141,7 @@ class LayerAnimation:
     def _render_full(self) -> None:
         """Everything that depends on the run (config or layer change), then the frame; then re-sync."""
         with self._lock:
-            self.figure.full(self.run, self.run.cfg.desc_act)
+            self.figure.full(self.run, self.controls["basis"].value)
             self._render_frame(force=True)
             self.summary = dict(self.run.summary)
             self.summary_html.value = summary_html(self.run)
@@ -151,7 +156,7 @@ class LayerAnimation:
             if force:
                 self.figure.win = None
             sent = not force and bool(self.fig.playing) and self.figure.has_sent(k)
-            self.figure.frame(run, k, win, frame(run, k, win), self._hover, sent=sent)
+            self.figure.frame(run, k, win, self._frame(run, k, win), self._hover, sent=sent)
             self._last_window = win
             self.explain.value = explain_html(run, k, win)
             if force and self.fig.playing:

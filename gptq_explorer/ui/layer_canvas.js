@@ -5,13 +5,17 @@
 // five 24 x 32 heatmaps and three line plots on a canvas takes a few milliseconds.
 //
 // Model state (set by Python, see layer_figure.py):
-//   scene  {gen, n, d_out, diag_h, curve_gptq, curve_rtn (float32 bytes), wmax, emax, diag_title, ranges}
-//   frame  {seq, gen, k, r0, r1, c0, c1, z: {W, updated, Q, error, compensation} (float32), w, q}
+//   scene  {gen, n, d_out, diag_h, curve_gptq, curve_rtn (float32 bytes), wmax, emax, diag_title, ranges,
+//          what a method adds: titles {heatmap: title}, basis ("rotated" | "original" | ""), diag_h_orig
+//          (diag(H) before the rotation), bands [[start, end, group]] (GAR's groups on the diag(H) strip)}
+//   frame  {seq, gen, k, r0, r1, c0, c1, z: {W, updated, Q, error, compensation[, correction]} (float32),
+//          w, q}: with GPTAQ's `correction` the compensation panel splits into the OBS update and it
 //   hover  the highlighted position, -1 for none (also set here when the mouse moves over a column)
 //   cursor, playing  jslinked to the Play control's value and playing; fps
 // The animation clock runs here: while playing, a requestAnimationFrame advances `cursor` by one column
 // when the clock says so (it waits for the kernel rather than skip a frame it does not have),
-// drawing frames the kernel sent ahead ({event: "ahead", gen, frames: [meta]} + 7 buffers per frame) and
+// drawing frames the kernel sent ahead ({event: "ahead", gen, names, frames: [meta]} + one buffer per name
+// and two (w, q) per frame) and
 // the slider follows through jslink. Frames of an older `gen` (another run or crop) are dropped.
 // Messages to Python: {event: "click", col}, {event: "drawn", seq} (at most every 250 ms, and the last).
 // For tests and the page probe: the element gets data-drawn, and el.gptqState holds what is drawn.
@@ -24,7 +28,11 @@ const TITLES = {
   Q: ["Q(W) so far", "#ff7f0e"],
   error: ["error w − q", "#d62728"],
   compensation: ["compensation ΔW just applied", "#2ca02c"],
+  obs: ["OBS update −e ⊗ U", "#2ca02c"],
+  correction: ["GPTAQ correction + w ⊗ P", "#17becf"],
 };
+// GPTAQ: the compensation panel's place holds the OBS update and GPTAQ's correction, one above the other
+const SPLIT = ["W", "updated", "Q", "error", "obs", "correction"];
 const COLORS = { w: "#1f77b4", q: "#ff7f0e", err: "#d62728", hinv: "#9467bd", upd: "#2ca02c", rtn: "#7f7f7f",
                  cursor: "#111111", hover: "#e377c2", axis: "#444", grid: "#e6e6e6", nan: "#f3f3f3" };
 // panels: x, y, width, height of the plotting area (CSS pixels)
@@ -33,8 +41,10 @@ const colX = (i) => LEFT + i * (COLW + GAP);
 const PANELS = {
   W: [colX(0), 34, COLW, 236], updated: [colX(1), 34, COLW, 236], Q: [colX(2), 34, COLW, 236],
   error: [colX(0), 332, COLW, 236], compensation: [colX(1), 332, COLW, 236], profile: [colX(2), 332, COLW, 236],
+  obs: [colX(1), 332, COLW, 104], correction: [colX(1), 452, COLW, 116],
   diag: [LEFT, 632, 330, 176], curves: [442, 632, 280, 176],
 };
+const DIVERGING_PIYG = new Set(["compensation", "obs", "correction"]);
 const BARS = { W: [736, 44, 216, "w"], error: [736, 354, 204, "w−q"], compensation: [790, 354, 204, "ΔW"] };
 
 // diverging colour scales (ColorBrewer RdBu and PiYG): negative, zero (light grey), positive
@@ -130,9 +140,16 @@ export default {
 
     function decodeFrame(f) {
       const z = {};
-      for (const name of HEATMAPS) z[name] = f32(f.z ? f.z[name] : null);
-      return { ...f, z, w: f32(f.w), q: f32(f.q) };
+      for (const name of Object.keys(f.z || {})) z[name] = f32(f.z[name]);
+      for (const name of HEATMAPS) if (!z[name]) z[name] = f32(null);
+      return withObs({ ...f, z, w: f32(f.w), q: f32(f.q) });
     }
+    function withObs(f) {  // GPTAQ: the OBS part of the update, the total minus the correction
+      if (f.z.correction && f.z.correction.length) f.z.obs = f.z.compensation.map((v, i) => v - f.z.correction[i]);
+      return f;
+    }
+    const heatmaps = () => (frame.z.obs ? SPLIT : HEATMAPS);
+    const original = () => scene.basis === "original";
     function keep(f) {
       if (f.gen !== cacheGen || f.k === undefined) return;
       cache.set(f.k, f);
@@ -147,7 +164,8 @@ export default {
       const s = model.get("scene") || {};
       if (s !== sceneRaw) {
         sceneRaw = s;
-        scene = { ...s, diag_h: f32(s.diag_h), curve_gptq: f32(s.curve_gptq), curve_rtn: f32(s.curve_rtn) };
+        scene = { ...s, diag_h: f32(s.diag_h), curve_gptq: f32(s.curve_gptq), curve_rtn: f32(s.curve_rtn),
+                  diag_h_orig: s.diag_h_orig ? f32(s.diag_h_orig) : null };
       }
       if (scene.gen !== cacheGen) { cache.clear(); cacheGen = scene.gen; }
       const traitFrame = model.get("frame") || {};
@@ -203,11 +221,13 @@ export default {
     function heatmap(name) {
       const [px, py, pw, ph] = PANELS[name];
       const nc = frame.c1 - frame.c0, nr = frame.r1 - frame.r0, z = frame.z[name];
-      const table = name === "compensation" ? LUTS.PiYG : LUTS.RdBu;
+      const table = DIVERGING_PIYG.has(name) ? LUTS.PiYG : LUTS.RdBu;
       let max = name === "error" ? scene.emax : scene.wmax;
-      if (name === "compensation") {
+      if (DIVERGING_PIYG.has(name)) {  // one scale for the update and its parts: their sizes compare
         max = 0;
-        for (const v of z) if (Number.isFinite(v)) max = Math.max(max, Math.abs(v));
+        for (const part of (frame.z.obs ? ["obs", "correction"] : ["compensation"])) {
+          for (const v of frame.z[part]) if (Number.isFinite(v)) max = Math.max(max, Math.abs(v));
+        }
         frame.comp_max = max;
       }
       max = max || 1;
@@ -223,11 +243,11 @@ export default {
       ctx.clearRect(px + pw, py, 2, ph + 2);  // the overlap past the right and bottom edges
       ctx.clearRect(px, py + ph, pw + 2, 2);
       frameBox(name);
-      const [title, color] = TITLES[name];
+      const title = (scene.titles || {})[name] || TITLES[name][0], color = TITLES[name][1];
       text(title, px + pw / 2, py - 8, { color, size: 13, align: "center", bold: true });
       // ticks: positions below, rows on the left of the first column's panels
       const xs = niceStep(nc, 6);
-      for (let p = Math.ceil(frame.c0 / xs) * xs; p < frame.c1; p += xs) {
+      for (let p = Math.ceil(frame.c0 / xs) * xs; name !== "obs" && p < frame.c1; p += xs) {  // obs: no room
         text(String(p), px + (p - frame.c0 + 0.5) * cw, py + ph + 13, { align: "center", size: 10 });
       }
       const ys = niceStep(nr, 8);
@@ -241,12 +261,14 @@ export default {
         text("row", 0, 0, { align: "center", size: 11 });
         ctx.restore();
       }
-      if (name !== "W" && name !== "updated" && name !== "Q") {
-        text("position p", px + pw / 2, py + ph + 28, { align: "center", size: 11 });
+      if (name === "error" || name === "compensation" || name === "correction") {
+        text(original() ? "input column (original basis)" : "position p", px + pw / 2, py + ph + 28,
+             { align: "center", size: 11 });
       }
     }
     function columnBox(name, p, color, dashed) {
-      if (p < frame.c0 || p >= frame.c1) return;
+      // in the original basis a crop column is an input, not a step: no step's column to outline
+      if (p < frame.c0 || p >= frame.c1 || original()) return;
       const [px, py, pw, ph] = PANELS[name];
       const cw = pw / (frame.c1 - frame.c0);
       ctx.save();
@@ -258,7 +280,7 @@ export default {
     }
     function colourbar(name) {
       const [x, y, h, label] = BARS[name];
-      const table = name === "compensation" ? LUTS.PiYG : LUTS.RdBu;
+      const table = DIVERGING_PIYG.has(name) ? LUTS.PiYG : LUTS.RdBu;
       for (let i = 0; i < h; i++) {
         ctx.fillStyle = table[Math.round(255 * (1 - i / (h - 1)))];
         ctx.fillRect(x, y + i, 10, 1);
@@ -358,9 +380,20 @@ export default {
       ctx.fillStyle = "rgba(17,17,17,0.08)";  // the crop's columns
       const x0 = posX(name, frame.c0 - 0.5), x1 = posX(name, frame.c1 - 0.5);
       ctx.fillRect(x0, py, x1 - x0, ph);
+      // GAR: each group's columns stay together; alternate shading shows the groups, labelled with the
+      // original group each one is
+      (scene.bands || []).forEach(([a, b, g], i) => {
+        const xa = posX(name, a - 0.5), xb = posX(name, b - 0.5);
+        if (i % 2 === 0) { ctx.fillStyle = "rgba(148,103,189,0.13)"; ctx.fillRect(xa, py, xb - xa, ph); }
+        if (xb - xa >= 16) text(`g${g}`, (xa + xb) / 2, py + 11, { align: "center", size: 10, color: COLORS.hinv });
+      });
       logAxis(name, range);
       frameBox(name);
-      const d = scene.diag_h;
+      const d = scene.diag_h, d0 = scene.diag_h_orig;
+      if (d0) {  // rotation: diag(H) before it, by original input (its outliers are what rotating spreads)
+        polyline(Array.from(d0, (v, p) => [posX(name, p), v > 0 ? logY(name, v, range) : NaN]), "#c7c7c7", 1);
+        legend([["before rotation", "#c7c7c7"], ["rotated", COLORS.hinv]], px + pw - 110, py + 12);
+      }
       polyline(Array.from(d, (v, p) => [posX(name, p), v > 0 ? logY(name, v, range) : NaN]), COLORS.hinv, 1.5);
       if (frame.k < d.length && d[frame.k] > 0) dots([[posX(name, frame.k), logY(name, d[frame.k], range)]], COLORS.cursor, 4.5);
       positionAxis(name);
@@ -415,15 +448,16 @@ export default {
       ctx.fillStyle = "#fff";
       ctx.fillRect(0, 0, WIDTH, HEIGHT);
       if (!scene.n || frame.k === undefined) return;
-      for (const name of HEATMAPS) heatmap(name);
+      const names = heatmaps();
+      for (const name of names) heatmap(name);
       for (const name of ["W", "error", "compensation"]) colourbar(name);
       profile();
       diagPlot();
       curvesPlot();
-      for (const name of HEATMAPS) columnBox(name, frame.k, COLORS.cursor, false);
+      for (const name of names) columnBox(name, frame.k, COLORS.cursor, false);
       cursorLine("diag", frame.k, COLORS.cursor, false);
       if (hover >= 0 && hover < scene.n) {
-        for (const name of HEATMAPS) columnBox(name, hover, COLORS.hover, true);
+        for (const name of names) columnBox(name, hover, COLORS.hover, true);
         cursorLine("diag", hover, COLORS.hover, true);
       }
       publish();
@@ -441,6 +475,9 @@ export default {
         error_z: rows(frame.z.error), error_cmax: scene.emax, curves_top: (scene.curves_range || [0, 0])[1],
         cursor_path: `column ${k} of crop ${frame.c0}-${frame.c1}`, diag_title: scene.diag_title, hover,
         drawn_at: Date.now(),  // epoch ms: when this picture reached the canvas (timings)
+        // what the method adds: the panels drawn, the config's label, the basis, GAR's groups on diag(H)
+        panels: heatmaps(), label: scene.label || "", basis: scene.basis || "", bands: (scene.bands || []).length,
+        correction_max: frame.z.obs ? Math.max(0, ...Array.from(frame.z.correction, (v) => (Number.isFinite(v) ? Math.abs(v) : 0))) : null,
       };
       el.setAttribute("data-drawn", String(seq));
       canvas.setAttribute("aria-label", `GPTQ step ${k + 1} of ${scene.n}: heatmaps of rows ${frame.r0}-${frame.r1 - 1}, `
@@ -459,9 +496,12 @@ export default {
 
     // ---- the mouse: tooltip, the linked highlight, click to jump
     function locate(x, y) {
-      for (const name of HEATMAPS) {
+      for (const name of heatmaps()) {
         const cell = heatCell(name, x, y);
-        if (cell) return { col: cell.col, label: `row ${cell.row}, position ${cell.col}<br>${TITLES[name][0]}: ${fmt(cell.value)}` };
+        const title = (scene.titles || {})[name] || TITLES[name][0];
+        // in the original basis a column is an input, not a step: nothing to highlight or jump to
+        if (cell && original()) return { col: -1, label: `row ${cell.row}, input ${cell.col}<br>${title}: ${fmt(cell.value)}` };
+        if (cell) return { col: cell.col, label: `row ${cell.row}, position ${cell.col}<br>${title}: ${fmt(cell.value)}` };
       }
       if (inside("diag", x, y)) {
         const p = xPos("diag", x);
@@ -502,7 +542,7 @@ export default {
     canvas.addEventListener("click", (e) => {
       if (!scene || !scene.n) return;
       const [x, y] = mouse(e), hit = locate(x, y);
-      if (hit) model.send({ event: "click", col: hit.col });
+      if (hit && hit.col >= 0) model.send({ event: "click", col: hit.col });
     });
 
     // ---- the clock
@@ -536,11 +576,12 @@ export default {
       // these frames (the next ones of the new run) would be dropped and a playing view would wait forever
       read();
       if (msg.gen !== cacheGen) return;
+      const names = msg.names || HEATMAPS, per = names.length + 2;
       msg.frames.forEach((meta, i) => {
-        const b = buffers.slice(7 * i, 7 * i + 7);
+        const b = buffers.slice(per * i, per * (i + 1));
         const z = {};
-        HEATMAPS.forEach((name, j) => { z[name] = f32(b[j]); });
-        keep({ ...meta, z, w: f32(b[5]), q: f32(b[6]) });
+        names.forEach((name, j) => { z[name] = f32(b[j]); });
+        keep(withObs({ ...meta, z, w: f32(b[per - 2]), q: f32(b[per - 1]) }));
       });
       schedule();  // the cursor's own frame may be among them
     };

@@ -1,13 +1,16 @@
 """The Layer Lab's widgets, their layout and their callbacks.
 
 The knobs' controls come from the settings model (controls.knob_control); the rest (model, block,
-sublayer, the crop, the column, frames/s) from the lab's VIEW_RULES. Every callback is guarded: an error is
-shown in the page with the fix to try, never raised into the kernel.
+sublayer, the crop, the column, frames/s, a rotated run's basis) from the lab's VIEW_RULES. The method
+knobs sit in a collapsed "Method" section; the method menu above it sets them by name
+(layer_methods.METHODS) and follows them. Every callback is guarded: an error is shown in the page with the
+fix to try, never raised into the kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -16,6 +19,7 @@ from ..services.layer_source import SYNTHETIC, SYNTHETIC_BLOCKS, SYNTHETIC_SUBLA
 from ..settings import CUSTOM
 from .common import InputError, ProgressBar, as_int, guarded, message_widget
 from .controls import int_slider, knob_control, preset_dropdown
+from .layer_methods import COMBINED, GAR_GROUP, METHOD_KEYS, METHODS, method_of
 
 SOURCE_KEYS = ("model", "block", "sublayer", "corpus", "nsamples")
 VIEW_KEYS = ("rows", "cols", "row0")
@@ -47,6 +51,9 @@ class LayerControls:
         self._build_view_controls()
         self._build_play(self.controls["col"])
         self.preset = preset_dropdown("420px")
+        self.method = widgets.Dropdown(options=[COMBINED, *METHODS], value="GPTQ", description="method",
+                                       layout=widgets.Layout(width=_WIDTH), style=_STYLE)
+        self._build_compare()
         self.local_path = None
         if self.local_mode:
             self.local_path = widgets.Text(placeholder="/path/to/model folder (config.json + *.safetensors)",
@@ -85,11 +92,16 @@ class LayerControls:
                               layout=widgets.Layout(width="420px"), style={"description_width": "55px"})
         c["fps"] = int_slider(rules["fps"], d["fps"], "frames/s", layout=widgets.Layout(width="230px"),
                               style={"description_width": "60px"})
+        # a rotated run: its views in the basis GPTQ works in, or multiplied back by R
+        c["basis"] = widgets.ToggleButtons(options=rules["basis"], value=d["basis"], description="basis",
+                                           style={"button_width": "70px", "description_width": "40px"},
+                                           tooltips=["the basis GPTQ works in: W Rᵀ",
+                                                     "back in the original basis: each view · R"])
 
     def _set_initial_values(self, values: dict) -> None:
         """The initial values (checked), without callbacks; model/block/sublayer follow the source."""
         with self._quietly():
-            for key in ("corpus", "nsamples", *self.CONFIG_KEYS, "rows", "cols", "fps"):
+            for key in ("corpus", "nsamples", *self.CONFIG_KEYS, "rows", "cols", "fps", "basis"):
                 if values[key] != self.DEFAULTS[key]:
                     self._set_control(key, self.check_value(key, values[key]))
         self._initial_view = {k: self.check_value(k, values[k]) for k in ("col", "row0")}
@@ -103,7 +115,9 @@ class LayerControls:
         for key in VIEW_KEYS:
             c[key].observe(self._on_view_change, names="value")
         c["fps"].observe(self._on_fps, names="value")
+        c["basis"].observe(self._on_basis, names="value")
         self.preset.observe(self._on_preset, names="value")
+        self.method.observe(self._on_method, names="value")
 
     def _build_buttons(self) -> None:
         self.buttons = {
@@ -136,22 +150,28 @@ class LayerControls:
         if self.local_mode:
             layer_items += [self.local_path, self.local_button]
         layer_items += [c["block"], c["sublayer"], c["corpus"], c["nsamples"]]
+        # the method knobs, collapsed: the method menu sets them, and the default view stays short
+        self.method_section = W.Accordion(children=[W.VBox([c[k] for k in METHOD_KEYS])],
+                                          selected_index=None, layout=W.Layout(width="258px"))
+        self.method_section.set_title(0, "Method knobs")
         panel = W.VBox([
             _section("Layer", layer_items),
-            _section("GPTQ config", [c[k] for k in self.CONFIG_KEYS]),
+            _section("GPTQ config", [self.method, *(c[k] for k in self.CONFIG_KEYS if k not in METHOD_KEYS),
+                                     self.method_section]),
             _section("Crop", [c[k] for k in VIEW_KEYS]),
         ], layout=W.Layout(width="265px"))
         b = self.buttons
         anim = W.HBox([self.play, b["start"], b["prev"], b["next"], c["col"], b["group"], b["block"],
-                       c["fps"]],
+                       c["fps"], c["basis"]],
                       layout=W.Layout(flex_flow="row wrap", align_items="center"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Layer Lab</h3>"), self.preset,
-                         self.copy_button], layout=W.Layout(align_items="center"))
+                         self.copy_button, self.compare_button], layout=W.Layout(align_items="center"))
         self._fig_box = W.HBox([self.fig, W.VBox([self.explain, self.summary_html])])
         main = W.VBox([anim, self._fig_box])
         probe = [self.probe] if self.probe is not None else []
-        self.root = W.VBox([*probe, header, self.link, self.message, self.progress_box,
+        self.root = W.VBox([*probe, header, self.link, self.message, self.progress_box, self.compare_box,
                             W.HBox([panel, main])])
+        self._sync_method()
 
     # -- setting controls --------------------------------------------------------------------------------
 
@@ -182,8 +202,66 @@ class LayerControls:
     def _on_config_change(self, change) -> None:
         if self._quiet:
             return
+        key = next(k for k in self.CONFIG_KEYS if self.controls[k] is change["owner"])
+        note = self._resolve_conflicts(key)
         self._mark_custom()
+        self._sync_method()
         self._recompute()
+        if note:
+            self._info(note)
+
+    def _resolve_conflicts(self, changed: str | None) -> str:
+        """A browser can tick what QuantConfig refuses together: GAR with desc_act (two orders), GAR with a
+        per-row grid (nothing to order). The knob just changed wins; the other gives way, and the page says
+        so (the note returned). Python's set() refuses them instead."""
+        c, notes = self.controls, []
+        with self._quietly():
+            if c["group_aware"].value and c["desc_act"].value:
+                other = "desc_act" if changed == "group_aware" else "group_aware"
+                c[other].value = False
+                notes.append(f"GAR and desc_act are two column orders: {other} is off now.")
+            if c["group_aware"].value and c["group_size"].value == -1:
+                if changed == "group_size":
+                    c["group_aware"].value = False
+                    notes.append("GAR orders groups and a per-row grid has none: GAR is off now.")
+                else:
+                    c["group_size"].value = GAR_GROUP
+                    notes.append(f"GAR orders groups: the group size is {GAR_GROUP} now (it was per row).")
+        return " ".join(notes)
+
+    def _show_config(self, cfg) -> None:
+        """The controls show `cfg` (what is on screen, after a load that failed)."""
+        with self._quietly():
+            for key in self.CONFIG_KEYS:
+                self.controls[key].value = getattr(cfg, key)
+        self._sync_method()
+
+    def _sync_method(self) -> None:
+        """The method menu names what the knobs show; bits says it is ignored by ternary, the seed that it
+        needs a rotation; the basis toggle shows with a rotation only."""
+        c = self.controls
+        values = {k: c[k].value for k in METHOD_KEYS}
+        with self._quietly():
+            self.method.value = method_of(values)
+        c["bits"].disabled = bool(values["ternary"])
+        c["rotation_seed"].disabled = values["rotation"] is None
+        c["basis"].layout.display = "none" if values["rotation"] is None else "flex"
+
+    @guarded
+    def _on_method(self, change) -> None:
+        if self._quiet or change["new"] == COMBINED:
+            return
+        name = change["new"]
+        self.apply_method(name)  # guarded: an error shows in the page
+        self._sync_method()
+        if self.method.value == name:
+            self._info(f"<b>{html.escape(name)}</b>: {html.escape(METHODS[name][1])}")
+
+    @guarded
+    def _on_basis(self, change) -> None:
+        if self._quiet:
+            return
+        self._render_full()
 
     @guarded
     def _on_view_change(self, change) -> None:

@@ -9,7 +9,10 @@ draws a frame in a few milliseconds, and its ESM is small.
 Two synced traits carry the state, as float32 bytes (binary widget buffers, no JSON lists):
   scene  what changes with the run: diag(H), the two running error curves (whole; the view draws them up to
          the cursor), the colour ranges, the axes' ranges, the diag(H) title;
-  frame  one animation step: the cursor k, the crop window, the five heatmaps' z, the column profile.
+  frame  one animation step: the cursor k, the crop window, the five heatmaps' z (GPTAQ: and its
+         correction, a sixth), the column profile.
+What a method adds travels in the scene: the titles of a rotated run's views (its basis, or back in the
+original one), diag(H) before the rotation, GAR's groups as bands on the diag(H) strip.
 and `hover` (both ways: the view sets it when the mouse is over a column; Python sets it for highlight()).
 The view answers {"event": "drawn", "seq"} (at most 4 times a second, and the last frame always) and
 {"event": "click", "col"}.
@@ -28,13 +31,18 @@ import traitlets
 
 from .layer_run import Run, Window
 
-HEATMAPS = ("W", "updated", "Q", "error", "compensation")
+HEATMAPS = ("W", "updated", "Q", "error", "compensation")  # every run; GPTAQ's adds "correction"
+ROTATED_TITLES = {"W": "W Rᵀ (the rotated layer)", "updated": "W Rᵀ being updated"}
+ORIGINAL_TITLES = {"W": "W (original basis)", "updated": "layer so far, · R", "Q": "Q so far, · R",
+                   "error": "error so far, · R", "compensation": "ΔW just applied, · R",
+                   "obs": "OBS update, · R", "correction": "GPTAQ correction, · R"}
 COLORS = {  # the same names and colours as layer_canvas.js (the explanation text uses them)
     "w": "#1f77b4",  # weights being updated
     "q": "#ff7f0e",  # quantized values
     "err": "#d62728",  # quantization error w - q
     "hinv": "#9467bd",  # H / H^-1 terms, diag(H)
     "upd": "#2ca02c",  # the compensation (OBS update), GPTQ
+    "corr": "#17becf",  # GPTAQ's correction (and plain GPTQ beside GPTAQ in the summary)
     "rtn": "#7f7f7f",
     "cursor": "#111111",
     "hover": "#e377c2",
@@ -74,10 +82,35 @@ def _log_range(values: np.ndarray, fallback: float = 1e-6) -> list[float]:
     return [float(np.log10(lo * 0.8)), float(np.log10(hi * 1.25))]
 
 
+def method_scene(run: Run, basis: str) -> dict:
+    """The scene's part that depends on the method: the diag(H) strip's title, GAR's groups (bands of
+    positions [start, end) with the original group each one is), a rotated run's titles and its diag(H)
+    before the rotation."""
+    cfg = run.cfg
+    if cfg.desc_act:
+        order = "desc_act order: decreasing diag(H)"
+    elif cfg.group_aware:
+        order = "GAR order: groups kept together"
+    else:
+        order = "column order"
+    out: dict = {"diag_title": f"diag(H), {order}", "basis": "", "titles": {}, "bands": []}
+    if cfg.group_aware:
+        ends = [*run.group_starts[1:], run.n]
+        width = cfg.group_width(run.n)
+        out["bands"] = [[int(a), int(b), int(run.perm[a]) // width] for a, b in zip(run.group_starts, ends)]
+    if run.R is not None:
+        out["basis"] = basis
+        out["titles"] = ORIGINAL_TITLES if basis == "original" else ROTATED_TITLES
+        out["diag_title"] = f"diag(R H Rᵀ), {order}"
+        out["diag_h_orig"] = f32(run.diag_h_orig)
+    return out
+
+
 class LabFigure:
     """Owns the LayerCanvas widget; all updates go through full() (per run) and frame() (per step)."""
 
-    def __init__(self, run: Run, k: int, win: Window, fr: dict, on_hover, on_click, lock=None):
+    def __init__(self, run: Run, k: int, win: Window, fr: dict, on_hover, on_click, lock=None,
+                 basis: str = "rotated"):
         self._callbacks = (on_hover, on_click)
         self.on_answer = None  # called with each of the view's answers {"trace_edit_id": seq}
         self._lock = lock if lock is not None else threading.RLock()
@@ -89,7 +122,7 @@ class LabFigure:
         self._ahead_from = 0
         self._crop: tuple | None = None
         self.adopt(LayerCanvas())
-        self.full(run, run.cfg.desc_act)
+        self.full(run, basis)
         self.frame(run, k, win, fr, None)
 
     def adopt(self, widget: LayerCanvas) -> None:
@@ -129,23 +162,24 @@ class LabFigure:
 
     # -----------------------------------------------------------------------------------------------------
 
-    def full(self, run: Run, desc_act: bool) -> None:
-        """What changes with the run: diag(H), the curves, the colour ranges, the axes, the titles."""
+    def full(self, run: Run, basis: str = "rotated") -> None:
+        """What changes with the run (or a rotated run's basis): diag(H), the curves, the colour ranges, the
+        axes, the titles."""
         self.n = run.n
         self.gen += 1
         self._ahead_upto = -1
         wmax = float(np.percentile(np.abs(run.W0), 99.5)) or 1.0
         emax = float(np.percentile(np.abs(run.Wq - run.Q), 99.5)) or 1.0
-        order = "desc_act order: decreasing diag(H)" if desc_act else "column order"
         both = np.concatenate([run.curve_gptq, run.curve_rtn])
+        diags = run.diag_h if run.R is None else np.r_[run.diag_h, run.diag_h_orig]  # both lines fit
         self.widget.scene = {
             "n": int(run.n), "d_out": int(run.d_out), "diag_h": f32(run.diag_h),
             "curve_gptq": f32(run.curve_gptq), "curve_rtn": f32(run.curve_rtn),
-            "wmax": wmax, "emax": emax, "diag_range": _log_range(run.diag_h),
+            "wmax": wmax, "emax": emax, "diag_range": _log_range(diags),
             # the top is the larger final error: the curves grow by orders of magnitude (hence log)
             "curves_range": [_log_range(both)[0], float(np.log10(max(run.curve_gptq[-1], run.curve_rtn[-1],
                                                                      1e-30) * 1.25))],
-            "diag_title": f"diag(H), {order}", "gen": self.gen,
+            "gen": self.gen, "label": run.cfg.label(), **method_scene(run, basis),
         }
         self.win = None
 
@@ -163,7 +197,7 @@ class LabFigure:
             if self._crop is not None:
                 self.new_crop()  # other rows or another width: frames sent ahead are void
             self._crop = crop
-        self._fr = {name: np.asarray(fr[name], dtype=np.float64) for name in HEATMAPS}
+        self._fr = {name: np.asarray(z, dtype=np.float64) for name, z in fr.items()}
         self._shown = (k, win)
         widget = self.widget
         if sent:
@@ -178,7 +212,7 @@ class LabFigure:
     def _frame_state(self, run: Run, k: int, win: Window, fr: dict) -> dict:
         w, q = run.Wq[win.r0:win.r1, k], run.Q[win.r0:win.r1, k]
         return {"gen": self.gen, "k": int(k), "r0": win.r0, "r1": win.r1, "c0": win.c0, "c1": win.c1,
-                "z": {name: f32(fr[name]) for name in HEATMAPS}, "w": f32(w), "q": f32(q)}
+                "z": {name: f32(z) for name, z in fr.items()}, "w": f32(w), "q": f32(q)}
 
     def has_sent(self, k: int) -> bool:
         """Whether the view got column k's frame ahead, in this generation."""
@@ -193,13 +227,15 @@ class LabFigure:
         start, stop = max(k, self._ahead_upto) + 1, min(k + count, run.n - 1)
         if stop < start:
             return 0
-        metas, buffers = [], []
+        metas, buffers, names = [], [], None
         for j in range(start, stop + 1):
             win, fr = make(j)
             st = self._frame_state(run, j, win, fr)
+            names = names or list(st["z"])  # one run: the same views in every frame
             metas.append({key: v for key, v in st.items() if key not in ("z", "w", "q")})
-            buffers += [st["z"][name] for name in HEATMAPS] + [st["w"], st["q"]]
-        self.widget.send({"event": "ahead", "gen": self.gen, "frames": metas}, buffers=buffers)
+            buffers += [st["z"][name] for name in names] + [st["w"], st["q"]]
+        self.widget.send({"event": "ahead", "gen": self.gen, "names": names, "frames": metas},
+                         buffers=buffers)
         self._ahead_upto = stop
         return stop - start + 1
 
@@ -228,5 +264,6 @@ class LabFigure:
         return {"diag_h": from_f32(s["diag_h"]), "gptq": curves["curve_gptq"], "rtn": curves["curve_rtn"],
                 "k": k, "hover": None if hover < 0 else hover, "wmax": s["wmax"], "emax": s["emax"],
                 "diag_range": s["diag_range"], "curves_range": s["curves_range"],
-                "diag_title": s["diag_title"],
+                "diag_title": s["diag_title"], "basis": s["basis"], "titles": dict(s["titles"]),
+                "bands": [tuple(b) for b in s["bands"]], "label": s["label"], "panels": list(f["z"]),
                 "w": from_f32(f["w"]), "q": from_f32(f["q"]), "seq": f["seq"]}

@@ -11,9 +11,9 @@ goes to ONE long-lived canvas widget (layer_figure) in one message of binary buf
 clock runs in that widget's view (layer_animation).
 
 The class is put together from: layer_controls (the widgets, their layout and callbacks), layer_animation
-(drawing, Play, frames sent ahead, the figure watchdog), layer_loading (which layer, background loads) and
-controls.Lab (knobs, state, links, presets). This module holds the state, `set` / `from_query`, the runs
-and navigation.
+(drawing, Play, frames sent ahead, the figure watchdog), layer_loading (which layer, background loads),
+layer_methods (the methods the menu names, the compare view) and controls.Lab (knobs, state, links,
+presets). This module holds the state, `set` / `from_query`, the runs and navigation.
 
 Voila: a widget's synced state is the whole picture, so a browser that connects later draws the current
 figure from it, and every change after the first display happens in a callback. Every callback is wrapped:
@@ -48,26 +48,29 @@ from .controls import Lab
 from .layer_animation import LayerAnimation
 from .layer_controls import SOURCE_KEYS, VIEW_KEYS, LayerControls
 from .layer_loading import LayerLoading, model_options, state_of_source
-from .layer_run import Run, compute_run
+from .layer_methods import METHOD_KEYS, LayerCompare, method_values
+from .layer_run import BASES, Run, compute_run
 
 MAX_CACHED_RUNS = 8
 RUN_CACHE_BYTES = 200 * 2**20  # cached runs of one lab (a 576x576 run is ~14 MB)
 
 KNOBS = ("corpus", "nsamples", "bits", "group_size", "damp_percent", "desc_act", "sym", "static_groups",
-         "block_size")
+         "block_size", *METHOD_KEYS)
 CONFIG_KEYS = tuple(k for k in KNOBS if k in settings.QUANT_KEYS)
-# the rest of the state: (low, high) integers (high None: unbounded), or None (checked against the model)
+# the rest of the state: (low, high) integers (high None: unbounded), a list of the allowed values, or None
+# (checked against the model); basis: how a rotated run is drawn
 VIEW_RULES = {"model": None, "block": (0, 10_000), "sublayer": None, "col": (0, None), "rows": (4, 96),
-              "cols": (4, 128), "row0": (0, None), "fps": (1, 30)}
+              "cols": (4, 128), "row0": (0, None), "fps": (1, 30), "basis": list(BASES)}
 DEFAULTS: dict = {"model": SYNTHETIC, "block": 0, "sublayer": SYNTHETIC_SUBLAYERS[0],
-                  **settings.defaults(KNOBS), "col": 0, "rows": 24, "cols": 32, "row0": 0, "fps": 15}
+                  **settings.defaults(KNOBS), "col": 0, "rows": 24, "cols": 32, "row0": 0, "fps": 15,
+                  "basis": BASES[0]}
 STATE_KEYS = tuple(DEFAULTS)
 
 LabInputError = InputError  # the Layer Lab's name for it (a value outside what the controls allow)
 _NEEDS_NOTHING = "Pick another model from the list, or the synthetic layer, which needs nothing."
 
 
-class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
+class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
     """The Layer Lab (see the module doc). Public API:
 
     LayerLab(source=None, *, models=None, local_mode=False, threaded=True, state=None)
@@ -77,6 +80,9 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
     LayerLab.from_query(qs)         rebuild a lab from a query string (bad values are listed in the page)
     lab.goto(k), lab.step(+1), lab.next_boundary("group" | "block"), lab.highlight(col)
     lab.apply_preset(name), lab.wait(), lab.run (the current Run), lab.summary (its numbers)
+    lab.apply_method(name)          set the knobs of a method of layer_methods.METHODS
+    lab.data, lab.pair              the layer's data; both models' inputs (GPTAQ), None until asked for
+    lab.compare(), lab.compare_rows every method on this layer (the compare view); animate_method(name)
     lab.view(name)                  a heatmap's (z, rows, cols) as plotted, name in HEATMAPS
     lab.config()                    the QuantConfig the controls show
     LayerLab.KNOBS                  the knobs it shows; lab.controls[name] is a knob's control
@@ -114,16 +120,19 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
         values = {**DEFAULTS, **{k: v for k, v in (state or {}).items() if k in DEFAULTS}}
         values.update(state_of_source(source))
         self._build_controls(values)
+        conflict = self._resolve_conflicts(None)  # a link may name two column orders
         pending = self._load_first(source)
         self._set_source_controls(state_of_source(self._source))
         self._shown_source_values = self._source_values()
-        self.run = self._get_run(self._source, self.data, self.config())
+        self.run = self._first_run()
         self._sync_slider_ranges()
         self._build_figures()
         self._build_layout()
         self._render_full()
         if pending is not None:
             self._load_later(pending)
+        if conflict:
+            self._info(conflict)
 
     def _load_later(self, pending: ModelSource) -> None:
         self._set_source_controls(state_of_source(pending))
@@ -212,6 +221,17 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
             return value
         return super()._validate(key, value, values)
 
+    def _validate_all(self, values: dict) -> dict:
+        """Every value checked, and the config they make together (GAR and desc_act are two orders, GAR needs
+        groups): InputError before anything changes."""
+        clean = super()._validate_all(values)
+        knobs = {k: self.controls[k].value for k in CONFIG_KEYS}
+        try:
+            QuantConfig.from_dict({**knobs, **{k: v for k, v in clean.items() if k in CONFIG_KEYS}})
+        except ValueError as exc:
+            raise LabInputError(str(exc)) from None
+        return clean
+
     @guarded
     def _apply(self, clean: dict) -> None:
         """What `set` does with checked values: a layer change reloads the layer, a config change re-runs
@@ -227,6 +247,7 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
                     self._set_control(key, clean[key])
         if "fps" in clean:
             self.fig.fps = int(clean["fps"])
+        self._sync_method()
         if any(k in clean for k in (*SOURCE_KEYS, *CONFIG_KEYS)):
             self._mark_custom()
         if source_change:
@@ -235,6 +256,8 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
             self._source_changed(changed="model" if model_changed and not explicit else None)
         elif any(k in CONFIG_KEYS for k in clean):
             self._recompute()
+        elif "basis" in clean:
+            self._render_full()
         elif any(k in clean for k in ("col", *VIEW_KEYS)):
             self._render_frame(force=True)
 
@@ -256,16 +279,28 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
                 self._runs.popitem(last=False)
         return run
 
-    def _recompute(self) -> None:
-        run = self._get_run(self._source, self.data, self.config())
+    def _first_run(self) -> Run:
+        cfg = self.config()
+        return self._get_run(self._source, self._data_for(cfg), cfg)
+
+    def _recompute(self, clear: bool = False) -> None:
+        """Run the controls' config on the layer shown (cached runs come back at once) and draw it. GPTAQ on
+        a model's layer first needs its second capture: a background job, which comes back here."""
+        cfg = self.config()
+        data = self._data_for(cfg)
+        if data is None:
+            self._start_pair_job(self._source)
+            return
+        run = self._get_run(self._source, data, cfg)
         with self._lock:
             self.run = run
             self._sync_slider_ranges()
             self._render_full()
         if run.warnings:
             self._info("<br>".join(html.escape(w) for w in run.warnings))
-        elif self.message.value and not self._job:
+        elif clear or (self.message.value and not self._job):
             self._clear_message()
+        self._mark_compare_stale()
 
     def _sync_slider_ranges(self) -> None:
         n, d_out = self.run.n, self.run.d_out
@@ -310,6 +345,12 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
         self._render_hover()
 
     @guarded
+    def apply_method(self, name: str) -> None:
+        """Set the knobs of a method (layer_methods.METHODS); bits, group size, grid, damping stay."""
+        values = {k: self.controls[k].value for k in self.CONFIG_KEYS}
+        self.set(**method_values(name, values))
+
+    @guarded
     def apply_preset(self, name: str) -> None:
         values, blurb = self._preset(name)
         self.set(**values)
@@ -326,3 +367,6 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, Lab):
         deferred until the figure draws starts now)."""
         self._start_deferred_load()
         super().wait(timeout)
+        job = self._compare_job
+        if job is not None:
+            job.join(timeout)

@@ -1,13 +1,16 @@
 """Which layer the Layer Lab shows, and loading it: at once (the synthetic layer, a captured one) or in a
 background job with a progress bar and Cancel (a model's layer: cancellation takes effect between steps;
 the model load itself, one call, finishes first). A failed or cancelled load leaves what is on screen.
+
+GPTAQ needs the layer's inputs in both models (source.load_pair()): `pair`, loaded only once a config
+asks for it (the synthetic layer's at once; a model's layer's in a background job, its second capture),
+so the default view costs what it did.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import html
 
 from ..services.layer_source import (
     SYNTHETIC,
@@ -59,14 +62,18 @@ class LayerLoading:
         """Show the first layer: loaded here when that is quick (synthetic, or captured already) or asked
         for (threaded=False); a model's layer is otherwise left to the background, with the synthetic
         layer shown meanwhile. Returns the source still to load, or None."""
+        self.pair = None
         captured = (isinstance(source, ModelSource) and source.cached() is not None
-                    and cached_model_structure(source.model) is not None)  # nothing left to load
+                    and cached_model_structure(source.model) is not None  # nothing left to load
+                    and (not self._needs_pair() or source.cached_pair() is not None))
         pending = None
         if isinstance(source, SyntheticSource) or not self.threaded or captured:
             try:
                 self.data = source.load()
                 if isinstance(source, ModelSource):
                     self._structures[source.model] = model_structure(source.model)
+                    if self._needs_pair():
+                        self.pair = source.load_pair()
             except Exception as exc:  # noqa: BLE001
                 self.show_error(exc, where="load")
                 source = self._synthetic
@@ -90,6 +97,7 @@ class LayerLoading:
         return {k: self.controls[k].value for k in ("model", "block", "sublayer", "corpus", "nsamples")}
 
     def _source_changed(self, changed: str | None = None) -> None:
+        self._cancel_compare()  # a table for the layer being left
         c = self.controls
         model = c["model"].value
         if model == SYNTHETIC:
@@ -115,17 +123,51 @@ class LayerLoading:
     def _load_now(self, source) -> None:
         self._show_data(source, source.load())
 
-    def _show_data(self, source, data: LayerData) -> None:
-        run = self._get_run(source, data, self.config())
+    def _show_data(self, source, data: LayerData, pair: LayerData | None = None) -> None:
         with self._lock:
-            self.data, self._source, self.run = data, source, run
+            self.data, self._source, self.pair = data, source, pair
             self._shown_source_values = self._source_values()
-            self._sync_slider_ranges()
-            self._render_full()
-        if run.warnings:
-            self._info("<br>".join(html.escape(w) for w in run.warnings))
-        else:
-            self._clear_message()
+        self._recompute(clear=True)
+        self._mark_compare_stale()
+
+    # -- both models' inputs, for GPTAQ ------------------------------------------------------------------
+
+    def _needs_pair(self, cfg=None) -> bool:
+        return (cfg or self.config()).gptaq_alpha > 0
+
+    def _data_for(self, cfg) -> LayerData | None:
+        """The data a run of `cfg` needs: the layer's, or for GPTAQ both models' inputs (loaded here when
+        that is quick; None while a model's layer's second capture is still to do)."""
+        if not self._needs_pair(cfg):
+            return self.data
+        if self.pair is None:
+            source = self._source
+            if isinstance(source, ModelSource):
+                self.pair = source.cached_pair()
+            elif hasattr(source, "load_pair"):  # the synthetic layer: a matmul
+                self.pair = source.load_pair()
+            else:
+                raise InputError(f"{source!r} has no full-precision stream (load_pair): no GPTAQ on it")
+        return self.pair
+
+    def _start_pair_job(self, source: ModelSource) -> None:
+        """Capture the layer's inputs in the quantized model too (a background job), then run the config.
+        A load of another layer running meanwhile loads them itself (_load_in_job)."""
+        job = self._job
+        if job is not None and (getattr(job, "pair_of", None) == source.key or not hasattr(job, "pair_of")):
+            return
+        self._info("Capturing this layer's inputs in the quantized model too (GPTAQ needs both); showing "
+                   "the previous run meanwhile.")
+
+        def load(job: Job) -> None:
+            pair = source.load_pair(functools.partial(self._progress, job), job.cancel.is_set)
+            with self._lock:
+                if job is not self._job or self._source.key != source.key:
+                    return
+                self.pair = pair
+            self._recompute(clear=True)
+
+        self._start_load(f"{source.model}: the quantized model's inputs", load, pair_of=source.key)
 
     def _start_deferred_load(self) -> None:
         with self._lock:
@@ -146,18 +188,26 @@ class LayerLoading:
             self.progress.set(fraction, f"{job.label}: {text}")
 
     def _start_source_job(self, source: ModelSource, fresh_model: bool = False) -> None:
+        self._start_load(f"loading {source.model}", lambda job: self._load_in_job(job, source, fresh_model))
+
+    def _start_load(self, label: str, load, pair_of: tuple | None = None) -> None:
+        """Run load(job) as the lab's background job (the one before it is cancelled); a failure is shown,
+        and the controls go back to what is on screen. pair_of: the source key of a second capture."""
         self._cancel_job()
-        job = Job(f"loading {source.model}")
+        job = Job(label)
+        if pair_of is not None:
+            job.pair_of = pair_of
         self._job = job
         self.progress.start(job.label)
 
         def work():
             try:
-                self._load_in_job(job, source, fresh_model)
+                load(job)
             except Exception as exc:  # noqa: BLE001
                 if job is self._job:
                     self.show_error(exc, where=job.label)
                     self._set_source_controls(self._shown_source_values)
+                    self._show_config(self.run.cfg)
             finally:
                 if job is self._job:
                     self.progress.stop()
@@ -180,8 +230,14 @@ class LayerLoading:
         if job.cancel.is_set():
             raise Cancelled("cancelled")
         data = src.load(progress, job.cancel.is_set)
+        pair = src.load_pair(progress, job.cancel.is_set) if self._needs_pair() else None
         if job is not self._job:
             return
         progress(0.98, "running GPTQ")
         self._set_source_controls(state_of_source(src))
-        self._show_data(src, data)
+        self._show_data(src, data, pair)
+        if self._needs_pair() and self.pair is None and job is self._job:  # GPTAQ was picked meanwhile
+            pair = src.load_pair(progress, job.cancel.is_set)
+            if job is self._job:
+                self.pair = pair
+                self._recompute(clear=True)

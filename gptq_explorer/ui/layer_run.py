@@ -13,6 +13,15 @@ Because every update is linear, the state of the not-yet-quantized columns after
 
 so `frame(run, k, ...)` rebuilds any moment of the algorithm on a crop without re-running it.
 
+What the methods beyond the paper add (the engine's stepper shows each):
+  GPTAQ     each step also moves the later columns by its pre-rounding value: + w_p (x) P[p, p+1:], with
+            P = alpha triu_1(dXXT U^T) U (kept as P); so W_state gains + Wq[:, :k+1] @ P[:k+1, j], and
+            frame() shows that correction apart from the OBS update.
+  rotation  the stepper works on W R^T with H' = R H R^T (kept as R): every array above is in the rotated
+            basis; frame(..., basis="original") multiplies each view by R (the views' not-yet values as 0),
+            so column j is original input j again. diag_h is diag(H'), diag_h_orig diag(H).
+  GAR, MSE grid, ternary change the order or the grid: nothing new to keep.
+
 Running output-error curves (GPTQ vs RTN, per column): with D_k = W - (the layer after k columns: quantized
 columns so far, the rest as GPTQ left them), 1/2 tr(D_k (H + lambda I) D_k^T) is exactly the running OBS
 loss of the first k columns (the engine's running_loss). For RTN the same expression with the RTN-rounded
@@ -29,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine import QuantConfig, gptq_steps, rtn_quantize
+from ..engine import QuantConfig, gptq_quantize, gptq_steps, rtn_quantize
 from ..engine.blocks import block_bounds
 from ..metrics.layer_error import output_mse_from_hessian
 from ..services.layer_source import LayerData
@@ -57,6 +66,9 @@ class Run:
     summary: dict
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    P: np.ndarray | None = None  # (n, n) GPTAQ's alpha triu_1(dXXT U^T) U, processing order
+    R: np.ndarray | None = None  # (n, n) the rotation: the arrays above are in the basis W R^T
+    diag_h_orig: np.ndarray | None = None  # (n,) undamped diag(H) of the original inputs, original order
 
     @property
     def n(self) -> int:
@@ -68,7 +80,8 @@ class Run:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.W0, self.U, self.Err, self.Wq, self.Q))
+        return sum(a.nbytes for a in (self.W0, self.U, self.Err, self.Wq, self.Q, self.P, self.R)
+                   if a is not None)
 
     @property
     def curve_gptq(self) -> np.ndarray:
@@ -89,8 +102,23 @@ class Run:
         out[:, done] = self.Wq[:, idx[done]]
         rest = idx[~done]
         if rest.size:
-            out[:, ~done] = self.W0[:, rest] - self.Err[:, : k + 1] @ self.U[: k + 1, rest]
+            out[:, ~done] = self.pending(slice(None), k, rest)
         return out
+
+    def pending(self, r, k: int, cols) -> np.ndarray:
+        """Rows r of the not-yet-quantized columns `cols` (all > k) after step k."""
+        out = self.W0[r][:, cols] - self.Err[r, : k + 1] @ self.U[: k + 1, cols]
+        if self.P is not None:  # GPTAQ: every step also added w_p (x) P[p, later]
+            out += self.Wq[r, : k + 1] @ self.P[: k + 1, cols]
+        return out
+
+    def update(self, r, k: int, cols) -> tuple[np.ndarray, np.ndarray | None]:
+        """(total update step k applied to rows r of the later columns `cols`, GPTAQ's part of it or None)."""
+        obs = -np.outer(self.Err[r, k], self.U[k, cols])
+        if self.P is None:
+            return obs, None
+        correction = np.outer(self.Wq[r, k], self.P[k, cols])
+        return obs + correction, correction
 
     def next_boundary(self, k: int, kind: str) -> int:
         starts = self.group_starts if kind == "group" else self.block_starts
@@ -110,28 +138,54 @@ def _running_loss(D: np.ndarray, H: np.ndarray) -> np.ndarray:
 
 
 # RTN's side of a run (rounding, its running loss, its held-out error: BLAS and whole-array NumPy, which
-# release the GIL) runs beside the stepper's column loop (Python-bound): a faster control change.
+# release the GIL) runs beside the stepper's column loop (Python-bound): a faster control change. So does
+# GPTAQ's comparison, plain GPTQ on the same inputs.
 _RTN_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-run-rtn")
 
 
-def _rtn_side(W: np.ndarray, cfg: QuantConfig, perm: np.ndarray, H: np.ndarray, H_held: np.ndarray):
+def _errors(data: LayerData, Q: np.ndarray, key: str) -> dict:
+    """The held-out output MSE of Q (and, with the full-precision stream, its distance from the
+    full-precision model's output) and its weight MSE, named for `key` ("gptq", "rtn", "gptq0")."""
+    out = {f"weight_mse_{key}": float(np.mean((data.W - Q) ** 2)),
+           f"heldout_mse_{key}": output_mse_from_hessian(data.W, Q, data.H_heldout)}
+    if data.has_fp:
+        out[f"heldout_fp_mse_{key}"] = data.heldout_fp_mse(Q)
+    return out
+
+
+def _rtn_side(data: LayerData, cfg: QuantConfig, perm: np.ndarray, H: np.ndarray, R: np.ndarray | None):
+    W = data.W
     rtn = rtn_quantize(W, cfg)
-    running_rtn = _running_loss((W - rtn.weight)[:, perm], H)
-    return rtn, running_rtn, output_mse_from_hessian(W, rtn.weight, H_held)
+    D = W - rtn.weight
+    if R is not None:  # the curve in the stepper's (rotated) basis, like GPTQ's
+        D = D @ R.T
+    return _running_loss(D[:, perm], H), _errors(data, rtn.weight, "rtn")
+
+
+def _plain_gptq_side(data: LayerData, cfg: QuantConfig) -> dict:
+    res = gptq_quantize(data.W, data.H, cfg.replace(gptaq_alpha=0.0))
+    return {**_errors(data, res.weight, "gptq0"), "loss_gptq0": res.loss}
 
 
 def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
-    """Run GPTQ (the engine's stepper, every column recorded) and RTN on one layer, with the summary."""
+    """Run GPTQ (the engine's stepper, every column recorded) and RTN on one layer, with the summary.
+    GPTAQ needs data with the full-precision stream (source.load_pair()), and then also runs plain GPTQ
+    on the same inputs, for the summary."""
     t0 = time.perf_counter()
     W = data.W
+    gptaq = cfg.gptaq_alpha > 0
+    if gptaq and not data.has_fp:
+        raise ValueError("GPTAQ needs the full-precision model's inputs too: load the layer with load_pair()")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stepper = gptq_steps(W, data.H, cfg)  # prepares the layer: permutation, damped H, U
+        # prepares the layer: rotation, permutation, damped H, U (and GPTAQ's P)
+        stepper = gptq_steps(W, data.H, cfg, dXXT=data.dXXT if gptaq else None)
         prep = stepper.prepared
-        rtn_side = _RTN_SIDE.submit(_rtn_side, W, cfg, prep.perm, prep.H, data.H_heldout)
+        rtn_side = _RTN_SIDE.submit(_rtn_side, data, cfg, prep.perm, prep.H, prep.rotation)
+        plain_side = _RTN_SIDE.submit(_plain_gptq_side, data, cfg) if gptaq else None
         steps = list(stepper)
     result = stepper.result
-    perm = prep.perm
+    perm, R = prep.perm, prep.rotation
     n = W.shape[1]
 
     Err = np.stack([s.error for s in steps], axis=1)
@@ -145,27 +199,28 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     group_starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     block_starts = np.array([a for a, _ in block_bounds(n, cfg)], dtype=np.int64)  # the engine's blocks
 
-    H_held = data.H_heldout
-    mse_g = output_mse_from_hessian(W, result.weight, H_held)
-    rtn, running_rtn, mse_r = rtn_side.result()
+    diag_orig = np.diag(data.H)
+    # diag(R H R^T) without forming it: row i of R H dotted with row i of R
+    diag = diag_orig if R is None else np.einsum("ij,ij->i", R @ data.H, R)
+    running_rtn, rtn_errors = rtn_side.result()
     summary = {
-        "weight_mse_gptq": float(np.mean((W - result.weight) ** 2)),
-        "weight_mse_rtn": float(np.mean((W - rtn.weight) ** 2)),
-        "heldout_mse_gptq": mse_g,
-        "heldout_mse_rtn": mse_r,
-        "heldout_ratio": mse_r / mse_g if mse_g > 0 else float("inf"),
+        **_errors(data, result.weight, "gptq"), **rtn_errors,
         "loss_gptq": result.loss,
         "loss_rtn": float(running_rtn[-1]),
         "calib_tokens": int(data.X_calib.shape[0]),
         "heldout_tokens": int(data.X_heldout.shape[0]),
         "damp_percent_used": prep.damp_percent_used,
     }
+    mse_g, mse_r = summary["heldout_mse_gptq"], summary["heldout_mse_rtn"]
+    summary["heldout_ratio"] = mse_r / mse_g if mse_g > 0 else float("inf")
+    if plain_side is not None:
+        summary.update(plain_side.result())
     return Run(
         cfg=cfg, name=data.name, perm=perm, W0=prep.W, U=prep.U, Err=Err, Wq=Wq, Q=Q, group=group,
         scales=np.asarray(result.scales), hinv_diag=hinv_diag, losses=losses, running=running,
-        running_rtn=running_rtn, diag_h=np.diag(data.H)[perm].copy(), group_starts=group_starts,
+        running_rtn=running_rtn, diag_h=diag[perm].copy(), group_starts=group_starts,
         block_starts=block_starts, summary=summary, warnings=[str(w.message) for w in caught],
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, P=prep.P, R=R, diag_h_orig=None if R is None else diag_orig.copy(),
     )
 
 
@@ -200,15 +255,22 @@ def window(run: Run, k: int, rows: int, cols: int, row0: int) -> Window:
     return Window(r0, r0 + rows, c0, c0 + cols)
 
 
-def frame(run: Run, k: int, win: Window) -> dict[str, np.ndarray]:
-    """The five heatmaps of step k on the crop (processing order), NaN where a view has no value yet.
+BASES = ("rotated", "original")  # the views of a rotated run: the stepper's basis, or back in the original
+
+
+def frame(run: Run, k: int, win: Window, basis: str = "rotated") -> dict[str, np.ndarray]:
+    """The heatmaps of step k on the crop (processing order), NaN where a view has no value yet.
 
     W            the original weights
     updated      the engine's working weights after step k (see Run.state)
     Q            quantized columns (0..k)
     error        w - q of the quantized columns (what the updates compensate)
-    compensation the update step k applied to the later columns: -e_k U[k, j]
+    compensation the update step k applied to the later columns: -e_k U[k, j] (GPTAQ: + w_k P[k, j])
+    correction   (GPTAQ only) its part of that update, w_k P[k, j]
+    A rotated run's views in the original basis: frame_original.
     """
+    if run.R is not None and basis == "original":
+        return frame_original(run, k, win)
     r, c = slice(win.r0, win.r1), slice(win.c0, win.c1)
     ncols = win.c1 - win.c0
     split = int(np.clip(k + 1 - win.c0, 0, ncols))  # crop columns [0, split) are quantized
@@ -216,10 +278,50 @@ def frame(run: Run, k: int, win: Window) -> dict[str, np.ndarray]:
     nan = np.full((win.r1 - win.r0, ncols), np.nan)
     updated = np.empty_like(nan)
     updated[:, :split] = run.Wq[r, win.c0:a]
-    Q, error, comp = nan.copy(), nan.copy(), nan
+    Q, error, comp, correction = nan.copy(), nan.copy(), nan.copy(), nan
     Q[:, :split] = run.Q[r, win.c0:a]
     error[:, :split] = run.Wq[r, win.c0:a] - run.Q[r, win.c0:a]
     if a < win.c1:
-        updated[:, split:] = run.W0[r, a:win.c1] - run.Err[r, : k + 1] @ run.U[: k + 1, a:win.c1]
-        comp[:, split:] = -np.outer(run.Err[r, k], run.U[k, a:win.c1])
-    return {"W": run.W0[r, c], "updated": updated, "Q": Q, "error": error, "compensation": comp}
+        later = slice(a, win.c1)
+        updated[:, split:] = run.pending(r, k, later)
+        total, part = run.update(r, k, later)
+        comp[:, split:] = total
+        if part is not None:
+            correction = nan.copy()
+            correction[:, split:] = part
+    views = {"W": run.W0[r, c], "updated": updated, "Q": Q, "error": error, "compensation": comp}
+    if run.P is not None:
+        views["correction"] = correction
+    return views
+
+
+def frame_original(run: Run, k: int, win: Window) -> dict[str, np.ndarray]:
+    """A rotated run's views at step k in the original basis: each view's rows (every position; a value a
+    view does not have yet counts as 0) times R, so crop column j is original input j. W is then the
+    original W, and `error` (the rounding errors so far) is spread over every original column at once:
+    what rotating does to the error. `updated` is the layer after step k (the quantized columns as Q, the
+    rest as updated), so at the last step it is the engine's result."""
+    r = slice(win.r0, win.r1)
+    n, rows = run.n, win.r1 - win.r0
+    done, later = slice(0, k + 1), slice(k + 1, n)
+    to_original = run.R[run.perm, win.c0:win.c1]  # processing position -> original column
+
+    def full(quantized=None, rest=None) -> np.ndarray:
+        out = np.zeros((rows, n))
+        if quantized is not None:
+            out[:, done] = quantized
+        if rest is not None and k + 1 < n:
+            out[:, later] = rest
+        return out @ to_original
+
+    total, part = run.update(r, k, later)
+    views = {
+        "W": run.W0[r] @ to_original,
+        "updated": full(run.Q[r, done], run.pending(r, k, later) if k + 1 < n else None),
+        "Q": full(run.Q[r, done]),
+        "error": full(run.Wq[r, done] - run.Q[r, done]),
+        "compensation": full(rest=total),
+    }
+    if part is not None:
+        views["correction"] = full(rest=part)
+    return views

@@ -4,21 +4,30 @@
     lab = ModelLab()              # the offline default model; shipped results show at once
     lab                           # displays (or lab.widget inside your own layout)
 
-What it shows for the chosen config (bits, group size, sym, desc_act, damping):
+What it shows for the chosen config (bits, group size, sym, desc_act, damping, and the method: the knobs
+of the methods after GPTQ, set one by one in the "Method" section or all at once by the method menu):
   * perplexity, FP vs RTN vs GPTQ, on the prose and code corpora (bars; the paper's protocol);
   * each quantized linear's output error ||X W^T - X Q^T||^2 / ||X W^T||^2 on its calibration inputs, in
     quantization order (RTN and GPTQ);
-  * greedy generations of the three models from the same short prompt, side by side.
+  * greedy generations of the three models from the same short prompt, side by side;
+  * the shipped method runs at the current bits and group size (perplexity, quantize time), one click each
+    to select one (model_charts.MethodTable).
 
-Where the numbers come from, in this order (gptq_explorer.services.results finds both kinds):
+Where the numbers come from, in this order (gptq_explorer.services.results finds them all):
   1. precomputed: the reports shipped in data/results/<model>/ (the paper's 128 x 512 calibration for the
      default model), shown instantly and labelled with their settings;
-  2. computed here: the Compute button builds the three reports (services.reports.build_report) with
+  2. the method table shipped in data/results/methods/<model>/ (services.results.method_runs: its own,
+     reduced protocol, 32 x 512 calibration and 16,384 evaluation tokens per corpus, which the page
+     states), when the main table has no GPTQ run for the config (a method knob is on);
+  3. computed here: the Compute button builds the three reports (services.reports.build_report) with
      reduced settings (services.reports.REDUCED: 16 x 256 calibration windows, 4096 evaluation tokens per
      corpus) in a background thread with a progress bar and Cancel. Each finished model's report is cached
      on disk (services.results.ReportCache, cache_root()/model_lab/reports), and quantize_model's own
      cache keeps the quantized layers (cache_root()/model_lab/quantized), so a config computed once is
      instant afterwards.
+The results toggle picks where from: "best" (that order, a complete computed set before an incomplete
+shipped one), "shipped" (1, then 2), "methods" (2 only: what a click in the method table selects, so that
+its run shows and not the main table's at the same config) or "computed" (3).
 A cancelled run shows "Cancelled" and never replaces what is on screen; the shared model is never
 modified (every method works on its own copy).
 
@@ -40,12 +49,23 @@ from ..metrics.generation import SAMPLE_PROMPTS
 from ..models.catalog import DEFAULT_MODEL
 from ..services.layer_source import Cancelled, curated_models, get_model
 from ..services.reports import METHODS, REDUCED, ComputeSettings, build_report, describe_report
-from ..services.results import ReportCache, default_cache_dir, find_shipped, same_evaluation, shipped_runs
-from ..settings import CUSTOM, PRESETS, defaults
+from ..services.results import (
+    ReportCache,
+    default_cache_dir,
+    find_shipped,
+    method_label,
+    method_runs,
+    same_evaluation,
+    shipped_runs,
+)
+from ..settings import BEYOND_PAPER_KEYS, CUSTOM, PRESETS, QUANT_KEYS, defaults
 from .common import InputError, Job, ProgressBar, StaticPlot, guarded, message_html, message_widget
 from .controls import Lab, knob_control, preset_dropdown
+from .layer_methods import COMBINED, method_of, method_values
+from .layer_methods import METHODS as METHOD_MENU
 from .model_charts import (
     METHOD_LABEL,
+    MethodTable,
     ResultSet,
     layer_error_figure,
     ppl_figure,
@@ -54,8 +74,11 @@ from .model_charts import (
 )
 
 PROMPTS = SAMPLE_PROMPTS
-VIEWS = ("auto", "precomputed", "computed")
-KNOBS = ("bits", "group_size", "sym", "desc_act", "damp_percent")
+VIEWS = ("auto", "precomputed", "methods", "computed")
+SHIPPED_VIEWS = ("precomputed", "methods")  # views of shipped reports only (never a computed one)
+PAPER_KNOBS = ("bits", "group_size", "sym", "desc_act", "damp_percent")
+METHOD_KNOBS = BEYOND_PAPER_KEYS  # the "Method" section: mse_norm, group_aware, gptaq_alpha, rotation, ...
+KNOBS = PAPER_KNOBS + METHOD_KNOBS
 # the rest of the state: a prompt's index, the results view, the model (checked against the offered list)
 VIEW_RULES = {"model": None, "prompt": (0, len(PROMPTS) - 1), "view": list(VIEWS)}
 DEFAULTS: dict = {"model": DEFAULT_MODEL, **defaults(KNOBS), "prompt": 0, "view": "auto"}
@@ -69,6 +92,70 @@ def config_label(cfg: QuantConfig, method: str | None = None) -> str:
     return text
 
 
+def series_names(cfg: QuantConfig) -> dict:
+    """What the page calls RTN's and GPTQ's series when a method knob is on ('GPTAQ', 'RTN + rotation');
+    {} for the paper's GPTQ (FP / RTN / GPTQ as always)."""
+    values = {**cfg.to_dict(), "desc_act": False}  # act-order is a setting of the paper's GPTQ
+    if all(values[k] == v for k, v in defaults(METHOD_KNOBS).items()):
+        return {}
+    return {m: method_label(m, values) for m in ("rtn", "gptq")}
+
+
+def shipped_set(model: str, cfg: QuantConfig, tables: list[tuple[list[dict], str]]) -> ResultSet | None:
+    """The shipped reports for a config, from the first table (runs, label) with a GPTQ run for it, else the
+    first with an RTN run; FP and the other method only where measured the same way. None: no table has
+    either. tables: the main shipped table first, then the method table (its own protocol: never mixed)."""
+    sets = []
+    for runs, label in tables:
+        found = {m: find_shipped(model, m, cfg, runs) for m in METHODS}
+        g = found["gptq"] or found["rtn"]
+        if g is None:
+            continue
+        found = {m: (r if r is not None and same_evaluation(r, g) else None) for m, r in found.items()}
+        sets.append(ResultSet("precomputed", found, label + describe_report(g), series_names(cfg)))
+    return next((s for s in sets if s.reports["gptq"] is not None), sets[0] if sets else None)
+
+
+METHOD_TABLE_LABEL = "shipped method run, reduced protocol (benchmarks/bench_methods.py): "
+
+
+def view_toggle() -> widgets.ToggleButtons:
+    """The results toggle: where the numbers come from (VIEWS; the module doc says what each shows)."""
+    return widgets.ToggleButtons(
+        options=[("best", "auto"), ("shipped", "precomputed"), ("methods", "methods"),
+                 ("computed", "computed")],
+        value="auto", style={"button_width": "62px"},
+        tooltips=["precomputed when there is a complete set, else computed here",
+                  "only the shipped (precomputed) results",
+                  "only the shipped method table (its reduced protocol)",
+                  "only results computed here (reduced settings)"])
+
+
+def status_html(res: ResultSet, cfg: QuantConfig, model: str, settings: ComputeSettings,
+                running: bool) -> str:
+    """The line above the charts: where the numbers come from and with which settings, what is missing."""
+    missing = [res.name(m) for m in METHODS if res.reports.get(m) is None]
+    if res.origin == "precomputed":
+        cfgs = {m: config_label(QuantConfig.from_dict(r["config"]), m)
+                for m, r in res.reports.items() if r is not None and m != "fp"}
+        text = (f"<b>{html.escape(res.label)}</b>; " +
+                "; ".join(f"{html.escape(res.name(m))}: {html.escape(t)}" for m, t in cfgs.items()))
+        cls = "gptq-precomputed"
+    elif res.origin == "computed":
+        text = f"<b>{html.escape(res.label)}</b>; {html.escape(config_label(cfg))}"
+        cls = "gptq-computed"
+    else:
+        text = (f"No result yet for <b>{html.escape(model)}</b>, {html.escape(config_label(cfg))}. "
+                f"Press <b>Compute</b> to measure it here with reduced settings "
+                f"({html.escape(settings.describe())}; the shipped runs use 128x512 calibration): "
+                "minutes on a small CPU machine.")
+        cls = "gptq-missing"
+    if missing and res.origin != "none":
+        text += f"<br>Not in this set: {', '.join(missing)}" + (
+            " (press Compute for a complete set with reduced settings)." if not running else ".")
+    return f"<div class='{cls}' style='font-size:13px;padding:4px 0'>{text}</div>"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the view
 
@@ -77,7 +164,7 @@ class ModelLab(Lab):
     """The Model Lab (see the module doc). Public API:
 
     ModelLab(model="smollm2-135m", *, models=None, settings=REDUCED, cache_dir=None, threaded=True,
-             state=None, shipped=None, keep_quantized=True)
+             state=None, shipped=None, method_runs=None, keep_quantized=True)
     lab.widget / display(lab)          the view
     lab.set(**values)                  change controls (validated; bad values raise InputError)
     lab.state() / lab.state_query()    the state; lab.apply_preset(name); lab.compute(); lab.cancel()
@@ -86,8 +173,11 @@ class ModelLab(Lab):
     lab.results                        the ResultSet on screen; lab.ppl_plot / lab.layer_plot (StaticPlot)
     lab.config()                       the QuantConfig the controls show
     ModelLab.KNOBS                     the knobs it shows; lab.controls[name] is a knob's control
-    shipped: a list of reports to use instead of services.results' shipped runs (tests); None = the shipped
-    ones.
+    lab.method_menu                    the method menu (layer_methods.METHODS): sets the method knobs
+    lab.select_method(name)            the same from Python; lab.select_run(report) shows a shipped run
+    lab.method_table                   the shipped method runs at the current bits and group size
+    shipped / method_runs: lists of reports to use instead of services.results' shipped runs and method
+    table (tests); None = the shipped ones.
     """
 
     NAME = "ModelLab"
@@ -97,7 +187,7 @@ class ModelLab(Lab):
 
     def __init__(self, model: str = DEFAULT_MODEL, *, models=None, settings: ComputeSettings = REDUCED,
                  cache_dir=None, threaded: bool = True, state: dict | None = None, shipped=None,
-                 keep_quantized: bool = True):
+                 method_runs=None, keep_quantized: bool = True):
         self.settings = settings
         # quantize_model's cache holds every quantized layer (~0.1 GB per method and config for SmolLM2);
         # a shared workshop server may prefer keep_quantized=False (the small reports are cached anyway)
@@ -106,7 +196,8 @@ class ModelLab(Lab):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache = ReportCache(self.cache_dir)
         self._shipped_override = shipped
-        self._shipped: dict[str, list[dict]] = {}
+        self._methods_override = method_runs
+        self._shipped: dict[tuple[str, str], list[dict]] = {}  # (table, model) -> its reports
         self._init_dashboard()
         self.job: Job | None = None
         self.last_outcome: str | None = None
@@ -138,15 +229,18 @@ class ModelLab(Lab):
         c["model"] = W.Dropdown(options=opts, value=model, description="model", layout=lay, style=desc)
         for name in KNOBS:
             c[name] = knob_control(name, layout=lay, style=desc)
+        self.method_menu = W.Dropdown(options=[*METHOD_MENU, COMBINED], value="GPTQ", description="method",
+                                      layout=lay, style=desc)
+        self.method_menu.observe(self._on_method, names="value")
+        self.method_blurb = W.HTML(value="", layout=W.Layout(width="260px"))
+        self.method_knobs = W.Accordion(children=[W.VBox([c[k] for k in METHOD_KNOBS])],
+                                        selected_index=None, layout=W.Layout(width="270px"))
+        self.method_knobs.set_title(0, "method knobs")
+        self.method_table = MethodTable(self.select_run)
         c["prompt"] = W.Dropdown(options=[(p, i) for i, p in enumerate(PROMPTS)], value=0,
                                  description="prompt", layout=W.Layout(width="360px"),
                                  style={"description_width": "50px"})
-        c["view"] = W.ToggleButtons(options=[("best", "auto"), ("shipped", "precomputed"),
-                                             ("computed", "computed")], value="auto",
-                                    tooltips=["precomputed when there is a complete set, else computed here",
-                                              "only the shipped (precomputed) results",
-                                              "only results computed here (reduced settings)"],
-                                    style={"button_width": "80px"})
+        c["view"] = view_toggle()
         self.controls = c
         for key in STATE_KEYS:
             c[key].observe(self._on_change, names="value")
@@ -173,12 +267,14 @@ class ModelLab(Lab):
             return W.VBox([W.HTML(f"<b>{title}</b>"), *items], layout=W.Layout(margin="0 0 8px 0"))
 
         panel = W.VBox([section("Model", [c["model"]]),
-                        section("GPTQ config", [c[k] for k in KNOBS]),
+                        section("GPTQ config", [c[k] for k in PAPER_KNOBS]),
+                        section("Method", [self.method_menu, self.method_blurb, self.method_knobs]),
                         section("Results", [c["view"], self.compute_button])],
                        layout=W.Layout(width="280px", min_width="280px", flex="0 0 280px"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Model Lab</h3>"), self.preset,
                          self.copy_button], layout=W.Layout(align_items="center"))
-        main = W.VBox([self.status, W.HBox([self.ppl_plot.widget, self.summary]), self.layer_plot.widget,
+        main = W.VBox([self.status, W.HBox([self.ppl_plot.widget, self.summary]), self.method_table.widget,
+                       self.layer_plot.widget,
                        W.HTML("<b>Sample generations</b> (greedy, same prompt)"), c["prompt"], self.samples],
                       layout=W.Layout(flex="1 1 auto", min_width="0"))
         self.root = W.VBox([header, self.link, self.message, self.progress.box, W.HBox([panel, main])])
@@ -215,6 +311,17 @@ class ModelLab(Lab):
     def model(self) -> str:
         return self.controls["model"].value
 
+    def _validate_all(self, values: dict) -> dict:
+        """Each value checked by its knob, then the config they make together (GAR needs groups and no
+        act-order): InputError with QuantConfig's message, nothing changed."""
+        clean = super()._validate_all(values)
+        knobs = {k: clean.get(k, self.controls[k].value) for k in KNOBS if k in QUANT_KEYS}
+        try:
+            QuantConfig(**knobs)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return clean
+
     def _apply(self, clean: dict) -> None:
         with self._quietly():
             for k, v in clean.items():
@@ -230,6 +337,8 @@ class ModelLab(Lab):
             for k, v in values.items():
                 self._set_control(k, v)
             self.preset.value = name
+            if self.controls["view"].value == "methods":  # a preset is a config of the main table
+                self.controls["view"].value = "auto"
         self.refresh()
         if self.results.origin == "precomputed":
             self._info(f"<b>{html.escape(name)}</b>: {html.escape(blurb)}")
@@ -272,44 +381,76 @@ class ModelLab(Lab):
             return
         self.apply_preset(change["new"])
 
+    @guarded
+    def _on_method(self, change) -> None:
+        if self._quiet or change["new"] == COMBINED:
+            return
+        self.select_method(change["new"])
+
+    def select_method(self, name: str) -> None:
+        """Set the method knobs to method `name` (layer_methods.METHODS: "GPTQ", "GPTAQ", ...); the others
+        stay (GAR turns act-order off and gives a per-row grid groups of 128). InputError for an unknown
+        name (also shown in the page)."""
+        try:
+            values = method_values(name, self.state())
+        except InputError as exc:
+            self.show_error(exc, where="select_method")
+            raise
+        self.set(**values)
+
+    def select_run(self, report: dict) -> None:
+        """Show a run of the method table: the controls take its config (the knobs this lab has), and the
+        view the method table (so that this run shows, not the main table's at the same config)."""
+        config = {**defaults(KNOBS), **(report.get("config") or {})}
+        self.set(**{k: config[k] for k in KNOBS}, view="methods")
+
+    def _sync_method_menu(self) -> None:
+        """The method menu names what the method knobs show (COMBINED when no single method)."""
+        name = method_of({k: self.controls[k].value for k in METHOD_KNOBS})
+        blurb = METHOD_MENU[name][1] if name in METHOD_MENU else "Several methods at once."
+        with self._quietly():
+            self.method_menu.value = name
+        self.method_blurb.value = f"<div style='font-size:12px;color:#555'>{html.escape(blurb)}</div>"
+
     # -----------------------------------------------------------------------------------------------------
     # results
 
-    def _runs(self) -> list[dict]:
+    def _runs(self, table: str = "main") -> list[dict]:
+        """The shipped reports of the current model: the main table ("main") or the method table
+        ("methods"), read once per model."""
         model = self.model
-        if self._shipped_override is not None:
-            return [r for r in self._shipped_override if r.get("model", model) == model]
-        if model not in self._shipped:
+        override = self._shipped_override if table == "main" else self._methods_override
+        if override is not None:
+            return [r for r in override if r.get("model", model) == model]
+        if (table, model) not in self._shipped:
             try:
-                self._shipped[model] = shipped_runs(model)
+                self._shipped[table, model] = (shipped_runs if table == "main" else method_runs)(model)
             except Exception as exc:  # noqa: BLE001 - a broken shipped file must not break the lab
-                self.show_error(exc, where="reading the shipped results")
-                self._shipped[model] = []
-        return self._shipped[model]
+                self.show_error(exc, where=f"reading the shipped {table} results")
+                self._shipped[table, model] = []
+        return self._shipped[table, model]
 
     def resolve(self, cfg: QuantConfig | None = None) -> ResultSet:
         """The reports to show for a config (see the module doc for the order)."""
         cfg = cfg or self.config()
-        model, runs = self.model, self._runs()
-        shipped = {m: find_shipped(model, m, cfg, runs) for m in METHODS}
-        g = shipped["gptq"] or shipped["rtn"]
-        if g is not None:  # FP / the other method only when measured the same way
-            shipped = {m: (r if r is not None and same_evaluation(r, g) else None)
-                       for m, r in shipped.items()}
+        model, runs, view = self.model, self._runs(), self.controls["view"].value
+        tables = [(self._runs("methods"), METHOD_TABLE_LABEL)]
+        if view != "methods":  # the main table first: the paper's protocol
+            tables.insert(0, (runs, "precomputed: "))
+        pre = shipped_set(model, cfg, tables)
+        pre = pre or ResultSet("precomputed", dict.fromkeys(METHODS), "", series_names(cfg))
         computed = {m: self.cache.get(model, m, cfg, self.settings) for m in METHODS}
-        pre = ResultSet("precomputed", shipped, "precomputed: " + describe_report(g) if g else "")
         comp = ResultSet("computed", computed,
-                         "computed here (reduced settings): " + self.settings.describe())
-        view = self.controls["view"].value
-        have_pre = shipped["gptq"] is not None or shipped["rtn"] is not None
+                         "computed here (reduced settings): " + self.settings.describe(), pre.names)
+        have_pre = pre.reports["gptq"] is not None or pre.reports["rtn"] is not None
         have_comp = computed["gptq"] is not None or computed["rtn"] is not None
-        if have_pre and (view == "precomputed" or (view == "auto" and (pre.complete or not comp.complete))):
+        if have_pre and (view in SHIPPED_VIEWS or (view == "auto" and (pre.complete or not comp.complete))):
             return pre
-        if have_comp and view != "precomputed":
+        if have_comp and view not in SHIPPED_VIEWS:
             return comp
         # nothing quantized for this config (in this view): FP alone, as the reference
         fp = computed["fp"] or find_shipped(model, "fp", cfg, runs)
-        return ResultSet("none", {"fp": fp, "rtn": None, "gptq": None}, "")
+        return ResultSet("none", {"fp": fp, "rtn": None, "gptq": None}, "", pre.names)
 
     @guarded
     def refresh(self) -> None:
@@ -322,30 +463,14 @@ class ModelLab(Lab):
             self._render_summary()
             self._render_samples()
             self._render_status()
+            cfg = self.config()
+            self.method_table.show(self._runs("methods"), cfg.bits, cfg.group_size, cfg.sym,
+                                   shown=res.reports.values())
+            self._sync_method_menu()
 
     def _render_status(self) -> None:
-        res, cfg = self.results, self.config()
-        missing = [METHOD_LABEL[m] for m in METHODS if res.reports.get(m) is None]
         running = self.job is not None and self.job.outcome == "running"
-        if res.origin == "precomputed":
-            cfgs = {m: config_label(QuantConfig.from_dict(r["config"]), m)
-                    for m, r in res.reports.items() if r is not None and m != "fp"}
-            text = (f"<b>{html.escape(res.label)}</b>; " +
-                    "; ".join(f"{METHOD_LABEL[m]}: {html.escape(t)}" for m, t in cfgs.items()))
-            cls = "gptq-precomputed"
-        elif res.origin == "computed":
-            text = f"<b>{html.escape(res.label)}</b>; {html.escape(config_label(cfg))}"
-            cls = "gptq-computed"
-        else:
-            text = (f"No result yet for <b>{html.escape(self.model)}</b>, {html.escape(config_label(cfg))}. "
-                    f"Press <b>Compute</b> to measure it here with reduced settings "
-                    f"({html.escape(self.settings.describe())}; the shipped runs use 128x512 calibration): "
-                    "minutes on a small CPU machine.")
-            cls = "gptq-missing"
-        if missing and res.origin != "none":
-            text += f"<br>Not in this set: {', '.join(missing)}" + (
-                " (press Compute for a complete set with reduced settings)." if not running else ".")
-        self.status.value = f"<div class='{cls}' style='font-size:13px;padding:4px 0'>{text}</div>"
+        self.status.value = status_html(self.results, self.config(), self.model, self.settings, running)
         self.compute_button.disabled = running
         self.compute_button.description = "Computing…" if running else "Compute"
 
@@ -358,6 +483,7 @@ class ModelLab(Lab):
     # -----------------------------------------------------------------------------------------------------
     # computing (background)
 
+    @guarded
     def compute(self) -> None:
         """Compute the methods missing from the computed set for the current config (background thread)."""
         if self.job is not None and self.job.outcome == "running":
