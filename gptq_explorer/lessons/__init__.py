@@ -20,6 +20,7 @@ Modules
   damping_calibration  lesson 6: damping and calibration data
   whole_model          lesson 7: the whole model
   export_deploy        lesson 8: export and deploy
+  after_gptq           lesson 9: after GPTQ (the methods beyond the paper; GPTQ as Babai's nearest plane)
 
 `stored(name)` reads the numbers of runs too large for a notebook, made once with these modules:
 data/results/lessons/<name>.json (services.results finds data/results), whose "how" says how each was
@@ -33,7 +34,8 @@ import json
 from pathlib import Path
 
 MODULES = ("display", "measures", "real_layers", "rtn_errors", "obs_update", "step_by_step", "seed_lesson",
-           "bits_and_groups", "act_order", "damping_calibration", "whole_model", "export_deploy")
+           "bits_and_groups", "act_order", "damping_calibration", "whole_model", "export_deploy",
+           "after_gptq")
 
 
 def results_folder() -> Path:
