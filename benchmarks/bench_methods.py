@@ -37,6 +37,8 @@ def rows(grid: str) -> dict[str, list[str]]:
         "gptaq": ["--method", "gptq", "--gptaq-alpha", "0.25"],
         "gptq-had": ["--method", "gptq", "--rotation", "hadamard"],
         "gptaq-mse-order": ["--method", "gptq", "--gptaq-alpha", "0.25", "--mse-norm", "2.4", *order],
+        "gptaq-mse-had": ["--method", "gptq", "--gptaq-alpha", "0.25", "--mse-norm", "2.4", "--rotation",
+                          "hadamard"],
         "rtn-had": ["--method", "rtn", "--rotation", "hadamard"],
         "rtn-mse": ["--method", "rtn", "--mse-norm", "2.4"],
     }
@@ -54,6 +56,39 @@ def run(name: str, args: list[str]) -> None:
     print(" ".join(cmd[2:]), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         (OUT / f"{name}.failed").write_text("see the log\n")
+
+
+LABELS = {"fp": "FP (no quantization)", "rtn": "RTN", "rtn-had": "RTN + rotation",
+          "rtn-mse": "RTN + MSE grid", "gptq": "GPTQ", "gptq-mse": "GPTQ + MSE grid",
+          "gptq-order": "GPTQ + GAR",
+          "gptaq": "GPTAQ (alpha 0.25)", "gptq-had": "GPTQ + rotation",
+          "gptaq-mse-order": "GPTAQ + MSE grid + GAR", "gptaq-mse-had": "GPTAQ + MSE grid + rotation"}
+
+
+def median_layer_error(report: dict) -> str:
+    """Median over the linears of ||X W^T - X Q^T||^2 / ||X W^T||^2 on their calibration inputs."""
+    errs = sorted(x["output_rel_error"] for x in report["layers"] if x.get("output_rel_error") is not None)
+    return f"{errs[len(errs) // 2]:.4f}" if errs else "—"
+
+
+def markdown(folder: Path = OUT) -> str:
+    """The table docs/methods.md shows (tests/test_results_methods.py checks the page against the reports)."""
+    lines = ["| grid | method | prose | code | median layer error | quantize (s) | peak RSS (GB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    reports = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    for grid in GRIDS:
+        for method in ["rtn", "rtn-had", "rtn-mse", *[m for m in LABELS if m.startswith("gpt")]]:
+            r = reports.get(f"{method}-{grid}")
+            if r is None:
+                continue
+            ppl, t, m = r["perplexity"], r["timings"], r["memory"]
+            label = LABELS[method].replace("GAR", "desc_act") if grid.endswith("grow") else LABELS[method]
+            lines.append(f"| {grid} | {label} | {ppl['prose']:.2f} | {ppl['code']:.2f} | "
+                         f"{median_layer_error(r)} | {t['quantize']:.0f} | {m['peak_rss_bytes'] / 1e9:.2f} |")
+    if "fp" in reports:
+        ppl = reports["fp"]["perplexity"]
+        lines.append(f"| — | {LABELS['fp']} | {ppl['prose']:.2f} | {ppl['code']:.2f} | — | — | — |")
+    return "\n".join(lines)
 
 
 def table() -> None:
@@ -103,11 +138,15 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the rows whose name contains this")
     ap.add_argument("--table", action="store_true", help="print the stored table and exit")
     ap.add_argument("--layers", action="store_true", help="time each method on one layer and exit")
+    ap.add_argument("--markdown", action="store_true", help="print the table of docs/methods.md and exit")
     ap.add_argument("--out", type=Path, default=OUT, help=f"where the reports go (default {OUT})")
     args = ap.parse_args()
     OUT = args.out
     if args.layers:
         time_layers()
+        return
+    if args.markdown:
+        print(markdown(OUT))
         return
     if not args.table:  # the rows first, then the grids: every grid gets its main rows early
         if args.only in "fp":
