@@ -59,6 +59,15 @@ browser() {
   fi
 }
 
+hub_proxy() {
+  # configurable-http-proxy (npm) for the JupyterHub test (tests/test_deploy_hub.py), inside the venv
+  local bin="$VENV/hub-proxy/node_modules/.bin/configurable-http-proxy"
+  if [ ! -x "$bin" ] && command -v npm >/dev/null; then
+    npm install --silent --no-audit --no-fund --prefix "$VENV/hub-proxy" configurable-http-proxy@4 >/dev/null \
+      || echo "configurable-http-proxy not installed: the JupyterHub test will be skipped"
+  fi
+}
+
 case "${1:-}" in
   app)
     setup
@@ -82,6 +91,7 @@ case "${1:-}" in
   test)
     setup
     browser
+    hub_proxy
     # GPTQModel 7.6.0 + optimum in their own venv, to load our exported checkpoints as an outside loader
     # (first time several minutes, then < 1 s).
     scripts/outside_loader_env.sh
@@ -92,8 +102,12 @@ case "${1:-}" in
     export OMP_NUM_THREADS=1 GPTQ_EXPLORER_THREADS=1 GPTQ_EXPLORER_REQUIRE_OUTSIDE=1
     "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile -m "not browser" tests
     "$PY" -m pytest -q -m browser tests
+    # The lessons run with every exercise solved (notebooks/solutions/), each check asserted; the copies sit
+    # as deep as notebooks/, so they run as the lessons do. The app's notebook runs as it ships.
+    "$PY" -m gptq_explorer.exercises.solved notebooks build/solved-lessons
     "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --nbval-lax --nbval-current-env \
-      --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+      --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg build/solved-lessons \
+      notebooks/explorer.ipynb
     ;;
   *)
     echo "usage: $0 app|lessons|test" >&2

@@ -424,3 +424,26 @@ def test_the_result_shows_in_a_notebook():
     assert bad._repr_markdown_().startswith("**✘ Not yet.**") and "`per_column`" in bad._repr_markdown_()
     assert str(bad).startswith("✘ Not yet.") and "per_column" in str(bad)
     assert ex.Result(False, "m").mistake is None
+
+
+@pytest.mark.parametrize("name", sorted(ex.CHECKS))
+def test_a_stub_not_yet_written_is_told_so(name):
+    """The lessons' stubs raise NotImplementedError: the check says the function is not written yet; a
+    function that raises it on some cases only has a bug, and is told where."""
+    def stub(*args, **kwargs):
+        raise NotImplementedError("write this function")
+
+    r = ex.CHECKS[name](stub)
+    assert not r and r.mistake == "not_written" and r.message.startswith("Write the function first")
+
+    calls = []
+
+    def partly(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise NotImplementedError("not this case")
+        return stub_value
+
+    stub_value = None
+    r = ex.CHECKS[name](partly)
+    assert not r and r.mistake != "not_written"

@@ -55,8 +55,8 @@ LESSONS = {
 
 CHECKS = {check.__name__: check for checks in LESSONS.values() for check in checks}
 
-# check name -> the names of the mistakes it recognises (besides the generic raised, returned_none,
-# wrong_type, wrong_shape and wrong_values)
+# check name -> the names of the mistakes it recognises (besides the generic not_written, raised,
+# returned_none, wrong_type, wrong_shape and wrong_values)
 MISTAKES = {name: tuple(m.name for m in mistakes)
             for module in (grid, obs, loop, order, perplexity, packing)
             for name, mistakes in module.MISTAKES.items()}

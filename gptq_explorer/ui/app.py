@@ -1,12 +1,12 @@
 """The explorer app that Voila serves (notebooks/explorer.ipynb): one call builds it.
 
-Three tabs: the Layer Lab (built at once: it is the first view), the Model Lab and the Sweeps (each built
-the first time its tab is shown, so Voila's cold start pays only for the Layer Lab).
+Four tabs: the Layer Lab (built at once: it is the first view), the Model Lab, the Sweeps and the Questions
+(each built the first time its tab is shown, so Voila's cold start pays only for the Layer Lab).
 
 Settings come from the environment so that a workshop server can set them per kernel (voila.json):
 GPTQ_EXPLORER_THREADS (torch threads; 1 is often faster on a busy 2-core machine) and
 GPTQ_EXPLORER_LOCAL=1 (allow local model folders: never on a public server). The page's query string
-carries the whole state, so a copied link reopens the same view: `tab=layer|model|sweeps`, the Layer
+carries the whole state, so a copied link reopens the same view: `tab=layer|model|sweeps|questions`, the Layer
 Lab's keys as they are (bits=3&group_size=64...), the Model Lab's with the prefix `ml.` (ml.bits=3) and the
 Sweeps' with `sw.` (sw.facet=desc_act). Unknown keys and bad values are listed in the page, not applied.
 """
@@ -28,8 +28,8 @@ from .common import InputError, Shown, link_html, query_of
 from .layer_lab import LayerLab
 from .preheat import in_voila, page_query, preload_default_layer, preload_enabled
 
-TABS = ("layer", "model", "sweeps")
-TAB_TITLES = ("Layer Lab", "Model Lab", "Sweeps")
+TABS = ("layer", "model", "sweeps", "questions")
+TAB_TITLES = ("Layer Lab", "Model Lab", "Sweeps", "Questions")
 PREFIX = {"model": "ml.", "sweeps": "sw."}
 
 DEFER_LOAD_S = 10.0  # a page that has not drawn its figure after this long gets its model load anyway
@@ -59,8 +59,9 @@ def split_query(query: str) -> tuple[str, dict, dict, dict, list[str]]:
 
 
 class ExplorerApp(Shown):
-    """The tabs (see the module doc). app.layer_lab is built at once; app.model_lab and app.sweeps on first
-    use (showing their tab, or reading the attribute). app.state() / app.state_query() cover all three."""
+    """The tabs (see the module doc). app.layer_lab is built at once; app.model_lab, app.sweeps and
+    app.questions on first use (showing their tab, or reading the attribute). app.state() /
+    app.state_query() cover the three labs and the tab shown."""
 
     def __init__(self, query: str = "", *, local_mode: bool = False, source=None, models=None,
                  model_lab_kwargs: dict | None = None, sweeps_kwargs: dict | None = None,
@@ -80,9 +81,11 @@ class ExplorerApp(Shown):
             self.layer_lab = LayerLab(source, **kw)
         self._model_lab = None
         self._sweeps = None
+        self._questions = None
         self._syncing = False
         self._slots = [widgets.Box(), widgets.VBox([widgets.HTML("<i>Opening the Model Lab…</i>")]),
-                       widgets.VBox([widgets.HTML("<i>Opening the Sweeps…</i>")])]
+                       widgets.VBox([widgets.HTML("<i>Opening the Sweeps…</i>")]),
+                       widgets.VBox([widgets.HTML("<i>Opening the Questions…</i>")])]
         self._slots[0] = self.layer_lab.root
         self.tabs = widgets.Tab(children=list(self._slots))
         self.tabs.titles = TAB_TITLES
@@ -129,6 +132,15 @@ class ExplorerApp(Shown):
             self._slots[2].children = [sw.widget]
         return self._sweeps
 
+    @property
+    def questions(self):
+        if self._questions is None:
+            from .questions_tab import QuestionsTab
+
+            self._questions = QuestionsTab()
+            self._slots[3].children = [self._questions.widget]
+        return self._questions
+
     def _apply_query(self, view, values: dict, name: str) -> None:
         problems = []
         for key, value in values.items():
@@ -152,6 +164,8 @@ class ExplorerApp(Shown):
                     self._sweeps.model_lab = self._model_lab
                     self._sweeps._show_cached()
                     self._sweeps.refresh_perplexity()
+            elif index == 3:
+                self.questions  # noqa: B018 - builds it
         except Exception as exc:  # noqa: BLE001 - a callback: show it, keep the kernel alive
             self.layer_lab.show_error(exc, where=f"opening the {TAB_TITLES[change['new']]} tab")
 
@@ -200,7 +214,7 @@ class ExplorerApp(Shown):
 def explorer_app(query: str | None = None, *, local_mode: bool | None = None, source=None,
                  **kwargs) -> ExplorerApp:
     """The explorer: Layer Lab (on the offline default model; a synthetic layer shows while it loads),
-    Model Lab and Sweeps tabs. `query` defaults to the Voila page's query string.
+    Model Lab, Sweeps and Questions tabs. `query` defaults to the Voila page's query string.
 
     Served by Voila, the kernel is preheated: it waits here for its visitor. When none comes within
     PRELOAD_AFTER_S, it loads the default model's first layer meanwhile (when the machine is quiet, see

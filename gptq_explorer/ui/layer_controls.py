@@ -54,6 +54,7 @@ class LayerControls:
         self.method = widgets.Dropdown(options=[COMBINED, *METHODS], value="GPTQ", description="method",
                                        layout=widgets.Layout(width=_WIDTH), style=_STYLE)
         self._build_compare()
+        self._build_hessian()
         self.local_path = None
         if self.local_mode:
             self.local_path = widgets.Text(placeholder="/path/to/model folder (config.json + *.safetensors)",
@@ -165,12 +166,13 @@ class LayerControls:
                        c["fps"], c["basis"]],
                       layout=W.Layout(flex_flow="row wrap", align_items="center"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Layer Lab</h3>"), self.preset,
-                         self.copy_button, self.compare_button], layout=W.Layout(align_items="center"))
+                         self.copy_button, self.compare_button, self.hessian_button],
+                        layout=W.Layout(align_items="center"))
         self._fig_box = W.HBox([self.fig, W.VBox([self.explain, self.summary_html])])
         main = W.VBox([anim, self._fig_box])
         probe = [self.probe] if self.probe is not None else []
         self.root = W.VBox([*probe, header, self.link, self.message, self.progress_box, self.compare_box,
-                            W.HBox([panel, main])])
+                            self.hessian_box, W.HBox([panel, main])])
         self._sync_method()
 
     # -- setting controls --------------------------------------------------------------------------------

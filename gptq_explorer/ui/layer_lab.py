@@ -12,8 +12,9 @@ clock runs in that widget's view (layer_animation).
 
 The class is put together from: layer_controls (the widgets, their layout and callbacks), layer_animation
 (drawing, Play, frames sent ahead, the figure watchdog), layer_loading (which layer, background loads),
-layer_methods (the methods the menu names, the compare view) and controls.Lab (knobs, state, links,
-presets). This module holds the state, `set` / `from_query`, the runs and navigation.
+layer_methods (the methods the menu names, the compare view), layer_hessian (the Hessian view) and
+controls.Lab (knobs, state, links, presets). This module holds the state, `set` / `from_query`, the runs
+and navigation.
 
 Voila: a widget's synced state is the whole picture, so a browser that connects later draws the current
 figure from it, and every change after the first display happens in a callback. Every callback is wrapped:
@@ -47,6 +48,7 @@ from .common import InputError, as_int, guarded
 from .controls import Lab
 from .layer_animation import LayerAnimation
 from .layer_controls import SOURCE_KEYS, VIEW_KEYS, LayerControls
+from .layer_hessian import LayerHessian
 from .layer_loading import LayerLoading, model_options, state_of_source
 from .layer_methods import METHOD_KEYS, LayerCompare, method_values
 from .layer_run import BASES, Run, compute_run
@@ -58,19 +60,19 @@ KNOBS = ("corpus", "nsamples", "bits", "group_size", "damp_percent", "desc_act",
          "block_size", *METHOD_KEYS)
 CONFIG_KEYS = tuple(k for k in KNOBS if k in settings.QUANT_KEYS)
 # the rest of the state: (low, high) integers (high None: unbounded), a list of the allowed values, or None
-# (checked against the model); basis: how a rotated run is drawn
+# (checked against the model); basis: how a rotated run is drawn; hessian: the Hessian view open (1) or not
 VIEW_RULES = {"model": None, "block": (0, 10_000), "sublayer": None, "col": (0, None), "rows": (4, 96),
-              "cols": (4, 128), "row0": (0, None), "fps": (1, 30), "basis": list(BASES)}
+              "cols": (4, 128), "row0": (0, None), "fps": (1, 30), "basis": list(BASES), "hessian": (0, 1)}
 DEFAULTS: dict = {"model": SYNTHETIC, "block": 0, "sublayer": SYNTHETIC_SUBLAYERS[0],
                   **settings.defaults(KNOBS), "col": 0, "rows": 24, "cols": 32, "row0": 0, "fps": 15,
-                  "basis": BASES[0]}
+                  "basis": BASES[0], "hessian": 0}
 STATE_KEYS = tuple(DEFAULTS)
 
 LabInputError = InputError  # the Layer Lab's name for it (a value outside what the controls allow)
 _NEEDS_NOTHING = "Pick another model from the list, or the synthetic layer, which needs nothing."
 
 
-class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
+class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, LayerHessian, Lab):
     """The Layer Lab (see the module doc). Public API:
 
     LayerLab(source=None, *, models=None, local_mode=False, threaded=True, state=None)
@@ -83,6 +85,7 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
     lab.apply_method(name)          set the knobs of a method of layer_methods.METHODS
     lab.data, lab.pair              the layer's data; both models' inputs (GPTAQ), None until asked for
     lab.compare(), lab.compare_rows every method on this layer (the compare view); animate_method(name)
+    lab.set(hessian=1)              the Hessian view (layer_hessian); lab.hessian_numbers, its numbers
     lab.view(name)                  a heatmap's (z, rows, cols) as plotted, name in HEATMAPS
     lab.config()                    the QuantConfig the controls show
     LayerLab.KNOBS                  the knobs it shows; lab.controls[name] is a knob's control
@@ -129,6 +132,8 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
         self._build_figures()
         self._build_layout()
         self._render_full()
+        if self.check_value("hessian", values["hessian"]):
+            self.controls["hessian"].value = True  # a link opened the Hessian view
         if pending is not None:
             self._load_later(pending)
         if conflict:
@@ -260,6 +265,8 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
             self._render_full()
         elif any(k in clean for k in ("col", *VIEW_KEYS)):
             self._render_frame(force=True)
+        if "hessian" in clean:
+            self._sync_hessian()
 
     # -----------------------------------------------------------------------------------------------------
     # runs
@@ -301,6 +308,7 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
         elif clear or (self.message.value and not self._job):
             self._clear_message()
         self._mark_compare_stale()
+        self._hessian_changed()
 
     def _sync_slider_ranges(self) -> None:
         n, d_out = self.run.n, self.run.d_out
@@ -367,6 +375,6 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, Lab):
         deferred until the figure draws starts now)."""
         self._start_deferred_load()
         super().wait(timeout)
-        job = self._compare_job
-        if job is not None:
-            job.join(timeout)
+        for job in (self._compare_job, self._hessian_job):
+            if job is not None:
+                job.join(timeout)
