@@ -1,4 +1,4 @@
-"""Command line: `gptq-explorer prepare` and `gptq-explorer quantize`.
+"""Command line: `gptq-explorer prepare`, `gptq-explorer quantize` and `gptq-explorer export-site`.
 
     gptq-explorer quantize --model smollm2-135m --method gptq --bits 4 --group-size 128 \\
         --calib prose --eval prose,code --json run.json --save out/
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--model", default=DEFAULT_MODEL)
     prep.add_argument("--check", action="store_true",
                       help=f"only say whether {DEFAULT_MODEL} is converted already (exit 0) or not (exit 1)")
+
+    site = sub.add_parser("export-site", help="write the Layer Lab as a static site (docs/site.md)")
+    site.add_argument("folder", help="the site's folder (new, or empty)")
+    site.add_argument("--model", default=DEFAULT_MODEL,
+                      help=f"{DEFAULT_MODEL}, a Hugging Face id, or a folder")
+    site.add_argument("--layers", default=None,
+                      help="BLOCK:SUBLAYER,... (default: 0:self_attn.q_proj,0:mlp.up_proj,"
+                           "29:self_attn.q_proj,29:mlp.down_proj)")
+    site.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
     q = sub.add_parser("quantize", help="quantize a model and measure its perplexity")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL}, a Hugging Face id, or a folder")
@@ -216,6 +225,16 @@ def run_quantize(args) -> dict:
                         save_format=args.format, overwrite=args.overwrite, bars=not args.quiet)
 
 
+def run_export_site(args) -> int:
+    """`gptq-explorer export-site FOLDER`: the static Layer Lab (services.site_export)."""
+    from .services.site_export import DEFAULT_LAYERS, export_site, parse_layers
+
+    layers = parse_layers(args.layers) if args.layers else DEFAULT_LAYERS
+    export_site(args.folder, model=args.model, layers=layers, overwrite=args.overwrite, progress=print)
+    print(f"open {Path(args.folder) / 'index.html'} in a browser, or put the folder on any static host")
+    return 0
+
+
 def print_report(report: dict, out=None) -> None:
     out = out or sys.stdout  # looked up at call time, so redirected/captured stdout works
     cfg = QuantConfig.from_dict(report["config"])
@@ -274,6 +293,8 @@ def main(argv=None) -> int:
             loaded = load_model(args.model)
             print(f"{args.model} ready in {time.perf_counter() - started:.1f}s. {loaded.source}")
             return 0
+        if args.command == "export-site":
+            return run_export_site(args)
         report = run_quantize(args)
     except (ValueError, OSError, ModelLoadError, CheckpointFormatError) as exc:
         # our errors name the problem and the fix

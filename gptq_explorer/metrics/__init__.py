@@ -15,7 +15,6 @@ _LAZY = {
     "layer_output_mse": "layer_error",
     "layer_output_sse": "layer_error",
     "layer_relative_error": "layer_error",
-    "logged_loss": "logged_loss",
     "obs_loss": "logged_loss",
     "relative_error_from_logged": "logged_loss",
     "output_mse_from_hessian": "layer_error",

@@ -1,0 +1,438 @@
+// The static Layer Lab's page (docs/site.md): controls, the state in the address (#...), the worker that
+// computes GPTQ and RTN (gptq_worker.js), and the Layer Lab's own canvas view (layer_canvas.js), fed here
+// through a small stand-in for its widget model (get/set/on/off/send, "change:<name>" events and the
+// "ahead" frames message, as anywidget and the kernel give it in the app).
+//
+// Flow: a setting changes -> the worker runs GPTQ + RTN on the layer (its codes, curves, diag(H)) -> the
+// page asks the worker for the frames of the cursor's column and the next AHEAD ones -> the first frame
+// arrives: the scene (per run) and the frame go to the canvas, which draws; while playing, the canvas's
+// own clock steps through the frames sent ahead, and each step asks for the next ones.
+//
+// Testing hook: window.gptqExplorer.{state(), layer(), codes(), ready(), timings(), set(values)}.
+
+"use strict";
+
+(function () {
+  const M = window.GPTQ_SITE_MANIFEST, KNOBS = M.controls.knobs, VIEW = M.controls.view;
+  const VIEW_RANGES = M.controls.view_ranges;
+  const COLORS = { w: "#1f77b4", q: "#ff7f0e", err: "#d62728", hinv: "#9467bd", upd: "#2ca02c", rtn: "#7f7f7f" };
+  const QUANT = ["bits", "group_size", "sym", "damp_percent", "desc_act", "static_groups"];
+  const KEYS = ["model", "block", "sublayer", ...QUANT, "col", "rows", "cols", "row0", "fps"];
+  // the app's link keys this page has no control for: said in the page, not applied
+  const APP_ONLY = ["tab", "corpus", "nsamples", "block_size", "mse_norm", "group_aware", "gptaq_alpha",
+    "rotation", "rotation_seed", "ternary", "basis", "hessian"];
+  const AHEAD = 20;  // frames asked for ahead of the cursor (over a second of animation at 15/s)
+  const $ = (id) => document.getElementById(id);
+  const timings = { open_to_first_frame_ms: null, changes: [] };
+
+  // ---- state: the app's link keys (docs/app.md, "Links")
+  const first = M.layers[0];
+  const state = { model: first.model, block: first.block, sublayer: first.sublayer, ...VIEW };
+  for (const k of QUANT) state[k] = KNOBS[k].default;
+  const entryOf = (s) => M.layers.find((l) => l.model === s.model && l.block === s.block && l.sublayer === s.sublayer);
+
+  const TRUE = ["1", "true", "yes", "on"], FALSE = ["0", "false", "no", "off"];
+  function parseValue(key, raw) {  // the value, or throws with what is allowed
+    const knob = KNOBS[key], text = String(raw).trim().toLowerCase();
+    if (key === "sym" || key === "desc_act" || key === "static_groups") {
+      if (TRUE.includes(text)) return true;
+      if (FALSE.includes(text)) return false;
+      throw new Error(`${key}=${raw} must be true/false`);
+    }
+    const v = Number(raw);
+    if (raw === "" || !Number.isFinite(v)) throw new Error(`${key}=${raw} must be a number`);
+    if (knob && knob.offered) {
+      if (!knob.offered.includes(v)) throw new Error(`${key} must be one of ${knob.offered.join(", ")}, got ${raw}`);
+      return v;
+    }
+    const [lo, hi] = knob ? knob.range : VIEW_RANGES[key] || [null, null];
+    if (key !== "damp_percent" && !Number.isInteger(v)) throw new Error(`${key}=${raw} must be an integer`);
+    if (key === "damp_percent" || key === "bits") {  // a value a link may not set is refused
+      if (v < lo * (1 - 1e-9) || v > hi * (1 + 1e-9)) throw new Error(`${key} must be between ${lo} and ${+hi.toPrecision(3)}, got ${raw}`);
+    }
+    return Math.min(Math.max(v, lo ?? v), hi ?? v);  // within float noise of a slider's end: clamped
+  }
+
+  // The address's values over `base`; {values, problems}
+  function parseHash(hash, base) {
+    const values = { ...base }, problems = [];
+    for (const [key, raw] of new URLSearchParams(hash.replace(/^#/, ""))) {
+      if (key === "model" || key === "sublayer") values[key] = raw;
+      else if (key === "block") values.block = Number(raw);
+      else if (KEYS.includes(key)) {
+        try { values[key] = parseValue(key, raw); } catch (e) { problems.push(e.message); }
+      } else if (APP_ONLY.includes(key) || key.startsWith("ml.") || key.startsWith("sw.")) {
+        problems.push(`${key}: the app's setting, not in this static page (not applied)`);
+      } else problems.push(`unknown key ${key} (not applied)`);
+    }
+    if (!entryOf(values)) {
+      problems.push(`no exported layer ${values.model} block ${values.block} ${values.sublayer}; showing `
+        + `${base.model} block ${base.block} ${base.sublayer}`);
+      Object.assign(values, { model: base.model, block: base.block, sublayer: base.sublayer });
+    }
+    return { values, problems };
+  }
+  const hashOf = (s) => "#" + new URLSearchParams(KEYS.map((k) => [k, String(s[k])])).toString();
+
+  function showMessages(problems, cls = "gptq-note") {
+    const box = $("messages");
+    box.querySelectorAll("." + cls).forEach((e) => e.remove());
+    for (const p of problems) {
+      const div = document.createElement("div");
+      div.className = cls;
+      div.textContent = p;
+      box.appendChild(div);
+    }
+  }
+
+  // ---- the layers: one script per layer, loaded when picked (file:// allows <script>, not fetch())
+  const loaded = new Map(), decoded = new Map();  // layer key -> promise of it, and the layer once here
+  function f32FromBase64(text) {
+    const bin = atob(text), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return new Float32Array(bytes.buffer);  // the manifest's little-endian float32 (every browser's order)
+  }
+  function loadLayer(entry) {
+    if (loaded.has(entry.key)) return loaded.get(entry.key);
+    const promise = new Promise((resolve, reject) => {
+      const decode = () => {
+        const raw = window.GPTQ_SITE_DATA[entry.key], n = entry.d_in;
+        const packed = f32FromBase64(raw.H), H = new Float32Array(n * n);
+        for (let i = 0, t = 0; i < n; i++) {  // the upper triangle, row by row; H is symmetric
+          for (let j = i; j < n; j++, t++) { H[i * n + j] = packed[t]; H[j * n + i] = packed[t]; }
+        }
+        delete window.GPTQ_SITE_DATA[entry.key];  // the base64 text is not needed again
+        const layer = { W: f32FromBase64(raw.W), H, d_out: entry.d_out, d_in: n };
+        decoded.set(entry.key, layer);
+        resolve(layer);
+      };
+      if (window.GPTQ_SITE_DATA && window.GPTQ_SITE_DATA[entry.key]) return decode();
+      const script = document.createElement("script");
+      script.src = entry.file;
+      script.onload = decode;
+      script.onerror = () => reject(new Error(`could not load ${entry.file}: is the site folder complete?`));
+      document.head.appendChild(script);
+    });
+    loaded.set(entry.key, promise);
+    return promise;
+  }
+
+  // ---- the canvas, fed through a stand-in for its widget model
+  function widgetModel(attrs, onMessage) {
+    const handlers = {};
+    const fire = (event, ...args) => (handlers[event] || []).slice().forEach((f) => f(...args));
+    return {
+      get: (name) => attrs[name],
+      set(name, value) { if (attrs[name] !== value) { attrs[name] = value; fire("change:" + name); } },
+      save_changes() {},
+      on(event, f) { (handlers[event] = handlers[event] || []).push(f); },
+      off(event, f) { handlers[event] = (handlers[event] || []).filter((g) => g !== f); },
+      send: (msg) => onMessage(msg),
+      custom: (msg, buffers) => fire("msg:custom", msg, buffers),  // what the kernel's send() does
+    };
+  }
+  const model = widgetModel({ scene: {}, frame: {}, hover: -1, cursor: 0, playing: false, fps: VIEW.fps },
+    (msg) => { if (msg && msg.event === "click" && current) goto(msg.col); });
+  const figure = $("figure");
+  window.gptqLayerCanvas.render({ model, el: figure });
+
+  // ---- the worker, started from its own source (file:// refuses a Worker from a file)
+  const worker = new Worker(URL.createObjectURL(new Blob([window.GPTQ_WORKER_SOURCE], { type: "text/javascript" })));
+  let runId = 0, current = null, workerLayer = null, gen = 0, seq = 0;
+  let shown = null;  // {gen, scene}: the scene the canvas was given, once the run's first frame came
+  const requested = new Set(), metas = new Map();
+  let ready = null;  // {promise, resolve, since, reason}: the run being computed or drawn
+  let waitSeq = null;
+
+  function pending(reason) {
+    if (!ready) {
+      let resolve;
+      const promise = new Promise((r) => { resolve = r; });
+      ready = { promise, resolve, since: performance.now(), reason };
+    }
+  }
+
+  async function recompute(reason) {
+    pending(reason);
+    const id = ++runId, entry = entryOf(state);
+    let layer;
+    try {
+      layer = await loadLayer(entry);
+    } catch (e) { showMessages([e.message], "gptq-error"); return; }
+    if (id !== runId) return;  // a newer change came meanwhile
+    if (workerLayer !== entry.key) {
+      worker.postMessage({ type: "layer", W: layer.W, H: layer.H, d_out: layer.d_out, d_in: layer.d_in });
+      workerLayer = entry.key;
+    }
+    const cfg = {};
+    for (const k of QUANT) cfg[k] = state[k];
+    worker.postMessage({ type: "run", id, cfg });
+    $("layer-description").textContent = `${entry.d_out}×${entry.d_in}. ${entry.description}`;
+  }
+
+  worker.onmessage = (e) => {
+    const msg = e.data;
+    if (msg.type === "error") { if (msg.id === runId) showMessages([`GPTQ failed: ${msg.message}`], "gptq-error"); return; }
+    if (msg.type === "result" && msg.id === runId) {
+      showMessages([], "gptq-error");
+      current = { id: msg.id, result: msg, n: msg.perm.length, cfg: Object.fromEntries(QUANT.map((k) => [k, state[k]])),
+        entry: entryOf(state) };
+      newGeneration();
+      showMessages(msg.warnings, "gptq-warning");
+      $("col").max = String(current.n - 1);
+      goto(Math.min(state.col, current.n - 1), true);
+      $("summary").innerHTML = summaryHtml();
+    } else if (msg.type === "frames" && current && msg.id === current.id && msg.gen === gen) {
+      onFrames(msg.frames);
+    }
+  };
+
+  function newGeneration() {  // a new run or crop: frames sent before are void
+    gen += 1;
+    requested.clear();
+    metas.clear();
+    shown = null;
+  }
+
+  function sceneOf(r) {
+    const logRange = (values) => {
+      let lo = Infinity, hi = -Infinity;
+      for (const v of values) if (Number.isFinite(v) && v > 0) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+      if (lo === Infinity) { lo = 1e-6; hi = 1; }
+      return [Math.log10(lo * 0.8), Math.log10(hi * 1.25)];
+    };
+    const g = r.curve_gptq, rt = r.curve_rtn, n = g.length;
+    const cfg = current.cfg;
+    const label = `${cfg.bits}-bit ${cfg.group_size === -1 ? "per-row" : "g" + cfg.group_size} ${cfg.sym ? "sym" : "asym"}`
+      + (cfg.desc_act ? " desc_act" : "") + (cfg.static_groups ? " static" : "");
+    return {
+      n, d_out: current.entry.d_out, diag_h: Float32Array.from(r.diag_h), curve_gptq: Float32Array.from(g),
+      curve_rtn: Float32Array.from(rt), wmax: r.wmax, emax: r.emax, diag_range: logRange(r.diag_h),
+      curves_range: [logRange([...g, ...rt])[0], Math.log10(Math.max(g[n - 1], rt[n - 1], 1e-30) * 1.25)],
+      gen, label, diag_title: `diag(H), ${cfg.desc_act ? "desc_act order: decreasing diag(H)" : "column order"}`,
+      basis: "", titles: {}, bands: [],
+    };
+  }
+
+  function askFrames(k) {
+    if (!current) return;
+    const ks = [];
+    for (let j = k; j <= Math.min(k + AHEAD, current.n - 1); j++) if (!requested.has(j)) { requested.add(j); ks.push(j); }
+    if (ks.length) {
+      worker.postMessage({ type: "frames", id: current.id, gen, ks,
+        crop: { rows: state.rows, cols: state.cols, row0: state.row0 } });
+    }
+  }
+
+  const NAMES = ["W", "updated", "Q", "error", "compensation"];
+  function onFrames(frames) {
+    const canvasFrame = (f) => ({ gen, k: f.meta.k, r0: f.meta.r0, r1: f.meta.r1, c0: f.meta.c0, c1: f.meta.c1 });
+    for (const f of frames) metas.set(f.meta.k, f.meta);
+    if (!shown) {  // the run's (or crop's) first frame: the scene, then that frame, as the kernel sends them
+      shown = { gen };
+      model.set("scene", sceneOf(current.result));
+      const f = frames[0];
+      seq += 1;
+      waitSeq = seq;
+      model.set("frame", { seq, ...canvasFrame(f), z: f.z, w: f.w, q: f.q });
+    }
+    const buffers = [];
+    for (const f of frames) buffers.push(...NAMES.map((name) => f.z[name]), f.w, f.q);
+    model.custom({ event: "ahead", gen, names: NAMES, frames: frames.map(canvasFrame) }, buffers);
+    explain();
+  }
+
+  // the canvas drew: data-drawn is the seq of the frame trait it drew (layer_canvas.js, publish())
+  new MutationObserver(() => {
+    const drawn = Number(figure.getAttribute("data-drawn"));
+    if (!ready || waitSeq === null || drawn < waitSeq || !current || current.id !== runId) return;
+    const now = performance.now();
+    if (timings.open_to_first_frame_ms === null) timings.open_to_first_frame_ms = now;
+    else timings.changes.push({ reason: ready.reason, ms: now - ready.since, layer: current.entry.key,
+      d_out: current.entry.d_out, d_in: current.entry.d_in, worker_s: current.result.seconds });
+    const r = ready;
+    ready = null;
+    r.resolve();
+  }).observe(figure, { attributes: true, attributeFilter: ["data-drawn"] });
+
+  // ---- the cursor (the canvas's clock moves it while playing; the controls move it otherwise)
+  function goto(k, force = false) {
+    if (!current) return;
+    k = Math.max(0, Math.min(current.n - 1, Math.round(k)));
+    if (k === model.get("cursor") && !force) return;
+    if (k === model.get("cursor")) onCursor();
+    else model.set("cursor", k);
+  }
+  function onCursor() {
+    const k = model.get("cursor");
+    state.col = k;
+    $("col").value = String(k);
+    $("col_out").textContent = current ? `${k + 1} / ${current.n}` : "";
+    askFrames(k);
+    explain();
+    writeHash();
+  }
+  model.on("change:cursor", onCursor);
+  model.on("change:playing", () => { $("play").textContent = model.get("playing") ? "❚❚ pause" : "▶ play"; });
+
+  // ---- the text beside the figure: layer_text.explain_html and summary_html, same wording
+  const t = (color, s) => `<span style='color:${color};font-weight:600'>${s}</span>`;
+  const ordinal = (n) => n + ((n % 100 >= 10 && n % 100 <= 20) ? "th" : ({ 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th"));
+  function g3(x, p = 3) {  // Python's {:.3g}
+    if (!Number.isFinite(x)) return String(x);
+    if (x === 0) return "0";
+    const e = Math.floor(Math.log10(Math.abs(x)));
+    if (e < -4 || e >= p) return x.toExponential(p - 1).replace(/\.?0+e/, "e").replace(/e([+-])(\d)$/, "e$10$2");
+    return String(Number(x.toPrecision(p)));
+  }
+  function explain() {
+    const m = current && metas.get(model.get("cursor"));
+    if (!m) return;
+    const cfg = current.cfg, n = current.n, k = m.k, [i1, i2] = m.block;
+    const scale = current.result.scale_mean[m.group];
+    const rank = cfg.desc_act ? ` — desc_act: the input with the ${ordinal(k + 1)} largest ${t(COLORS.hinv, "diag(H)")}` : "";
+    const lazy = i2 < n ? `Lazy batches (Step 2): this is block [${i1}, ${i2}); columns from ${i2} on receive this update `
+      + "when the block ends. The total is the same; it is shown here at once." : "";
+    $("explain").innerHTML = `<div style='font-size:13px;line-height:1.45;padding:4px 6px'>
+<b>Step ${k + 1} of ${n}</b>: input column <b>${m.column}</b> (position p = ${k}, group ${m.group})${rank}.
+<ol style='padding-left:18px;margin:6px 0'>
+<li>Take the column as it is now, ${t(COLORS.w, "w")} (every earlier update applied), and round it onto
+the group's ${cfg.bits}-bit ${cfg.sym ? "symmetric" : "asymmetric"} grid:
+${t(COLORS.q, "q = quant(w)")}, mean scale ${g3(scale)}.</li>
+<li>Its error, scaled by the inverse Hessian: ${t(COLORS.err, "e = (w − q)")} / ${t(COLORS.hinv, "d")},
+with ${t(COLORS.hinv, "d = U<sub>pp</sub> = √[H<sub>F</sub><sup>−1</sup>]<sub>pp</sub>")} = ${g3(m.d, 4)};
+‖${t(COLORS.err, "w − q")}‖ = ${g3(m.err_norm, 4)}.</li>
+<li>Spread it over the ${n - k - 1} columns not yet quantized (OBS update, Eq. 3):
+${t(COLORS.upd, "ΔW<sub>:,F</sub>")} = −${t(COLORS.err, "e")} · ${t(COLORS.hinv, "U<sub>p,F</sub>")};
+largest |${t(COLORS.upd, "ΔW")}| = ${g3(m.upd_max)}.</li>
+<li>Loss of this column: Σ(${t(COLORS.err, "w − q")})² / (2${t(COLORS.hinv, "d")}²) = ${g3(m.loss, 4)}.
+So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${g3(m.running_rtn, 4)}`)}
+(same columns rounded, nothing compensated).</li>
+</ol>
+<small style='color:#555'>${lazy} Crop: rows ${m.r0}–${m.r1 - 1}, positions ${m.c0}–${m.c1 - 1}.</small></div>`;
+  }
+  function summaryHtml() {
+    const s = current.result.summary, cfg = current.cfg, e = current.entry;
+    const rows = [["weight MSE", "weight_mse"], [`calibration output MSE (${e.calibration.tokens} tokens)`, "calib_mse"],
+      ["OBS loss L (calibration)", "loss"]];
+    const td = "<td style='text-align:right;padding-left:8px'>";
+    const body = rows.map(([name, key]) => `<tr><td>${name}</td>${td}${g3(s[key + "_gptq"])}</td>${td}${g3(s[key + "_rtn"])}</td></tr>`).join("");
+    const ratio = s.calib_mse_gptq > 0 ? s.calib_mse_rtn / s.calib_mse_gptq : Infinity;
+    const damp = Math.abs(s.damp_percent_used - cfg.damp_percent) < 1e-12 ? ""
+      : `<br><b>Damping raised to ${g3(s.damp_percent_used)}</b> to make H + λI invertible.`;
+    return `<div style='font-size:13px;padding:4px 6px'>
+<b>${sceneLabel()}</b> on ${e.name}
+<table><tr><th></th><th style='color:${COLORS.upd}'>GPTQ</th><th style='color:${COLORS.rtn}'>RTN</th></tr>${body}</table>
+Calibration error RTN / GPTQ = <b>${ratio.toFixed(2)}×</b>${damp}<br>
+<small style='color:#555'>L = Σ<sub>q</sub> (w<sub>q</sub> − q<sub>q</sub>)² / (2 [H<sub>F</sub><sup>−1</sup>]<sub>qq</sub>)
+= ½ tr(ΔW (H + λI) ΔWᵀ), summed over rows, with H = 2/n · XᵀX and n = ${e.calibration.tokens} calibration
+<i>tokens</i>. This page has H only, not the held-out inputs: the app's held-out error is not shown here.
+Computed in ${current.result.seconds.toFixed(2)} s in this browser.</small></div>`;
+  }
+  const sceneLabel = () => (model.get("scene") || {}).label || "";
+
+  // ---- controls
+  function fillSelect(el, options) {
+    el.innerHTML = "";
+    for (const [value, label] of options) {
+      const o = document.createElement("option");
+      o.value = String(value);
+      o.textContent = label;
+      el.appendChild(o);
+    }
+  }
+  fillSelect($("layer"), M.layers.map((l, i) => [i, `block ${l.block} ${l.sublayer} (${l.d_out}×${l.d_in})`]));
+  const [bitsLo, bitsHi] = KNOBS.bits.range;
+  fillSelect($("bits"), Array.from({ length: bitsHi - bitsLo + 1 }, (_, i) => [bitsLo + i, String(bitsLo + i)]));
+  fillSelect($("group_size"), KNOBS.group_size.offered.map((v) => [v, KNOBS.group_size.labels[String(v)] || String(v)]));
+  const damp = $("damp_percent"), [dampLo, dampHi] = KNOBS.damp_percent.range;
+  damp.min = String(Math.log10(dampLo));
+  damp.max = String(Math.log10(dampHi));
+
+  function showState() {
+    $("layer").value = String(M.layers.indexOf(entryOf(state)));
+    for (const k of ["bits", "group_size"]) $(k).value = String(state[k]);
+    for (const k of ["sym", "desc_act", "static_groups"]) $(k).checked = state[k];
+    damp.value = String(Math.log10(state.damp_percent));
+    $("damp_out").textContent = `${g3(100 * state.damp_percent)}%`;
+    for (const k of ["fps", "rows", "cols", "row0"]) $(k).value = String(state[k]);
+  }
+
+  let hashTimer = null, writingHash = false;
+  function writeHash() {
+    clearTimeout(hashTimer);
+    hashTimer = setTimeout(() => {
+      const h = hashOf(state);
+      if (location.hash !== h) { writingHash = true; history.replaceState(null, "", h); writingHash = false; }
+    }, 150);
+  }
+
+  // apply new values (from a control, the address or the testing hook): recompute what they change
+  function apply(values, reason) {
+    const layerChanged = ["model", "block", "sublayer"].some((k) => values[k] !== undefined && values[k] !== state[k]);
+    const quantChanged = QUANT.some((k) => values[k] !== undefined && values[k] !== state[k]);
+    const cropChanged = ["rows", "cols", "row0"].some((k) => values[k] !== undefined && values[k] !== state[k]);
+    Object.assign(state, values);
+    model.set("fps", state.fps);
+    showState();
+    writeHash();
+    if (layerChanged || quantChanged || !current) return recompute(reason);
+    if (cropChanged) {
+      pending(reason);
+      newGeneration();
+      askFrames(model.get("cursor"));
+    }
+    if (values.col !== undefined) goto(values.col);
+    return Promise.resolve();
+  }
+
+  $("layer").addEventListener("change", (e) => {
+    const l = M.layers[Number(e.target.value)];
+    apply({ model: l.model, block: l.block, sublayer: l.sublayer, col: 0 }, "layer");
+  });
+  for (const k of ["bits", "group_size"]) $(k).addEventListener("change", (e) => apply({ [k]: Number(e.target.value) }, k));
+  for (const k of ["sym", "desc_act", "static_groups"]) $(k).addEventListener("change", (e) => apply({ [k]: e.target.checked }, k));
+  damp.addEventListener("input", () => { $("damp_out").textContent = `${g3(100 * 10 ** Number(damp.value))}%`; });
+  damp.addEventListener("change", () => apply({ damp_percent: Number((10 ** Number(damp.value)).toPrecision(6)) }, "damp_percent"));
+  for (const k of ["fps", "rows", "cols", "row0"]) {
+    $(k).addEventListener("change", (e) => {
+      try { apply({ [k]: parseValue(k, e.target.value) }, k); } catch (err) { showMessages([err.message]); showState(); }
+    });
+  }
+  const pause = () => model.set("playing", false);
+  $("play").addEventListener("click", () => {
+    if (!current) return;
+    if (model.get("playing")) return pause();
+    if (model.get("cursor") >= current.n - 1) goto(0);
+    model.set("playing", true);
+  });
+  $("back").addEventListener("click", () => { pause(); goto(model.get("cursor") - 1); });
+  $("forward").addEventListener("click", () => { pause(); goto(model.get("cursor") + 1); });
+  $("col").addEventListener("input", (e) => { pause(); goto(Number(e.target.value)); });
+  window.addEventListener("hashchange", () => {
+    if (writingHash) return;
+    const { values, problems } = parseHash(location.hash, state);
+    showMessages(problems);
+    apply(values, "address");
+  });
+
+  // ---- start: the address's state over the defaults
+  const start = parseHash(location.hash, state);
+  showMessages(start.problems);
+  Object.assign(state, start.values);
+  model.set("fps", state.fps);
+  model.set("cursor", state.col);
+  showState();
+  recompute("open");
+
+  window.gptqExplorer = {
+    state: () => ({ ...state }),
+    // the layer actually used: W (d_out, d_in) and H (d_in, d_in), float32, row-major
+    layer: () => (current ? decoded.get(current.entry.key) : null),
+    codes: () => (current ? current.result.codes : null),  // (d_out, d_in) row-major, original column order
+    summary: () => (current ? { ...current.result.summary, seconds: current.result.seconds } : null),
+    ready: () => (ready ? ready.promise : Promise.resolve()),
+    timings: () => JSON.parse(JSON.stringify(timings)),
+    set: (values) => { apply(values, Object.keys(values).join(",")); return window.gptqExplorer.ready(); },
+  };
+})();

@@ -1,0 +1,210 @@
+"""The static Layer Lab (docs/site.md) in headless Chromium, opened from file:// with every other request
+aborted: its JavaScript GPTQ gives the NumPy engine's codes on the page's own layer, for a grid of settings;
+its state lives in the address; it animates; it reaches nothing outside its folder.
+
+The site is exported from the real offline SmolLM2 (two block-0 layers: quick to capture). Timings (open ->
+first frame, a setting -> redraw) go to artifacts/browser/site_timings.json and the output; they are not
+asserted (benchmarks/bench_site.py measures them, docs/performance.md has the numbers).
+Run alone: `.venv/bin/python -m pytest -m browser tests/test_site_browser.py -s`.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser_helpers import chromium_path, launch_chromium
+
+from gptq_explorer.engine import QuantConfig, gptq_quantize
+from gptq_explorer.services.layer_source import SyntheticSource
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts" / "browser"
+LAYERS = "0:self_attn.q_proj,0:mlp.up_proj"
+AGREEMENT = 0.999
+# bits 2/3/4, groups of 128 and per row, sym on/off, desc_act on/off, static groups, damping
+KEYS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent")
+GRID = [dict(zip(KEYS, values)) for values in (
+    (4, 128, True, False, False, 0.01),
+    (3, -1, False, True, False, 0.01),
+    (2, 128, True, True, True, 0.01),
+    (4, -1, True, True, False, 0.01),
+    (3, 128, False, False, True, 0.1),
+    (2, -1, False, False, False, 0.001),
+    (4, 128, False, True, False, 0.316228),
+)]
+TIMINGS: dict = {}
+
+# the page's arrays as base64 (float32 / int32 bytes): one transfer, exact
+ARRAYS_JS = """() => {
+  const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let s = "";
+    for (let i = 0; i < u.length; i += 0x8000) {
+      s += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
+    }
+    return btoa(s); };
+  const L = window.gptqExplorer.layer(), c = window.gptqExplorer.codes();
+  return {W: b64(L.W), H: b64(L.H), d_out: L.d_out, d_in: L.d_in, codes: b64(c)};
+}"""
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    path = chromium_path()
+    if path is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; run.sh test does it)")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from gptq_explorer.models.cache_folders import offline_model_ready
+    from gptq_explorer.services.site_export import export_site, parse_layers
+
+    if not offline_model_ready():
+        pytest.skip("the offline SmolLM2 is not converted (gptq-explorer prepare)")
+    folder = tmp_path_factory.mktemp("site") / "site"
+    export_site(folder, layers=parse_layers(LAYERS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch_chromium(p, chromium)
+        yield b
+        b.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "site_timings.json").write_text(json.dumps(TIMINGS, indent=1) + "\n")
+
+
+def open_site(browser, site: Path, hash_: str = ""):
+    """The page from file://; any request that is not file:// is aborted and recorded."""
+    page = browser.new_page(viewport={"width": 1600, "height": 1100})
+    page.outside, page.errors = [], []
+
+    def route(r):
+        if r.request.url.startswith("file://"):
+            r.continue_()
+        else:
+            page.outside.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.goto((site / "index.html").as_uri() + hash_)
+    page.wait_for_function("window.gptqExplorer !== undefined", timeout=30_000)
+    page.evaluate("() => window.gptqExplorer.ready()")
+    return page
+
+
+def page_arrays(page) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    raw = page.evaluate(ARRAYS_JS)
+    o, i = raw["d_out"], raw["d_in"]
+    W = np.frombuffer(base64.b64decode(raw["W"]), dtype="<f4").reshape(o, i)
+    H = np.frombuffer(base64.b64decode(raw["H"]), dtype="<f4").reshape(i, i)
+    codes = np.frombuffer(base64.b64decode(raw["codes"]), dtype="<i4").reshape(o, i)
+    return W, H, codes
+
+
+def test_page_codes_equal_the_numpy_engine(browser, site):
+    page = open_site(browser, site)
+    try:
+        TIMINGS["open_to_first_frame_ms"] = page.evaluate("() => window.gptqExplorer.timings()")[
+            "open_to_first_frame_ms"]
+        results = []
+        for values in GRID:
+            page.evaluate("(v) => window.gptqExplorer.set(v)", values)
+            state = page.evaluate("() => window.gptqExplorer.state()")
+            W, H, codes = page_arrays(page)
+            cfg = QuantConfig(**{k: state[k] for k in KEYS})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = gptq_quantize(W.astype(np.float64), H.astype(np.float64), cfg)
+            agree = float(np.mean(codes == ref.codes))
+            results.append((cfg.label(), f"damp {cfg.damp_percent:g}", agree))
+            assert agree >= AGREEMENT, (cfg, agree)
+        TIMINGS["agreement"] = results
+        TIMINGS["changes_576"] = page.evaluate("() => window.gptqExplorer.timings()")["changes"]
+        print("\n".join(f"[site] {label} {damp}: {agree:.6f}" for label, damp, agree in results))
+        assert page.outside == [] and page.errors == []
+    finally:
+        page.close()
+
+
+def test_state_in_the_address_and_the_animation(browser, site):
+    page = open_site(browser, site, "#bits=3&group_size=-1&desc_act=1&col=100&fps=30&foo=1&corpus=code")
+    try:
+        state = page.evaluate("() => window.gptqExplorer.state()")
+        assert (state["bits"], state["group_size"], state["desc_act"], state["col"]) == (3, -1, True, 100)
+        notes = page.inner_text("#messages")
+        assert "unknown key foo" in notes and "corpus" in notes
+        drawn = page.evaluate("() => document.querySelector('#figure').gptqState")
+        assert drawn["k"] == 100 and drawn["n"] == 576 and "desc_act" in drawn["diag_title"]
+        assert "Step 101 of 576" in page.inner_text("#explain")
+        assert "RTN" in page.inner_text("#summary")
+        # a control changes the address (the app's link keys)
+        page.select_option("#bits", "4")
+        page.evaluate("() => window.gptqExplorer.ready()")
+        page.wait_for_function("() => location.hash.includes('bits=4')", timeout=5_000)
+        hash_ = page.evaluate("() => location.hash")
+        for key in ("model=", "block=0", "sublayer=self_attn.q_proj", "group_size=-1", "desc_act=true",
+                    "col="):
+            assert key in hash_
+        # play: the canvas's own clock steps through the frames the worker sends ahead
+        page.click("#play")
+        page.wait_for_function("() => document.querySelector('#figure').gptqState.k >= 110", timeout=20_000)
+        page.click("#play")
+        # another layer: 1536 x 576, computed and drawn
+        page.select_option("#layer", "1")
+        page.evaluate("() => window.gptqExplorer.ready()")
+        drawn = page.evaluate("() => document.querySelector('#figure').gptqState")
+        assert drawn["n"] == 576 and page.evaluate("() => window.gptqExplorer.layer().d_out") == 1536
+        TIMINGS["changes_address_and_layer"] = page.evaluate("() => window.gptqExplorer.timings()")["changes"]
+        assert page.outside == [] and page.errors == []
+    finally:
+        page.close()
+
+
+def test_worker_dead_inputs_and_damping_retry(browser, site):
+    """The worker's engine on a synthetic layer with a dead input and an H that needs the x10 damping
+    retry (not in the exported layers): the same codes and damping as the NumPy engine."""
+    data = SyntheticSource(d_out=48, d_in=200, n_calib=256, n_heldout=8, seed=2, rank=12).load()
+    W = data.W.astype(np.float32)
+    H = np.array(data.H, dtype=np.float64)
+    H[5, :] = H[:, 5] = 0.0  # input 5 never fired
+    H -= 0.03 * np.mean(np.diag(H)) * np.eye(200)  # 1% damping is not enough; 10% is
+    H[5, 5] = 0.0
+    H = H.astype(np.float32)
+    page = open_site(browser, site)
+    try:
+        for cfg in (QuantConfig(bits=3, group_size=64, desc_act=True),
+                    QuantConfig(bits=4, group_size=-1, sym=False),
+                    QuantConfig(bits=2, group_size=64, static_groups=True, desc_act=True)):
+            out = page.evaluate("""([W, H, d_out, d_in, cfg]) => {
+              const eng = new Function(window.GPTQ_WORKER_SOURCE + "; return {state, runMessage};")();
+              eng.state.layer = {W: Float64Array.from(W), H: Float64Array.from(H), d_out, d_in};
+              const r = eng.runMessage({id: 1, cfg});
+              return {codes: Array.from(r.codes), damp: r.summary.damp_percent_used, warnings: r.warnings};
+            }""", [W.ravel().tolist(), H.ravel().tolist(), 48, 200,
+                   {k: getattr(cfg, k) for k in KEYS}])
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                ref = gptq_quantize(W.astype(np.float64), H.astype(np.float64), cfg)
+            codes = np.array(out["codes"]).reshape(48, 200)
+            assert np.mean(codes == ref.codes) >= AGREEMENT
+            assert out["damp"] == pytest.approx(ref.damp_percent_used) == pytest.approx(0.1)
+            assert np.all(codes[:, 5] == ref.codes[:, 5])
+            assert any("dead input" in w for w in out["warnings"])
+    finally:
+        page.close()
