@@ -77,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptq-explorer", description="Explore GPTQ quantization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prep = sub.add_parser("prepare", help="convert the offline model to its safetensors cache (once)")
+    prep = sub.add_parser("prepare", help="convert the offline model to its safetensors cache and store its "
+                                          "first layer for the Layer Lab (once)")
     prep.add_argument("--model", default=DEFAULT_MODEL)
     prep.add_argument("--check", action="store_true",
-                      help=f"only say whether {DEFAULT_MODEL} is converted already (exit 0) or not (exit 1)")
+                      help=f"only say whether {DEFAULT_MODEL} is converted and its first layer stored "
+                           "already (exit 0) or not (exit 1); torch-free")
 
     site = sub.add_parser("export-site", help="write the Layer Lab as a static site (docs/site.md)")
     site.add_argument("folder", help="the site's folder (new, or empty)")
@@ -282,16 +284,31 @@ def main(argv=None) -> int:
     try:
         if args.command == "prepare" and args.check:
             from .models.cache_folders import offline_model_ready
+            from .services import layer_store
+            from .services.layer_source import ModelSource
 
-            ready = offline_model_ready()
-            print(f"{DEFAULT_MODEL}: {'ready' if ready else 'not converted yet (run gptq-explorer prepare)'}")
-            return 0 if ready else 1
+            if not offline_model_ready():
+                print(f"{DEFAULT_MODEL}: not converted yet (run gptq-explorer prepare)")
+                return 1
+            if layer_store.enabled() and layer_store.read(ModelSource().store_key()) is None:  # verified
+                print(f"{DEFAULT_MODEL}: converted; its first layer is not stored yet "
+                      "(run gptq-explorer prepare)")
+                return 1
+            print(f"{DEFAULT_MODEL}: ready")
+            return 0
         if args.command == "prepare":
-            from .models import load_model
+            from .services import layer_store
+            from .services.layer_source import ModelSource, get_model
 
             started = time.perf_counter()
-            loaded = load_model(args.model)
+            loaded = get_model(args.model)
             print(f"{args.model} ready in {time.perf_counter() - started:.1f}s. {loaded.source}")
+            first, folder = ModelSource(model=args.model), None
+            if layer_store.enabled():
+                first.load()  # the store's copy when it is there and sound, else captured and stored
+                folder = layer_store.entry_path(first.store_key())
+            print(f"{first.name}: " + (f"in the layer store, {folder}" if folder and folder.is_dir()
+                                       else "not stored (the layer store is off or could not be written)"))
             return 0
         if args.command == "export-site":
             return run_export_site(args)

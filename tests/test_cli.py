@@ -266,5 +266,10 @@ def test_prepare_check_says_whether_the_offline_model_is_converted(tmp_path, mon
     assert "not converted yet" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
     monkeypatch.delenv("GPTQ_EXPLORER_CACHE")
-    ready = cache_folder_complete(smollm2_cache_dir())
+    from gptq_explorer.services import layer_store
+    from gptq_explorer.services.layer_source import ModelSource
+
+    # ready: converted, and the first layer in the store (when the store is on) and sound
+    ready = cache_folder_complete(smollm2_cache_dir()) and (
+        not layer_store.enabled() or layer_store.read(ModelSource().store_key()) is not None)
     assert cli.main(["prepare", "--check"]) == (0 if ready else 1)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from browser_helpers import chromium_path, launch_chromium
 
-from gptq_explorer.engine import QuantConfig, gptq_quantize
+from gptq_explorer.engine import QuantConfig, gptq_quantize, gptq_steps, rtn_quantize
 from gptq_explorer.services.layer_source import SyntheticSource
 
 pytestmark = pytest.mark.browser
@@ -120,8 +120,11 @@ def page_arrays(page) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_page_codes_equal_the_numpy_engine(browser, site):
     page = open_site(browser, site)
     try:
-        TIMINGS["open_to_first_frame_ms"] = page.evaluate("() => window.gptqExplorer.timings()")[
-            "open_to_first_frame_ms"]
+        opened = page.evaluate("() => window.gptqExplorer.timings()")
+        TIMINGS["open_to_first_frame_ms"] = opened["open_to_first_frame_ms"]
+        # open -> first frame, then -> RTN's curve too (not counted as a change)
+        assert 0 < opened["open_to_first_frame_ms"] <= opened["open_to_complete_ms"]
+        assert opened["changes"] == []
         results = []
         for values in GRID:
             page.evaluate("(v) => window.gptqExplorer.set(v)", values)
@@ -134,8 +137,21 @@ def test_page_codes_equal_the_numpy_engine(browser, site):
             agree = float(np.mean(codes == ref.codes))
             results.append((cfg.label(), f"damp {cfg.damp_percent:g}", agree))
             assert agree >= AGREEMENT, (cfg, agree)
+            # the summary: GPTQ's loss, and RTN's numbers (the other worker's Gram matrix) as NumPy has them
+            summary = page.evaluate("() => window.gptqExplorer.summary()")
+            assert summary["loss_gptq"] == pytest.approx(ref.loss, rel=1e-6)
+            D = W.astype(np.float64) - rtn_quantize(W.astype(np.float64), cfg).weight
+            H64 = H.astype(np.float64)
+            diag = np.where(np.diag(H64) == 0, 1.0, np.diag(H64))  # dead inputs count 1, as in the engine
+            Hd = H64 + cfg.damp_percent * np.mean(diag) * np.eye(len(H))
+            assert summary["weight_mse_rtn"] == pytest.approx(np.mean(D ** 2), rel=1e-9)
+            assert summary["loss_rtn"] == pytest.approx(0.5 * np.sum((D @ Hd) * D), rel=1e-6)
         TIMINGS["agreement"] = results
-        TIMINGS["changes_576"] = page.evaluate("() => window.gptqExplorer.timings()")["changes"]
+        TIMINGS["changes_576"] = changes = page.evaluate("() => window.gptqExplorer.timings()")["changes"]
+        # each change (the first setting is the page's default: none): its first frame, then RTN's curve
+        # (the same draw when the Gram matrix was at hand)
+        assert len(changes) == len(GRID) - 1 and all(0 < c["ms"] <= c["full_ms"] for c in changes)
+        assert all(c["stages"]["loop_ms"] > 0 for c in changes)
         print("\n".join(f"[site] {label} {damp}: {agree:.6f}" for label, damp, agree in results))
         assert page.outside == [] and page.errors == []
     finally:
@@ -187,17 +203,21 @@ def test_worker_dead_inputs_and_damping_retry(browser, site):
     H[5, 5] = 0.0
     H = H.astype(np.float32)
     page = open_site(browser, site)
+    k, crop = 70, {"rows": 8, "cols": 16, "row0": 3}
     try:
         for cfg in (QuantConfig(bits=3, group_size=64, desc_act=True),
                     QuantConfig(bits=4, group_size=-1, sym=False),
                     QuantConfig(bits=2, group_size=64, static_groups=True, desc_act=True)):
-            out = page.evaluate("""([W, H, d_out, d_in, cfg]) => {
-              const eng = new Function(window.GPTQ_WORKER_SOURCE + "; return {state, runMessage};")();
+            out = page.evaluate("""([W, H, d_out, d_in, cfg, k, crop]) => {
+              const eng = new Function(
+                window.GPTQ_WORKER_SOURCE + "; return {state, runMessage, frameOf};")();
               eng.state.layer = {W: Float64Array.from(W), H: Float64Array.from(H), d_out, d_in};
-              const r = eng.runMessage({id: 1, cfg});
-              return {codes: Array.from(r.codes), damp: r.summary.damp_percent_used, warnings: r.warnings};
-            }""", [W.ravel().tolist(), H.ravel().tolist(), 48, 200,
-                   {k: getattr(cfg, k) for k in KEYS}])
+              const r = eng.runMessage({id: 1, cfg}), f = eng.frameOf(k, crop);
+              return {codes: Array.from(r.codes), damp: r.summary.damp_percent_used, warnings: r.warnings,
+                      updated: Array.from(f.z.updated), compensation: Array.from(f.z.compensation),
+                      meta: f.meta};
+            }""", [W.ravel().tolist(), H.ravel().tolist(), 48, 200, {key: getattr(cfg, key) for key in KEYS},
+                   k, crop])
             with warnings.catch_warnings(record=True):
                 warnings.simplefilter("always")
                 ref = gptq_quantize(W.astype(np.float64), H.astype(np.float64), cfg)
@@ -206,5 +226,22 @@ def test_worker_dead_inputs_and_damping_retry(browser, site):
             assert out["damp"] == pytest.approx(ref.damp_percent_used) == pytest.approx(0.1)
             assert np.all(codes[:, 5] == ref.codes[:, 5])
             assert any("dead input" in w for w in out["warnings"])
+            # a frame's pending weights and update, from columns and a row of U the worker solves for
+            # (it never forms U): the app's Run.pending and explain_html's largest update
+            stepper = gptq_steps(W.astype(np.float64), H.astype(np.float64), cfg)
+            Err = np.stack([s.error for s in stepper], axis=1)
+            U, W0 = stepper.prepared.U, stepper.prepared.W
+            m = out["meta"]
+            rows, cols = slice(m["r0"], m["r1"]), np.arange(m["c0"], m["c1"])
+            later = cols > k
+            pending = W0[rows][:, cols] - Err[rows, : k + 1] @ U[: k + 1, cols]
+            updated = np.array(out["updated"], dtype=float).reshape(8, 16)
+            np.testing.assert_allclose(updated[:, later], pending[:, later], rtol=1e-5, atol=1e-6)
+            compensation = np.array(out["compensation"], dtype=float).reshape(8, 16)
+            np.testing.assert_allclose(compensation[:, later], -np.outer(Err[rows, k], U[k, cols[later]]),
+                                       rtol=1e-5, atol=1e-7)
+            assert m["d"] == pytest.approx(U[k, k], rel=1e-9)
+            upd_max = np.abs(Err[:, k]).max() * np.abs(U[k, k + 1:]).max()
+            assert m["upd_max"] == pytest.approx(upd_max, rel=1e-6)
     finally:
         page.close()

@@ -36,24 +36,24 @@ def offline_model_ready() -> bool:
     return cache_folder_complete(smollm2_cache_dir())
 
 
-def write_cache_folder(target: Path, write, needs: str = "") -> Path:
+def write_cache_folder(target: Path, write, needs: str = "", marker: str = MARKER) -> Path:
     """Build a cache folder atomically. write(tmp) fills a private temporary sibling and returns a dict for
-    the completion marker; the marker (with every file's size) is written last, then one rename puts the
-    folder in place. A folder without its marker, or whose files differ in size from what the marker lists,
-    is never used (cache_folder_complete). On any failure nothing is left behind; a full disk raises
-    ModelLoadError saying where space is needed."""
+    the completion marker (the file `marker`); the marker (with every file's size) is written last, then one
+    rename puts the folder in place. A folder without its marker, or whose files differ in size from what
+    the marker lists, is never used (cache_folder_complete). On any failure nothing is left behind; a full
+    disk raises ModelLoadError saying where space is needed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        marker = dict(write(tmp) or {})
-        marker["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        contents = dict(write(tmp) or {})
+        contents["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / marker).write_text(json.dumps(contents, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             os.rename(tmp, target)
         except OSError:
-            if not cache_folder_complete(target):  # not "someone else finished first": a real failure
+            if not cache_folder_complete(target, marker):  # not "someone else finished first": a failure
                 raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -70,14 +70,14 @@ def write_cache_folder(target: Path, write, needs: str = "") -> Path:
     return target
 
 
-def cache_folder_complete(folder: Path) -> bool:
+def cache_folder_complete(folder: Path, marker: str = MARKER) -> bool:
     """True when the folder's completion marker exists and every file it lists has the recorded size."""
     try:
-        marker = json.loads((Path(folder) / MARKER).read_text())
+        contents = json.loads((Path(folder) / marker).read_text())
     except (OSError, ValueError):
         return False
-    files = marker.get("files") if isinstance(marker, dict) else None
+    files = contents.get("files") if isinstance(contents, dict) else None
     if files is None:
-        return isinstance(marker, dict)  # a marker from before sizes were recorded
+        return isinstance(contents, dict)  # a marker from before sizes were recorded
     return all((Path(folder) / n).is_file() and (Path(folder) / n).stat().st_size == size
                for n, size in files.items())

@@ -16,7 +16,9 @@ Two sources:
   * ModelSource: a real model's sublayer. The model runs over a few calibration windows while
     models.capture.capture_inputs records what the chosen linear receives and stops the forward pass
     there (nothing after that linear runs); the held-out activations come the same way from the corpus'
-    evaluation part. Results are cached in memory per (model, block, sublayer, corpus, nsamples, ...).
+    evaluation part. Results are cached in memory per (model, block, sublayer, corpus, nsamples, ...),
+    and on disk in the layer store (services.layer_store), which every process reads before it captures:
+    a stored layer needs neither torch nor the model (ModelSource.store_key says what identifies it).
     The loaded models are cached here too (get_model): the Layer Lab, the Model Lab and the lessons share
     them. load_pair() runs the model block by block twice from block 0's inputs: through the shared
     full-precision blocks, and through copies of the blocks before the layer's block quantized with
@@ -29,6 +31,7 @@ use it, never the other way round.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,11 +43,14 @@ import numpy as np
 from ..engine import Hessian, QuantConfig, rtn_quantize
 from ..models.capture import Cancelled  # raised when should_cancel() says stop (torch-free to import)
 from ..models.catalog import DEFAULT_MODEL
+from . import layer_store
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
 ShouldCancel = Callable[[], bool]
 
 SYNTHETIC = "synthetic"  # the model name the Layer Lab uses for the synthetic source
+
+log = logging.getLogger(__name__)
 
 
 def _noop_progress(fraction: float, message: str) -> None:
@@ -168,7 +174,11 @@ class KeyedSource:
 
     @property
     def key(self) -> tuple:
-        return (self.KIND, *(getattr(self, f.name) for f in fields(self) if f.metadata.get("key", True)))
+        return (self.KIND, *self.key_fields().values())
+
+    def key_fields(self) -> dict:
+        """The key's fields by name, {"model": ..., "block": ...}."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("key", True)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,6 +301,7 @@ _ACTS_LOCK = threading.RLock()
 _CAPTURE_LOCK = threading.Lock()
 _ACTS: OrderedDict = OrderedDict()  # ModelSource.key -> LayerData
 MAX_CACHED_LAYERS = 6
+_STRUCTURES: dict = {}  # model name -> (blocks, sublayers), from the layer store: no model loaded
 
 
 def models_available() -> bool:
@@ -329,16 +340,22 @@ def get_model(name: str, progress: Progress | None = None):
 
 
 def model_structure(name: str, progress: Progress | None = None) -> tuple[int, list[str]]:
-    """(number of blocks, quantizable sublayer names of a block) for a model; loads it if needed."""
+    """(number of blocks, quantizable sublayer names of a block) for a model: of the loaded model, else as
+    a stored layer of it recorded it, else the model is loaded."""
+    with _MODEL_LOCK:
+        if name not in _MODELS and name in _STRUCTURES:
+            n_blocks, subs = _STRUCTURES[name]
+            return n_blocks, list(subs)
     lm = get_model(name, progress)
     adapter = _adapter(lm)
     return len(adapter.get_blocks(lm.model)), adapter.linear_names()
 
 
 def cached_model_structure(name: str) -> tuple[int, list[str]] | None:
-    """model_structure for a model that is loaded already; None (and nothing loaded) otherwise."""
+    """model_structure for a model that is loaded already or whose layer came from the store; None (and
+    nothing loaded) otherwise."""
     with _MODEL_LOCK:  # reentrant: held while model_structure finds it, so it cannot be evicted between
-        return model_structure(name) if name in _MODELS else None
+        return model_structure(name) if name in _MODELS or name in _STRUCTURES else None
 
 
 def _adapter(lm):
@@ -391,7 +408,8 @@ class ModelSource(KeyedSource):
               ) -> LayerData:
         progress = progress or _noop_progress
         should_cancel = should_cancel or _never
-        data = _cached(key)
+        pair = key == self.pair_key
+        data = _cached(key) or self._from_store(pair)
         if data is not None:
             return data
         # One capture at a time: two forward hooks on one shared module would stop each other's forward
@@ -401,22 +419,69 @@ class ModelSource(KeyedSource):
         try:
             data = _cached(key)
             if data is None:
-                data = capture(progress, should_cancel)
-                with _ACTS_LOCK:
-                    _ACTS[key] = data
-                    while len(_ACTS) > MAX_CACHED_LAYERS:
-                        _ACTS.popitem(last=False)
+                data = _remember(key, capture(progress, should_cancel))
+                progress(0.98, "storing the layer for the next visitors")
+                self._to_store(pair, data)
         finally:
             _CAPTURE_LOCK.release()
         return data
 
     def cached(self) -> LayerData | None:
-        """The layer's data if it was captured already (nothing is loaded)."""
-        return _cached(self.key)
+        """The layer's data if it was captured already, here or into the layer store (nothing is loaded:
+        a stored layer is read with NumPy alone)."""
+        return _cached(self.key) or self._from_store(pair=False)
 
     def cached_pair(self) -> LayerData | None:
-        """load_pair()'s data if it was captured already (nothing is loaded)."""
-        return _cached(self.pair_key)
+        """load_pair()'s data if it was captured already, here or into the layer store (nothing loaded)."""
+        return _cached(self.pair_key) or self._from_store(pair=True)
+
+    # -- the layer store (services.layer_store) ----------------------------------------------------------
+
+    def store_key(self, pair: bool = False) -> dict | None:
+        """Everything that determines the captured arrays: this source's key fields, what identifies the
+        model's files, the corpus' text and the capturing software; for load_pair() the upstream
+        quantization too. None when the model is not on this machine (nothing is stored or read)."""
+        identity = layer_store.model_identity(self.model)
+        if identity is None:
+            return None
+        key = {"source": self.KIND, **self.key_fields(), "model_identity": identity,
+               "corpus_identity": layer_store.corpus_identity(self.corpus), **layer_store.software()}
+        if pair:
+            key["upstream"] = dict(UPSTREAM)
+        return key
+
+    def _from_store(self, pair: bool) -> LayerData | None:
+        """The stored layer, put in the memory cache; None when it is not stored (or was damaged)."""
+        key = self.store_key(pair) if layer_store.enabled() else None
+        entry = layer_store.read(key) if key is not None else None
+        if entry is None:
+            return None
+        a, meta = entry.arrays, entry.meta
+        data = LayerData(a["W"], a["X_calib"], a["X_heldout"], meta["name"], meta["description"],
+                         X_calib_fp=a.get("X_calib_fp"), X_heldout_fp=a.get("X_heldout_fp"))
+        # the stored Hessians fill the cached properties, so the inputs' pages are never read for them
+        data.__dict__.update(H=a["H"], H_heldout=a["H_heldout"])
+        if "structure" in meta:
+            with _MODEL_LOCK:
+                _STRUCTURES[self.model] = (int(meta["structure"][0]), list(meta["structure"][1]))
+        return _remember(self.pair_key if pair else self.key, data)
+
+    def _to_store(self, pair: bool, data: LayerData) -> None:
+        """Store a layer just captured (the model is loaded: its structure costs nothing). Never raises:
+        the layer is in memory anyway."""
+        try:
+            key = self.store_key(pair) if layer_store.enabled() else None
+            if key is None:
+                return
+            arrays = {"W": data.W, "X_calib": data.X_calib, "X_heldout": data.X_heldout,
+                      "H": data.H, "H_heldout": data.H_heldout}
+            if data.has_fp:
+                arrays.update(X_calib_fp=data.X_calib_fp, X_heldout_fp=data.X_heldout_fp)
+            n_blocks, subs = model_structure(self.model)
+            meta = {"name": data.name, "description": data.description, "structure": [n_blocks, subs]}
+            layer_store.write(key, arrays, meta)
+        except Exception as exc:  # noqa: BLE001 - storing is an optimisation for later processes
+            log.warning("could not store %s in the layer store: %s", self.name, exc)
 
     def _prepare(self, progress: Progress, should_cancel: ShouldCancel):
         """(loaded model, adapter, blocks, the linear, W float64, calibration ids, held-out ids)."""
@@ -501,6 +566,19 @@ def _cached(key: tuple) -> LayerData | None:
     return None
 
 
+def _remember(key: tuple, data: LayerData) -> LayerData:
+    """Put data in the memory cache; one already there (another thread read the store too) wins, so every
+    caller gets the same object."""
+    with _ACTS_LOCK:
+        if key in _ACTS:
+            _ACTS.move_to_end(key)
+            return _ACTS[key]
+        _ACTS[key] = data
+        while len(_ACTS) > MAX_CACHED_LAYERS:
+            _ACTS.popitem(last=False)
+    return data
+
+
 def _two_streams(model, adapter, blocks, block: int, module, ids, batch_size: int,
                  should_cancel: ShouldCancel, progress: Callable[[float], None]
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -549,9 +627,10 @@ def _two_streams(model, adapter, blocks, block: int, module, ids, batch_size: in
 
 
 def clear_caches() -> None:
-    """Forget cached models and captured activations (frees memory)."""
+    """Forget cached models and captured activations (frees memory; the layer store stays)."""
     with _MODEL_LOCK:
         _MODELS.clear()
+        _STRUCTURES.clear()
     with _ACTS_LOCK:
         _ACTS.clear()
     _SYNTH_CACHE.clear()

@@ -3,10 +3,13 @@
 // through a small stand-in for its widget model (get/set/on/off/send, "change:<name>" events and the
 // "ahead" frames message, as anywidget and the kernel give it in the app).
 //
-// Flow: a setting changes -> the worker runs GPTQ + RTN on the layer (its codes, curves, diag(H)) -> the
-// page asks the worker for the frames of the cursor's column and the next AHEAD ones -> the first frame
-// arrives: the scene (per run) and the frame go to the canvas, which draws; while playing, the canvas's
-// own clock steps through the frames sent ahead, and each step asks for the next ones.
+// Flow: a setting changes -> the GPTQ worker runs GPTQ on the layer (its codes, curve, diag(H)) while the
+// RTN worker (the same code, on the other core) computes RTN's Gram matrix D^T D if bits, group size or the
+// grid changed -> the page asks the GPTQ worker for the frames of the cursor's column and the next AHEAD
+// ones -> the first frame arrives: the scene (per run) and the frame go to the canvas, which draws. The
+// Gram matrix goes from the RTN worker through the page to the GPTQ worker, which answers with RTN's curve
+// and numbers: the scene and the summary get them (at once when the Gram matrix was already there). While
+// playing, the canvas's own clock steps through the frames sent ahead, and each step asks for the next.
 //
 // Testing hook: window.gptqExplorer.{state(), layer(), codes(), ready(), timings(), set(values)}.
 
@@ -23,7 +26,11 @@
     "rotation", "rotation_seed", "ternary", "basis", "hessian"];
   const AHEAD = 20;  // frames asked for ahead of the cursor (over a second of animation at 15/s)
   const $ = (id) => document.getElementById(id);
-  const timings = { open_to_first_frame_ms: null, changes: [] };
+  // open -> first frame drawn, open -> RTN's curve drawn too; per change: {reason, ms (its first frame
+  // drawn), full_ms (and RTN's curve), worker_s (GPTQ in the worker), gram_s (RTN's Gram matrix, if made)}
+  // open: when (ms since the page's start) the layer's data were decoded, GPTQ's result and the first frames came
+  const timings = { open_to_first_frame_ms: null, open_to_complete_ms: null, open: {}, changes: [] };
+  const openMark = (name) => { if (timings.open_to_first_frame_ms === null && !(name in timings.open)) timings.open[name] = performance.now(); };
 
   // ---- state: the app's link keys (docs/app.md, "Links")
   const first = M.layers[0];
@@ -136,19 +143,22 @@
   const figure = $("figure");
   window.gptqLayerCanvas.render({ model, el: figure });
 
-  // ---- the worker, started from its own source (file:// refuses a Worker from a file)
-  const worker = new Worker(URL.createObjectURL(new Blob([window.GPTQ_WORKER_SOURCE], { type: "text/javascript" })));
-  let runId = 0, current = null, workerLayer = null, gen = 0, seq = 0;
-  let shown = null;  // {gen, scene}: the scene the canvas was given, once the run's first frame came
-  const requested = new Set(), metas = new Map();
-  let ready = null;  // {promise, resolve, since, reason}: the run being computed or drawn
-  let waitSeq = null;
+  // ---- the workers, started from their source (file:// refuses a Worker from a file): GPTQ and frames in
+  // one, RTN's Gram matrix in the other
+  const workerUrl = URL.createObjectURL(new Blob([window.GPTQ_WORKER_SOURCE], { type: "text/javascript" }));
+  const worker = new Worker(workerUrl), rtnWorker = new Worker(workerUrl);
+  let runId = 0, current = null, workerLayer = null, gen = 0, seq = 0, gramAsked = null, lastFrame = null;
+  let shown = null;  // {gen}: the canvas has the scene, once the run's first frame came
+  const requested = new Set(), metas = new Map(), gramSeconds = new Map();
+  let ready = null;  // {promise, resolve, since, reason, first}: the run being computed or drawn
+  let waitSeq = null, doneSeq = null;  // the frame seq that shows the run; the one that shows RTN's curve too
 
   function pending(reason) {
     if (!ready) {
       let resolve;
       const promise = new Promise((r) => { resolve = r; });
-      ready = { promise, resolve, since: performance.now(), reason };
+      ready = { promise, resolve, since: performance.now(), reason, first: null,
+        opening: timings.open_to_first_frame_ms === null };
     }
   }
 
@@ -158,15 +168,22 @@
     let layer;
     try {
       layer = await loadLayer(entry);
+      openMark("data_ms");
     } catch (e) { showMessages([e.message], "gptq-error"); return; }
     if (id !== runId) return;  // a newer change came meanwhile
     if (workerLayer !== entry.key) {
       worker.postMessage({ type: "layer", W: layer.W, H: layer.H, d_out: layer.d_out, d_in: layer.d_in });
+      rtnWorker.postMessage({ type: "layer", W: layer.W, d_out: layer.d_out, d_in: layer.d_in });
       workerLayer = entry.key;
     }
     const cfg = {};
     for (const k of QUANT) cfg[k] = state[k];
-    worker.postMessage({ type: "run", id, cfg });
+    const gramKey = `${entry.key}/${cfg.bits}/${cfg.group_size}/${cfg.sym}`;  // what RTN's Gram matrix depends on
+    worker.postMessage({ type: "run", id, cfg, gram_key: gramKey });
+    if (gramAsked !== gramKey) {
+      rtnWorker.postMessage({ type: "gram", key: gramKey, cfg });
+      gramAsked = gramKey;
+    }
     $("layer-description").textContent = `${entry.d_out}×${entry.d_in}. ${entry.description}`;
   }
 
@@ -174,16 +191,37 @@
     const msg = e.data;
     if (msg.type === "error") { if (msg.id === runId) showMessages([`GPTQ failed: ${msg.message}`], "gptq-error"); return; }
     if (msg.type === "result" && msg.id === runId) {
+      openMark("result_ms");
+      timings.open.worker_s = timings.open.worker_s ?? msg.seconds;
       showMessages([], "gptq-error");
-      current = { id: msg.id, result: msg, n: msg.perm.length, cfg: Object.fromEntries(QUANT.map((k) => [k, state[k]])),
-        entry: entryOf(state) };
+      current = { id: msg.id, result: msg, rtn: msg.rtn, n: msg.perm.length,
+        cfg: Object.fromEntries(QUANT.map((k) => [k, state[k]])), entry: entryOf(state) };
       newGeneration();
       showMessages(msg.warnings, "gptq-warning");
       $("col").max = String(current.n - 1);
       goto(Math.min(state.col, current.n - 1), true);
       $("summary").innerHTML = summaryHtml();
     } else if (msg.type === "frames" && current && msg.id === current.id && msg.gen === gen) {
+      openMark("frames_ms");
       onFrames(msg.frames);
+    } else if (msg.type === "rtn" && current && msg.id === current.id) {
+      current.rtn = msg;
+      if (shown) {  // the scene again, with RTN's curve, and the frame again (a new seq: its draw is seen)
+        model.set("scene", sceneOf(current.result));
+        seq += 1;
+        doneSeq = seq;
+        model.set("frame", { ...lastFrame, seq });
+      }
+      $("summary").innerHTML = summaryHtml();
+      explain();
+    }
+  };
+  rtnWorker.onmessage = (e) => {
+    const msg = e.data;
+    if (msg.type === "error") { showMessages([`RTN failed: ${msg.message}`], "gptq-error"); return; }
+    if (msg.type === "gram") {
+      gramSeconds.set(msg.key, msg.seconds);
+      worker.postMessage({ type: "rtn", key: msg.key, G: msg.G }, [msg.G.buffer]);
     }
   };
 
@@ -192,6 +230,8 @@
     requested.clear();
     metas.clear();
     shown = null;
+    waitSeq = Infinity;  // nothing drawn counts until this generation's first frame is given to the canvas
+    doneSeq = null;
   }
 
   function sceneOf(r) {
@@ -201,14 +241,13 @@
       if (lo === Infinity) { lo = 1e-6; hi = 1; }
       return [Math.log10(lo * 0.8), Math.log10(hi * 1.25)];
     };
-    const g = r.curve_gptq, rt = r.curve_rtn, n = g.length;
-    const cfg = current.cfg;
-    const label = `${cfg.bits}-bit ${cfg.group_size === -1 ? "per-row" : "g" + cfg.group_size} ${cfg.sym ? "sym" : "asym"}`
-      + (cfg.desc_act ? " desc_act" : "") + (cfg.static_groups ? " static" : "");
+    const g = r.curve_gptq, n = g.length;
+    const rt = current.rtn ? current.rtn.curve_rtn : new Float64Array(n).fill(NaN);  // until RTN's curve came
+    const cfg = current.cfg, label = labelOf(cfg);
     return {
       n, d_out: current.entry.d_out, diag_h: Float32Array.from(r.diag_h), curve_gptq: Float32Array.from(g),
       curve_rtn: Float32Array.from(rt), wmax: r.wmax, emax: r.emax, diag_range: logRange(r.diag_h),
-      curves_range: [logRange([...g, ...rt])[0], Math.log10(Math.max(g[n - 1], rt[n - 1], 1e-30) * 1.25)],
+      curves_range: [logRange([...g, ...rt])[0], Math.log10(Math.max(g[n - 1], rt[n - 1] || 0, 1e-30) * 1.25)],
       gen, label, diag_title: `diag(H), ${cfg.desc_act ? "desc_act order: decreasing diag(H)" : "column order"}`,
       basis: "", titles: {}, bands: [],
     };
@@ -218,10 +257,10 @@
     if (!current) return;
     const ks = [];
     for (let j = k; j <= Math.min(k + AHEAD, current.n - 1); j++) if (!requested.has(j)) { requested.add(j); ks.push(j); }
-    if (ks.length) {
-      worker.postMessage({ type: "frames", id: current.id, gen, ks,
-        crop: { rows: state.rows, cols: state.cols, row0: state.row0 } });
-    }
+    const crop = { rows: state.rows, cols: state.cols, row0: state.row0 };
+    // a generation's first frame alone, so that it is drawn before the ones ahead are cut
+    const batches = requested.size === ks.length && ks.length > 1 ? [ks.slice(0, 1), ks.slice(1)] : [ks];
+    for (const b of batches) if (b.length) worker.postMessage({ type: "frames", id: current.id, gen, ks: b, crop });
   }
 
   const NAMES = ["W", "updated", "Q", "error", "compensation"];
@@ -234,7 +273,9 @@
       const f = frames[0];
       seq += 1;
       waitSeq = seq;
-      model.set("frame", { seq, ...canvasFrame(f), z: f.z, w: f.w, q: f.q });
+      doneSeq = current.rtn ? seq : null;
+      lastFrame = { ...canvasFrame(f), z: f.z, w: f.w, q: f.q };
+      model.set("frame", { seq, ...lastFrame });
     }
     const buffers = [];
     for (const f of frames) buffers.push(...NAMES.map((name) => f.z[name]), f.w, f.q);
@@ -243,13 +284,23 @@
   }
 
   // the canvas drew: data-drawn is the seq of the frame trait it drew (layer_canvas.js, publish())
+  // (ready() resolves once RTN's curve is drawn too)
   new MutationObserver(() => {
     const drawn = Number(figure.getAttribute("data-drawn"));
     if (!ready || waitSeq === null || drawn < waitSeq || !current || current.id !== runId) return;
-    const now = performance.now();
-    if (timings.open_to_first_frame_ms === null) timings.open_to_first_frame_ms = now;
-    else timings.changes.push({ reason: ready.reason, ms: now - ready.since, layer: current.entry.key,
-      d_out: current.entry.d_out, d_in: current.entry.d_in, worker_s: current.result.seconds });
+    const now = performance.now(), opening = ready.opening;
+    if (ready.first === null) {
+      ready.first = now - ready.since;
+      if (opening) timings.open_to_first_frame_ms = now;
+    }
+    if (doneSeq === null || drawn < doneSeq) return;
+    if (opening) timings.open_to_complete_ms = now;
+    else {
+      timings.changes.push({ reason: ready.reason, ms: ready.first, full_ms: now - ready.since,
+        layer: current.entry.key, d_out: current.entry.d_out, d_in: current.entry.d_in,
+        worker_s: current.result.seconds, stages: current.result.stages, gram_s: gramSeconds.get(gramAsked) ?? null });
+    }
+    gramSeconds.clear();
     const r = ready;
     ready = null;
     r.resolve();
@@ -306,30 +357,33 @@ with ${t(COLORS.hinv, "d = U<sub>pp</sub> = √[H<sub>F</sub><sup>−1</sup>]<su
 ${t(COLORS.upd, "ΔW<sub>:,F</sub>")} = −${t(COLORS.err, "e")} · ${t(COLORS.hinv, "U<sub>p,F</sub>")};
 largest |${t(COLORS.upd, "ΔW")}| = ${g3(m.upd_max)}.</li>
 <li>Loss of this column: Σ(${t(COLORS.err, "w − q")})² / (2${t(COLORS.hinv, "d")}²) = ${g3(m.loss, 4)}.
-So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${g3(m.running_rtn, 4)}`)}
+So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${current.rtn ? g3(current.rtn.running_rtn[k], 4) : "…"}`)}
 (same columns rounded, nothing compensated).</li>
 </ol>
 <small style='color:#555'>${lazy} Crop: rows ${m.r0}–${m.r1 - 1}, positions ${m.c0}–${m.c1 - 1}.</small></div>`;
   }
   function summaryHtml() {
-    const s = current.result.summary, cfg = current.cfg, e = current.entry;
+    const s = { ...current.result.summary, ...(current.rtn || {}) }, cfg = current.cfg, e = current.entry;
+    const num = (x) => (x === undefined ? "…" : g3(x));  // RTN's numbers come a moment later
     const rows = [["weight MSE", "weight_mse"], [`calibration output MSE (${e.calibration.tokens} tokens)`, "calib_mse"],
       ["OBS loss L (calibration)", "loss"]];
     const td = "<td style='text-align:right;padding-left:8px'>";
-    const body = rows.map(([name, key]) => `<tr><td>${name}</td>${td}${g3(s[key + "_gptq"])}</td>${td}${g3(s[key + "_rtn"])}</td></tr>`).join("");
-    const ratio = s.calib_mse_gptq > 0 ? s.calib_mse_rtn / s.calib_mse_gptq : Infinity;
+    const body = rows.map(([name, key]) => `<tr><td>${name}</td>${td}${num(s[key + "_gptq"])}</td>${td}${num(s[key + "_rtn"])}</td></tr>`).join("");
+    const ratio = !current.rtn ? "…" : (s.calib_mse_gptq > 0 ? s.calib_mse_rtn / s.calib_mse_gptq : Infinity).toFixed(2);
     const damp = Math.abs(s.damp_percent_used - cfg.damp_percent) < 1e-12 ? ""
       : `<br><b>Damping raised to ${g3(s.damp_percent_used)}</b> to make H + λI invertible.`;
     return `<div style='font-size:13px;padding:4px 6px'>
-<b>${sceneLabel()}</b> on ${e.name}
+<b>${labelOf(cfg)}</b> on ${e.name}
 <table><tr><th></th><th style='color:${COLORS.upd}'>GPTQ</th><th style='color:${COLORS.rtn}'>RTN</th></tr>${body}</table>
-Calibration error RTN / GPTQ = <b>${ratio.toFixed(2)}×</b>${damp}<br>
+Calibration error RTN / GPTQ = <b>${ratio}×</b>${damp}<br>
 <small style='color:#555'>L = Σ<sub>q</sub> (w<sub>q</sub> − q<sub>q</sub>)² / (2 [H<sub>F</sub><sup>−1</sup>]<sub>qq</sub>)
 = ½ tr(ΔW (H + λI) ΔWᵀ), summed over rows, with H = 2/n · XᵀX and n = ${e.calibration.tokens} calibration
 <i>tokens</i>. This page has H only, not the held-out inputs: the app's held-out error is not shown here.
 Computed in ${current.result.seconds.toFixed(2)} s in this browser.</small></div>`;
   }
-  const sceneLabel = () => (model.get("scene") || {}).label || "";
+  // QuantConfig.label (the run's, not the scene's: the summary is written before the run's scene is drawn)
+  const labelOf = (cfg) => `${cfg.bits}-bit ${cfg.group_size === -1 ? "per-row" : "g" + cfg.group_size} `
+    + `${cfg.sym ? "sym" : "asym"}${cfg.desc_act ? " desc_act" : ""}${cfg.static_groups ? " static" : ""}`;
 
   // ---- controls
   function fillSelect(el, options) {
@@ -430,7 +484,11 @@ Computed in ${current.result.seconds.toFixed(2)} s in this browser.</small></div
     // the layer actually used: W (d_out, d_in) and H (d_in, d_in), float32, row-major
     layer: () => (current ? decoded.get(current.entry.key) : null),
     codes: () => (current ? current.result.codes : null),  // (d_out, d_in) row-major, original column order
-    summary: () => (current ? { ...current.result.summary, seconds: current.result.seconds } : null),
+    summary: () => {  // GPTQ's numbers, and RTN's once they came
+      if (!current) return null;
+      const rtn = current.rtn ? Object.fromEntries(["weight_mse_rtn", "calib_mse_rtn", "loss_rtn"].map((k) => [k, current.rtn[k]])) : {};
+      return { ...current.result.summary, ...rtn, seconds: current.result.seconds };
+    },
     ready: () => (ready ? ready.promise : Promise.resolve()),
     timings: () => JSON.parse(JSON.stringify(timings)),
     set: (values) => { apply(values, Object.keys(values).join(",")); return window.gptqExplorer.ready(); },

@@ -234,8 +234,8 @@ class ProgressBar:
         W = widgets
         self.bar = W.FloatProgress(min=0.0, max=1.0, value=0.0, layout=W.Layout(width=width))
         self.label = W.Label(value="")
-        self.cancel_button = W.Button(description="Cancel", icon="stop", button_style="warning",
-                                      layout=W.Layout(width="100px"))
+        # the plain style: "warning" is white on orange, a contrast of 2.7:1 (WCAG AA asks 4.5:1)
+        self.cancel_button = W.Button(description="Cancel", icon="stop", layout=W.Layout(width="100px"))
         self.cancel_button.on_click(lambda _b: on_cancel())
         self.box = W.HBox([self.bar, self.label, self.cancel_button], layout=W.Layout(display="none"))
 
@@ -280,18 +280,24 @@ def run_job(job: Job, work: Callable[[], None], threaded: bool, name: str) -> No
 class StaticPlot:
     """A plotly figure shown as a mime bundle in an Output widget (see the module doc)."""
 
-    def __init__(self, figure=None, *, layout=None):
+    def __init__(self, figure=None, *, layout=None, responsive: bool = False):
         self.output = widgets.Output(layout=layout or widgets.Layout())
+        self.responsive = responsive
         self.figure = None
         if figure is not None:
             self.show(figure)
 
     def show(self, figure) -> None:
+        """Show `figure`. A responsive plot takes its box's width (the figure's own width is dropped in the
+        page, kept in `figure`), so it fits a projector's or a notebook's width; its height stays."""
         import plotly.io as pio
 
         self.figure = figure
         spec = json.loads(pio.to_json(figure, validate=False))
-        spec.setdefault("config", {}).update({"displaylogo": False, "responsive": False})
+        spec.setdefault("config", {}).update({"displaylogo": False, "responsive": self.responsive})
+        if self.responsive:
+            spec.setdefault("layout", {}).pop("width", None)
+            spec["layout"]["autosize"] = True
         title = figure.layout.title.text if figure.layout.title and figure.layout.title.text else "plot"
         # setting `outputs` works from any thread and reaches browsers that connect later
         self.output.outputs = ({"output_type": "display_data", "metadata": {},

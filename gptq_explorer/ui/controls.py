@@ -114,7 +114,8 @@ def int_slider(rule: tuple[int, int], value: int, description: str, **kwargs) ->
 def preset_dropdown(width: str) -> widgets.Dropdown:
     """The preset menu: CUSTOM (what the controls show was set by hand), then settings.PRESETS."""
     return widgets.Dropdown(options=[CUSTOM, *PRESETS], value=CUSTOM, description="preset",
-                            layout=widgets.Layout(width=width), style={"description_width": "50px"})
+                            layout=widgets.Layout(width=width, max_width="100%"),  # shrinks on a narrow page
+                            style={"description_width": "50px"})
 
 
 class Lab(Dashboard):

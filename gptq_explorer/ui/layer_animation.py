@@ -145,6 +145,8 @@ class LayerAnimation:
             self._render_frame(force=True)
             self.summary = dict(self.run.summary)
             self.summary_html.value = summary_html(self.run)
+            if getattr(self, "room", None) is not None:  # built with the layout, after the first draw
+                self._room_picture(self.run)
 
     def _render_frame(self, force: bool = False) -> None:
         """One animation frame: the cropped heatmaps, the column profile, the cursor, the curves, the text.

@@ -44,6 +44,7 @@ const PANELS = {
   obs: [colX(1), 332, COLW, 104], correction: [colX(1), 452, COLW, 116],
   diag: [LEFT, 632, 330, 176], curves: [442, 632, 280, 176],
 };
+const RTN_DASH = [5, 3];
 const DIVERGING_PIYG = new Set(["compensation", "obs", "correction"]);
 const BARS = { W: [736, 44, 216, "w"], error: [736, 354, 204, "w−q"], compensation: [790, 354, 204, "ΔW"] };
 
@@ -115,14 +116,13 @@ export function clockStep(clock, now, cur, fps, haveNext) {
 
 export default {
   render({ model, el }) {
-    const dpr = window.devicePixelRatio || 1;
     el.style.position = "relative";
-    el.style.width = WIDTH + "px";
+    // The figure follows its box's width (up to WIDTH px; presenter mode's CSS lifts that limit): it is
+    // drawn in WIDTH x HEIGHT units, scaled to the canvas's CSS size (fit(), on a ResizeObserver)
+    el.style.width = "100%";
+    el.style.maxWidth = WIDTH + "px";
     const canvas = document.createElement("canvas");
-    canvas.width = WIDTH * dpr;
-    canvas.height = HEIGHT * dpr;
-    canvas.style.width = WIDTH + "px";
-    canvas.style.height = HEIGHT + "px";
+    canvas.style.cssText = "display:block;width:100%;height:auto;aspect-ratio:" + WIDTH + " / " + HEIGHT;
     canvas.style.cursor = "crosshair";
     canvas.setAttribute("role", "img");
     const tip = document.createElement("div");
@@ -131,7 +131,18 @@ export default {
     el.appendChild(canvas);
     el.appendChild(tip);
     const ctx = canvas.getContext("2d");
-    ctx.scale(dpr, dpr);
+    function fit() {
+      const w = canvas.getBoundingClientRect().width;
+      if (!(w > 0)) return false;  // hidden (another tab): keep the last size
+      const dpr = window.devicePixelRatio || 1, px = Math.max(1, Math.round(w * dpr));
+      if (canvas.width === px) return false;
+      canvas.width = px;
+      canvas.height = Math.round(px * HEIGHT / WIDTH);
+      ctx.setTransform(px / WIDTH, 0, 0, px / WIDTH, 0, 0);
+      return true;
+    }
+    canvas.width = WIDTH;  // until fit() knows the page's size
+    canvas.height = HEIGHT;
 
     let scene = null, frame = null, hover = -1, pending = false;
     let lastAck = 0, ackTimer = null;
@@ -319,9 +330,8 @@ export default {
       }
     }
     function legend(items, x, y) {
-      for (const [label, color] of items) {
-        ctx.fillStyle = color;
-        ctx.fillRect(x, y - 4, 14, 3);
+      for (const [label, color, dash] of items) {
+        polyline([[x, y - 2.5], [x + 14, y - 2.5]], color, 3, dash);
         text(label, x + 18, y, { size: 11, base: "middle" });
         y += 15;
       }
@@ -404,12 +414,13 @@ export default {
       const name = "curves", [px, py, pw, ph] = PANELS[name], range = scene.curves_range || [-1, 1];
       logAxis(name, range);
       frameBox(name);
-      for (const [curve, color] of [[scene.curve_rtn, COLORS.rtn], [scene.curve_gptq, COLORS.upd]]) {
+      // RTN dashed: the two curves differ by more than their colour (colour-blind readers, grey print)
+      for (const [curve, color, dash] of [[scene.curve_rtn, COLORS.rtn, RTN_DASH], [scene.curve_gptq, COLORS.upd, null]]) {
         const pts = [];
         for (let p = 0; p <= Math.min(frame.k, curve.length - 1); p++) {
           pts.push([posX(name, p), curve[p] > 0 ? logY(name, curve[p], range) : NaN]);
         }
-        polyline(pts, color, 2);
+        polyline(pts, color, 2, dash);
       }
       positionAxis(name);
       text("columns quantized", px + pw / 2, py + ph + 28, { align: "center", size: 11 });
@@ -419,7 +430,7 @@ export default {
       ctx.rotate(-Math.PI / 2);
       text("calibration output MSE", 0, 0, { align: "center", size: 11 });
       ctx.restore();
-      legend([["GPTQ", COLORS.upd], ["RTN", COLORS.rtn]], px + pw + 8, py + 10);
+      legend([["GPTQ", COLORS.upd], ["RTN", COLORS.rtn, RTN_DASH]], px + pw + 8, py + 10);
     }
     function cursorLine(panel, p, color, dashed) {
       const [, py, , ph] = PANELS[panel];
@@ -515,9 +526,9 @@ export default {
       }
       return null;
     }
-    const mouse = (e) => {
-      const r = canvas.getBoundingClientRect();
-      return [e.clientX - r.left, e.clientY - r.top];
+    const mouse = (e) => {  // in drawing units
+      const r = canvas.getBoundingClientRect(), f = WIDTH / (r.width || WIDTH);
+      return [(e.clientX - r.left) * f, (e.clientY - r.top) * f];
     };
     canvas.addEventListener("mousemove", (e) => {
       if (!scene || !scene.n) return;
@@ -525,8 +536,9 @@ export default {
       if (!hit) { tip.style.display = "none"; return; }
       tip.innerHTML = hit.label;
       tip.style.display = "block";
-      tip.style.left = Math.min(x + 14, WIDTH - 220) + "px";
-      tip.style.top = (y + 14) + "px";
+      const r = canvas.getBoundingClientRect(), cx = e.clientX - r.left;  // the tip is placed in CSS px
+      tip.style.left = Math.max(0, Math.min(cx + 14, r.width - 220)) + "px";
+      tip.style.top = (e.clientY - r.top + 14) + "px";
       if (hit.col !== model.get("hover")) {
         model.set("hover", hit.col);
         model.save_changes();
@@ -596,8 +608,14 @@ export default {
     model.on("change:frame", schedule);
     model.on("change:scene", schedule);
     model.on("change:hover", schedule);
+    // a new size clears the canvas: redraw what was there at once (not on the next frame: no blank flash)
+    const resized = () => { if (fit() && drawn) { drawn = null; draw(); } };
+    const observer = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(resized);
+    if (observer) observer.observe(canvas);
+    fit();
     draw();
     return () => {
+      if (observer) observer.disconnect();
       if (ackTimer) clearTimeout(ackTimer);
       document.removeEventListener("visibilitychange", onVisibility);
       model.off("change:frame", schedule);

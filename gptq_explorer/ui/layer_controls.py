@@ -19,13 +19,20 @@ from ..services.layer_source import SYNTHETIC, SYNTHETIC_BLOCKS, SYNTHETIC_SUBLA
 from ..settings import CUSTOM
 from .common import InputError, ProgressBar, as_int, guarded, message_widget
 from .controls import int_slider, knob_control, preset_dropdown
+from .layer_figure import FIGURE_BASIS
 from .layer_methods import COMBINED, GAR_GROUP, METHOD_KEYS, METHODS, method_of
+from .layer_room import HEADER_CLASS, PANEL_CLASS, ROOM_CLASS, TEXT_CLASS
 
 SOURCE_KEYS = ("model", "block", "sublayer", "corpus", "nsamples")
 VIEW_KEYS = ("rows", "cols", "row0")
 
-_WIDTH = "250px"
-_STYLE = {"description_width": "90px"}
+# The layout flows with the page's width (a projector's 1280 px, a notebook's ~1000 px): the controls column
+# has a fixed width, its controls fill it, and the figure and the text beside it share what is left, the text
+# going under the figure when there is no room (flex-wrap); min-width 0 lets a box shrink below its content.
+PANEL_WIDTH = "300px"
+_WIDTH = "100%"
+_STYLE = {"description_width": "110px"}  # the longest descriptions ("damp_percent", "calib windows") fit
+TEXT_BASIS = "300px"
 
 
 def _button(width: str, **kwargs) -> widgets.Button:
@@ -33,7 +40,8 @@ def _button(width: str, **kwargs) -> widgets.Button:
 
 
 def _section(title: str, items: list) -> widgets.VBox:
-    return widgets.VBox([widgets.HTML(f"<b>{title}</b>"), *items], layout=widgets.Layout(margin="0 0 8px 0"))
+    return widgets.VBox([widgets.HTML(f"<b>{title}</b>"), *items],
+                        layout=widgets.Layout(margin="0 0 8px 0", width="100%"))
 
 
 class LayerControls:
@@ -90,7 +98,8 @@ class LayerControls:
         c["row0"] = int_slider((0, 576), d["row0"], "first row", continuous_update=False, layout=lay,
                                style=_STYLE)
         c["col"] = int_slider((0, 575), d["col"], "column", continuous_update=True,
-                              layout=widgets.Layout(width="420px"), style={"description_width": "55px"})
+                              layout=widgets.Layout(flex="1 1 300px", min_width="220px", max_width="480px"),
+                              style={"description_width": "55px"})
         c["fps"] = int_slider(rules["fps"], d["fps"], "frames/s", layout=widgets.Layout(width="230px"),
                               style={"description_width": "60px"})
         # a rotated run: its views in the basis GPTQ works in, or multiplied back by R
@@ -141,39 +150,56 @@ class LayerControls:
         self.message = message_widget()
         self.progress = ProgressBar(self._on_cancel, width="260px")
         self.progress_box = self.progress.box
-        self.explain = widgets.HTML(value="", layout=widgets.Layout(width="330px"))
-        self.summary_html = widgets.HTML(value="", layout=widgets.Layout(width="330px"))
+        self.explain = widgets.HTML(value="", layout=widgets.Layout(width="100%"))
+        self.summary_html = widgets.HTML(value="", layout=widgets.Layout(width="100%"))
 
     def _build_layout(self) -> None:
         W = widgets
         c = self.controls
-        layer_items = [c["model"]]
+        self._model_name = W.HTML(value="", layout=W.Layout(width="100%"))  # the whole name: the menu cuts it
+        c["model"].observe(self._show_model_name, names=["value", "options"])
+        self._show_model_name()
+        layer_items = [c["model"], self._model_name]
         if self.local_mode:
             layer_items += [self.local_path, self.local_button]
         layer_items += [c["block"], c["sublayer"], c["corpus"], c["nsamples"]]
         # the method knobs, collapsed: the method menu sets them, and the default view stays short
         self.method_section = W.Accordion(children=[W.VBox([c[k] for k in METHOD_KEYS])],
-                                          selected_index=None, layout=W.Layout(width="258px"))
+                                          selected_index=None, layout=W.Layout(width="100%"))
         self.method_section.set_title(0, "Method knobs")
         panel = W.VBox([
             _section("Layer", layer_items),
             _section("GPTQ config", [self.method, *(c[k] for k in self.CONFIG_KEYS if k not in METHOD_KEYS),
                                      self.method_section]),
             _section("Crop", [c[k] for k in VIEW_KEYS]),
-        ], layout=W.Layout(width="265px"))
+        ], layout=W.Layout(flex=f"0 0 {PANEL_WIDTH}", width=PANEL_WIDTH, margin="0 12px 0 0"))
+        panel.add_class(PANEL_CLASS)
         b = self.buttons
         anim = W.HBox([self.play, b["start"], b["prev"], b["next"], c["col"], b["group"], b["block"],
                        c["fps"], c["basis"]],
                       layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        self._build_room()
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Layer Lab</h3>"), self.preset,
-                         self.copy_button, self.compare_button, self.hessian_button],
-                        layout=W.Layout(align_items="center"))
-        self._fig_box = W.HBox([self.fig, W.VBox([self.explain, self.summary_html])])
-        main = W.VBox([anim, self._fig_box])
+                         self.copy_button, self.compare_button, self.hessian_button, self.room],
+                        layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        header.add_class(HEADER_CLASS)
+        text = W.VBox([self.explain, self.summary_html],
+                      layout=W.Layout(flex=f"1 1 {TEXT_BASIS}", min_width="0", max_width="760px"))
+        text.add_class(TEXT_CLASS)
+        self._fig_box = W.HBox([self.fig, text],
+                               layout=W.Layout(flex_flow="row wrap", align_items="flex-start", width="100%"))
+        main = W.VBox([anim, self._fig_box], layout=W.Layout(flex=f"1 1 {FIGURE_BASIS}", min_width="0"))
         probe = [self.probe] if self.probe is not None else []
         self.root = W.VBox([*probe, header, self.link, self.message, self.progress_box, self.compare_box,
-                            self.hessian_box, W.HBox([panel, main])])
+                            self.hessian_box, W.HBox([panel, main], layout=W.Layout(flex_flow="row wrap"))])
+        self.root.add_class(ROOM_CLASS)
         self._sync_method()
+
+    def _show_model_name(self, _change=None) -> None:
+        ctrl = self.controls["model"]
+        label = next((lab for lab, v in ctrl.options if v == ctrl.value), str(ctrl.value))
+        self._model_name.value = (f"<div class='gptq-model-name' style='font-size:12px;color:#555;"
+                                  f"line-height:1.3;margin:0 0 4px 4px'>{html.escape(label)}</div>")
 
     # -- setting controls --------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 import anywidget
+import ipywidgets as widgets
 import numpy as np
 import traitlets
 
@@ -47,7 +48,15 @@ COLORS = {  # the same names and colours as layer_canvas.js (the explanation tex
     "cursor": "#111111",
     "hover": "#e377c2",
 }
+# The same colours, darker where needed, for text on white (the explanation, the summary): WCAG AA asks a
+# contrast of 4.5:1 for text, which the orange, green, purple, cyan and grey above do not reach
+TEXT_COLORS = {**COLORS, "q": "#b35900", "hinv": "#7b4fa8", "upd": "#237f23", "corr": "#0e7c86",
+               "rtn": "#666666"}
 FIGURE_CLASS = "gptq-layer-figure"
+# its box: grows to the canvas's own size, shrinks with the page (the canvas follows its width; the text
+# beside it goes under it below FIGURE_BASIS, layer_controls)
+FIGURE_BASIS = "640px"
+FIGURE_LAYOUT = {"flex": f"1 1 {FIGURE_BASIS}", "min_width": "0", "max_width": "860px"}
 ESM = (Path(__file__).with_name("layer_canvas.js")).read_text(encoding="utf-8")
 
 
@@ -131,6 +140,7 @@ class LabFigure:
         on_hover, on_click = self._callbacks
         self.widget = widget
         widget.add_class(FIGURE_CLASS)
+        widget.layout = widgets.Layout(**FIGURE_LAYOUT)
 
         def on_msg(_widget, content, _buffers, _fig=self):
             if not isinstance(content, dict):

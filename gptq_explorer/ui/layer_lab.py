@@ -12,9 +12,9 @@ clock runs in that widget's view (layer_animation).
 
 The class is put together from: layer_controls (the widgets, their layout and callbacks), layer_animation
 (drawing, Play, frames sent ahead, the figure watchdog), layer_loading (which layer, background loads),
-layer_methods (the methods the menu names, the compare view), layer_hessian (the Hessian view) and
-controls.Lab (knobs, state, links, presets). This module holds the state, `set` / `from_query`, the runs
-and navigation.
+layer_methods (the methods the menu names, the compare view), layer_hessian (the Hessian view),
+layer_room (keys, presenter mode, Save picture) and controls.Lab (knobs, state, links, presets). This
+module holds the state, `set` / `from_query`, the runs and navigation.
 
 Voila: a widget's synced state is the whole picture, so a browser that connects later draws the current
 figure from it, and every change after the first display happens in a callback. Every callback is wrapped:
@@ -51,6 +51,7 @@ from .layer_controls import SOURCE_KEYS, VIEW_KEYS, LayerControls
 from .layer_hessian import LayerHessian
 from .layer_loading import LayerLoading, model_options, state_of_source
 from .layer_methods import METHOD_KEYS, LayerCompare, method_values
+from .layer_room import LayerRoom
 from .layer_run import BASES, Run, compute_run
 
 MAX_CACHED_RUNS = 8
@@ -72,7 +73,8 @@ LabInputError = InputError  # the Layer Lab's name for it (a value outside what 
 _NEEDS_NOTHING = "Pick another model from the list, or the synthetic layer, which needs nothing."
 
 
-class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, LayerHessian, Lab):
+class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, LayerHessian, LayerRoom,
+               Lab):
     """The Layer Lab (see the module doc). Public API:
 
     LayerLab(source=None, *, models=None, local_mode=False, threaded=True, state=None)
@@ -87,6 +89,7 @@ class LayerLab(LayerControls, LayerAnimation, LayerLoading, LayerCompare, LayerH
     lab.compare(), lab.compare_rows every method on this layer (the compare view); animate_method(name)
     lab.set(hessian=1)              the Hessian view (layer_hessian); lab.hessian_numbers, its numbers
     lab.view(name)                  a heatmap's (z, rows, cols) as plotted, name in HEATMAPS
+    lab.presenter = True            presenter mode (layer_room: also the P key; the keys, Save picture)
     lab.config()                    the QuantConfig the controls show
     LayerLab.KNOBS                  the knobs it shows; lab.controls[name] is a knob's control
     """

@@ -5,6 +5,10 @@ the model load itself, one call, finishes first). A failed or cancelled load lea
 GPTAQ needs the layer's inputs in both models (source.load_pair()): `pair`, loaded only once a config
 asks for it (the synthetic layer's at once; a model's layer's in a background job, its second capture),
 so the default view costs what it did.
+
+A model's layer in the layer store (services.layer_store: `gptq-explorer prepare` stores the default one,
+any capture adds its own) counts as captured: it is read with NumPy alone, shown at once, and neither
+torch nor the model is loaded for it.
 """
 
 from __future__ import annotations
@@ -59,9 +63,10 @@ class LayerLoading:
     progress bar, `threaded`, `_show_data`-related drawing and `show_error`."""
 
     def _load_first(self, source):
-        """Show the first layer: loaded here when that is quick (synthetic, or captured already) or asked
-        for (threaded=False); a model's layer is otherwise left to the background, with the synthetic
-        layer shown meanwhile. Returns the source still to load, or None."""
+        """Show the first layer: loaded here when that is quick (synthetic, or captured already: in this
+        process or into the layer store) or asked for (threaded=False); a model's layer is otherwise left
+        to the background, with the synthetic layer shown meanwhile. Returns the source still to load, or
+        None."""
         self.pair = None
         captured = (isinstance(source, ModelSource) and source.cached() is not None
                     and cached_model_structure(source.model) is not None  # nothing left to load
@@ -218,6 +223,7 @@ class LayerLoading:
     def _load_in_job(self, job: Job, source: ModelSource, fresh_model: bool) -> None:
         """The background job's work: the model's structure, the layer's data, then the run."""
         progress = functools.partial(self._progress, job)
+        source.cached()  # a stored layer brings its model's structure: then no model is loaded for it
         n_blocks, subs = model_structure(source.model, progress)
         self._structures[source.model] = (n_blocks, subs)
         src = source

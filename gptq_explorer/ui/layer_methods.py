@@ -267,10 +267,16 @@ class LayerCompare:
 
     @guarded
     def animate_method(self, name: str) -> None:
-        """Set the knobs of method `name` (the others stay) and play it from the first column."""
+        """Set the knobs of method `name` (the others stay) and play it from the first column; when the
+        browser asks for reduced motion (layer_room), only set it up at the first column."""
         values = {k: self.controls[k].value for k in self.CONFIG_KEYS}
         self.set(**method_values(name, values))
         self.goto(0)
+        room = getattr(self, "room", None)
+        if room is not None and room.reduced_motion:
+            self._info(f"<b>{html.escape(name)}</b> is set up at the first column: press Play (or Space) to "
+                       "animate it (your browser asks for reduced motion).")
+            return
         self.play.playing = True
         self.fig.playing = True
 

@@ -1,6 +1,7 @@
 """The Layer Lab's text: what one step does (beside the figure) and the run's numbers (the summary box).
 
-Pure functions of a Run (layer_run) and the crop window; the colours are the figure's (layer_figure.COLORS).
+Pure functions of a Run (layer_run) and the crop window; the colours are the figure's hues, darker where text
+needs it (layer_figure.TEXT_COLORS).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import html
 
 import numpy as np
 
-from .layer_figure import COLORS
+from .layer_figure import TEXT_COLORS as COLORS
 from .layer_run import Run, Window
 
 
@@ -108,7 +109,7 @@ def summary_html(run: Run) -> str:
     return f"""<div style='font-size:13px;padding:4px 6px'>
 <b>{html.escape(run.cfg.label())}</b> on {html.escape(run.name)}
 <table style='border-collapse:collapse;margin:6px 0'>
-<tr><th></th>{head}</tr>{body}
+<tr><td></td>{head}</tr>{body}
 </table>
 Held-out error RTN / GPTQ = <b>{ratio:.2f}×</b>{damp}{inputs}<br>
 <small style='color:#555'>L = Σ<sub>q</sub> (w<sub>q</sub> − q<sub>q</sub>)² /

@@ -22,6 +22,7 @@ from ..services.results import method_label
 METHOD_LABEL = {"fp": "FP (no quantization)", "rtn": "RTN", "gptq": "GPTQ"}
 SHORT_LABEL = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ"}
 COLORS = {"fp": "#1f77b4", "rtn": "#7f7f7f", "gptq": "#2ca02c"}
+TEXT_COLORS = {**COLORS, "rtn": "#666666", "gptq": "#237f23"}  # as text on white: contrast 4.5:1 at least
 
 
 @dataclass
@@ -64,7 +65,7 @@ def summary_html(res: ResultSet) -> str:
             else:
                 cells.append(f"{p:.2f}")
         td = "<td style='text-align:right;padding-left:10px'>"
-        rows.append(f"<tr><td style='color:{COLORS[m]}'><b>{html.escape(res.name(m))}</b></td>"
+        rows.append(f"<tr><td style='color:{TEXT_COLORS[m]}'><b>{html.escape(res.name(m))}</b></td>"
                     + "".join(f"{td}{c}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th style='text-align:right;padding-left:10px'>{c}</th>" for c in names)
     note = ""
@@ -92,10 +93,10 @@ def samples_html(res: ResultSet, prompt: str) -> str:
                 "<i style='color:#777'>no sample in this report (shipped reports carry none: press "
                 "Compute to generate them here)</i>")
         cells.append(f"<td style='vertical-align:top;width:33%;padding:6px;border:1px solid #ddd'>"
-                     f"<div style='color:{COLORS[m]};font-weight:600'>{html.escape(res.name(m))}</div>"
+                     f"<div style='color:{TEXT_COLORS[m]};font-weight:600'>{html.escape(res.name(m))}</div>"
                      "<div style='white-space:pre-wrap;font-family:monospace;font-size:12px'>"
                      f"{body}</div></td>")
-    return f"<table style='border-collapse:collapse;width:900px'><tr>{''.join(cells)}</tr></table>"
+    return f"<table style='border-collapse:collapse;width:100%'><tr>{''.join(cells)}</tr></table>"
 
 
 def corpora(res: ResultSet) -> list[str]:
@@ -213,7 +214,7 @@ def method_rows(runs: list[dict], bits: int, group_size: int, sym: bool, shown=(
 def _cell(value: float | None, lo: float, hi: float, color: str) -> str:
     """A number with a bar under it (its length on a log scale between lo and hi)."""
     if value is None:
-        return "<span style='color:#999'>—</span>"
+        return "<span style='color:#666'>—</span>"
     frac = 1.0 if hi <= lo else 0.15 + 0.85 * (np.log(value) - np.log(lo)) / (np.log(hi) - np.log(lo))
     return (f"<div style='text-align:right'>{value:.2f}</div><div style='height:4px;background:{color};"
             f"width:{100 * frac:.0f}%;margin-left:auto'></div>")

@@ -124,7 +124,7 @@ def view_toggle() -> widgets.ToggleButtons:
     return widgets.ToggleButtons(
         options=[("best", "auto"), ("shipped", "precomputed"), ("methods", "methods"),
                  ("computed", "computed")],
-        value="auto", style={"button_width": "62px"},
+        value="auto", style={"button_width": "auto"},  # each label whole ("computed" is wider than 62 px)
         tooltips=["precomputed when there is a complete set, else computed here",
                   "only the shipped (precomputed) results",
                   "only the shipped method table (its reduced protocol)",
@@ -254,11 +254,14 @@ class ModelLab(Lab):
         self.message = message_widget()
         self.status = W.HTML(value="")
         self.status.add_class("gptq-model-status")
-        self.summary = W.HTML(value="", layout=W.Layout(width="420px"))
+        self.summary = W.HTML(value="", layout=W.Layout(flex="1 1 300px", min_width="0", max_width="460px"))
         self.samples = W.HTML(value="")
         self.samples.add_class("gptq-samples")
-        self.ppl_plot = StaticPlot(ppl_figure(self.results), layout=W.Layout(width="470px"))
-        self.layer_plot = StaticPlot(layer_error_figure(self.results))
+        # the plots take their box's width (responsive), the summary goes under the bars when there is no room
+        self.ppl_plot = StaticPlot(ppl_figure(self.results), responsive=True,
+                                   layout=W.Layout(flex="1 1 340px", min_width="0", max_width="520px"))
+        self.layer_plot = StaticPlot(layer_error_figure(self.results), responsive=True,
+                                     layout=W.Layout(width="100%"))
         self.copy_button = W.Button(description="Copy link", icon="link", layout=W.Layout(width="110px"))
         self.copy_button.on_click(self._on_copy_link)
         self.link = W.HTML(value="")
@@ -272,12 +275,15 @@ class ModelLab(Lab):
                         section("Results", [c["view"], self.compute_button])],
                        layout=W.Layout(width="280px", min_width="280px", flex="0 0 280px"))
         header = W.HBox([W.HTML("<h3 style='margin:4px 12px 4px 0'>GPTQ Model Lab</h3>"), self.preset,
-                         self.copy_button], layout=W.Layout(align_items="center"))
-        main = W.VBox([self.status, W.HBox([self.ppl_plot.widget, self.summary]), self.method_table.widget,
+                         self.copy_button], layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        main = W.VBox([self.status, W.HBox([self.ppl_plot.widget, self.summary],
+                                           layout=W.Layout(flex_flow="row wrap", width="100%")),
+                       self.method_table.widget,
                        self.layer_plot.widget,
                        W.HTML("<b>Sample generations</b> (greedy, same prompt)"), c["prompt"], self.samples],
-                      layout=W.Layout(flex="1 1 auto", min_width="0"))
-        self.root = W.VBox([header, self.link, self.message, self.progress.box, W.HBox([panel, main])])
+                      layout=W.Layout(flex="1 1 480px", min_width="0"))  # beside the panel down to 480 px
+        self.root = W.VBox([header, self.link, self.message, self.progress.box,
+                            W.HBox([panel, main], layout=W.Layout(flex_flow="row wrap"))])
 
     # -----------------------------------------------------------------------------------------------------
     # state

@@ -1,5 +1,6 @@
 """What a preheated Voila kernel does before its visitor comes: wait for the page's query string, and
-meanwhile (where cores are spare) preload the default model's first layer.
+meanwhile preload the default model's first layer: from the layer store where it is stored (NumPy only),
+else, where cores are spare, by loading the model.
 
 Voila (0.5) runs the notebook in a pool kernel when the server starts; the app's cell then waits here for
 the request of the visitor who takes that kernel. page_query asks the server's request-info socket for it
@@ -104,9 +105,10 @@ def preload_enabled(env=None) -> bool:
 
 def preload_default_layer(visitor_here: threading.Event | None = None) -> threading.Thread:
     """Load the default model and capture its first layer's inputs into the Layer Lab's caches, in a
-    thread. Until `visitor_here` is set, each step waits for a quiet machine (wait_for_quiet_machine): the
-    kernel that is preloading is the pool's spare, and the CPU belongs to the visitors of other kernels. A
-    failure is only logged: the Layer Lab tries again when a visitor asks and shows the error there."""
+    thread; where the layer store has that layer, it is only read (NumPy, no torch). Until `visitor_here`
+    is set, each step waits for a quiet machine (wait_for_quiet_machine): the kernel that is preloading is
+    the pool's spare, and the CPU belongs to the visitors of other kernels. A failure is only logged: the
+    Layer Lab tries again when a visitor asks and shows the error there."""
     visitor_here = visitor_here or threading.Event()
 
     def polite() -> bool:  # polled between the load's steps: waits, never cancels
@@ -118,6 +120,8 @@ def preload_default_layer(visitor_here: threading.Event | None = None) -> thread
         from ..services.layer_source import ModelSource, models_available
 
         try:
+            if ModelSource().cached() is not None:  # the layer store has it: no torch, no model
+                return
             # the imports are most of it (loading the cached weights and capturing the layer's inputs
             # take far less; docs/performance.md): one module at a time, so that a busy machine is not kept
             # waiting

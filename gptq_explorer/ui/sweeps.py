@@ -74,6 +74,14 @@ _CACHE: OrderedDict = OrderedDict()  # (layer key, QuantConfig) -> (gptq mse, rt
 _CACHE_LOCK = threading.Lock()
 
 
+def _short(v: float) -> str:
+    """A cell's number in at most 6 characters (a narrow page's cells are ~40 px): 0.061, 2.1e-4."""
+    if v != 0 and abs(v) < 0.01:
+        mantissa, exp = f"{v:.1e}".split("e")
+        return f"{mantissa}e{int(exp)}"
+    return f"{v:.2g}"
+
+
 def _group_label(g: int) -> str:
     return "per row" if g == -1 else f"g{g}"
 
@@ -194,8 +202,9 @@ class Sweeps(Dashboard):
         self.progress = ProgressBar(self.cancel)
         self.message = message_widget()
         self.layer_info = W.HTML(value="")
-        self.mse_plot = StaticPlot()
-        self.ppl_plot = StaticPlot()
+        # responsive: the page's width, not a fixed 980 px (a notebook's column is narrower)
+        self.mse_plot = StaticPlot(responsive=True, layout=W.Layout(width="100%"))
+        self.ppl_plot = StaticPlot(responsive=True, layout=W.Layout(width="100%"))
         self.root = W.VBox([
             W.HTML("<h3 style='margin:4px 0'>Sweeps</h3>"),
             self.message, self.progress.box,
@@ -398,8 +407,11 @@ class Sweeps(Dashboard):
                                          else f" — damp {fv:g}")
             titles += [f"GPTQ{tag}", f"RTN{tag}", f"RTN / GPTQ{tag}"]
         what = "distance from FP output" if base is not None and self.paired(base) else "held-out output MSE"
-        fig = make_subplots(rows=rows, cols=3, subplot_titles=titles, horizontal_spacing=0.09,
+        # the MSE colour bar sits in the gap after the RTN panel (the ratio's after the last): the gap is
+        # wide enough for a thin bar, its numbers and its title, so it never covers a heatmap
+        fig = make_subplots(rows=rows, cols=3, subplot_titles=titles, horizontal_spacing=0.14,
                             vertical_spacing=0.12 if rows > 1 else 0.1)
+        bar_x = fig.layout.xaxis2.domain[1] + 0.008
         x = [_group_label(g) for g in SWEEP_GROUPS]
         y = [f"{b}-bit" for b in SWEEP_BITS]
         all_mse = np.concatenate([np.ravel(grid[fv][m]) for fv in facets if fv in grid
@@ -413,21 +425,24 @@ class Sweeps(Dashboard):
                 z = g[m]
                 with np.errstate(divide="ignore", invalid="ignore"):
                     zl = np.log10(z)
-                text = [["—" if not np.isfinite(v) else (f"{v:.2f}×" if m == "ratio" else f"{v:.2g}")
+                text = [["—" if not np.isfinite(v) else (f"{v:.2f}×" if m == "ratio" else _short(v))
                          for v in row] for row in z]
                 common = dict(x=x, y=y, text=text, texttemplate="%{text}", textfont=dict(size=10),
                               customdata=z, name=m, showscale=(r == 1 and c != 2))
                 if m == "ratio":
                     fig.add_trace(go.Heatmap(z=zl, colorscale="PiYG", zmid=0, zmin=-1, zmax=1,
-                                             colorbar=dict(x=1.0, len=0.8 / rows, y=1 - 0.5 / rows,
-                                                           title=dict(text="RTN/GPTQ"), tickvals=[-1, 0, 1],
+                                             colorbar=dict(x=1.008, xanchor="left", len=0.8 / rows,
+                                                           y=1 - 0.5 / rows, thickness=12,
+                                                           title=dict(text="RTN/GPTQ", side="right"),
+                                                           tickvals=[-1, 0, 1],
                                                            ticktext=["0.1×", "1×", "10×"]),
                                              hovertemplate="%{y} %{x}: RTN / GPTQ = %{customdata:.3g}"
                                                            "<extra></extra>", **common), row=r, col=c)
                 else:
                     fig.add_trace(go.Heatmap(z=zl, colorscale="Viridis", zmin=lo, zmax=hi,
-                                             colorbar=dict(x=0.62, len=0.8 / rows, y=1 - 0.5 / rows,
-                                                           title=dict(text="log10 MSE")),
+                                             colorbar=dict(x=bar_x, xanchor="left", len=0.8 / rows,
+                                                           y=1 - 0.5 / rows, thickness=12,
+                                                           title=dict(text="log10 MSE", side="right")),
                                              hovertemplate="%{y} %{x}: " + what + " %{customdata:.4g}"
                                                            "<extra>" + m.upper() + "</extra>", **common),
                                   row=r, col=c)
