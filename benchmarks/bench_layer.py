@@ -3,6 +3,7 @@
     python benchmarks/bench_layer.py                       # all shapes, best of 3
     python benchmarks/bench_layer.py --reference-dir DIR   # DIR holds IST-DASLab/gptq's gptq.py, quant.py
     python benchmarks/bench_layer.py --quick               # SmolLM2 shapes only, best of 1
+    python benchmarks/bench_layer.py --lab                 # the Layer Lab's run (GPTQ + RTN, summary)
 
 Only ratios measured in one run mean anything: other load on the machine moves absolute times 10x.
 Without --reference-dir (or $GPTQ_REFERENCE_DIR) the reference is gptq_explorer.engine.reference, our
@@ -76,6 +77,50 @@ def flop_bound(rows: int, cols: int, gflops: float) -> float:
     return (cols**3 / 3 + rows * cols**2) / (gflops * 1e9)
 
 
+def lab_runs(repeats: int) -> None:
+    """The Layer Lab's run (ui.layer_run.compute_run: GPTQ with every step kept, RTN, the summary) on the
+    synthetic layer in SmolLM2's shapes, with the Layer Lab's default config: median wall time and the
+    calling thread's CPU time, with the compiled column step and without it (NumPy ufuncs), interleaved;
+    beside it the NumPy engine's stepper alone over every column (what the run drove before)."""
+    from gptq_explorer import settings
+    from gptq_explorer.engine import column_kernel, gptq_steps
+    from gptq_explorer.services.layer_source import SyntheticSource
+    from gptq_explorer.ui.layer_lab import DEFAULTS
+    from gptq_explorer.ui.layer_run import compute_run
+
+    cfg = QuantConfig.from_dict({k: DEFAULTS[k] for k in settings.QUANT_KEYS if k in DEFAULTS})
+    compiled = column_kernel.compiled(np.float64)
+    print(f"Layer Lab run, {cfg.label()}; median of {repeats}; compiled column step: "
+          f"{'numba' if compiled else 'not available'}")
+    print()
+    print("| layer (out x in) | run, compiled: wall ms | cpu ms | run, NumPy step: wall ms | cpu ms | "
+          "stepper alone: wall ms |")
+    print("|" + "---|" * 6)
+
+    def timed(fn, *args) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.thread_time()
+        fn(*args)
+        return time.perf_counter() - start, time.thread_time() - cpu
+
+    def steps(data):
+        return list(gptq_steps(data.W, data.H, cfg))
+
+    for rows, cols in SHAPES[:3]:
+        data = SyntheticSource(d_out=rows, d_in=cols).load()
+        data.H, data.H_heldout  # noqa: B018 - the cached Hessians, as a loaded layer has them
+        variants = {"compiled": True, "numpy": False}
+        times = {name: [] for name in (*variants, "stepper")}
+        for _ in range(repeats):
+            for name, on in variants.items():
+                column_kernel.COMPILED = on and compiled
+                times[name].append(timed(compute_run, data, cfg))
+            column_kernel.COMPILED = True
+            times["stepper"].append(timed(steps, data))
+        med = {name: np.median(np.array(t), axis=0) * 1e3 for name, t in times.items()}
+        print(f"| {rows} x {cols} | {med['compiled'][0]:.0f} | {med['compiled'][1]:.0f} | "
+              f"{med['numpy'][0]:.0f} | {med['numpy'][1]:.0f} | {med['stepper'][0]:.0f} |", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +128,11 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lab", action="store_true", help="time the Layer Lab's run instead")
     args = parser.parse_args(argv)
+    if args.lab:
+        lab_runs(max(args.repeats, 11))
+        return
     shapes = SHAPES[:3] if args.quick else SHAPES
     repeats = 1 if args.quick else args.repeats
     original = load_original(args.reference_dir) if args.reference_dir else None

@@ -4,8 +4,9 @@ Same config, same steps, same two fixes of the reference's quirks, same errors (
 What changes is how the work is laid out:
 
   * No H^-1. The reference forms H^-1 and factors it again (cholesky, cholesky_inverse, cholesky):
-    two O(n^3) passes that cost more than the whole column loop on a CPU. Here H is factored once, in
-    reversed order, as H = R R^T with R upper triangular; then U = chol(H^-1) = R^-1, and:
+    two O(n^3) passes that cost more than the whole column loop on a CPU. Here H is factored once as
+    H = R R^T with R upper triangular (_factor_upper: blocked, from the last block up, in place); then
+    U = chol(H^-1) = R^-1, and:
       - lazy updates: with D = W0 - Q, the algorithm satisfies D = Err U, i.e. Err = D R, so the pending
         correction of later columns accumulates as S += D_B R_B (the size of the reference's Err1 @ U);
       - a block's state (earlier columns fixed) is W0_B + S_B R_BB^-1 = W0_B + S_B U_BB, with U_BB a
@@ -14,9 +15,10 @@ What changes is how the work is laid out:
   * Two-level lazy updates: inside a 128-column block, columns are quantized in sub-blocks of 16; a
     column pulls the OBS updates of its sub-block's earlier columns as one matrix-vector product, and a
     finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down).
-  * On CPU the per-column elementwise work runs as NumPy ufuncs on views of the torch buffers (a torch
-    op costs several microseconds of dispatch on a 4096-vector), and, for big layers on several cores,
-    the lazy updates run in a worker thread while the main thread quantizes the next columns.
+  * On CPU a sub-block's columns run in column_kernel on views of the torch buffers: one compiled call
+    per sub-block where numba is installed, else NumPy ufuncs (a torch op costs several microseconds of
+    dispatch on a 4096-vector); and, for big layers on several cores, the lazy updates run in a worker
+    thread while the main thread quantizes the next columns.
 The result equals the NumPy engine's up to rounding (codes exactly, in float64; tests).
 """
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from . import checks
+from . import column_kernel as kernel
 from . import grid as grid_np
 from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
@@ -130,20 +133,53 @@ def _single_thread(device: torch.device, enabled: bool = True):
         torch.set_num_threads(threads)
 
 
+def _shared_tensor(x, device, dtype=None) -> torch.Tensor:
+    """x as a tensor on device (and of dtype), sharing x's memory where it already is one: for inputs that
+    are only read (a read-only NumPy array is copied: torch warns on sharing it)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        x = torch.as_tensor(x) if x.flags.writeable else torch.tensor(x)
+    return x.detach().to(device=device or x.device, dtype=dtype)
+
+
 def _to_tensor(x, device, dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device or x.device, dtype=dtype, copy=True)
     return torch.tensor(np.asarray(x), device=device or "cpu", dtype=dtype)
 
 
-def _factor_upper(H: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
-    """R upper triangular with H + damping I = R R^T, via the Cholesky factor of the reversed matrix."""
-    Hr = torch.flip(H, (0, 1))
-    Hr.diagonal().add_(damping)  # the paper's dampening, lambda I (reversal keeps the diagonal a diagonal)
-    L, info = torch.linalg.cholesky_ex(Hr)
-    if int(info) != 0:
-        raise torch.linalg.LinAlgError("not positive definite")
-    return torch.flip(L, (0, 1))
+# Columns per diagonal block of _factor_upper's blocked factorization.
+FACTOR_BLOCK = 256
+
+
+def _factor_upper(A: torch.Tensor, block: int = FACTOR_BLOCK) -> torch.Tensor:
+    """R upper triangular with A = R R^T, in place in A (only its upper triangle is read).
+
+    A blocked Cholesky that starts from the last diagonal block: with A = [[A11, A12], [A21, A22]] and
+    R = [[R11, R12], [0, R22]], A22 = R22 R22^T (a small factorization of the reversed block),
+    R12 = A12 R22^-T, and A11 - R12 R12^T = R11 R11^T is the same problem again. Nearly all the work is in
+    the matmuls of that last update, upper triangle only, one column panel at a time; no n x n reversed
+    copies (the flips that factor the reversed matrix with LAPACK would need), no temporary n x n factor.
+    Raises LinAlgError when A is not positive definite.
+    """
+    n = A.shape[0]
+    for k1 in range(n, 0, -block):
+        k0 = max(k1 - block, 0)
+        L, info = torch.linalg.cholesky_ex(torch.flip(A[k0:k1, k0:k1], (0, 1)))
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError("not positive definite")
+        Rkk = torch.flip(L, (0, 1))
+        A[k0:k1, k0:k1] = Rkk
+        if k0 == 0:
+            break
+        # R12 = A12 R22^-T, as a matmul with the block's triangular inverse (a solve is several times slower)
+        eye = torch.eye(k1 - k0, device=A.device, dtype=A.dtype)
+        P = A[:k0, k0:k1] @ torch.linalg.solve_triangular(Rkk, eye, upper=True).T
+        A[:k0, k0:k1] = P
+        for c0 in range(0, k0, block):  # A11 -= R12 R12^T, upper triangle only, a column panel at a time
+            c1 = min(c0 + block, k0)
+            A[:c1, c0:c1].addmm_(P[:c1], P[c0:c1].T, alpha=-1)
+    return A.triu_()
 
 
 def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -154,45 +190,62 @@ def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: in
 
 # Columns handled one at a time inside a sub-block; the rest of the block gets each sub-block's
 # errors as one matmul (two-level lazy updates: the paper's Step 2 applied inside the block too).
-SUB_BLOCK = 16
-
+SUB_BLOCK = kernel.SUB_BLOCK
 
 NUMPY_COLUMN_STEP = True  # on CPU; False runs the torch ops there too (what CUDA runs; tests use it)
 
 
-class _ColumnStep:
-    """Quantize one column and record its code, value and scaled error (the inner loop's hot path).
+class _ColumnSteps:
+    """Quantize a sub-block's columns and record their codes, values, scaled errors and losses (the inner
+    loop's hot path; column_kernel's module doc has the steps, in both GPTAQ forms).
 
-    On CPU the elementwise work runs as NumPy ufuncs on zero-copy views of the torch buffers, with the
-    NumPy engine's own grid functions: a torch op's dispatch costs several times a NumPy ufunc's on a
-    4096-vector, and the column loop is ~15 such ops per column (docs/performance.md). On CUDA it stays
-    in torch.
+    On CPU: column_kernel.sub_block on zero-copy NumPy views of the torch buffers, compiled (one call per
+    sub-block) where numba is installed, else NumPy ufuncs (a torch op's dispatch costs several times a
+    ufunc's on a 4096-vector). On CUDA: torch ops, one column at a time.
     """
 
-    def __init__(self, Qt, codes_t, Errt, maxq: int, ternary: bool = False):
-        self.numpy = Qt.device.type == "cpu" and NUMPY_COLUMN_STEP
+    def __init__(self, codes_t, losses, maxq: int, ternary: bool, gptaq: bool):
+        self.numpy = codes_t.device.type == "cpu" and NUMPY_COLUMN_STEP
         self.maxq, self.ternary = maxq, ternary
-        self.Q, self.codes, self.Err = (t.numpy() for t in (Qt, codes_t, Errt)) if self.numpy else \
-            (Qt, codes_t, Errt)
+        self.mode = kernel.R_FORM if gptaq else kernel.PLAIN
+        self.codes_t, self.losses = codes_t, losses
 
-    def grid(self, scale: torch.Tensor, zero: torch.Tensor):
-        return (scale.numpy(), zero.numpy()) if self.numpy else (scale, zero)
-
-    def __call__(self, W1: torch.Tensor, i: int, row: int, grid, d: float) -> None:
-        scale, zero = grid
+    def block(self, i1: int, i2: int, W1, E, Q, U1, grids, gsel: np.ndarray, M1=None, G1=None) -> None:
+        """The block's buffers: state W1, errors E, values Q, U1 = U[B, B], grids (scales, zeros) (groups,
+        rows), gsel (the grid row of each column), GPTAQ's M[B, B] and pending g's."""
+        bufs = [W1, E, Q, self.codes_t[i1:i2], self.losses[i1:i2], U1, *grids]
         if self.numpy:
-            w = W1[i].numpy()
-            self.codes[row] = grid_np.quantize_codes(w, scale, zero, self.maxq, self.ternary)
-            if self.ternary:
-                self.Q[row] = grid_np.dequantize(self.codes[row], scale, zero, ternary=True)
-            else:
-                np.multiply(scale, self.codes[row] - zero, out=self.Q[row])
+            bufs = [t.numpy() for t in bufs]
+            self.d = np.ascontiguousarray(np.diagonal(bufs[5]))
+            self.gsel, self.M1, self.G1 = gsel, None if M1 is None else M1.numpy(), \
+                None if G1 is None else G1.numpy()
         else:
+            self.d, self.gsel, self.M1, self.G1 = torch.diagonal(U1).tolist(), gsel.tolist(), M1, G1
+        self.bufs = bufs
+
+    def __call__(self, s1: int, s2: int) -> None:
+        W1, E, Q, C, L, U1, scales, zeros = self.bufs
+        if self.numpy:
+            kernel.sub_block(W1, E, Q, C, L, U1, s1, s2, scales, zeros, self.gsel, self.d, self.maxq,
+                             self.ternary, self.mode, self.M1, self.G1)
+            return
+        d, M1, G1 = self.d, self.M1, self.G1
+        for i in range(s1, s2):
             w = W1[i]
-            self.codes[row], self.Q[row] = _quantize(w, scale, zero, self.maxq, self.ternary)
-        err = self.Err[row]
-        np.subtract(w, self.Q[row], out=err) if self.numpy else torch.sub(w, self.Q[row], out=err)
-        err /= d  # Err = (w - q) / [H^-1]_qq^(1/2)
+            if i > s1:  # OBS updates from this sub-block's earlier columns, pulled as one gemv
+                w.addmv_(E[s1:i].T, U1[s1:i, i], alpha=-1)
+            if M1 is not None:  # GPTAQ (see _Gptaq): g of this column, added as g d
+                g = G1[i] if i == s1 else torch.addmv(G1[i], W1[s1:i].T, M1[s1:i, i])
+                w.add_(g, alpha=d[i])
+            j = self.gsel[i]
+            C[i], Q[i] = _quantize(w, scales[j], zeros[j], self.maxq, self.ternary)
+            err = torch.sub(w, Q[i], out=E[i])
+            err /= d[i]  # Err = (w - q) / [H^-1]_qq^(1/2)
+            if M1 is not None:
+                L[i] = err.square().sum() / 2
+                err.sub_(g)
+        if M1 is None:  # the paper's Losses: (w - q)^2 / U_qq^2 / 2
+            L[s1:s2] = E[s1:s2].square().sum(dim=1) / 2
 
 
 class _LazyUpdates:
@@ -206,8 +259,8 @@ class _LazyUpdates:
 
     BLOCKS_PER_TASK = 4
 
-    def __init__(self, St, R, W0t, Qt, bounds, worker_threads: int):
-        self.St, self.R, self.W0t, self.Qt, self.bounds = St, R, W0t, Qt, bounds
+    def __init__(self, St, R, W0t, bounds, worker_threads: int):
+        self.St, self.R, self.W0t, self.bounds = St, R, W0t, bounds
         self.worker_threads = worker_threads
         self.pending = [0] * len(bounds)  # worker tasks not yet applied, per target block
         self.tasks: list = []  # heap: (first target block, sequence, source block, end target block, D)
@@ -263,12 +316,13 @@ class _LazyUpdates:
         if self.error is not None:
             raise self.error
 
-    def block_done(self, k: int) -> None:
+    def block_done(self, k: int, Q: torch.Tensor) -> None:
+        """Block k is quantized to Q: its share of every later block's correction."""
         a, b = self.bounds[k]
         nb = len(self.bounds)
         if k + 1 == nb:
             return
-        D = self.W0t[a:b] - self.Qt[a:b]  # D = W0 - Q for the block's columns
+        D = self.W0t[a:b] - Q  # D = W0 - Q for the block's columns
         if self.thread is None:
             self._apply(k, k + 1, nb, D)
             return
@@ -296,6 +350,18 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
         return _gptq_torch(W, H, cfg, device, dtype, worker_threads, dXXT)
 
 
+def _max_asymmetry(H: torch.Tensor, tile: int = 256) -> float:
+    """checks.max_asymmetry, a square tile pair at a time: reading a whole column panel transposed walks H
+    with a stride of a row per element (several times slower for 4096^2)."""
+    n = H.shape[0]
+    worst = torch.zeros((), device=H.device, dtype=H.dtype)
+    for a in range(0, n, tile):
+        for c in range(a, n, tile):
+            lo, hi = torch.aminmax(H[a : a + tile, c : c + tile] - H[c : c + tile, a : a + tile].T)
+            worst = torch.maximum(worst, torch.maximum(-lo, hi))
+    return float(worst)
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     lo, hi = torch.aminmax(t)  # NaN propagates and Inf is extreme: one pass, no boolean copy
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
@@ -308,40 +374,34 @@ class _Gptaq:
     column j, to sum_{k <= j} g_k U[k, j] with g_k = sum_{i < k} w_i M[i, k]: a correction g_k d_k of column
     k itself before it is rounded, and an error g_k subtracted from the one it propagates (Err' = Err - g).
     Then W0 - Q = Err' U still holds, so the lazy updates stay as they are; only g is accumulated, lazily,
-    from the pre-rounding values Wpre (transposed layout: Gt[k] = g_k)."""
+    from the pre-rounding values (transposed layout: Gt[k] = g_k): inside a block two-level, like the OBS
+    updates (_ColumnSteps), and from each finished block to the later ones (block_done)."""
 
     def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, W0t: torch.Tensor):
         # dXXT U^T = dXXT R^-T: one triangular solve, no inverse
         self.M = alpha * torch.linalg.solve_triangular(R.T, dXXT, upper=False, left=False).triu_(1)
         self.Gt = torch.zeros_like(W0t)
-        self.Wpre = torch.empty_like(W0t)
 
-    def before(self, W1: torch.Tensor, i: int, col: int, i1: int, d: float) -> torch.Tensor:
-        """g of column col (block row i): add g d to it, keep its pre-rounding value; returns g."""
-        g = self.Gt[col]
-        if i > 0:
-            g = torch.addmv(g, self.Wpre[i1:col].T, self.M[i1:col, col])
-        W1[i].add_(g, alpha=d)
-        self.Wpre[col] = W1[i]
-        return g
-
-    def block_done(self, i1: int, i2: int) -> None:
-        self.Gt[i2:].addmm_(self.M[i1:i2, i2:].T, self.Wpre[i1:i2])
+    def block_done(self, i1: int, i2: int, Wpre: torch.Tensor) -> None:
+        """The block's pre-rounding values Wpre (the block state W1 once quantized) reach the later g's."""
+        self.Gt[i2:].addmm_(self.M[i1:i2, i2:].T, Wpre)
 
 
 def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
     device = torch.device(device) if device is not None else None
-    W = W.detach() if isinstance(W, torch.Tensor) else torch.as_tensor(np.asarray(W))
-    W = W.to(device=device or W.device, dtype=dtype)
+    W = _shared_tensor(W, device)
     # Transposed layout: row i of W0t is column i of W (later: column perm[i]), so every per-column op
-    # reads and writes contiguous memory. clone: never write into the caller's tensor.
+    # reads and writes contiguous memory. A copy (converted to dtype on the way): never write into the
+    # caller's tensor.
     W0t = torch.empty((W.shape[1], W.shape[0]), device=W.device, dtype=dtype).copy_(W.T)
     del W
-    H = _to_tensor(H, W0t.device, dtype)
+    # H as given where it already has this device and dtype: _factor_upper works on a copy, and H is
+    # copied before anything writes into it (dead inputs)
+    H = _shared_tensor(H, W0t.device, dtype)
     checks.check_finite("W", _all_finite(W0t))
     checks.check_finite("H", _all_finite(H))
     h_min, h_max = torch.aminmax(H)
-    checks.check_symmetric(checks.max_asymmetry(H), max(-float(h_min), float(h_max)))
+    checks.check_symmetric(_max_asymmetry(H), max(-float(h_min), float(h_max)))
     gptaq = cfg.gptaq_alpha > 0
     if gptaq:
         dXXT = _to_tensor(dXXT, W0t.device, dtype)
@@ -364,6 +424,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     dead = torch.diag(H) == 0
     checks.warn_all_dead(int(dead.sum()), n)
     if bool(dead.any()):
+        H = H.clone() if rot is None else H
         H[dead, dead] = 1.0
         W0t[dead] = 0.0
         if gptaq:
@@ -375,41 +436,45 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
     perm = torch.as_tensor(perm_np, device=W0t.device)
     if reordered:
-        H = H.index_select(0, perm).index_select(1, perm)
         W0t = W0t.index_select(0, perm)
         if gptaq:
             dXXT = dXXT.index_select(0, perm).index_select(1, perm)
 
-    mean_diag = float(torch.diag(H).mean())
+    diag = torch.diag(H)[perm] if reordered else torch.diag(H)
+    mean_diag = float(diag.mean())
     for damp in checks.damping_schedule(cfg.damp_percent):
+        # the factorization overwrites its argument: a fresh copy (permuted) of H for every try
+        R = H.index_select(0, perm).index_select(1, perm) if reordered else H.clone()
+        R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:
-            R = _factor_upper(H, damp * mean_diag)
+            R = _factor_upper(R)
             break
         except torch.linalg.LinAlgError:
             continue
     else:
         raise checks.not_positive_definite(cfg.damp_percent)
     checks.warn_damping(cfg.damp_percent, damp)
-    del H
+    del H, diag
 
     St = torch.zeros_like(W0t)  # pending corrections, transposed: S = D[:, :i] @ R[:i, :]
-    Qt = torch.empty_like(W0t)
     codes_t = torch.empty_like(W0t)  # integer codes, stored as floats until the end
-    Errt = torch.empty_like(W0t)  # scaled errors (w - q) / U_ii, the paper's Err1 (GPTAQ: Err')
+    # a block's scaled errors (w - q) / U_ii, the paper's Err1 (GPTAQ: Err'); later blocks need only D
+    Errb = torch.empty((min(cfg.block_size, n), rows), device=W0t.device, dtype=dtype)
     losses = torch.empty(n, device=W0t.device, dtype=dtype)
     asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, W0t) if gptaq else None
     del dXXT
-    step = _ColumnStep(Qt, codes_t, Errt, maxq, cfg.ternary)
-    perm_cpu = perm_np.tolist()
+    Qb = torch.empty_like(Errb)  # a block's values; once its corrections are out they go into W0t's rows
+    step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq)
     scales, zeros = [], []
-    grid = None
+    grids = None  # (scales, zeros) of the grids in use, (groups, rows); gsel: each column's row
     if row_grid is not None:
-        grid = step.grid(*row_grid)
+        grids = (row_grid[0][None], row_grid[1][None])
     if static_grids is not None:
-        static_steps = [step.grid(*g) for g in static_grids]
+        grids = tuple(torch.stack(g) for g in zip(*static_grids))
+    gsel = (perm_np // width if static_grids is not None else np.zeros(n)).astype(np.int64)
     bounds = block_bounds(n, cfg)
     with _single_thread(R.device, enabled=worker_threads > 0), \
-            _LazyUpdates(St, R, W0t, Qt, bounds, worker_threads) as lazy:
+            _LazyUpdates(St, R, W0t, bounds, worker_threads) as lazy:
         for k, (i1, i2) in enumerate(bounds):
             lazy.wait(k, k + 1)  # every earlier block's correction has reached St[i1:i2]
             eye = torch.eye(i2 - i1, device=R.device, dtype=dtype)
@@ -426,36 +491,30 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
                 scale, zero = grid_of(group[:width], cfg, dim=0)
                 scales.append(scale)
                 zeros.append(zero)
-                grid = step.grid(scale, zero)
-            d = torch.diagonal(U1).tolist()
+                grids = (scale[None], zero[None])
+            M1 = G1 = None
+            if asym is not None:  # GPTAQ's in-block terms, kept two-level like the OBS updates
+                M1, G1 = asym.M[i1:i2, i1:i2].contiguous(), asym.Gt[i1:i2]
+            E, Q = Errb[: i2 - i1], Qb[: i2 - i1]
+            step.block(i1, i2, W1, E, Q, U1, grids, gsel[i1:i2], M1, G1)
             with _single_thread(R.device):
                 for s1 in range(0, i2 - i1, SUB_BLOCK):
                     s2 = min(s1 + SUB_BLOCK, i2 - i1)
-                    for i in range(s1, s2):
-                        if i > s1:  # OBS updates from this sub-block's earlier columns, pulled as one gemv
-                            W1[i].addmv_(Errt[i1 + s1 : i1 + i].T, U1[s1:i, i], alpha=-1)
-                        if static_grids is not None:
-                            grid = static_steps[perm_cpu[i1 + i] // width]
-                        if asym is None:
-                            step(W1, i, i1 + i, grid, d[i])
-                        else:
-                            g = asym.before(W1, i, i1 + i, i1, d[i])
-                            step(W1, i, i1 + i, grid, d[i])
-                            losses[i1 + i] = Errt[i1 + i].square().sum() / 2
-                            Errt[i1 + i].sub_(g)
+                    step(s1, s2)
                     if s2 < i2 - i1:  # the sub-block's errors reach the rest of the block as one matmul
-                        W1[s2:].addmm_(U1[s1:s2, s2:].T, Errt[i1 + s1 : i1 + s2], alpha=-1)
-            lazy.block_done(k)
-            if asym is None:
-                # the paper's Losses: (w - q)^2 / U_qq^2 / 2
-                losses[i1:i2] = Errt[i1:i2].square().sum(dim=1) / 2
-            elif i2 < n:
-                asym.block_done(i1, i2)
+                        W1[s2:].addmm_(U1[s1:s2, s2:].T, E[s1:s2], alpha=-1)
+                        if asym is not None:
+                            G1[s2:].addmm_(M1[s1:s2, s2:].T, W1[s1:s2])
+            lazy.block_done(k, Q)
+            W0t[i1:i2] = Q  # W0 of these columns is no longer needed: W0t becomes Q, row by row
+            if asym is not None and i2 < n:
+                asym.block_done(i1, i2, W1)
     invperm = torch.argsort(perm)
 
-    def original_order(t: torch.Tensor) -> torch.Tensor:
-        t = t.index_select(0, invperm) if reordered else t
-        return torch.empty((rows, n), device=t.device, dtype=t.dtype).copy_(t.T)
+    def original_order(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if reordered:  # gathered into St first: then t's own storage may take the result
+            t = torch.index_select(t, 0, invperm, out=St)
+        return out.copy_(t.T)
 
     if row_grid is not None:
         scales_t, zeros_t = row_grid[0][:, None], row_grid[1][:, None]
@@ -471,10 +530,17 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     else:
         scales_t, zeros_t = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         g_idx = (invperm // width).to(torch.int32)
-    weight = original_order(Qt)
+    # Into buffers whose work is done (W0t, now Q; St; codes_t), not new layer-sized tensors: a fresh one
+    # costs page faults as well as the copy
+    if reordered:
+        weight = original_order(W0t, W0t.view(rows, n))
+        codes = original_order(codes_t, codes_t.view(rows, n)).to(torch.int32)
+    else:
+        weight = original_order(W0t, St.view(rows, n))
+        codes = original_order(codes_t, W0t.view(rows, n)).to(torch.int32)
     return QuantResult(
         weight=weight if rot is None else weight @ rot,
-        codes=original_order(codes_t).to(torch.int32),
+        codes=codes,
         scales=scales_t,
         zeros=zeros_t if cfg.ternary else zeros_t.to(torch.int32),
         g_idx=g_idx,

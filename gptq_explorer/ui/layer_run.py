@@ -1,7 +1,8 @@
 """The numbers behind the Layer Lab: one GPTQ run per config, replayable at any column in O(crop).
 
-`compute_run(data, cfg)` drives the engine's stepper once over every column and keeps, in processing
-order (the desc_act order when it is on):
+`compute_run(data, cfg)` runs the engine's stepper once over every column (its column loop as
+engine.column_kernel.record_columns lays it out for speed: the same steps, equal up to rounding) and keeps,
+in processing order (the desc_act order when it is on):
   W0   the weights before any step (the engine's prepared W: permuted, dead columns zeroed)
   U    the upper Cholesky factor of (H + lambda I)^-1
   Err  the scaled errors e_p = (w_p - q_p) / U_pp of every step (the reference's Err1)
@@ -31,16 +32,20 @@ columns and the rest untouched. Divided by d_out, both read as the calibration o
 
 from __future__ import annotations
 
+import importlib.util
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import blas
 
-from ..engine import QuantConfig, gptq_quantize, gptq_steps, rtn_quantize
+from ..engine import QuantConfig, column_kernel, gptq_quantize, rtn_quantize
 from ..engine.blocks import block_bounds
-from ..metrics.layer_error import output_mse_from_hessian
+from ..engine.column_kernel import record_columns
+from ..engine.gptq import prepare_layer
 from ..services.layer_source import LayerData
 
 
@@ -131,10 +136,28 @@ class Run:
         return int(self.block_starts[i]), end
 
 
-def _running_loss(D: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """r[k] = 1/2 sum_{i,j<=k} (D^T D)_ij H_ij: the loss of a layer whose first k+1 columns carry D."""
-    M = (D.T @ D) * H
-    return 0.5 * np.cumsum(2.0 * np.triu(M, 1).sum(axis=0) + np.diag(M))
+def _gram(D: np.ndarray) -> np.ndarray:
+    """D^T D, its upper triangle only (the rest 0): BLAS syrk, half a matmul's work."""
+    D = np.asarray(D, dtype=np.float64)
+    return blas.dsyrk(1.0, D, trans=1) if D.flags.f_contiguous else blas.dsyrk(1.0, D.T, trans=0)
+
+
+def _weighted_columns(G: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """c[j] = sum_{i<=j} (2 - [i == j]) G_ij H_ij for G from _gram, so that
+    sum_{i,j<=k} (D^T D)_ij H_ij = cumsum(c)[k]."""
+    M = G * H
+    return 2.0 * M.sum(axis=0) - np.diag(M)
+
+
+def _running_loss(G: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """r[k] = 1/2 sum_{i,j<=k} (D^T D)_ij H_ij (G = _gram(D)): the loss of a layer whose first k+1 columns
+    carry D."""
+    return 0.5 * np.cumsum(_weighted_columns(G, H))
+
+
+def _heldout_mse(G: np.ndarray, H_heldout: np.ndarray, d_out: int) -> float:
+    """metrics.layer_error.output_mse_from_hessian from G = _gram(W - Q): tr(D H D^T) / (2 d_out)."""
+    return float(_weighted_columns(G, H_heldout).sum()) / (2.0 * d_out)
 
 
 # RTN's side of a run (rounding, its running loss, its held-out error: BLAS and whole-array NumPy, which
@@ -143,11 +166,14 @@ def _running_loss(D: np.ndarray, H: np.ndarray) -> np.ndarray:
 _RTN_SIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-run-rtn")
 
 
-def _errors(data: LayerData, Q: np.ndarray, key: str) -> dict:
+def _errors(data: LayerData, Q: np.ndarray, key: str, G: np.ndarray | None = None) -> dict:
     """The held-out output MSE of Q (and, with the full-precision stream, its distance from the
-    full-precision model's output) and its weight MSE, named for `key` ("gptq", "rtn", "gptq0")."""
-    out = {f"weight_mse_{key}": float(np.mean((data.W - Q) ** 2)),
-           f"heldout_mse_{key}": output_mse_from_hessian(data.W, Q, data.H_heldout)}
+    full-precision model's output) and its weight MSE, named for `key` ("gptq", "rtn", "gptq0").
+    G: _gram(W - Q) where the caller has it."""
+    D = data.W - Q
+    G = _gram(D) if G is None else G
+    out = {f"weight_mse_{key}": float(np.mean(D**2)),
+           f"heldout_mse_{key}": _heldout_mse(G, data.H_heldout, D.shape[0])}
     if data.has_fp:
         out[f"heldout_fp_mse_{key}"] = data.heldout_fp_mse(Q)
     return out
@@ -156,15 +182,31 @@ def _errors(data: LayerData, Q: np.ndarray, key: str) -> dict:
 def _rtn_side(data: LayerData, cfg: QuantConfig, perm: np.ndarray, H: np.ndarray, R: np.ndarray | None):
     W = data.W
     rtn = rtn_quantize(W, cfg)
-    D = W - rtn.weight
-    if R is not None:  # the curve in the stepper's (rotated) basis, like GPTQ's
-        D = D @ R.T
-    return _running_loss(D[:, perm], H), _errors(data, rtn.weight, "rtn")
+    G = _gram(W - rtn.weight)  # one Gram matrix for the curve and the held-out error
+    Gp = G if R is None else _gram((W - rtn.weight) @ R.T)  # the curve in the stepper's (rotated) basis
+    if not np.array_equal(perm, np.arange(perm.size)):  # ... and order, like GPTQ's
+        Gp = np.triu((Gp + np.triu(Gp, 1).T)[np.ix_(perm, perm)])
+    return _running_loss(Gp, H), _errors(data, rtn.weight, "rtn", G)
 
 
 def _plain_gptq_side(data: LayerData, cfg: QuantConfig) -> dict:
     res = gptq_quantize(data.W, data.H, cfg.replace(gptaq_alpha=0.0))
     return {**_errors(data, res.weight, "gptq0"), "loss_gptq0": res.loss}
+
+
+# The compiled column step (engine.column_kernel, numba) makes a run several times faster, but numba's import
+# and loading its compiled code take about a second: no run waits for that. A few seconds after the first
+# run (its view drawn by then) it loads in the background, for the runs after.
+WARM_UP_AFTER_S = 3.0
+_warm_up: threading.Timer | None = None
+
+
+def _warm_up_compiled() -> None:
+    global _warm_up
+    if _warm_up is None and column_kernel.COMPILED and importlib.util.find_spec("numba") is not None:
+        _warm_up = threading.Timer(WARM_UP_AFTER_S, column_kernel.compiled, args=(np.float64,))
+        _warm_up.daemon = True
+        _warm_up.start()
 
 
 def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
@@ -178,23 +220,16 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
         raise ValueError("GPTAQ needs the full-precision model's inputs too: load the layer with load_pair()")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # prepares the layer: rotation, permutation, damped H, U (and GPTAQ's P)
-        stepper = gptq_steps(W, data.H, cfg, dXXT=data.dXXT if gptaq else None)
-        prep = stepper.prepared
+        # prepares the layer as the stepper does: rotation, permutation, damped H, U (and GPTAQ's P)
+        prep = prepare_layer(W, data.H, cfg, dXXT=data.dXXT if gptaq else None)
         rtn_side = _RTN_SIDE.submit(_rtn_side, data, cfg, prep.perm, prep.H, prep.rotation)
         plain_side = _RTN_SIDE.submit(_plain_gptq_side, data, cfg) if gptaq else None
-        steps = list(stepper)
-    result = stepper.result
+        # the stepper's column loop, every step's arrays kept (the steps' error, weight, quantized, group)
+        result, Err, Wq, Q, group, losses = record_columns(prep, cfg)
     perm, R = prep.perm, prep.rotation
     n = W.shape[1]
-
-    Err = np.stack([s.error for s in steps], axis=1)
-    Wq = np.stack([s.weight for s in steps], axis=1)
-    Q = np.stack([s.quantized for s in steps], axis=1)
-    group = np.array([s.group for s in steps], dtype=np.int64)
-    hinv_diag = np.array([s.hinv_diag for s in steps])
-    losses = np.array([s.loss for s in steps])
-    running = np.array([s.running_loss for s in steps])
+    hinv_diag = np.diag(prep.U).copy()
+    running = np.cumsum(losses)  # in step order, as the stepper adds them up
 
     group_starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     block_starts = np.array([a for a, _ in block_bounds(n, cfg)], dtype=np.int64)  # the engine's blocks
@@ -215,6 +250,7 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     summary["heldout_ratio"] = mse_r / mse_g if mse_g > 0 else float("inf")
     if plain_side is not None:
         summary.update(plain_side.result())
+    _warm_up_compiled()
     return Run(
         cfg=cfg, name=data.name, perm=perm, W0=prep.W, U=prep.U, Err=Err, Wq=Wq, Q=Q, group=group,
         scales=np.asarray(result.scales), hinv_diag=hinv_diag, losses=losses, running=running,
