@@ -32,8 +32,6 @@ columns and the rest untouched. Divided by d_out, both read as the calibration o
 
 from __future__ import annotations
 
-import importlib.util
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.linalg import blas
 
-from ..engine import QuantConfig, column_kernel, gptq_quantize, rtn_quantize
+from ..engine import QuantConfig, gptq_quantize, rtn_quantize
 from ..engine.blocks import block_bounds
 from ..engine.column_kernel import record_columns
 from ..engine.gptq import prepare_layer
@@ -194,19 +192,10 @@ def _plain_gptq_side(data: LayerData, cfg: QuantConfig) -> dict:
     return {**_errors(data, res.weight, "gptq0"), "loss_gptq0": res.loss}
 
 
-# The compiled column step (engine.column_kernel, numba) makes a run several times faster, but numba's import
-# and loading its compiled code take about a second: no run waits for that. A few seconds after the first
-# run (its view drawn by then) it loads in the background, for the runs after.
-WARM_UP_AFTER_S = 3.0
-_warm_up: threading.Timer | None = None
-
-
-def _warm_up_compiled() -> None:
-    global _warm_up
-    if _warm_up is None and column_kernel.COMPILED and importlib.util.find_spec("numba") is not None:
-        _warm_up = threading.Timer(WARM_UP_AFTER_S, column_kernel.compiled, args=(np.float64,))
-        _warm_up.daemon = True
-        _warm_up.start()
+# The run uses the compiled column step (engine.column_kernel, numba) only where something else has loaded it
+# (record_columns' default): in a kernel, loading it (numba's import and compiled code, about a second of
+# CPU) made a visitor's first change 0.5-0.7 s instead of 0.13 s, for a run only about 8 ms faster
+# (docs/performance.md, "The app in a browser").
 
 
 def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
@@ -250,7 +239,6 @@ def compute_run(data: LayerData, cfg: QuantConfig) -> Run:
     summary["heldout_ratio"] = mse_r / mse_g if mse_g > 0 else float("inf")
     if plain_side is not None:
         summary.update(plain_side.result())
-    _warm_up_compiled()
     return Run(
         cfg=cfg, name=data.name, perm=perm, W0=prep.W, U=prep.U, Err=Err, Wq=Wq, Q=Q, group=group,
         scales=np.asarray(result.scales), hinv_diag=hinv_diag, losses=losses, running=running,
