@@ -32,8 +32,8 @@ import numpy as np
 from . import grid as grid_np
 from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
-from .config import QuantConfig, QuantResult
-from .order import group_of_steps
+from .config import QuantConfig
+from .gptq import assemble_result
 
 PLAIN, U_FORM, R_FORM = 0, 1, 2  # sub_block's modes: plain GPTQ, GPTAQ with P (NumPy engine), with M (torch)
 
@@ -272,43 +272,6 @@ def record_columns(prep, cfg: QuantConfig, load: bool = False):
         groups = prep.perm // width
     else:
         groups = np.zeros(n, np.int64)
-    result = _result(prep, cfg, Qt, codes_t, losses, scales, zeros)
+    # (d_out, n) views of the transposed arrays: the engine's column-major layout
+    result = assemble_result(prep, cfg, Qt.T, codes_t.T, losses, scales, zeros)
     return result, Errt.T, Wt.T, Qt.T, groups.astype(np.int64), losses
-
-
-def _result(prep, cfg: QuantConfig, Qt, codes_t, losses, scales, zeros) -> QuantResult:
-    """The QuantResult of gptq._iterate, from the transposed arrays."""
-    perm = prep.perm
-    n = Qt.shape[0]
-    width = cfg.group_width(n)
-    invperm = np.argsort(perm)
-    if prep.row_grid is not None:
-        scales_arr, zeros_arr = prep.row_grid[0][:, None], prep.row_grid[1][:, None]
-        g_idx = np.zeros(n, dtype=np.int32)
-    elif prep.static_grids is not None:
-        scales_arr = np.stack([s for s, _ in prep.static_grids], axis=1)
-        zeros_arr = np.stack([z for _, z in prep.static_grids], axis=1)
-        g_idx = (np.arange(n) // width).astype(np.int32)
-    elif cfg.group_aware:
-        order = np.argsort(group_of_steps(perm, cfg))
-        scales_arr, zeros_arr = np.stack(scales, axis=1)[:, order], np.stack(zeros, axis=1)[:, order]
-        g_idx = (np.arange(n) // width).astype(np.int32)
-    else:
-        scales_arr, zeros_arr = np.stack(scales, axis=1), np.stack(zeros, axis=1)
-        g_idx = (invperm // width).astype(np.int32)
-    identity = bool(np.array_equal(perm, np.arange(n)))
-    weight = Qt.T if identity else Qt[invperm].T  # (d_out, n) views, as the engine's column-major arrays
-    return QuantResult(
-        weight=weight if prep.rotation is None else weight @ prep.rotation,
-        codes=(codes_t if identity else codes_t[invperm]).T.astype(np.int32),
-        scales=scales_arr,
-        zeros=zeros_arr if cfg.ternary else zeros_arr.astype(np.int32),
-        g_idx=g_idx,
-        perm=perm.astype(np.int64),
-        losses=losses[invperm],
-        config=cfg,
-        method="gptq",
-        damp_percent_used=prep.damp_percent_used,
-        dead_columns=prep.dead,
-        rotation=prep.rotation,
-    )

@@ -280,6 +280,15 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
             if P is not None:
                 _subtract_matmul(W[:, i2:], Wpre1, P[i1:i2, i2:], alpha=-1.0)
 
+    return assemble_result(prep, cfg, Q, codes, losses, scales, zeros)
+
+
+def assemble_result(prep: PreparedLayer, cfg: QuantConfig, Q, codes, losses, scales, zeros) -> QuantResult:
+    """A column loop's QuantResult: Q, codes (d_out, n) and losses (n,) in processing order, scales/zeros the
+    dynamic groups' grids in the order the loop made them; every array back in the original column order."""
+    perm = prep.perm
+    n = Q.shape[1]
+    width = cfg.group_width(n)
     invperm = np.argsort(perm)
     if prep.row_grid is not None:
         scales_arr, zeros_arr = prep.row_grid[0][:, None], prep.row_grid[1][:, None]
@@ -295,12 +304,13 @@ def _iterate(prep: PreparedLayer, cfg: QuantConfig, record: bool) -> Iterator[GP
     else:
         scales_arr, zeros_arr = np.stack(scales, axis=1), np.stack(zeros, axis=1)
         g_idx = (invperm // width).astype(np.int32)  # group of original column j in processing order
-    weight = Q[:, invperm]
+    identity = bool(np.array_equal(perm, np.arange(n)))
+    weight = Q if identity else Q[:, invperm]
     return QuantResult(
         weight=weight if prep.rotation is None else weight @ prep.rotation,
-        codes=codes[:, invperm],
+        codes=(codes if identity else codes[:, invperm]).astype(np.int32, copy=False),
         scales=scales_arr,
-        zeros=zeros_arr if ternary else zeros_arr.astype(np.int32),
+        zeros=zeros_arr if cfg.ternary else zeros_arr.astype(np.int32),
         g_idx=g_idx,
         perm=perm.astype(np.int64),
         losses=losses[invperm],

