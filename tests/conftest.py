@@ -1,12 +1,15 @@
 """Fixtures every test module gets: tiny models of every adapter family, the byte tokenizer, the real
 offline SmolLM2, and one torch thread per test module (the helpers that build tiny models are in
-tiny_models.py)."""
+tiny_models.py); and the real-browser tests' `chromium`, `browser` and `voila`, from browser_fixtures.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from tiny_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, make_byte_tokenizer, make_tiny_model
+
+# the real-browser tests' fixtures (chromium, browser, voila) and page helpers, for every browser test file
+pytest_plugins = ["browser_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from browser_helpers import error_texts, free_port, http_status, open_page, wait_for_app, wait_until
-from test_ui_browser import browser, chromium  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -96,7 +95,7 @@ class Hub:
 
 
 @pytest.fixture(scope="module")
-def hub(chromium, tmp_path_factory):  # noqa: F811
+def hub(chromium, tmp_path_factory):
     if importlib_missing("jupyterhub"):
         pytest.skip("jupyterhub is not installed (pip install -e '.[dev]')")
     proxy = proxy_command()
@@ -127,7 +126,7 @@ def kernel_process(kernel_id: str):
     return None
 
 
-def log_in(browser, hub: Hub, user: str):  # noqa: F811
+def log_in(browser, hub: Hub, user: str):
     page = open_page(browser)  # a context of its own: its own cookies, so its own hub session
     page.goto(f"{hub.url}/hub/login", timeout=60_000)
     page.fill("input[name=username]", user)
@@ -136,7 +135,7 @@ def log_in(browser, hub: Hub, user: str):  # noqa: F811
     return page
 
 
-def test_a_class_of_three_on_jupyterhub(browser, hub):  # noqa: F811
+def test_a_class_of_three_on_jupyterhub(browser, hub):
     pages = {u: log_in(browser, hub, u) for u in USERS}  # all at once, as a class arrives
     kernels = {}
     for user, page in pages.items():

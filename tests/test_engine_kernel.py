@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from engine_configs import CONFIGS, IDS
 
 from gptq_explorer.engine import GPTQStepper, Hessian, QuantConfig, gptq_quantize
 from gptq_explorer.engine import column_kernel as ck
@@ -30,23 +31,6 @@ def layer():
     return W, Hessian(D_IN).add_batch(X, X_fp=X_fp)
 
 
-CONFIGS = [
-    dict(),
-    dict(bits=3, sym=False, group_size=32, desc_act=True),
-    dict(static_groups=True, desc_act=True, group_size=32),
-    dict(bits=8, group_size=-1),
-    dict(group_size=64, block_size=16),  # a group wider than a block
-    dict(group_size=40, block_size=32),  # groups and blocks that do not align
-    dict(mse_norm=2.4),
-    dict(group_size=40, group_aware=True),
-    dict(ternary=True, sym=False, group_size=32),
-    dict(gptaq_alpha=0.25, group_size=32),
-    dict(gptaq_alpha=1.0, group_size=-1, desc_act=True),
-    dict(gptaq_alpha=0.5, group_size=64, block_size=16),
-    dict(gptaq_alpha=0.5, static_groups=True, desc_act=True, group_size=32),
-    dict(rotation="hadamard", rotation_seed=3, gptaq_alpha=0.25, group_size=32, mse_norm=2.4),
-]
-IDS = [QuantConfig(**kw).label() for kw in CONFIGS]
 needs_numba = pytest.mark.skipif(not ck.compiled(np.float64), reason="numba is not installed")
 
 

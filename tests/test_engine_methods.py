@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_configs import CONFIGS, IDS
 
 from gptq_explorer.engine import GPTQStepper, Hessian, QuantConfig, gptq_quantize, rtn_quantize
 from gptq_explorer.engine.order import processing_order
@@ -27,25 +28,7 @@ def layer():
     return W, h, X, X_fp
 
 
-CONFIGS = [
-    dict(mse_norm=2.4),
-    dict(mse_norm=2.4, sym=False, group_size=-1),
-    dict(mse_norm=2.0, bits=3, group_size=32, desc_act=True),
-    dict(group_size=32, group_aware=True),
-    dict(group_size=40, group_aware=True),  # a short last group
-    dict(ternary=True),
-    dict(ternary=True, sym=False, group_size=32),
-    dict(gptaq_alpha=0.25, group_size=32),
-    dict(gptaq_alpha=1.0, group_size=-1, desc_act=True),
-    dict(gptaq_alpha=0.5, group_size=64, block_size=16),  # a group wider than a block
-    dict(gptaq_alpha=0.5, static_groups=True, desc_act=True, group_size=32),
-    dict(rotation="hadamard"),
-    dict(rotation="hadamard", rotation_seed=3, gptaq_alpha=0.25, group_size=32, mse_norm=2.4),
-    dict(gptaq_alpha=0.3, group_size=40, group_aware=True, block_size=8),
-]
-
-
-@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: QuantConfig(**kw).label())
+@pytest.mark.parametrize("kw", CONFIGS, ids=IDS)
 def test_numpy_and_torch_agree_and_block_size_changes_nothing(layer, kw):
     W, h, _, _ = layer
     cfg = QuantConfig(**kw)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from browser_helpers import free_port, http_status, open_page, plot_drawn, wait_until
-from test_ui_browser import browser, chromium  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -32,7 +31,7 @@ RUN_TIMEOUT = 420.0  # lesson 1 loads the model and runs it over calibration tex
 
 
 @pytest.fixture(scope="module")
-def lab(chromium, tmp_path_factory):  # noqa: F811
+def lab(chromium, tmp_path_factory):
     """`jupyter lab` on the notebooks folder, as ./run.sh lessons starts it, with every cell rendered (no
     windowing: JupyterLab 4 otherwise only puts the cells near the viewport into the page)."""
     tmp = tmp_path_factory.mktemp("lab")
@@ -98,7 +97,7 @@ def run_all(page, url: str, token: str, notebook: str) -> list[dict]:
     return wait_until(finished, RUN_TIMEOUT, 1.0, f"every cell of {notebook} to run")
 
 
-def test_lesson_1_runs_in_jupyterlab(browser, lab):  # noqa: F811
+def test_lesson_1_runs_in_jupyterlab(browser, lab):
     url, token = lab
     page = open_page(browser, viewport=(1280, 900))
     try:
@@ -117,7 +116,7 @@ def test_lesson_1_runs_in_jupyterlab(browser, lab):  # noqa: F811
         page.close()
 
 
-def test_explorer_runs_in_jupyterlab(browser, lab):  # noqa: F811
+def test_explorer_runs_in_jupyterlab(browser, lab):
     url, token = lab
     page = open_page(browser, viewport=(1280, 900))
     try:

@@ -11,22 +11,20 @@ Run alone: `.venv/bin/python -m pytest -m browser tests/test_site_browser.py -s`
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_helpers import chromium_path, launch_chromium
+from browser_fixtures import ARTIFACTS
+from browser_helpers import launch_chromium
 
 from gptq_explorer.engine import QuantConfig, gptq_quantize, gptq_steps, rtn_quantize
 from gptq_explorer.services.layer_source import SyntheticSource
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "artifacts" / "browser"
 LAYERS = "0:self_attn.q_proj,0:mlp.up_proj"
 AGREEMENT = 0.999
 # bits 2/3/4, groups of 128 and per row, sym on/off, desc_act on/off, static groups, damping
@@ -55,16 +53,6 @@ ARRAYS_JS = """() => {
 
 
 @pytest.fixture(scope="module")
-def chromium():
-    path = chromium_path()
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; run.sh test does it)")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def site(tmp_path_factory):
     from gptq_explorer.models.cache_folders import offline_model_ready
     from gptq_explorer.services.site_export import export_site, parse_layers
@@ -78,6 +66,8 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(chromium):
+    """Headless Chromium as browser_fixtures.py's `browser` gives (on the shared `chromium`, which skips
+    without Chromium or Playwright); at the end, this file's timings go to site_timings.json."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -9,8 +9,10 @@ One Voila server (notebooks/explorer.ipynb with notebooks/voila.json, culling sh
      synthetic one in the summary AND in the plot, step one column; screenshot explorer-default.png.
   3. after the pages are closed, their kernels are culled and only the preheated pool is left.
 
-Skips where Chromium or Playwright is absent (run.sh test installs Chromium). Timings (Voila cold start to
-the first interactive view, each phase) go to artifacts/browser/timings.json and the test output.
+The fixtures (chromium, browser, voila) and page helpers are browser_fixtures.py's, shared with the other
+browser test files. Skips where Chromium or Playwright is absent (run.sh test installs Chromium). Timings
+(Voila cold start to the first interactive view, each phase) go to artifacts/browser/timings.json and the
+test output.
 Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_browser.py -s`.
 """
 
@@ -20,18 +22,27 @@ import importlib.util
 import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_fixtures import (
+    ARTIFACTS,
+    CLOSED,
+    CULL_IDLE,
+    CULL_INTERVAL,
+    MODEL_TIMEOUT,
+    NOTEBOOK,
+    PAGE_TIMEOUT,
+    assert_clean,
+    close_page,
+    diagnose,
+    note_timing,
+    wait_on_page,
+)
 from browser_helpers import (
     COUNT_FRAMES_JS,
-    VoilaServer,
     all_plots,
-    chromium_path,
-    dump_json,
     error_texts,
-    launch_chromium,
     open_page,
     plot_state,
     slider,
@@ -44,68 +55,9 @@ from gptq_explorer.ui.layer_animation import FIGURE_STALE_S
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "explorer.ipynb"
-ARTIFACTS = ROOT / "artifacts" / "browser"
-CULL_IDLE, CULL_INTERVAL = 30, 5  # s (voila.json: 900 / 60); with less, pages still connecting were culled
 # A closed page's kernel is gone within this (s). A page closed while the figure had updates in flight
 # counts as a frozen figure: the watchdog rebuilds it once, FIGURE_STALE_S later, and that is activity.
 CULL_DEADLINE = CULL_IDLE + 2 * CULL_INTERVAL + 5 + FIGURE_STALE_S
-PAGE_TIMEOUT = 150.0  # s: a page opens slowly on a loaded machine (docs/performance.md)
-MODEL_TIMEOUT = 180.0  # s: the offline model's first conversion can take a minute
-
-TIMINGS: dict[str, float] = {}
-CLOSED: list[tuple[str, float]] = []  # (kernel id, monotonic time the page closed)
-
-
-def _note(key: str, seconds: float) -> None:
-    TIMINGS[key] = round(seconds, 2)
-    print(f"[browser timing] {key}: {seconds:.1f} s")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    path = chromium_path()
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; run.sh test does it)")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def voila(chromium):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in ARTIFACTS.glob("*.png"):  # this run's screenshots only
-        old.unlink()
-    server = VoilaServer(
-        NOTEBOOK, log_path=ARTIFACTS / "voila.log",
-        extra_args=[f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE}",
-                    f"--MappingKernelManager.cull_interval={CULL_INTERVAL}",
-                    # the open pages' kernels must not be culled mid-test; a closed page has no
-                    # connection left, so this also checks that closing a page drops its connection
-                    "--MappingKernelManager.cull_connected=False"],
-        env={"GPTQ_EXPLORER_THREADS": "1", "OMP_NUM_THREADS": "1", "GPTQ_EXPLORER_LOCAL": "0"})
-    server.start()
-    try:
-        _note("voila_ready", server.wait_ready())
-        yield server
-    finally:
-        server.stop()
-        print(f"[browser] voila log: {server.log_path}")
-        dump_json(ARTIFACTS / "timings.json", TIMINGS)
-
-
-@pytest.fixture(scope="module")
-def browser(chromium):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = launch_chromium(p, chromium)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")
@@ -127,42 +79,6 @@ def _summary_label(page) -> str | None:
     return f"{m.group(1)} on {m.group(2).strip()}" if m else None
 
 
-ANYWIDGET_TIMEOUT = "[anywidget] Failed to initialize model."
-
-
-def _diagnose(page) -> str:
-    """Why a plot may not have followed the kernel, for failure messages."""
-    why = f"page errors: {page.page_errors}; console errors: {page.console_errors[:5]}"
-    if any(ANYWIDGET_TIMEOUT in e for e in page.page_errors + page.console_errors):
-        why += ("; the FigureWidget's anywidget runtime missed its 2 s initialisation deadline, after which "
-                "anywidget drops every kernel->browser message for that model: the figure is frozen")
-    return why
-
-
-def _wait(page, predicate, timeout: float, what: str, interval: float = 0.1):
-    """wait_until, failing with the page's errors (and a screenshot) instead of a bare timeout."""
-    try:
-        return wait_until(predicate, timeout, interval, what)
-    except TimeoutError as exc:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = ARTIFACTS / f"failed-{re.sub(r'[^a-z0-9]+', '-', what.lower())[:40]}.png"
-        page.screenshot(path=str(shot), full_page=True)
-        raise AssertionError(f"{exc} ({_diagnose(page)}; screenshot {shot.name})") from None
-
-
-def _assert_clean(page, where: str) -> None:
-    assert page.page_errors == [], f"{where}: page errors {page.page_errors}"
-    errors = error_texts(page)
-    assert errors == [], f"{where}: error text in the page: {errors}"
-
-
-def _close(page) -> None:
-    page.close(run_before_unload=True)
-    now = time.monotonic()
-    for kid in page.kernel_ids:
-        CLOSED.append((kid, now))
-
-
 def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
     # fixture order: the test's own set-up first, so the cold start below is Voila's alone
     page = open_page(browser)
@@ -170,10 +86,10 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         t0 = time.monotonic()
         page.goto(f"{voila.url}/?model=synthetic", timeout=PAGE_TIMEOUT * 1000)
         app = wait_for_app(page, PAGE_TIMEOUT, 0.3)
-        _note("page1_widgets_after_navigation", app["widgets_at"] - t0)
-        _note("page1_plot_after_navigation", app["plot_at"] - t0)
-        _note("cold_start_to_widgets", app["widgets_at"] - voila.started_at)
-        _note("cold_start_to_plot", app["plot_at"] - voila.started_at)
+        note_timing("page1_widgets_after_navigation", app["widgets_at"] - t0)
+        note_timing("page1_plot_after_navigation", app["plot_at"] - t0)
+        note_timing("cold_start_to_widgets", app["widgets_at"] - voila.started_at)
+        note_timing("cold_start_to_plot", app["plot_at"] - voila.started_at)
         assert len(page.kernel_ids) == 1, page.kernel_ids
         assert voila.kernel_alive(page.kernel_ids[0])
 
@@ -184,7 +100,7 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         assert label.startswith("4-bit g128 sym on synthetic"), label
         assert slider_value(page, "bits") == "4" and slider_value(page, "column") == "0"
         np.testing.assert_array_equal(s0["marker_x"], [0])
-        _assert_clean(page, "first view")
+        assert_clean(page, "first view")
 
         # bits 4 -> 3 with the keyboard on the slider's handle (continuous_update=False: one change)
         t = time.monotonic()
@@ -192,10 +108,10 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         handle.focus()
         handle.press("ArrowLeft")
         # two messages: the run-wide part (colour ranges, curves' axis), then the frame (heatmaps' z)
-        s1 = _wait(page, lambda: (s := plot_state(page)) and s["error_cmax"] != s0["error_cmax"]
-                   and not np.array_equal(s["error_z"], s0["error_z"], equal_nan=True) and s,
-                   60, "the plot to redraw after bits 4 -> 3")
-        _note("bits_change_to_redraw", time.monotonic() - t)
+        s1 = wait_on_page(page, lambda: (s := plot_state(page)) and s["error_cmax"] != s0["error_cmax"]
+                          and not np.array_equal(s["error_z"], s0["error_z"], equal_nan=True) and s,
+                          60, "the plot to redraw after bits 4 -> 3")
+        note_timing("bits_change_to_redraw", time.monotonic() - t)
         assert slider_value(page, "bits") == "3"
         assert s1["error_cmax"] > 1.5 * s0["error_cmax"], (s0["error_cmax"], s1["error_cmax"])  # |w - q|
         # the curves' axis is log10: its top is log10(1.25 x the final output error)
@@ -210,9 +126,9 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         page.evaluate(COUNT_FRAMES_JS)  # every column the figure shows, in the page
         t = time.monotonic()
         play.click()
-        s2 = _wait(page, lambda: (s := plot_state(page)) and s["marker_x"].size and s["marker_x"][0] >= 5
-                   and s, 30, "the animation to reach column 5 in the plot")
-        _note("play_to_column_5", time.monotonic() - t)
+        s2 = wait_on_page(page, lambda: (s := plot_state(page)) and s["marker_x"].size
+                          and s["marker_x"][0] >= 5 and s, 30, "the animation to reach column 5 in the plot")
+        note_timing("play_to_column_5", time.monotonic() - t)
         play.click()  # pause
         col = int(wait_until(lambda: (v := slider_value(page, "column")) and _stable(page, v), 10,
                              0.3, "the column to stop"))
@@ -222,8 +138,8 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         frames = page.evaluate("() => { window.__stopCounting = true; return window.__frames; }")
         shown = [int(k) for _, k in frames]
         assert shown[-1] == col and shown == list(range(shown[0], col + 1)), shown
-        s3 = _wait(page, lambda: (s := plot_state(page)) and s["marker_x"][0] == col and s, 10,
-                   f"the cursor marker at the paused column {col}")
+        s3 = wait_on_page(page, lambda: (s := plot_state(page)) and s["marker_x"][0] == col and s, 10,
+                          f"the cursor marker at the paused column {col}")
         assert s3["cursor_path"] != s0["cursor_path"]
         assert np.isfinite(s3["gptq_y"]).sum() == col + 1  # the running curve drawn up to the cursor
         assert np.isfinite(s3["rtn_y"]).sum() == col + 1
@@ -235,8 +151,8 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         # kernel's (which lags the view's by a round trip) when the new run's first frame comes
         page.evaluate(COUNT_FRAMES_JS)
         play.click()
-        _wait(page, lambda: (s := plot_state(page)) and s["marker_x"].size and s["marker_x"][0] >= col + 8,
-              30, "the animation to go on")
+        wait_on_page(page, lambda: (s := plot_state(page)) and s["marker_x"].size
+                     and s["marker_x"][0] >= col + 8, 30, "the animation to go on")
         handle.focus()
         handle.press("ArrowRight")
         wait_until(lambda: (_summary_label(page) or "").startswith("4-bit g128 sym on synthetic"), 20,
@@ -245,8 +161,8 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         # then goes on: 8 more columns within a few seconds. (A fixed sleep made this depend on how long
         # that hold lasted: it failed about 1 run in 10 before this change too.)
         at_new_run = int(plot_state(page)["marker_x"][0])
-        _wait(page, lambda: (s := plot_state(page)) and s["marker_x"][0] >= at_new_run + 8, 10,
-              "the animation to go on with the new run")
+        wait_on_page(page, lambda: (s := plot_state(page)) and s["marker_x"][0] >= at_new_run + 8, 10,
+                     "the animation to go on with the new run")
         play.click()  # pause
         col2 = int(wait_until(lambda: (v := slider_value(page, "column")) and _stable(page, v), 10,
                               0.3, "the column to stop"))
@@ -258,10 +174,10 @@ def test_synthetic_layer_bits_and_play(synthetic_diag_h, browser, voila):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
         assert voila.kernel_alive(page.kernel_ids[0])
-        _assert_clean(page, "after bits and play")
+        assert_clean(page, "after bits and play")
         _model_lab_tab(page)
     finally:
-        _close(page)
+        close_page(page)
 
 
 def test_compare_view_animates_a_method(browser, voila):
@@ -280,30 +196,31 @@ def test_compare_view_animates_a_method(browser, voila):
         t = time.monotonic()
         page.locator("button", has_text="Compare methods").click()
         page.wait_for_selector(".gptq-compare-done", state="visible", timeout=90_000)
-        _note("compare_click_to_table", time.monotonic() - t)
+        note_timing("compare_click_to_table", time.monotonic() - t)
         table = page.inner_text(".gptq-compare")
         for name in ("RTN", *METHODS):
             assert name in table, (name, table)
         numbers = [float(x) for x in re.findall(r"\b\d\.\d+(?:e-\d+)?\b", table)]
         assert len(numbers) >= 2 * len(METHODS), table  # two errors and a time a row (GPTAQ: one error)
         assert page.locator(".gptq-animate:visible").count() == len(METHODS)
-        _assert_clean(page, "compare view")
+        assert_clean(page, "compare view")
 
         t = time.monotonic()
         page.locator("button[title='set the knobs of GPTAQ and play it']").click()
-        s1 = _wait(page, lambda: (s := plot_state(page)) and s["label"] == "4-bit g128 sym GPTAQ a=0.25"
-                   and s["marker_x"].size and s["marker_x"][0] >= 5 and s, 60,
-                   "GPTAQ's animation to reach column 5")
-        _note("animate_click_to_column_5", time.monotonic() - t)
+        s1 = wait_on_page(page, lambda: (s := plot_state(page))
+                          and s["label"] == "4-bit g128 sym GPTAQ a=0.25"
+                          and s["marker_x"].size and s["marker_x"][0] >= 5 and s, 60,
+                          "GPTAQ's animation to reach column 5")
+        note_timing("animate_click_to_column_5", time.monotonic() - t)
         assert s1["panels"] == ["W", "updated", "Q", "error", "obs", "correction"], s1["panels"]
         assert s1["correction_max"] > 0  # the correction panel shows GPTAQ's term
         assert (_summary_label(page) or "").startswith("4-bit g128 sym GPTAQ a=0.25 on synthetic")
         page.locator(".widget-play button").first.click()  # pause
         page.screenshot(path=str(ARTIFACTS / "explorer-compare.png"), full_page=True)
-        _assert_clean(page, "after animating GPTAQ")
-        _note("compare_test", time.monotonic() - t0)
+        assert_clean(page, "after animating GPTAQ")
+        note_timing("compare_test", time.monotonic() - t0)
     finally:
-        _close(page)
+        close_page(page)
 
 
 def _model_lab_tab(page) -> None:
@@ -319,8 +236,8 @@ def _model_lab_tab(page) -> None:
     def ppl_chart():
         return next((p for p in all_plots(page) if p["title"].startswith("Perplexity")), None)
 
-    chart = _wait(page, ppl_chart, 60, "the Model Lab's perplexity chart")
-    _note("model_lab_tab_to_chart", time.monotonic() - t)
+    chart = wait_on_page(page, ppl_chart, 60, "the Model Lab's perplexity chart")
+    note_timing("model_lab_tab_to_chart", time.monotonic() - t)
     assert [tr["name"] for tr in chart["traces"]] == ["FP", "RTN", "GPTQ"]
     gptq = find_shipped("smollm2-135m", "gptq", QuantConfig())
     status = page.inner_text(".gptq-model-status")
@@ -331,7 +248,7 @@ def _model_lab_tab(page) -> None:
     else:
         assert "Compute" in status, status
     page.screenshot(path=str(ARTIFACTS / "explorer-model-lab.png"), full_page=True)
-    _assert_clean(page, "Model Lab tab")
+    assert_clean(page, "Model Lab tab")
 
 
 def _stable(page, value: str) -> str | None:
@@ -351,7 +268,7 @@ def test_default_model_page_replaces_the_synthetic_layer(synthetic_diag_h, brows
         t0 = time.monotonic()
         page.goto(f"{voila.url}/", timeout=PAGE_TIMEOUT * 1000)
         app = wait_for_app(page, PAGE_TIMEOUT, 0.3)
-        _note("page2_widgets_after_navigation", app["widgets_at"] - t0)
+        note_timing("page2_widgets_after_navigation", app["widgets_at"] - t0)
 
         def loaded():
             if error_texts(page):
@@ -360,7 +277,7 @@ def test_default_model_page_replaces_the_synthetic_layer(synthetic_diag_h, brows
             return label if " on smollm2-135m block 0" in label else None
 
         label = wait_until(loaded, MODEL_TIMEOUT, 0.5, "the default model's layer in the summary")
-        _note("page2_model_layer_after_navigation", time.monotonic() - t0)
+        note_timing("page2_model_layer_after_navigation", time.monotonic() - t0)
         assert label.startswith("4-bit g128 sym on smollm2-135m block 0 self_attn.q_proj"), label
         # the plot must follow the summary: not the synthetic layer any more (a figure that missed the
         # background update keeps showing it)
@@ -381,17 +298,17 @@ def test_default_model_page_replaces_the_synthetic_layer(synthetic_diag_h, brows
                 "the summary shows smollm2-135m but the plot still shows the synthetic layer; after step +1 "
                 f"the cursor marker went {before} -> {after['marker_x'].tolist()} (column slider "
                 f"{slider_value(page, 'column')}), model layer plotted: {bool(model_layer_plotted())} "
-                f"({_diagnose(page)})") from None
+                f"({diagnose(page)})") from None
 
         # the figure still takes live updates: step +1 moves the cursor
         page.locator("button[title='step +1']").click()
-        _wait(page, lambda: (s := plot_state(page)) and s["marker_x"].size and s["marker_x"][0] == 1, 20,
-              "the cursor at column 1 after step +1")
+        wait_on_page(page, lambda: (s := plot_state(page)) and s["marker_x"].size and s["marker_x"][0] == 1,
+                     20, "the cursor at column 1 after step +1")
         assert slider_value(page, "column") == "1"
         page.screenshot(path=str(ARTIFACTS / "explorer-default.png"), full_page=True)
-        _assert_clean(page, "default model page")
+        assert_clean(page, "default model page")
     finally:
-        _close(page)
+        close_page(page)
 
 
 def test_closed_pages_leave_no_kernels(voila):
@@ -410,7 +327,7 @@ def test_closed_pages_leave_no_kernels(voila):
         alive = [k for k in ids if voila.kernel_alive(k)]
         raise AssertionError(f"kernels still running {CULL_DEADLINE} s after their page closed: {alive}\n"
                              f"{voila.log_tail()}") from None
-    _note("last_close_to_kernels_culled", time.monotonic() - last)
+    note_timing("last_close_to_kernels_culled", time.monotonic() - last)
     # what is left: the preheated pool only (pooled kernels are never culled)
     pool = _pool_size()
     try:

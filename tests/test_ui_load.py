@@ -22,7 +22,6 @@ Run alone: `.venv/bin/python -m pytest -m browser tests/test_ui_load.py -s`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -34,7 +33,6 @@ import numpy as np
 import pytest
 from browser_helpers import (
     VoilaServer,
-    chromium_path,
     dump_json,
     error_texts,
     launch_chromium,
@@ -107,16 +105,6 @@ def test_voila_json_is_safe_for_a_public_server(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------
 # 2. the load test
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    path = chromium_path()
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; run.sh test does it)")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
-    return path
 
 
 def _kernel_state(url: str, kid: str) -> str | None:
