@@ -251,20 +251,22 @@ def _comparison(name: str) -> dict:
 @pytest.mark.parametrize("name", ["g64-32x512", "grow-32x512"])
 def test_llmcompressor_side_by_side(monkeypatch, name):
     """The shipped side-by-side runs against llm-compressor (benchmarks/bench_llmcompressor.py): same config
-    and calibration on both sides, ours at most 0.8x their time, perplexity on prose not above theirs + 1%."""
+    and calibration on both sides, ours at most 0.55x their time (0.51x and 0.47x shipped; the goal is 0.5x),
+    perplexity on prose not above theirs + 1%."""
     monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
     r = _comparison(name)
     assert r["config"]["bits"] == 4 and r["config"]["sym"] and r["config"]["desc_act"] is False
     assert r["calibration"]["nsamples"] == 32 and r["threads"] == 1 and r["true_sequential_ours"]
     ratio = r["ours"]["seconds"] / r["llmcompressor"]["seconds"]
-    assert ratio == pytest.approx(r["time_ratio_ours_over_theirs"]) and ratio <= 0.8
+    assert ratio == pytest.approx(r["time_ratio_ours_over_theirs"]) and ratio <= 0.55
     assert r["perplexity"]["ours"]["prose"] <= 1.01 * r["perplexity"]["llmcompressor"]["prose"]
 
 
 def test_llmcompressor_same_semantics_and_noise(monkeypatch):
     """With llm-compressor's semantics on our side (static groups, Hessians of a block in one pass) g64 agrees
-    within 0.2% on prose and 1.5% on code, with 87% of the weights identical; per row the code gap is of the
-    size a float-rounding nudge of our own weights makes (docs/results.md, "Against llm-compressor")."""
+    within 0.2% on prose and 1.5% on code, with 87% of the weights identical. Per row, prose agrees within
+    1.1% in all five of our runs, but code is above theirs in every one, by more than a float-rounding
+    nudge of our own weights moves it (docs/results.md, "Against llm-compressor": reported as measured)."""
     monkeypatch.delenv("GPTQ_EXPLORER_RESULTS", raising=False)
     g64 = _comparison("g64-32x512-static-nts")
     pp = g64["perplexity"]
@@ -278,8 +280,13 @@ def test_llmcompressor_same_semantics_and_noise(monkeypatch):
     ours = row["perplexity"]["ours"]
     noise = {c: abs(nudged["perplexity"]["ours"][c] / ours[c] - 1) for c in ("prose", "code")}
     assert 0.04 < noise["code"] < 0.06 and noise["prose"] < 0.015
-    side = _comparison("grow-32x512")["perplexity"]
-    assert abs(side["ours"]["code"] / side["llmcompressor"]["code"] - 1) < noise["code"]
+    runs = ["grow-32x512", "grow-32x512-nudge1e-07", "grow-32x512-nts", "grow-32x512-nts-nudge1e-07"]
+    pp = [_comparison(name)["perplexity"] for name in runs]
+    assert all(abs(p["ours"]["prose"] / p["llmcompressor"]["prose"] - 1) < 0.012 for p in pp)
+    gaps = [p["ours"]["code"] / p["llmcompressor"]["code"] - 1 for p in pp]
+    assert all(0.03 < g < 0.1 for g in gaps), gaps
+    ts = [_comparison(name)["perplexity"]["ours"]["code"] for name in runs[:2]]
+    assert abs(ts[1] / ts[0] - 1) < 0.02 < min(gaps)  # the true-sequential nudge moves less than the gap
 
 
 # ---------------------------------------- the method table (data/results/methods/<model>/: its own protocol)

@@ -119,6 +119,42 @@ def test_hessian_chunked_float32_accumulation():
     np.testing.assert_allclose(h.H.numpy(), 2 * Xb.T @ Xb / 10_000, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("d_in", [5, 300, 577, 1100])
+def test_hessian_upper_tiles_equal_the_full_product(d_in):
+    """The torch path multiplies only the tiles on and above the diagonal and mirrors them when H is read:
+    several tiles with a short last one, H read between batches, a float32 batch used as it is and a
+    half-precision one copied in chunks all give the float64 sum."""
+    rng = np.random.default_rng(d_in)
+    X = [rng.standard_normal((n, d_in)).astype(np.float32) for n in (700, 5000)]
+    h = Hessian(d_in, backend="torch").add_batch(torch.from_numpy(X[0]))
+    first = h.H.numpy()
+    np.testing.assert_allclose(first, 2 * X[0].astype(np.float64).T @ X[0] / 700, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(first, first.T)
+    h.add_batch(torch.from_numpy(X[1]).to(torch.bfloat16))
+    Xb = np.concatenate([X[0], torch.from_numpy(X[1]).to(torch.bfloat16).float().numpy()]).astype(np.float64)
+    H = h.H.numpy()
+    np.testing.assert_array_equal(H, H.T)
+    np.testing.assert_allclose(H, 2 * Xb.T @ Xb / 5700, rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_rejects_a_non_finite_batch_and_keeps_a_huge_finite_one():
+    rng = np.random.default_rng(1)
+    X = torch.from_numpy(rng.standard_normal((600, 300)).astype(np.float32))
+    h = Hessian(300, backend="torch").add_batch(X)
+    before = h.H.clone()
+    for bad in (float("nan"), float("inf")):
+        Y = X.clone()
+        Y[3, 7] = bad
+        with pytest.raises(ValueError, match="NaN or Inf in 1 of 600 tokens"):
+            h.add_batch(Y)
+        assert torch.equal(h.H, before) and h.n_tokens == 600
+    # finite values whose sum overflows float32: the cheap check falls back to the elementwise one
+    big = torch.full((4, 300), 3e36)
+    assert not torch.isfinite(big.sum()) and torch.isfinite(Hessian(300, backend="torch").add_batch(
+        big / 1e20).H).all()
+    Hessian(300, backend="torch").add_batch(big)  # accepted: every entry is finite
+
+
 def test_device_auto_and_explicit_cpu(layer):
     W, _, H = layer
     res = gptq_quantize(torch.tensor(W), torch.tensor(H), device="auto")

@@ -22,6 +22,13 @@ from ..lazy_torch import is_tensor
 CHUNK_TOKENS = 4096
 
 
+def _tile(d_in: int) -> int:
+    """Column tile of the torch path's sum: x^T x is symmetric, so only the tiles on and above the diagonal
+    are multiplied (6 of 9 products with 3 tiles); tiles below ~256 columns lose more in matmul speed
+    than they save (benchmarks/bench_hessian.py)."""
+    return max(256, min(512, d_in // 8))
+
+
 def _not_finite(bad_tokens: int, tokens: int) -> ValueError:
     return ValueError(
         f"activations contain NaN or Inf in {bad_tokens} of {tokens} tokens; the Hessian needs finite "
@@ -101,11 +108,16 @@ class Hessian:
                 self._sum = torch.zeros((self.d_in, self.d_in), dtype=torch.float32, device=self.device)
             if x_fp is not None and self._dsum is None:
                 self._dsum = torch.zeros_like(self._sum)
-            for s in range(0, x.shape[0], CHUNK_TOKENS):
-                chunk = x[s : s + CHUNK_TOKENS].to(device=self.device, dtype=torch.float32)
-                self._sum.addmm_(chunk.T, chunk)
+            b = _tile(self.d_in)
+            # float32 rows already on the device are used as they are; others are copied chunk by chunk
+            same = x.dtype == torch.float32 and x.device == self.device
+            step = x.shape[0] if same and x_fp is None else CHUNK_TOKENS
+            for s in range(0, x.shape[0], step):
+                chunk = x[s : s + step].to(device=self.device, dtype=torch.float32)
+                for i in range(0, self.d_in, b):  # the upper triangle, tile row by tile row
+                    self._sum[i : i + b, i:].addmm_(chunk[:, i : i + b].T, chunk[:, i:])
                 if x_fp is not None:
-                    diff = x_fp[s : s + CHUNK_TOKENS].to(device=self.device, dtype=torch.float32) - chunk
+                    diff = x_fp[s : s + step].to(device=self.device, dtype=torch.float32) - chunk
                     self._dsum.addmm_(diff.T, chunk)
         self.n_tokens += int(np.prod(X.shape[:-1]))
         self._batches += 1
@@ -124,15 +136,26 @@ class Hessian:
 
         x = X if is_tensor(X) else torch.from_numpy(np.asarray(X))
         x = x.detach().reshape(-1, self.d_in)
-        bad_rows = ~torch.isfinite(x).all(dim=1)
-        if bool(bad_rows.any()):
-            raise _not_finite(int(bad_rows.sum()), x.shape[0])
+        # A NaN or Inf anywhere makes the sum NaN or Inf: one cheap pass (an elementwise isfinite costs 20x
+        # more); only a non-finite sum, or finite values summing past float32's range, gets the full check.
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
+            bad_rows = ~torch.isfinite(x).all(dim=1)
+            if bool(bad_rows.any()):
+                raise _not_finite(int(bad_rows.sum()), x.shape[0])
         return x
 
     @property
     def H(self):
         if self._sum is None or self.n_tokens == 0:
             raise ValueError("no calibration inputs yet: call add_batch(X) at least once")
+        if self.backend == "torch":  # only the tiles on and above the diagonal were summed: mirror them
+            import torch
+
+            b = _tile(self.d_in)
+            for i in range(0, self.d_in, b):  # exactly symmetric: the upper triangle wins everywhere
+                tile = self._sum[i : i + b, i : i + b]
+                tile.copy_(torch.triu(tile) + torch.triu(tile, 1).T)
+                self._sum[i + b :, i : i + b] = self._sum[i : i + b, i + b :].T
         return self._sum * (2.0 / self.n_tokens)
 
     @property
