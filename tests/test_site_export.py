@@ -16,6 +16,7 @@ from gptq_explorer.services.layer_source import ModelSource
 from gptq_explorer.services.site_export import (
     DEFAULT_LAYERS,
     MAX_SITE_BYTES,
+    canvas_module,
     canvas_script,
     export_site,
     parse_layers,
@@ -25,8 +26,8 @@ from gptq_explorer.services.site_export import (
 )
 
 LAYERS = ((0, "self_attn.q_proj"), (1, "mlp.down_proj"))
-PAGE = ("index.html", "site.js", "site.css", "gptq_worker.js", "worker_source.js", "layer_canvas.js",
-        "manifest.js", "manifest.json")
+PAGE = ("index.html", "site.js", "site.css", "gptq_engine.js", "gptq_worker.js", "worker_source.js",
+        "layer_canvas.js", "manifest.js", "manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_the_site_has_its_files_and_fits_the_budget(tiny_site):
         assert (folder / entry["file"]).is_file()
     assert site_bytes(folder) <= MAX_SITE_BYTES
     # nothing in the page reaches outside its folder
-    for name in ("index.html", "site.js", "gptq_worker.js", "layer_canvas.js"):
+    for name in ("index.html", "site.js", "gptq_engine.js", "gptq_worker.js", "layer_canvas.js"):
         text = (folder / name).read_text(encoding="utf-8")
         assert not re.search(r"https?://|\bfetch\(\w|XMLHttpRequest|import\(", text), name
 
@@ -79,7 +80,7 @@ def test_the_data_round_trip_to_the_captured_arrays(tiny_site):
 
 
 def test_the_canvas_becomes_a_classic_script():
-    esm = site_export.CANVAS_ESM.read_text(encoding="utf-8")
+    esm = canvas_module()
     script = canvas_script(esm)
     assert "export " not in "\n".join(line for line in script.splitlines() if line.startswith("export"))
     assert "window.gptqLayerCanvas" in script
@@ -87,11 +88,25 @@ def test_the_canvas_becomes_a_classic_script():
         canvas_script("import x from 'y';\n" + esm)
 
 
+def test_the_canvas_is_one_module_as_the_app_loads_it():
+    """layer_canvas.js imports its picture (layer_canvas_paint.js): the site and the app put that file in
+    place of the import, the same text, with the app's exports only."""
+    from gptq_explorer.ui.layer_figure import ESM
+
+    esm = canvas_module()
+    assert esm == ESM
+    assert 'from "./layer_canvas_paint.js"' in site_export.CANVAS_ESM.read_text(encoding="utf-8")
+    assert not re.search(r"^\s*import\b", esm, flags=re.M)
+    exports = re.findall(r"^export (?:const|function|default) ?(\w*)", esm, flags=re.M)
+    assert sorted(exports) == ["", "CATCH_UP_MS", "HOLD_MS", "clockStep"]
+    assert "function paint(ctx, scene, frame, hover)" in esm
+
+
 def test_the_default_layers_fit_the_budget():
     """SmolLM2's four default layers (576 wide, MLP 1536) in base64, with the page: under 25 MB."""
     shapes = {"self_attn.q_proj": (576, 576), "mlp.up_proj": (1536, 576), "mlp.down_proj": (576, 1536)}
     raw = sum(4 * (o * i + i * (i + 1) // 2) for o, i in (shapes[s] for _, s in DEFAULT_LAYERS))
-    sources = (*site_export.PAGE_FILES, site_export.WORKER)
+    sources = (*site_export.PAGE_FILES, *site_export.WORKER_FILES)
     page = sum((site_export.SITE_SOURCES / n).stat().st_size for n in sources)
     assert 4 * raw / 3 + 2 * page + 200_000 < MAX_SITE_BYTES
     assert {b for b, _ in DEFAULT_LAYERS} == {0, 29}

@@ -2,7 +2,7 @@
 
 `export_site(folder)` captures a handful of layers with the Layer Lab's own capture code (ModelSource in
 layer_source.py, the default calibration), and writes them next to the page (gptq_explorer/site/: the
-page, its script and styles, and the GPTQ + RTN engine in JavaScript that runs in a Web Worker) and the
+page, its script and styles, and the GPTQ + RTN engine in JavaScript that runs in Web Workers) and the
 Layer Lab's canvas view (ui/layer_canvas.js, turned into a classic script).
 
 Why every file is a classic <script>: a page opened from file:// may not fetch() local files, import ES
@@ -34,8 +34,10 @@ from .layer_source import LayerData, ModelSource
 PACKAGE = Path(__file__).resolve().parents[1]
 SITE_SOURCES = PACKAGE / "site"
 CANVAS_ESM = PACKAGE / "ui" / "layer_canvas.js"  # read as text: services never import the front-ends
+CANVAS_IMPORT = re.compile(r'^import \{[^}]*\} from "\./(layer_canvas_\w+\.js)";\n', re.M)
 PAGE_FILES = ("index.html", "site.js", "site.css")
-WORKER = "gptq_worker.js"
+# the workers' code: the engine, then the workers' side (the page starts them from both files' text)
+WORKER_FILES = ("gptq_engine.js", "gptq_worker.js")
 # One attention and one MLP layer, early and late (SmolLM2 has 30 blocks); down_proj is the 1536-wide one
 DEFAULT_LAYERS: tuple[tuple[int, str], ...] = (
     (0, "self_attn.q_proj"), (0, "mlp.up_proj"), (29, "self_attn.q_proj"), (29, "mlp.down_proj"))
@@ -77,9 +79,18 @@ def unpack_upper(packed: np.ndarray, n: int) -> np.ndarray:
     return H + np.triu(H, 1).T
 
 
+def canvas_module() -> str:
+    """layer_canvas.js as one module: each `import {...} from "./layer_canvas_*.js"` replaced by that file
+    (beside it), its exports made local names, as the app's loader (ui/layer_figure.py) does."""
+    esm = CANVAS_ESM.read_text(encoding="utf-8")
+    return CANVAS_IMPORT.sub(lambda m: re.sub(r"^export ", "", (CANVAS_ESM.parent / m.group(1)).read_text(
+        encoding="utf-8"), flags=re.M), esm)
+
+
 def canvas_script(esm: str) -> str:
-    """The Layer Lab's canvas module as a classic script (file:// pages cannot import modules): its
-    exports become `window.gptqLayerCanvas = {render, clockStep}`; the code is the app's, unchanged."""
+    """The Layer Lab's canvas module (canvas_module(): one text) as a classic script (file:// pages cannot
+    import modules): its exports become `window.gptqLayerCanvas = {render, clockStep}`; the code is the app's,
+    unchanged."""
     body = esm.replace("export default {", "const layerCanvasView = {", 1)
     body = re.sub(r"^export (const|function) ", r"\1 ", body, flags=re.M)
     if re.search(r"^\s*(export|import)\b", body, flags=re.M):
@@ -177,23 +188,30 @@ def export_site(folder, *, model: str = DEFAULT_MODEL, layers: Iterable[tuple[in
     text = json.dumps(manifest, indent=1)
     (folder / "manifest.json").write_text(text + "\n", encoding="utf-8")
     (folder / "manifest.js").write_text(f"window.GPTQ_SITE_MANIFEST = {text};\n", encoding="utf-8")
-    for name in PAGE_FILES:
-        shutil.copyfile(SITE_SOURCES / name, folder / name)
-    worker = (SITE_SOURCES / WORKER).read_text(encoding="utf-8")
-    (folder / WORKER).write_text(worker, encoding="utf-8")  # readable beside the page
-    (folder / "worker_source.js").write_text(
-        "// gptq_worker.js as a string: the page starts its Worker from a Blob (file:// forbids a Worker\n"
-        "// from a file). Written by gptq-explorer export-site.\n"
-        f"window.GPTQ_WORKER_SOURCE = {json.dumps(worker)};\n",
-        encoding="utf-8")
-    (folder / "layer_canvas.js").write_text(canvas_script(CANVAS_ESM.read_text(encoding="utf-8")),
-                                            encoding="utf-8")
+    write_page(folder)
     size = site_bytes(folder)
     if size > MAX_SITE_BYTES:
         raise ValueError(f"the site is {size / 1e6:.1f} MB, over the {MAX_SITE_BYTES / 1e6:.0f} MB budget: "
                          "export fewer or smaller layers")
     progress(f"wrote {folder} ({size / 1e6:.1f} MB, {len(entries)} layers)")
     return json.loads(text)  # as the page reads it (lists, not tuples)
+
+
+def write_page(folder) -> None:
+    """The page's own files into `folder` (everything but the manifest and the data): the page, the workers'
+    code (readable, and as one string for the Blob the page starts them from) and the canvas view."""
+    folder = Path(folder)
+    for name in PAGE_FILES:
+        shutil.copyfile(SITE_SOURCES / name, folder / name)
+    sources = [(SITE_SOURCES / name).read_text(encoding="utf-8") for name in WORKER_FILES]
+    for name, text in zip(WORKER_FILES, sources):
+        (folder / name).write_text(text, encoding="utf-8")  # readable beside the page
+    (folder / "worker_source.js").write_text(
+        f"// {' + '.join(WORKER_FILES)} as one string: the page starts its Workers from a Blob (file://\n"
+        "// forbids a Worker from a file). Written by gptq-explorer export-site.\n"
+        f"window.GPTQ_WORKER_SOURCE = {json.dumps(chr(10).join(sources))};\n",
+        encoding="utf-8")
+    (folder / "layer_canvas.js").write_text(canvas_script(canvas_module()), encoding="utf-8")
 
 
 def site_bytes(folder) -> int:

@@ -3,13 +3,16 @@
 // through a small stand-in for its widget model (get/set/on/off/send, "change:<name>" events and the
 // "ahead" frames message, as anywidget and the kernel give it in the app).
 //
-// Flow: a setting changes -> the GPTQ worker runs GPTQ on the layer (its codes, curve, diag(H)) while the
-// RTN worker (the same code, on the other core) computes RTN's Gram matrix D^T D if bits, group size or the
-// grid changed -> the page asks the GPTQ worker for the frames of the cursor's column and the next AHEAD
-// ones -> the first frame arrives: the scene (per run) and the frame go to the canvas, which draws. The
-// Gram matrix goes from the RTN worker through the page to the GPTQ worker, which answers with RTN's curve
-// and numbers: the scene and the summary get them (at once when the Gram matrix was already there). While
-// playing, the canvas's own clock steps through the frames sent ahead, and each step asks for the next.
+// Flow: a setting changes -> the GPTQ worker runs GPTQ on the layer, asked at once for the frames of the
+// cursor's column and the next AHEAD ones, while the RTN worker (the same code, on the other core) computes
+// RTN's Gram matrix D^T D if bits, group size or the grid changed -> as soon as the worker's column loop
+// has passed the cursor's column it sends "progress" (diag(H), the curve so far) and that column's frame:
+// the scene and the frame go to the canvas, which draws, while the loop goes on -> the run's result (codes,
+// the whole curve, the summary) comes and the scene is made again. The Gram matrix goes from the RTN
+// worker through the page to the GPTQ worker, which answers with RTN's curve and numbers: the scene and the
+// summary get them (at once when the Gram matrix was already there). Until both came, the page says what
+// is still computing. While playing, the canvas's own clock steps through the frames sent ahead, and each
+// step asks for the next.
 //
 // Testing hook: window.gptqExplorer.{state(), layer(), codes(), ready(), timings(), set(values)}.
 
@@ -26,9 +29,11 @@
     "rotation", "rotation_seed", "ternary", "basis", "hessian"];
   const AHEAD = 20;  // frames asked for ahead of the cursor (over a second of animation at 15/s)
   const $ = (id) => document.getElementById(id);
-  // open -> first frame drawn, open -> RTN's curve drawn too; per change: {reason, ms (its first frame
-  // drawn), full_ms (and RTN's curve), worker_s (GPTQ in the worker), gram_s (RTN's Gram matrix, if made)}
-  // open: when (ms since the page's start) the layer's data were decoded, GPTQ's result and the first frames came
+  // open -> first frame drawn, open -> the whole run and RTN's curve drawn; per change: {reason, ms (its
+  // first frame drawn), full_ms (the run's result and RTN's curve drawn), result_ms (the result came),
+  // first_done (columns the loop had done for the first frame, of n), worker_s (GPTQ in the worker),
+  // stages, gram_s (RTN's Gram matrix, if made)}. open: when (ms since the page's start) the layer's data
+  // were decoded, the run's progress, its first frames and its result came
   const timings = { open_to_first_frame_ms: null, open_to_complete_ms: null, open: {}, changes: [] };
   const openMark = (name) => { if (timings.open_to_first_frame_ms === null && !(name in timings.open)) timings.open[name] = performance.now(); };
 
@@ -95,6 +100,8 @@
   // ---- the layers: one script per layer, loaded when picked (file:// allows <script>, not fetch())
   const loaded = new Map(), decoded = new Map();  // layer key -> promise of it, and the layer once here
   function f32FromBase64(text) {
+    // the browser's own decoder where it has one (Chromium 140+, Firefox 133+, Safari 18.2+): ~10x faster
+    if (Uint8Array.fromBase64) return new Float32Array(Uint8Array.fromBase64(text).buffer);
     const bin = atob(text), bytes = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
     return new Float32Array(bytes.buffer);  // the manifest's little-endian float32 (every browser's order)
@@ -103,13 +110,10 @@
     if (loaded.has(entry.key)) return loaded.get(entry.key);
     const promise = new Promise((resolve, reject) => {
       const decode = () => {
-        const raw = window.GPTQ_SITE_DATA[entry.key], n = entry.d_in;
-        const packed = f32FromBase64(raw.H), H = new Float32Array(n * n);
-        for (let i = 0, t = 0; i < n; i++) {  // the upper triangle, row by row; H is symmetric
-          for (let j = i; j < n; j++, t++) { H[i * n + j] = packed[t]; H[j * n + i] = packed[t]; }
-        }
+        const raw = window.GPTQ_SITE_DATA[entry.key];
         delete window.GPTQ_SITE_DATA[entry.key];  // the base64 text is not needed again
-        const layer = { W: f32FromBase64(raw.W), H, d_out: entry.d_out, d_in: n };
+        // H's upper triangle, row by row, as stored: the worker unpacks it (fullH() for the testing hook)
+        const layer = { W: f32FromBase64(raw.W), Hu: f32FromBase64(raw.H), H: null, d_out: entry.d_out, d_in: entry.d_in };
         decoded.set(entry.key, layer);
         resolve(layer);
       };
@@ -122,6 +126,16 @@
     });
     loaded.set(entry.key, promise);
     return promise;
+  }
+  function fullH(layer) {  // H (d_in x d_in, float32, row-major) from its upper triangle
+    if (!layer.H) {
+      const n = layer.d_in, H = new Float32Array(n * n), Hu = layer.Hu;
+      for (let i = 0, t = 0; i < n; i++) {
+        for (let j = i; j < n; j++, t++) { H[i * n + j] = Hu[t]; H[j * n + i] = Hu[t]; }
+      }
+      layer.H = H;
+    }
+    return layer.H;
   }
 
   // ---- the canvas, fed through a stand-in for its widget model
@@ -147,8 +161,9 @@
   // one, RTN's Gram matrix in the other
   const workerUrl = URL.createObjectURL(new Blob([window.GPTQ_WORKER_SOURCE], { type: "text/javascript" }));
   const worker = new Worker(workerUrl), rtnWorker = new Worker(workerUrl);
-  let runId = 0, current = null, workerLayer = null, gen = 0, seq = 0, gramAsked = null, lastFrame = null;
+  let runId = 0, current = null, workerLayer = null, gen = 0, gens = 0, seq = 0, gramAsked = null, lastFrame = null;
   let shown = null;  // {gen}: the canvas has the scene, once the run's first frame came
+  let inflight = null;  // {id, gen, crop, ks}: the run asked for last, and the frames it was asked to cut
   const requested = new Set(), metas = new Map(), gramSeconds = new Map();
   let ready = null;  // {promise, resolve, since, reason, first}: the run being computed or drawn
   let waitSeq = null, doneSeq = null;  // the frame seq that shows the run; the one that shows RTN's curve too
@@ -157,7 +172,7 @@
     if (!ready) {
       let resolve;
       const promise = new Promise((r) => { resolve = r; });
-      ready = { promise, resolve, since: performance.now(), reason, first: null,
+      ready = { promise, resolve, since: performance.now(), reason, first: null, result: null, firstDone: null,
         opening: timings.open_to_first_frame_ms === null };
     }
   }
@@ -172,14 +187,19 @@
     } catch (e) { showMessages([e.message], "gptq-error"); return; }
     if (id !== runId) return;  // a newer change came meanwhile
     if (workerLayer !== entry.key) {
-      worker.postMessage({ type: "layer", W: layer.W, H: layer.H, d_out: layer.d_out, d_in: layer.d_in });
+      worker.postMessage({ type: "layer", W: layer.W, Hu: layer.Hu, d_out: layer.d_out, d_in: layer.d_in });
       rtnWorker.postMessage({ type: "layer", W: layer.W, d_out: layer.d_out, d_in: layer.d_in });
       workerLayer = entry.key;
     }
     const cfg = {};
     for (const k of QUANT) cfg[k] = state[k];
     const gramKey = `${entry.key}/${cfg.bits}/${cfg.group_size}/${cfg.sym}`;  // what RTN's Gram matrix depends on
-    worker.postMessage({ type: "run", id, cfg, gram_key: gramKey });
+    // the cursor's frame and those ahead, cut by the worker as soon as its loop has passed them
+    const n = entry.d_in, k = Math.max(0, Math.min(n - 1, state.col)), crop = cropOf(), g = ++gens, ahead = [];
+    for (let j = k + 1; j <= Math.min(k + AHEAD, n - 1); j++) ahead.push(j);
+    inflight = { id, gen: g, crop, ks: [k, ...ahead] };
+    worker.postMessage({ type: "run", id, cfg, gram_key: gramKey, want: k,
+      frames: [{ gen: g, ks: [k], crop }, { gen: g, ks: ahead, crop }] });
     if (gramAsked !== gramKey) {
       rtnWorker.postMessage({ type: "gram", key: gramKey, cfg });
       gramAsked = gramKey;
@@ -190,32 +210,55 @@
   worker.onmessage = (e) => {
     const msg = e.data;
     if (msg.type === "error") { if (msg.id === runId) showMessages([`GPTQ failed: ${msg.message}`], "gptq-error"); return; }
-    if (msg.type === "result" && msg.id === runId) {
+    if (msg.type === "progress" && msg.id === runId) {
+      openMark("progress_ms");
+      startRun(msg);
+    } else if (msg.type === "result" && msg.id === runId) {
       openMark("result_ms");
       timings.open.worker_s = timings.open.worker_s ?? msg.seconds;
-      showMessages([], "gptq-error");
-      current = { id: msg.id, result: msg, rtn: msg.rtn, n: msg.perm.length,
-        cfg: Object.fromEntries(QUANT.map((k) => [k, state[k]])), entry: entryOf(state) };
-      newGeneration();
-      showMessages(msg.warnings, "gptq-warning");
-      $("col").max = String(current.n - 1);
-      goto(Math.min(state.col, current.n - 1), true);
-      $("summary").innerHTML = summaryHtml();
+      timings.open.stages = timings.open.stages ?? msg.stages;
+      if (!current || current.id !== msg.id) startRun(msg);
+      Object.assign(current, { result: msg, partial: false, done: current.n });
+      current.rtn = current.rtn || msg.rtn;
+      if (ready && ready.result === null) ready.result = performance.now() - ready.since;
+      refresh();
     } else if (msg.type === "frames" && current && msg.id === current.id && msg.gen === gen) {
       openMark("frames_ms");
       onFrames(msg.frames);
     } else if (msg.type === "rtn" && current && msg.id === current.id) {
       current.rtn = msg;
-      if (shown) {  // the scene again, with RTN's curve, and the frame again (a new seq: its draw is seen)
-        model.set("scene", sceneOf(current.result));
-        seq += 1;
-        doneSeq = seq;
-        model.set("frame", { ...lastFrame, seq });
-      }
-      $("summary").innerHTML = summaryHtml();
-      explain();
+      refresh();
     }
   };
+  // A run's first message (its progress, or its result if that came first): the canvas gets the new scene
+  // with the run's first frame. The frames the run carried requests for are this generation's, unless the
+  // crop changed meanwhile.
+  function startRun(msg) {
+    current = { id: msg.id, result: msg, partial: msg.type === "progress", n: msg.perm.length,
+      done: msg.type === "progress" ? msg.done : msg.perm.length, rtn: msg.rtn,
+      cfg: Object.fromEntries(QUANT.map((k) => [k, state[k]])), entry: entryOf(state) };
+    const asked = inflight && inflight.id === msg.id && sameCrop(inflight.crop, cropOf()) ? inflight : null;
+    newGeneration(asked ? asked.gen : undefined);
+    if (asked) asked.ks.forEach((k) => requested.add(k));
+    showMessages([], "gptq-error");
+    showMessages(msg.warnings, "gptq-warning");
+    $("col").max = String(current.n - 1);
+    goto(Math.min(state.col, current.n - 1), true);
+    showSummary();
+  }
+  // the run's result or RTN's numbers came: the scene again and the frame again (a new seq: its draw is
+  // seen), the summary and the explanation
+  function refresh() {
+    if (shown) {
+      model.set("scene", sceneOf(current.result));
+      seq += 1;
+      if (complete()) doneSeq = seq;
+      model.set("frame", { ...lastFrame, seq });
+    }
+    showSummary();
+    explain();
+  }
+  const complete = () => current && !current.partial && current.rtn;
   rtnWorker.onmessage = (e) => {
     const msg = e.data;
     if (msg.type === "error") { showMessages([`RTN failed: ${msg.message}`], "gptq-error"); return; }
@@ -225,8 +268,8 @@
     }
   };
 
-  function newGeneration() {  // a new run or crop: frames sent before are void
-    gen += 1;
+  function newGeneration(g = ++gens) {  // a new run or crop: frames sent before are void
+    gen = g;
     requested.clear();
     metas.clear();
     shown = null;
@@ -243,21 +286,26 @@
     };
     const g = r.curve_gptq, n = g.length;
     const rt = current.rtn ? current.rtn.curve_rtn : new Float64Array(n).fill(NaN);  // until RTN's curve came
+    // the curves' top: GPTQ's last value, or while the run goes on, its value so far extrapolated to n
+    // columns (the scale is made again when the run ends)
+    const last = current.partial ? (g[current.done - 1] * n) / current.done : g[n - 1];
     const cfg = current.cfg, label = labelOf(cfg);
     return {
       n, d_out: current.entry.d_out, diag_h: Float32Array.from(r.diag_h), curve_gptq: Float32Array.from(g),
       curve_rtn: Float32Array.from(rt), wmax: r.wmax, emax: r.emax, diag_range: logRange(r.diag_h),
-      curves_range: [logRange([...g, ...rt])[0], Math.log10(Math.max(g[n - 1], rt[n - 1] || 0, 1e-30) * 1.25)],
+      curves_range: [logRange([...g, ...rt])[0], Math.log10(Math.max(last, rt[n - 1] || 0, 1e-30) * 1.25)],
       gen, label, diag_title: `diag(H), ${cfg.desc_act ? "desc_act order: decreasing diag(H)" : "column order"}`,
       basis: "", titles: {}, bands: [],
     };
   }
 
+  const cropOf = () => ({ rows: state.rows, cols: state.cols, row0: state.row0 });
+  const sameCrop = (a, b) => a.rows === b.rows && a.cols === b.cols && a.row0 === b.row0;
   function askFrames(k) {
     if (!current) return;
     const ks = [];
     for (let j = k; j <= Math.min(k + AHEAD, current.n - 1); j++) if (!requested.has(j)) { requested.add(j); ks.push(j); }
-    const crop = { rows: state.rows, cols: state.cols, row0: state.row0 };
+    const crop = cropOf();
     // a generation's first frame alone, so that it is drawn before the ones ahead are cut
     const batches = requested.size === ks.length && ks.length > 1 ? [ks.slice(0, 1), ks.slice(1)] : [ks];
     for (const b of batches) if (b.length) worker.postMessage({ type: "frames", id: current.id, gen, ks: b, crop });
@@ -273,7 +321,8 @@
       const f = frames[0];
       seq += 1;
       waitSeq = seq;
-      doneSeq = current.rtn ? seq : null;
+      doneSeq = complete() ? seq : null;
+      if (ready && ready.firstDone === null) ready.firstDone = current.done;
       lastFrame = { ...canvasFrame(f), z: f.z, w: f.w, q: f.q };
       model.set("frame", { seq, ...lastFrame });
     }
@@ -294,9 +343,10 @@
       if (opening) timings.open_to_first_frame_ms = now;
     }
     if (doneSeq === null || drawn < doneSeq) return;
-    if (opening) timings.open_to_complete_ms = now;
+    if (opening) Object.assign(timings, { open_to_complete_ms: now, open_first_done: ready.firstDone, open_n: current.n });
     else {
-      timings.changes.push({ reason: ready.reason, ms: ready.first, full_ms: now - ready.since,
+      timings.changes.push({ reason: ready.reason, ms: ready.first, full_ms: now - ready.since, result_ms: ready.result,
+        first_done: ready.firstDone, n: current.n,
         layer: current.entry.key, d_out: current.entry.d_out, d_in: current.entry.d_in,
         worker_s: current.result.seconds, stages: current.result.stages, gram_s: gramSeconds.get(gramAsked) ?? null });
     }
@@ -339,8 +389,7 @@
   function explain() {
     const m = current && metas.get(model.get("cursor"));
     if (!m) return;
-    const cfg = current.cfg, n = current.n, k = m.k, [i1, i2] = m.block;
-    const scale = current.result.scale_mean[m.group];
+    const cfg = current.cfg, n = current.n, k = m.k, [i1, i2] = m.block, scale = m.scale_mean;
     const rank = cfg.desc_act ? ` — desc_act: the input with the ${ordinal(k + 1)} largest ${t(COLORS.hinv, "diag(H)")}` : "";
     const lazy = i2 < n ? `Lazy batches (Step 2): this is block [${i1}, ${i2}); columns from ${i2} on receive this update `
       + "when the block ends. The total is the same; it is shown here at once." : "";
@@ -362,16 +411,24 @@ So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${c
 </ol>
 <small style='color:#555'>${lazy} Crop: rows ${m.r0}–${m.r1 - 1}, positions ${m.c0}–${m.c1 - 1}.</small></div>`;
   }
+  function showSummary() {
+    $("summary").innerHTML = summaryHtml();
+    $("run-status").textContent = !current.partial ? "" : `Computing GPTQ in this browser: the frame shown `
+      + `needed the first ${current.done} of ${current.n} columns. The summary, the curves' scale and the `
+      + "error's colour range are final when all columns are done.";
+  }
   function summaryHtml() {
-    const s = { ...current.result.summary, ...(current.rtn || {}) }, cfg = current.cfg, e = current.entry;
-    const num = (x) => (x === undefined ? "…" : g3(x));  // RTN's numbers come a moment later
+    const s = { ...(current.partial ? {} : current.result.summary), ...(current.rtn || {}) }, cfg = current.cfg;
+    const e = current.entry, num = (x) => (x === undefined ? "…" : g3(x));  // what is still computing: "…"
     const rows = [["weight MSE", "weight_mse"], [`calibration output MSE (${e.calibration.tokens} tokens)`, "calib_mse"],
       ["OBS loss L (calibration)", "loss"]];
     const td = "<td style='text-align:right;padding-left:8px'>";
     const body = rows.map(([name, key]) => `<tr><td>${name}</td>${td}${num(s[key + "_gptq"])}</td>${td}${num(s[key + "_rtn"])}</td></tr>`).join("");
-    const ratio = !current.rtn ? "…" : (s.calib_mse_gptq > 0 ? s.calib_mse_rtn / s.calib_mse_gptq : Infinity).toFixed(2);
-    const damp = Math.abs(s.damp_percent_used - cfg.damp_percent) < 1e-12 ? ""
+    const ratio = !complete() ? "…" : (s.calib_mse_gptq > 0 ? s.calib_mse_rtn / s.calib_mse_gptq : Infinity).toFixed(2);
+    const damp = current.partial || Math.abs(s.damp_percent_used - cfg.damp_percent) < 1e-12 ? ""
       : `<br><b>Damping raised to ${g3(s.damp_percent_used)}</b> to make H + λI invertible.`;
+    const took = current.partial ? "GPTQ is still running in this browser…"
+      : `Computed in ${current.result.seconds.toFixed(2)} s in this browser.`;
     return `<div style='font-size:13px;padding:4px 6px'>
 <b>${labelOf(cfg)}</b> on ${e.name}
 <table><tr><th></th><th style='color:${COLORS.upd}'>GPTQ</th><th style='color:${COLORS.rtn}'>RTN</th></tr>${body}</table>
@@ -379,7 +436,7 @@ Calibration error RTN / GPTQ = <b>${ratio}×</b>${damp}<br>
 <small style='color:#555'>L = Σ<sub>q</sub> (w<sub>q</sub> − q<sub>q</sub>)² / (2 [H<sub>F</sub><sup>−1</sup>]<sub>qq</sub>)
 = ½ tr(ΔW (H + λI) ΔWᵀ), summed over rows, with H = 2/n · XᵀX and n = ${e.calibration.tokens} calibration
 <i>tokens</i>. This page has H only, not the held-out inputs: the app's held-out error is not shown here.
-Computed in ${current.result.seconds.toFixed(2)} s in this browser.</small></div>`;
+${took}</small></div>`;
   }
   // QuantConfig.label (the run's, not the scene's: the summary is written before the run's scene is drawn)
   const labelOf = (cfg) => `${cfg.bits}-bit ${cfg.group_size === -1 ? "per-row" : "g" + cfg.group_size} `
@@ -463,6 +520,28 @@ Computed in ${current.result.seconds.toFixed(2)} s in this browser.</small></div
   $("back").addEventListener("click", () => { pause(); goto(model.get("cursor") - 1); });
   $("forward").addEventListener("click", () => { pause(); goto(model.get("cursor") + 1); });
   $("col").addEventListener("input", (e) => { pause(); goto(Number(e.target.value)); });
+  // Copy link: the address with the state as it is now (not waiting for writeHash); where the clipboard
+  // may not be written (an old browser, a page the browser does not trust with it), the link is shown in a
+  // text field, selected, to copy by hand
+  let copiedTimer = null;
+  $("copy-link").addEventListener("click", async () => {
+    const url = location.href.split("#")[0] + hashOf(state), field = $("link-text"), status = $("copy-status");
+    clearTimeout(copiedTimer);
+    try {
+      if (!navigator.clipboard || !navigator.clipboard.writeText) throw new Error("no clipboard here");
+      await navigator.clipboard.writeText(url);
+      field.hidden = true;
+      status.textContent = "Link copied.";
+      copiedTimer = setTimeout(() => { status.textContent = ""; }, 5000);
+    } catch (e) {
+      field.value = url;
+      field.hidden = false;
+      field.focus();
+      field.select();
+      status.textContent = "The browser did not let the page copy: the link is selected above, copy it (Ctrl+C, ⌘C on a Mac).";
+    }
+  });
+
   window.addEventListener("hashchange", () => {
     if (writingHash) return;
     const { values, problems } = parseHash(location.hash, state);
@@ -482,10 +561,14 @@ Computed in ${current.result.seconds.toFixed(2)} s in this browser.</small></div
   window.gptqExplorer = {
     state: () => ({ ...state }),
     // the layer actually used: W (d_out, d_in) and H (d_in, d_in), float32, row-major
-    layer: () => (current ? decoded.get(current.entry.key) : null),
-    codes: () => (current ? current.result.codes : null),  // (d_out, d_in) row-major, original column order
-    summary: () => {  // GPTQ's numbers, and RTN's once they came
-      if (!current) return null;
+    layer: () => {
+      const l = current ? decoded.get(current.entry.key) : null;
+      return l ? { W: l.W, H: fullH(l), d_out: l.d_out, d_in: l.d_in } : null;
+    },
+    // (d_out, d_in) row-major, original column order; null while the run is still going on
+    codes: () => (current && !current.partial ? current.result.codes : null),
+    summary: () => {  // GPTQ's numbers once its run is done, and RTN's once they came
+      if (!current || current.partial) return null;
       const rtn = current.rtn ? Object.fromEntries(["weight_mse_rtn", "calib_mse_rtn", "loss_rtn"].map((k) => [k, current.rtn[k]])) : {};
       return { ...current.result.summary, ...rtn, seconds: current.result.seconds };
     },

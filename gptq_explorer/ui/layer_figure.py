@@ -22,6 +22,7 @@ Grid:  W | updated | Q  /  error | compensation | column profile  /  diag(H) | c
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -57,7 +58,13 @@ FIGURE_CLASS = "gptq-layer-figure"
 # beside it goes under it below FIGURE_BASIS, layer_controls)
 FIGURE_BASIS = "640px"
 FIGURE_LAYOUT = {"flex": f"1 1 {FIGURE_BASIS}", "min_width": "0", "max_width": "860px"}
-ESM = (Path(__file__).with_name("layer_canvas.js")).read_text(encoding="utf-8")
+# layer_canvas.js imports its picture from layer_canvas_paint.js; an anywidget's ESM is one text: the
+# import line is replaced by that file, its exports made local names (services/site_export.py does the same)
+_CANVAS = Path(__file__).with_name("layer_canvas.js")
+ESM = re.sub(r'^import \{[^}]*\} from "\./(layer_canvas_\w+\.js)";\n',
+             lambda m: re.sub(r"^export ", "", _CANVAS.with_name(m.group(1)).read_text(encoding="utf-8"),
+                              flags=re.M),
+             _CANVAS.read_text(encoding="utf-8"), flags=re.M)
 
 
 def f32(a) -> bytes:
