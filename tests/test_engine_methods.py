@@ -191,3 +191,70 @@ def test_bad_method_settings(layer):
         QuantConfig(gptaq_alpha=2.0)
     with pytest.raises(ValueError, match="mse_norm must be"):
         QuantConfig(mse_norm=-1.0)
+
+
+def unpruned_mse_search(w, bits, sym, norm, ternary):
+    """grid._mse_search as it was before the pruning: every row tries every shrink factor (and checks that
+    the pruning's bound, the clipping error of the row's largest and smallest weight, never exceeds the
+    candidate's error)."""
+    from gptq_explorer.engine import grid
+
+    maxq = 2**bits - 1
+    xmin, xmax = grid._range(w, sym)
+    scale, zero = (xmax, xmin) if ternary else grid._uniform(xmin, xmax, bits, sym)
+    best = np.full(w.shape[0], np.inf)
+    for i in range(int(grid.MSE_MAXSHRINK * grid.MSE_GRID)):
+        p = 1 - i / grid.MSE_GRID
+        s1, z1 = (p * xmax, p * xmin) if ternary else grid._uniform(p * xmin, p * xmax, bits, sym)
+        s, z = s1[:, None], z1[:, None]
+        if ternary:
+            q = grid.dequantize(grid.ternary_codes(w, s, z), s, z, ternary=True)
+        else:
+            q = (np.clip(np.round(w / s) + z, 0, maxq) - z) * s
+        err = np.sum(np.abs(q - w) ** norm, axis=1)
+        t_hi, t_lo = grid._clip_ends(s1, z1, maxq, ternary)
+        bound = np.maximum(w.max(1) - t_hi, 0) ** norm + np.maximum(t_lo - w.min(1), 0) ** norm
+        assert np.all(bound <= err * (1 + 1e-12)), p
+        better = err < best
+        best = np.where(better, err, best)
+        scale, zero = np.where(better, s1, scale), np.where(better, z1, zero)
+    return scale, zero, best
+
+
+MSE_CASES = [(bits, sym, norm, False) for bits in (2, 3, 4) for sym in (True, False) for norm in (2.4, 2.0)]
+MSE_CASES += [(2, True, 2.4, True), (2, False, 2.4, True)]
+
+
+@pytest.mark.parametrize("bits,sym,norm,ternary", MSE_CASES)
+def test_pruned_mse_search_is_the_full_search(bits, sym, norm, ternary, monkeypatch):
+    """The MSE grid skips (row, shrink factor) pairs whose clipping error alone exceeds the row's best error:
+    the grids are identical to the full search's, in NumPy and in torch (pruning off by an infinite margin),
+    and at 3 and 4 bits most of these heavy-tailed rows do skip the smallest factor."""
+    from gptq_explorer.engine import gptq_torch, grid
+
+    rng = np.random.default_rng(bits)
+    w = rng.standard_t(df=4, size=(96, 128)) * 0.02
+    w[:3] = 0.0  # an all-zero row: best error 0 from the first factor on
+    w[3, :] = np.abs(w[3])  # a row with no negative weight
+    scale, zero, best = unpruned_mse_search(w, bits, sym, norm, ternary)
+    got = grid.grid_params(w, bits, sym, norm, ternary)
+    np.testing.assert_array_equal(got[0], scale)
+    np.testing.assert_array_equal(got[1], zero)
+    # the bound at the smallest factor exceeds the best error of most rows: they skipped it
+    maxq, (xmin, xmax) = 2**bits - 1, grid._range(w, sym)
+    p = 1 - (int(grid.MSE_MAXSHRINK * grid.MSE_GRID) - 1) / grid.MSE_GRID
+    s1, z1 = (p * xmax, p * xmin) if ternary else grid._uniform(p * xmin, p * xmax, bits, sym)
+    t_hi, t_lo = grid._clip_ends(s1, z1, maxq, ternary)
+    bound = np.maximum(w.max(1) - t_hi, 0) ** norm + np.maximum(t_lo - w.min(1), 0) ** norm
+    if bits >= 3 and not ternary:  # at 2 bits and ternary the small factors are often the best ones
+        assert np.mean(bound > best * (1 + grid.PRUNE_MARGIN)) > 0.5
+    for dtype in (torch.float64, torch.float32):
+        for dim in (1, 0):
+            wt = torch.tensor(w if dim == 1 else w.T.copy(), dtype=dtype)
+            pruned = gptq_torch._grid_params(wt, bits, sym, dim, norm, ternary)
+            with monkeypatch.context() as m:
+                m.setattr(grid, "PRUNE_MARGIN", float("inf"))
+                full = gptq_torch._grid_params(wt, bits, sym, dim, norm, ternary)
+            torch.testing.assert_close(pruned, full, rtol=0, atol=0)
+            if dtype == torch.float64:
+                np.testing.assert_array_equal(pruned[0].numpy(), scale)

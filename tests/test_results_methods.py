@@ -99,3 +99,22 @@ def test_rotation_without_gptq_hurts_rtn():
     """The surprise docs/methods.md reports: the rotation that helps GPTQ most makes RTN worse."""
     assert better("rtn-w3-g128", "rtn-had-w3-g128")
     assert better("gptq-had-w3-g128", "gptq-w3-g128")
+
+
+def test_the_rotation_damage_is_v_proj_s():
+    """docs/methods.md, "Why the rotation hurts RTN": the whole-model table (bench_rotation_rtn.py --ablation)
+    starts from the shipped RTN reports (the rotated row within float rounding of its report), and its claim
+    holds on it: rotating v_proj alone does the damage, rotating everything else does not."""
+    page = (FOLDER.parents[3] / "docs" / "methods.md").read_text()
+    section = page.split("### Why the rotation hurts RTN", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].replace(".", "").isdigit():
+            rows[cells[0].split(" (")[0]] = {"prose": float(cells[1]), "code": float(cells[2])}
+    assert set(rows) == {"none", "every linear", "every linear but v_proj", "v_proj only"}
+    for c in ("prose", "code"):
+        assert rows["none"][c] == round(ppl("rtn-w3-g128")[c], 2)
+        assert rows["every linear"][c] == pytest.approx(ppl("rtn-had-w3-g128")[c], rel=1e-3)
+        assert rows["every linear but v_proj"][c] < 1.05 * rows["none"][c]
+        assert rows["v_proj only"][c] > 2.5 * rows["none"][c]

@@ -72,24 +72,58 @@ def _uniform(xmin, xmax, bits: int, sym: bool):
 
 
 def _mse_search(w, dim, xmin, xmax, scale, zero, bits, sym, norm, ternary):
-    """torch twin of grid._mse_search (one shrink factor at a time: the candidates' tensors stay in cache)."""
+    """torch twin of grid._mse_search (one shrink factor at a time: the candidates' tensors stay in cache).
+
+    On the CPU the same pruning: a row skips a candidate whose clipping of its largest or smallest weight
+    alone costs more than its best error so far. On CUDA every row tries every candidate: picking the rows
+    would wait for the device 80 times per group, and the GPU is not short of arithmetic."""
     maxq = 2**bits - 1
     best = torch.full_like(scale, float("inf"))
     scale, zero = scale.clone(), zero.clone()
+    prune = w.device.type == "cpu"
+    if prune:
+        w_max, w_min = w.amax(dim=dim), w.amin(dim=dim)
     for i in range(int(grid_np.MSE_MAXSHRINK * grid_np.MSE_GRID)):
         p = 1 - i / grid_np.MSE_GRID
         s1, z1 = (p * xmax, p * xmin) if ternary else _uniform(p * xmin, p * xmax, bits, sym)
+        rows, wr = None, w
+        if prune:
+            t_hi, t_lo = grid_np._clip_ends(s1, z1, maxq, ternary)
+            bound = (_norm_power_((w_max - t_hi).clamp_(min=0), norm)
+                     + _norm_power_((t_lo - w_min).clamp_(min=0), norm))
+            keep = bound <= best * (1 + grid_np.PRUNE_MARGIN)
+            if not bool(keep.all()):
+                rows = keep.nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                wr = w.index_select(1 - dim, rows)
+                s1, z1 = s1[rows], z1[rows]
         s, z = s1.unsqueeze(dim), z1.unsqueeze(dim)
         if ternary:
-            _, q = _quantize(w, s, z, maxq, ternary=True)
+            _, q = _quantize(wr, s, z, maxq, ternary=True)
         else:  # plain rounding, as the reference's search: ties only move the error, not the codes
-            q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z).mul_(s)
-        err = (q - w).abs_().pow_(norm).sum(dim=dim)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s1, scale)
-        zero = torch.where(better, z1, zero)
+            q = torch.div(wr, s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s)
+        err = _norm_power_(q.sub_(wr).abs_(), norm).sum(dim=dim)
+        if rows is None:
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s1, scale)
+            zero = torch.where(better, z1, zero)
+        else:
+            better = err < best[rows]
+            won = rows[better]
+            best[won] = err[better]
+            scale[won] = s1[better]
+            zero[won] = z1[better]
     return scale, zero
+
+
+def _norm_power_(e: torch.Tensor, norm: float) -> torch.Tensor:
+    """torch twin of grid.norm_power, in place: exp(norm log e) for a fractional norm, e ** norm for a whole
+    one."""
+    if float(norm).is_integer():
+        return e.pow_(norm)
+    return e.log_().mul_(norm).exp_()
 
 
 def _round_half_even(x: torch.Tensor) -> torch.Tensor:
@@ -387,6 +421,35 @@ class _Gptaq:
         self.Gt[i2:].addmm_(self.M[i1:i2, i2:].T, Wpre)
 
 
+class _Rotation:
+    """The layer's randomized Hadamard rotation R (rotation.py) as a fast transform on torch tensors:
+    rotation.fast_hadamard with torch.matmul, R never multiplied densely; matrix() builds R for the result."""
+
+    def __init__(self, n: int, cfg: QuantConfig, device, dtype):
+        from . import rotation
+
+        self.n, self.cfg, self.device, self.dtype = n, cfg, device, dtype
+        pieces, d = rotation.hadamard_parts(n, cfg.rotation_seed)
+        self.pieces = [torch.tensor(p, device=device, dtype=dtype) for p in pieces]  # a copy: p is read-only
+        self.d = torch.as_tensor(d, device=device, dtype=dtype)
+
+    def __call__(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """R X (transpose: R^T X) along X's first axis (n, ...): a new tensor."""
+        from .rotation import fast_hadamard
+
+        return fast_hadamard(X, self.pieces, self.d, transpose, torch.matmul)
+
+    def back(self, Q: torch.Tensor) -> torch.Tensor:
+        """Q R (rows, n): the weights back in the original basis."""
+        return self(Q.T, transpose=True).T.contiguous()
+
+    def matrix(self) -> torch.Tensor:
+        """R (n, n) itself: QuantResult.rotation."""
+        from .gptq import rotation_matrix
+
+        return torch.as_tensor(rotation_matrix(self.n, self.cfg), device=self.device).to(self.dtype)
+
+
 def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
     device = torch.device(device) if device is not None else None
     W = _shared_tensor(W, device)
@@ -410,15 +473,14 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     maxq, width = cfg.maxq, cfg.group_width(n)
     dynamic_groups = is_dynamic(cfg)
 
-    rot = None
+    rot = rotate = None
     if cfg.rotation:  # y = W x = (W R^T)(R x); transposed: W0t <- R W0t, H <- R H R^T
-        from .gptq import rotation_matrix
-
-        rot = torch.as_tensor(rotation_matrix(n, cfg), device=W0t.device).to(dtype)
-        W0t = rot @ W0t
-        H = rot @ H @ rot.T
+        rotate = _Rotation(n, cfg, W0t.device, dtype)
+        rot = rotate.matrix()
+        W0t = rotate(W0t)
+        H = rotate(rotate(H).T)  # R (R H)^T = R H R^T for a symmetric H
         H = (H + H.T) / 2
-        dXXT = rot @ dXXT @ rot.T if gptaq else None
+        dXXT = rotate(rotate(dXXT).T).T if gptaq else None  # R dXXT R^T
 
     row_grid = grid_of(W0t, cfg, dim=0) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
@@ -539,7 +601,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
         weight = original_order(W0t, St.view(rows, n))
         codes = original_order(codes_t, W0t.view(rows, n)).to(torch.int32)
     return QuantResult(
-        weight=weight if rot is None else weight @ rot,
+        weight=weight if rotate is None else rotate.back(weight),
         codes=codes,
         scales=scales_t,
         zeros=zeros_t if cfg.ternary else zeros_t.to(torch.int32),
@@ -559,12 +621,11 @@ def rtn_quantize_torch(W, cfg: QuantConfig, device=None, dtype=torch.float32) ->
     W = _to_tensor(W, torch.device(device) if device is not None else None, dtype)
     checks.check_finite("W", bool(torch.isfinite(W).all()))
     rows, n = W.shape
-    rot = None
+    rot = rotate = None
     if cfg.rotation:
-        from .gptq import rotation_matrix
-
-        rot = torch.as_tensor(rotation_matrix(n, cfg), device=W.device).to(dtype)
-        W = W @ rot.T
+        rotate = _Rotation(n, cfg, W.device, dtype)
+        rot = rotate.matrix()
+        W = rotate(W.T).T.contiguous()  # W R^T
     width = cfg.group_width(n)
     Q = torch.empty_like(W)
     codes = torch.empty((rows, n), device=W.device, dtype=torch.int32)
@@ -578,7 +639,7 @@ def rtn_quantize_torch(W, cfg: QuantConfig, device=None, dtype=torch.float32) ->
         zeros.append(zero)
     zeros_t = torch.stack(zeros, dim=1)
     return QuantResult(
-        weight=Q if rot is None else Q @ rot,
+        weight=Q if rotate is None else rotate.back(Q),
         codes=codes,
         scales=torch.stack(scales, dim=1),
         zeros=zeros_t if cfg.ternary else zeros_t.to(torch.int32),

@@ -67,26 +67,66 @@ def _uniform(xmin: np.ndarray, xmax: np.ndarray, bits: int, sym: bool) -> tuple[
     return scale, zero
 
 
+# A row skips a candidate grid whose clipping of the row's largest or smallest weight alone costs more than
+# the row's best error so far, by PRUNE_MARGIN (relative: far above float rounding). See _mse_search.
+PRUNE_MARGIN = 1e-4
+
+
+def _clip_ends(s, z, maxq: int, ternary: bool):
+    """The largest and smallest grid values, where weights beyond them are clipped to, computed as the
+    search's q computes them: (maxq - z) s and (0 - z) s; ternary: xmax (s) and xmin (z)."""
+    return (s, z) if ternary else ((maxq - z) * s, (0 - z) * s)
+
+
+def norm_power(e: np.ndarray, norm: float) -> np.ndarray:
+    """e^norm for e >= 0, in place: exp(norm log e) for a fractional norm (cheaper than pow with a
+    non-integer exponent, equal up to float rounding; docs/performance.md), e ** norm for a whole norm."""
+    if float(norm).is_integer():
+        return e**norm
+    with np.errstate(divide="ignore"):  # log(0) = -inf, exp(-inf) = 0
+        np.log(e, out=e)
+    e *= norm
+    return np.exp(e, out=e)
+
+
 def _mse_search(w, xmin, xmax, scale, zero, bits, sym, norm, ternary):
     """The reference's search: for p = 1, 0.99, ..., 0.21, the grid of the range [p xmin, p xmax]; each row
-    keeps the first p with the least sum |w - q|^norm (a later p must be strictly better)."""
+    keeps the first p with the least sum |w - q|^norm (a later p must be strictly better).
+
+    Same result, less work: a weight beyond the grid's end t_hi = (maxq - z) s is clipped to t_hi, so a
+    row's error is at least (max w - t_hi)^norm when its largest weight is beyond it (and likewise for its
+    smallest weight and t_lo). A row whose bound exceeds its best error so far cannot take this p and skips
+    it (the small p clip too much); the quantization and its power (norm_power), which dominate the search,
+    run on the other rows only. tests/test_engine_methods.py checks the result against the full search.
+    """
     maxq = 2**bits - 1
     best = np.full(w.shape[0], np.inf)
     scale, zero = scale.copy(), zero.copy()
+    w_max, w_min = w.max(axis=1), w.min(axis=1)
     for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
         p = 1 - i / MSE_GRID
         if ternary:
             s1, z1 = p * xmax, p * xmin
-            q = dequantize(ternary_codes(w, s1[:, None], z1[:, None]), s1[:, None], z1[:, None], ternary=True)
-        else:  # plain rounding, as the reference's search: ties only move the error, not the codes
+        else:
             s1, z1 = _uniform(p * xmin, p * xmax, bits, sym)
-            s, z = s1[:, None], z1[:, None]
-            q = (np.clip(np.round(w / s) + z, 0, maxq) - z) * s
-        err = np.sum(np.abs(q - w) ** norm, axis=1)
-        better = err < best
-        best[better] = err[better]
-        scale[better] = s1[better]
-        zero[better] = z1[better]
+        t_hi, t_lo = _clip_ends(s1, z1, maxq, ternary)
+        bound = norm_power(np.maximum(w_max - t_hi, 0.0), norm)
+        bound += norm_power(np.maximum(t_lo - w_min, 0.0), norm)
+        rows = np.flatnonzero(bound <= best * (1 + PRUNE_MARGIN))
+        if rows.size == 0:
+            continue
+        wr = w if rows.size == w.shape[0] else w[rows]
+        s, z = s1[rows, None], z1[rows, None]
+        if ternary:
+            q = dequantize(ternary_codes(wr, s, z), s, z, ternary=True)
+        else:  # plain rounding, as the reference's search: ties only move the error, not the codes
+            q = (np.clip(np.round(wr / s) + z, 0, maxq) - z) * s
+        err = np.sum(norm_power(np.abs(q - wr), norm), axis=1)
+        better = err < best[rows]
+        won = rows[better]
+        best[won] = err[better]
+        scale[won] = s1[won]
+        zero[won] = z1[won]
     return scale, zero
 
 

@@ -17,11 +17,22 @@ So n = 2^a 12^b 20^c is a dense Hadamard order. Any other n gets a block-diagona
 the largest constructible m dividing n (11008 = 43 * 256 -> 43 blocks of 256), each block with its
 own signs. An outlier then spreads only within its block, so max / rms drops to sqrt(n / m), not 1.
 For odd n, m = 1 and R is just diag(s): a sign flip, orthogonal but spreading nothing.
+
+Applying R without forming it (hadamard_apply; rotate_weight, rotate_hessian and unrotate_weight for the
+three products the engines need): R x = H_m (d * x) block by block, with d = s / sqrt(m). H_m is a
+Kronecker product of its factors (2 x 2 Sylvester steps, then the Paley matrices), so x of one block,
+reshaped to one axis per factor, is transformed one axis at a time. The factors are grouped, in order,
+into pieces of order <= PIECE_ORDER (hadamard_pieces: 576 -> 48, 12; 1536 -> 32, 48; 4096 -> 64, 64), each
+applied as one small matmul along its axis: m * (k_1 + k_2 + ...) multiply-adds per vector instead of m^2,
+O(m log m) for the power-of-two part at a fixed piece order (a radix-64 Walsh-Hadamard transform: pieces
+of up to 64 keep the matmuls efficient, where radix-2 butterflies pass over memory once per factor 2).
+The same code runs on NumPy arrays and torch tensors (the torch engine passes torch.matmul and its own
+pieces); the result equals the dense R's product up to float rounding (tests/test_engine_rotation.py).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -89,11 +100,16 @@ def hadamard_construction(n: int) -> str:
     return f"block-diagonal: {n // m} blocks of {m} ({name}) = {n}"
 
 
-def hadamard_rotation(n: int, seed: int = 0) -> np.ndarray:
-    """The randomized Hadamard rotation R (n, n), float64, orthogonal; deterministic in (n, seed)."""
+def _signs(n: int, seed: int) -> np.ndarray:
+    """The random signs s (n,) of the rotation, float64 +-1."""
     if n < 1:
         raise ValueError(f"hadamard_rotation: n must be >= 1, got {n}")
-    signs = np.random.default_rng(seed).integers(0, 2, size=n) * 2.0 - 1.0
+    return np.random.default_rng(seed).integers(0, 2, size=n) * 2.0 - 1.0
+
+
+def hadamard_rotation(n: int, seed: int = 0) -> np.ndarray:
+    """The randomized Hadamard rotation R (n, n), float64, orthogonal; deterministic in (n, seed)."""
+    signs = _signs(n, seed)
     m = _block_order(n)
     H = hadamard_matrix(m)
     if m == n:
@@ -103,3 +119,114 @@ def hadamard_rotation(n: int, seed: int = 0) -> np.ndarray:
         block = slice(start, start + m)
         R[block, block] = H * (signs[block] / np.sqrt(m))
     return R
+
+
+# ---- the fast transform: R X without R
+
+PIECE_ORDER = 64  # the largest piece of H_m applied as one matmul (see the module doc)
+
+
+def _atoms(m: int) -> list[int]:
+    """H_m's Kronecker factors in hadamard_matrix's order: a 2 for each Sylvester step, then 12s, then 20s."""
+    a, b, c = _factors(m)
+    return [2] * a + [12] * b + [20] * c
+
+
+@lru_cache(maxsize=64)
+def _piece_orders(m: int) -> tuple[int, ...]:
+    """H_m's factors grouped in order into the fewest pieces of order <= PIECE_ORDER; among those groupings,
+    the one with the smallest largest piece."""
+    atoms = _atoms(m)
+
+    @cache
+    def best(i: int) -> tuple[int, int, tuple[int, ...]]:  # (pieces, largest, orders) for atoms[i:]
+        if i == len(atoms):
+            return 0, 0, ()
+        options = []
+        k = 1
+        for j in range(i, len(atoms)):
+            k *= atoms[j]
+            if k > PIECE_ORDER and j > i:
+                break
+            count, largest, rest = best(j + 1)
+            options.append((count + 1, max(largest, k), (k, *rest)))
+        return min(options)
+
+    return best(0)[2]
+
+
+@lru_cache(maxsize=64)
+def hadamard_pieces(m: int) -> tuple[np.ndarray, ...]:
+    """H_m as a Kronecker product of pieces (int8, read-only): H_m = kron(pieces[0], pieces[1], ...);
+    () for m = 1."""
+    atoms, pieces = _atoms(m), []
+    for k in _piece_orders(m) if m > 1 else ():
+        piece, order = np.ones((1, 1), dtype=np.int8), 1
+        while order < k:
+            q = atoms.pop(0)
+            if q == 2:
+                piece = np.block([[piece, piece], [piece, -piece]])  # Sylvester, as hadamard_matrix
+            else:
+                piece = np.kron(piece, paley_hadamard(q - 1))
+            order *= q
+        piece.setflags(write=False)
+        pieces.append(piece)
+    return tuple(pieces)
+
+
+def hadamard_scales(n: int, seed: int = 0) -> np.ndarray:
+    """d = s / sqrt(m) (n,), float64: R = blockdiag(H_m) diag(d), the signs with the scale folded in."""
+    return _signs(n, seed) / np.sqrt(_block_order(n))
+
+
+def fast_hadamard(X, pieces, d, transpose: bool = False, matmul=np.matmul):
+    """R X (transpose: R^T X) along X's first axis, for R = blockdiag(kron(pieces)) diag(d).
+
+    X (n, ...) a NumPy array or a torch tensor; pieces and d of X's kind, dtype and device (hadamard_pieces,
+    hadamard_scales); matmul: np.matmul or torch.matmul. Each piece of order k acts on its own axis of X
+    reshaped to (blocks, k_1, ..., k_t, rest): one matmul (k, k) @ (before, k, after) per piece."""
+    shape = X.shape
+    n = shape[0]
+    Y = X.reshape(n, -1)
+    if not transpose:
+        Y = Y * d[:, None]
+    before = n
+    for p in pieces:
+        before //= p.shape[0]
+    for p in pieces:
+        k = p.shape[0]
+        Y = matmul(p.T if transpose else p, Y.reshape(before, k, -1))
+        before *= k
+    Y = Y.reshape(n, -1)
+    if transpose:
+        Y = Y * d[:, None]
+    return Y.reshape(shape)
+
+
+def hadamard_parts(n: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """(pieces, d) with hadamard_rotation(n, seed) = blockdiag(kron(pieces), ...) diag(d): fast_hadamard's
+    arguments (pieces int8: convert them to the data's dtype)."""
+    return hadamard_pieces(_block_order(n)), hadamard_scales(n, seed)
+
+
+def hadamard_apply(X: np.ndarray, seed: int = 0, transpose: bool = False) -> np.ndarray:
+    """R X (transpose: R^T X) along the first axis of X (n, ...), R = hadamard_rotation(n, seed), without
+    forming R; float64."""
+    X = np.asarray(X, dtype=np.float64)
+    pieces, d = hadamard_parts(X.shape[0], seed)
+    return fast_hadamard(X, tuple(p.astype(np.float64) for p in pieces), d, transpose)
+
+
+def rotate_weight(W: np.ndarray, seed: int = 0) -> np.ndarray:
+    """W R^T (rows of W rotated: each row w -> R w), W (rows, n)."""
+    return np.ascontiguousarray(hadamard_apply(np.asarray(W).T, seed).T)
+
+
+def rotate_hessian(H: np.ndarray, seed: int = 0) -> np.ndarray:
+    """R H R^T (also for a non-symmetric H: GPTAQ's dXXT)."""
+    return np.ascontiguousarray(hadamard_apply(hadamard_apply(H, seed).T, seed).T)
+
+
+def unrotate_weight(Q: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Q R: back to the original basis (each row q -> R^T q)."""
+    return np.ascontiguousarray(hadamard_apply(np.asarray(Q).T, seed, transpose=True).T)
