@@ -14,14 +14,21 @@ Two schedules give the same result:
   * the paper's loop (single_pass=False, in batches of batch_size): one pass per group (stopped after the
     group's last linear) plus a final pass for the outputs: ~2.7 block forwards per block, but only a
     batch of activations alive at a time.
+GPTAQ (gptaq_alpha > 0) also needs every linear's input in the full-precision model, for the same tokens.
+The single pass first runs each block with its original weights over all samples, keeping each group's
+input (one tensor per group: q/k/v share one, gate/up share one), then the quantized pass pairs it with
+its own input for dXXT and drops it: two block forwards per block. The loop runs a copy of the block with
+the original weights beside each of its passes (~2.7 forwards of each stream per block).
 RTN needs no data: without calib_ids it quantizes every linear directly; with them it runs the same
 schedule only to fill the per-layer report (Hessian statistics, output errors).
 
 Memory: the model + two (nsamples, seqlen, hidden) float32 buffers (block inputs and outputs; SmolLM2 at
-128 x 512: 2 x 151 MB) + one group's Hessian (at most 1536^2 floats = 9.4 MB for SmolLM2) + the
-activations of one block: for the whole calibration set in single-pass mode (about
-nsamples*seqlen*(3*intermediate + 8*hidden)*4 bytes; single_pass=None only picks it when that is under
-min(4 GiB, 30% of free RAM), or 25% of free GPU memory), for one batch otherwise.
+128 x 512: 2 x 151 MB; GPTAQ: three in the single pass, four in the loop) + one group's Hessian (at most
+1536^2 floats = 9.4 MB for SmolLM2; GPTAQ's dXXT doubles it) + the activations of one block: for the whole
+calibration set in single-pass mode (about nsamples*seqlen*(3*intermediate + 8*hidden)*4 bytes; GPTAQ
+adds the kept full-precision inputs, at most nsamples*seqlen*(3*hidden + intermediate)*4 bytes, reported
+as memory["gptaq_fp_inputs_bytes"]; single_pass=None only picks it when all that is under min(4 GiB, 30%
+of free RAM), or 25% of free GPU memory), for one batch otherwise.
 
 The model is changed in place (pass inplace=False to work on a copy). On cancel or any error the
 original weights are put back, so a half-quantized model is never left behind.
@@ -89,7 +96,8 @@ def quantize_model(
     single_pass: true-sequential in ONE forward pass per block: all samples go through the block as one
     batch and each group is quantized by a pre-hook the moment its input arrives, before its own forward
     (the paper's code needs one pass per group plus one). Same result, ~2.5x fewer block forwards, but the
-    activations of the whole calibration set are alive at once. None = when they fit in memory.
+    activations of the whole calibration set are alive at once. None = when they fit in memory. GPTAQ
+    too: one more forward per block with the original weights gives each group's full-precision input.
     cancel: a threading.Event or a callable returning True to stop; raises QuantizationCancelled after
     restoring the original weights. cache_dir: reuse / store results (and Hessians, if save_hessians)
     keyed by sha256 of (model weights, calibration ids, config, method, overrides).
@@ -116,15 +124,15 @@ def quantize_model(
             return qm
 
     device = torch.device(device) if device is not None else home
-    # GPTAQ carries the full-precision activations beside the quantized ones: the paper's loop does that
+    # GPTAQ carries the full-precision activations beside the quantized ones (both schedules do)
     gptaq = method == "gptq" and any(c.gptaq_alpha > 0 for c in cfgs.values())
     if single_pass is None:
-        single_pass = calib_ids is not None and _single_pass_fits(model, *calib_ids.shape, device)
+        single_pass = calib_ids is not None and _single_pass_fits(model, *calib_ids.shape, device, gptaq)
     job = _Job(
         qm=qm, adapter=adapter, cfgs=cfgs, device=device, home=home, batch_size=batch_size,
         progress=progress, cancel=cancel, hessian_condition=hessian_condition,
         keep_hessians=save_hessians and cache_dir is not None,
-        single_pass=bool(single_pass and true_sequential and not gptaq), gptaq=gptaq, compact=COMPACT_RESULTS,
+        single_pass=bool(single_pass and true_sequential), gptaq=gptaq, compact=COMPACT_RESULTS,
     )  # fmt: skip
     _run_or_restore(job, blocks, calib_ids, len(names))
     qm.seconds = time.perf_counter() - t_start

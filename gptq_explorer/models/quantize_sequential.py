@@ -1,6 +1,7 @@
 """The sequential method, block by block (see models/quantize.py for the whole story): Hessian collection with
 hooks, one layer's quantization and report, and the two schedules that give the same result: the single
-pass (one block forward, a pre-hook quantizes each group as its input arrives) and the paper's loop (one
+pass (one block forward, a pre-hook quantizes each group as its input arrives; GPTAQ first runs the block
+once more with its original weights, keeping each group's full-precision input) and the paper's loop (one
 pass per group plus one for the outputs). RTN without data quantizes every linear directly."""
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ class _GroupCollector:
         self.device = device
         self.hessians: dict[str, Any] = {}
         self._inputs: dict[str, torch.Tensor] = {}
+        self.peak_bytes = 0  # the most one batch's inputs kept alive (GPTAQ reports it for the FP stream)
 
     def hook(self, call: HookCall) -> None:
-        self._inputs[call.name] = call.input.detach()
+        # the very tensor, not a .detach() of it (a new object each call): flush() tells a shared input by
+        # identity (no gradients here: every pass runs under torch.no_grad)
+        self._inputs[call.name] = call.input
         if len(self._inputs) == len(self.modules):
+            self.peak_bytes = max(self.peak_bytes, _distinct_bytes(self._inputs.values()))
             raise StopForward
 
     def flush(self, fp_inputs: dict | None = None) -> None:
@@ -68,6 +73,15 @@ class _GroupCollector:
         self._inputs.clear()
         if fp_inputs is not None:
             fp_inputs.clear()
+
+
+def _distinct_bytes(tensors) -> int:
+    """Memory the tensors keep alive: each storage once (k, v, q see the very same input)."""
+    storages = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,18 +119,21 @@ def _output_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[f
     return err / (2 * W.shape[0]), (err / ref if ref > 0 else 0.0)
 
 
-def _forward_pass(block, inps, kwargs_dev, device, batch_size, cancel, collector=None, out=None, fp=None):
+def _forward_pass(block, inps, kwargs_dev, device, batch_size, cancel, collector=None, out=None, fp=None,
+                  tm=None):
     """Run block over all samples in batches; with a collector, feed its Hessians (the pass stops after the
     group's last linear); with out, store the block's outputs. fp (GPTAQ): (full-precision block, its
     inputs, a collector of its linears' inputs), run on the same batch first, so each Hessian also gets
-    the full-precision inputs of the same tokens."""
+    the full-precision inputs of the same tokens; its time goes to tm["forward_fp"]."""
     for i in range(0, inps.shape[0], batch_size):
         if _cancelled(cancel):
             raise QuantizationCancelled("cancelled")
         if fp is not None:
             fp_block, fp_inps, fp_coll = fp
+            t0 = time.perf_counter()
             with hooks(fp_coll.modules, fp_coll.hook):
                 run_until_stopped(run_block, fp_block, fp_inps[i : i + batch_size].to(device), kwargs_dev)
+            tm["forward_fp"] = tm.get("forward_fp", 0.0) + time.perf_counter() - t0
         x = inps[i : i + batch_size].to(device)
         y = run_until_stopped(run_block, block, x, kwargs_dev)
         if collector is not None:
@@ -198,18 +215,21 @@ def _rtn_without_data(job: _Job, blocks):
                 _quantize_layer(job, f"{ad.block_prefix(i)}.{rel}", i, gi, linears[rel])
 
 
-def _single_pass_bytes(model, nsamples: int, seqlen: int) -> int:
-    """Rough peak activation memory of one block run on the whole calibration set at once (float32)."""
+def _single_pass_bytes(model, nsamples: int, seqlen: int, gptaq: bool = False) -> int:
+    """Rough peak activation memory of one block run on the whole calibration set at once (float32);
+    gptaq: plus the full-precision inputs kept for the quantized pass (q/k/v, o, gate/up: hidden each,
+    down: intermediate) and the full-precision stream's hidden states."""
     c = model.config
     hidden = c.hidden_size
     inter = next(
         (v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(c, k, None))), 4 * hidden
     )
-    return nsamples * seqlen * (3 * inter + 8 * hidden) * 4
+    per_token = 3 * inter + 8 * hidden + (inter + 4 * hidden if gptaq else 0)
+    return nsamples * seqlen * per_token * 4
 
 
-def _single_pass_fits(model, nsamples: int, seqlen: int, device) -> bool:
-    need = _single_pass_bytes(model, nsamples, seqlen)
+def _single_pass_fits(model, nsamples: int, seqlen: int, device, gptaq: bool = False) -> bool:
+    need = _single_pass_bytes(model, nsamples, seqlen, gptaq)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return need <= 0.25 * free
@@ -220,37 +240,80 @@ def _single_pass_fits(model, nsamples: int, seqlen: int, device) -> bool:
     return need <= min(4 << 30, 0.3 * avail)
 
 
-def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, bar):
-    """Quantize one block in a single forward over all samples: a pre-hook on each group's linears
-    collects the Hessian from the group's input and quantizes the whole group before the first of them
-    runs, so everything downstream already sees quantized weights (true-sequential semantics)."""
-    from ..engine import Hessian
-
-    ad, qm, device = job.adapter, job.qm, job.device
-    seen: dict[int, torch.Tensor] = {}  # group index -> its input (the members must all share it)
-    spent = {"q": 0.0, "h": 0.0}
-
+def _group_input_hook(job: _Job, i, groups, on_first):
+    """A pre-hook for a single pass over block i: on_first(gi, x) with the input of group gi the first
+    time one of its linears runs; a later member must get the very same tensor (the single pass gives
+    a group one Hessian, built before any member runs)."""
     group_of = {r: gi for gi, g in enumerate(groups) for r in g}
+    seen: dict[int, torch.Tensor] = {}
 
     def before_linear(call: HookCall) -> None:
-        gi, rel = group_of[call.name], call.name
-        x = call.input
+        gi, x = group_of[call.name], call.input
         if gi in seen:
             if x is not seen[gi]:
                 raise RuntimeError(
-                    f"{ad.block_prefix(i)}.{rel} does not share its input with the rest of its group "
-                    f"{groups[gi]}; run quantize_model with single_pass=False"
+                    f"{job.adapter.block_prefix(i)}.{call.name} does not share its input with the rest of "
+                    f"its group {groups[gi]}; run quantize_model with single_pass=False"
                 )
             return
         job.check_cancel()
         seen[gi] = x
+        on_first(gi, x)
+
+    return before_linear, seen
+
+
+def _fp_pass_block(job: _Job, i, block, linears, groups, fp_inps, extra, tm):
+    """GPTAQ's full-precision stream in the single pass: block i, its weights still the original ones, run
+    once over all samples; returns ({group: (its input, that tensor's version)}, the block's outputs). The
+    quantized pass then pairs each kept input with its own for dXXT, so the full-precision block never has
+    to run again, nor be copied."""
+    kept: dict[int, tuple] = {}
+    # with its version: an in-place write later in the block would make it something else than the input
+    hook, _ = _group_input_hook(job, i, groups, lambda gi, x: kept.__setitem__(gi, (x, x._version)))
+    t0 = time.perf_counter()
+    with hooks({r: linears[r] for g in groups for r in g}, hook, when="before"):
+        job.check_cancel()
+        out = run_block(block, fp_inps.to(job.device), extra)
+    spent = time.perf_counter() - t0
+    tm["forward"] += spent
+    tm["forward_fp"] = tm.get("forward_fp", 0.0) + spent
+    mem, kept_bytes = job.qm.memory, _distinct_bytes(x for x, _ in kept.values())
+    mem["gptaq_fp_inputs_bytes"] = max(mem["gptaq_fp_inputs_bytes"], kept_bytes)
+    return kept, out.to(fp_inps.device)
+
+
+def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, bar, fp_in=None):
+    """Quantize one block in a single forward over all samples: a pre-hook on each group's linears
+    collects the Hessian from the group's input and quantizes the whole group before the first of them
+    runs, so everything downstream already sees quantized weights (true-sequential semantics).
+    fp_in (GPTAQ): the groups' full-precision inputs from _fp_pass_block, for each Hessian's dXXT; each is
+    dropped once its group is quantized."""
+    from ..engine import Hessian
+
+    ad, qm, device = job.adapter, job.qm, job.device
+    spent = {"q": 0.0, "h": 0.0}
+
+    def quantize_group(gi: int, x: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        H = Hessian(x.shape[-1], backend="torch", device=device).add_batch(x).H
+        h = Hessian(x.shape[-1], backend="torch", device=device)
+        dXXT = None
+        if fp_in is None:
+            h.add_batch(x)
+        else:
+            x_fp, version = fp_in.pop(gi)
+            if x_fp._version != version:  # a later op of the block wrote into it: no longer its input
+                raise RuntimeError(f"block {i}: the full-precision input of {groups[gi]} was changed in "
+                                   "place after they ran; run quantize_model with single_pass=False")
+            dXXT = h.add_batch(x, X_fp=x_fp).dXXT
+            del x_fp
+        H = h.H
         spent["h"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         owner = f"{ad.block_prefix(i)}.{groups[gi][0]}"
         stats = _hessian_stats(H, job.cfgs[owner].damp_percent, job.hessian_condition)
-        qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], H.numel() * 4)
+        group_bytes = H.numel() * 4 + (0 if dXXT is None else dXXT.numel() * 4)
+        qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], group_bytes)
         if job.keep_hessians:
             job.hessians[owner] = H.detach().cpu()
         for r in groups[gi]:
@@ -258,11 +321,12 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
             bar.set_postfix_str(name)
             if name != owner:
                 job.alias[name] = owner
-            _quantize_layer(job, name, i, gi, linears[r], H, dict(stats))
+            _quantize_layer(job, name, i, gi, linears[r], H, dict(stats), dXXT)
         spent["q"] += time.perf_counter() - t0
 
+    hook, seen = _group_input_hook(job, i, groups, quantize_group)
     t0 = time.perf_counter()
-    with hooks({r: linears[r] for g in groups for r in g}, before_linear, when="before"):
+    with hooks({r: linears[r] for g in groups for r in g}, hook, when="before"):
         job.check_cancel()
         out = run_block(block, inps.to(device), extra)
     missing = [g for gi, g in enumerate(groups) if gi not in seen]
@@ -319,8 +383,11 @@ def _papers_loop_block(job: _Job, i, block, linears, groups, inps, outs, extra, 
             fp_linears = job.adapter.linears(fp_block)
             fp_pass = (fp_block, fp[0], _GroupCollector({rel: fp_linears[rel] for rel in group}, device))
         with hooks(coll.modules, coll.hook):
-            _forward_pass(block, inps, extra, device, bs, job.cancel, collector=coll, fp=fp_pass)
+            _forward_pass(block, inps, extra, device, bs, job.cancel, collector=coll, fp=fp_pass, tm=tm)
         tm["forward"] += time.perf_counter() - t0
+        if fp_pass is not None:
+            mem = job.qm.memory
+            mem["gptaq_fp_inputs_bytes"] = max(mem["gptaq_fp_inputs_bytes"], fp_pass[2].peak_bytes)
         t0 = time.perf_counter()
         _quantize_group(job, i, gi, group, linears, coll, bar)
         del coll, fp_pass  # free the group's Hessians before the next group collects its own
@@ -328,13 +395,18 @@ def _papers_loop_block(job: _Job, i, block, linears, groups, inps, outs, extra, 
     t0 = time.perf_counter()
     _forward_pass(block, inps, extra, device, bs, job.cancel, out=outs)  # the next block's inputs
     if fp is not None:
+        t1 = time.perf_counter()
         _forward_pass(fp_block, fp[0], extra, device, bs, job.cancel, out=fp[1])
+        tm["forward_fp"] = tm.get("forward_fp", 0.0) + time.perf_counter() - t1
     tm["forward"] += time.perf_counter() - t0
 
 
 def _sequential(job: _Job, blocks, calib_ids):
     """Catch block 0's inputs, then quantize the blocks in order, each calibrated on the outputs of the
-    (already quantized) blocks before it; per block, the single pass or the paper's loop."""
+    (already quantized) blocks before it; per block, the single pass or the paper's loop. GPTAQ carries
+    the full-precision model's hidden states beside the quantized ones: in the single pass each block runs
+    once on each stream (_fp_pass_block first, while its weights are the original ones); the loop runs a
+    copy of the block beside every pass."""
     from tqdm.auto import tqdm
 
     qm, ad, device, home, bs = job.qm, job.adapter, job.device, job.home, job.batch_size
@@ -345,14 +417,22 @@ def _sequential(job: _Job, blocks, calib_ids):
     # activations stay on the CPU when blocks are streamed to a GPU; otherwise where they are
     inps = caught.hidden.to("cpu") if device != home and device.type == "cuda" else caught.hidden
     outs = None if job.single_pass else torch.empty_like(inps)
-    # GPTAQ: the full-precision model's activations, carried block by block beside the quantized ones
-    fp = (inps.clone(), torch.empty_like(inps)) if job.gptaq else None
+    # GPTAQ: the full-precision model's activations (inputs, outputs), carried block by block beside the
+    # quantized ones; the single pass makes new outputs each block, the loop writes into fixed buffers
+    fp = None
+    if job.gptaq:
+        fp = (inps, None) if job.single_pass else (inps.clone(), torch.empty_like(inps))
     extra = BlockInputs(inps, _to(caught.args, device), _to(caught.kwargs, device))
     del caught
-    qm.memory["activation_buffers_bytes"] = (4 if fp else 2) * inps.numel() * inps.element_size()
+    # hidden-state buffers alive at once: in and out per stream (the single pass's GPTAQ frees the
+    # full-precision inputs before the quantized stream makes its outputs: three)
+    n_buffers = 2 if fp is None else (3 if job.single_pass else 4)
+    qm.memory["activation_buffers_bytes"] = n_buffers * inps.numel() * inps.element_size()
     qm.memory["gptaq_streams"] = 2 if fp else 1
     qm.memory["single_pass"] = job.single_pass
     qm.memory["hessian_bytes_max_group"] = 0
+    if fp is not None:  # the most the full-precision stream's kept linear inputs took at once
+        qm.memory["gptaq_fp_inputs_bytes"] = 0
     groups = ad.groups(qm.true_sequential)
     bar = tqdm(
         total=len(blocks), desc=f"{qm.method} {qm.config.label()}", unit="block", disable=not job.progress
@@ -363,7 +443,11 @@ def _sequential(job: _Job, blocks, calib_ids):
                 block.to(device)
             linears = ad.linears(block)
             if job.single_pass:
-                inps = _single_pass_block(job, i, block, linears, groups, inps, extra, tm, bar)
+                fp_in = None
+                if fp is not None:
+                    fp_in, fp_out = _fp_pass_block(job, i, block, linears, groups, fp[0], extra, tm)
+                    fp = (fp_out, None)
+                inps = _single_pass_block(job, i, block, linears, groups, inps, extra, tm, bar, fp_in)
             else:
                 _papers_loop_block(job, i, block, linears, groups, inps, outs, extra, tm, bar, fp)
                 inps, outs = outs, inps

@@ -32,9 +32,13 @@ One file per run, named by :func:`run_id` (``fp``, ``rtn-w4-g128-sym``, ``gptq-w
                   empty for "fp". RTN without calibration has no Hessian statistics (None).
     timings       {"load", "quantize", "quantize_catch", "quantize_forward", "quantize_hessian",
                   "quantize_quantize", "eval_<corpus>", "samples", "total"}: seconds (absent keys: step
-                  not run)
+                  not run); GPTAQ adds "quantize_forward_fp", the full-precision stream's share of
+                  quantize_forward
     memory        {"peak_rss_bytes", "activation_buffers_bytes", "hessian_bytes_max_group",
-                  "single_pass"} for quantized runs; {} for "fp"
+                  "single_pass"} for quantized runs; {} for "fp". Runs on calibration data also have
+                  "gptaq_streams" (2 for GPTAQ), GPTAQ runs "gptaq_fp_inputs_bytes" (the most the FP
+                  linears' inputs kept for dXXT took at once: a block's in the single pass, a batch of
+                  one group's in the paper's loop)
     export        None, or {"folder", "summary"} when the run saved a checkpoint
     environment   {"torch", "transformers", "python", "gptq_explorer", "git" (commit, "+dirty" when the
                   package differed from it), "platform", "cpu_count", "load_average", "device" (where
