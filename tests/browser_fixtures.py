@@ -21,6 +21,9 @@ file that uses them, and none for a file that does not):
             of that skip: a file with a fixture of its own that needs a browser asks for `chromium`).
   browser   headless Chromium driven by Playwright (browser_helpers.launch_chromium). A file may define its
             own `browser` (test_site_browser.py does: it writes its timings at teardown), which overrides it.
+  site      the static Layer Lab (docs/site.md) exported into a temporary folder from the offline SmolLM2:
+            the layers named by the test file's SITE_LAYERS ("0:self_attn.q_proj" if it names none); skips
+            where the offline model is not converted.
   voila     a standalone Voila server on loopback (browser_helpers.VoilaServer) serving
             notebooks/explorer.ipynb with notebooks/voila.json, culling shortened to CULL_IDLE / CULL_INTERVAL
             (s) and connected kernels never culled; clears artifacts/browser/*.png when it starts, logs to
@@ -29,6 +32,7 @@ file that uses them, and none for a file that does not):
 
 Helpers:
   ARTIFACTS        artifacts/browser: screenshots, logs, timings
+  VIEWPORTS        the room's screens, (width, height): a projector, laptops, a notebook's width
   PAGE_TIMEOUT     s a page may take to open on a loaded machine; MODEL_TIMEOUT: s for the offline model
   note_timing(key, seconds)   record a timing (TIMINGS, written to timings.json) and print it
   wait_on_page(page, predicate, timeout, what)   browser_helpers.wait_until, but a timeout fails with the
@@ -36,6 +40,13 @@ Helpers:
   assert_clean(page, where)   no page error and no error text in the page
   close_page(page) close a page, recording its kernels in CLOSED (test_ui_browser.py checks they are culled)
   diagnose(page)   why a figure may not have followed the kernel, for failure messages
+  fit(page, texts, selects)   what sticks out of the window, and which texts (the elements `texts` selects)
+                   or menus (`selects`) are cut: {scroll, inner, client, measured, wide, cut}
+  serious_violations(page, path)   axe-core on the page as it is (once injected: Axe().axe_script): all
+                   its violations written to path, the serious or critical ones returned
+  open_site(browser, site, hash_, clipboard, viewport)   the static site from file://, drawn, every other
+                   request aborted and recorded (page.outside), page errors in page.errors
+  page_arrays(page)   the site's W, H and codes, exactly (float32 / int32)
 
 docs/testing.md says how the browser tests run; browser_helpers.py has the Voila server, Chromium and
 page-reading helpers these build on (also used by scripts/ and benchmarks/, outside pytest).
@@ -43,11 +54,13 @@ page-reading helpers these build on (also used by scripts/ and benchmarks/, outs
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from browser_helpers import VoilaServer, chromium_path, dump_json, error_texts, launch_chromium, wait_until
 
@@ -57,6 +70,9 @@ ARTIFACTS = ROOT / "artifacts" / "browser"
 CULL_IDLE, CULL_INTERVAL = 30, 5  # s (voila.json: 900 / 60); with less, pages still connecting were culled
 PAGE_TIMEOUT = 150.0  # s: a page opens slowly on a loaded machine (docs/performance.md)
 MODEL_TIMEOUT = 180.0  # s: the offline model's first conversion can take a minute
+VIEWPORTS = ((1280, 720), (1366, 768), (1920, 1080), (1000, 800))  # a projector, laptops, a notebook's width
+SERIOUS = ("serious", "critical")  # axe-core's impacts that fail a test
+SITE_LAYERS = "0:self_attn.q_proj"  # the static site's layers where a test file names none
 
 TIMINGS: dict[str, float] = {}
 CLOSED: list[tuple[str, float]] = []  # (kernel id, monotonic time the page closed)
@@ -112,6 +128,19 @@ def voila(chromium):
         dump_json(ARTIFACTS / "timings.json", TIMINGS)
 
 
+@pytest.fixture(scope="module")
+def site(request, tmp_path_factory):
+    """The static Layer Lab exported from the offline SmolLM2 (the test file's SITE_LAYERS), one per file."""
+    from gptq_explorer.models.cache_folders import offline_model_ready
+    from gptq_explorer.services.site_export import export_site, parse_layers
+
+    if not offline_model_ready():
+        pytest.skip("the offline SmolLM2 is not converted (gptq-explorer prepare)")
+    folder = tmp_path_factory.mktemp("site") / "site"
+    export_site(folder, layers=parse_layers(getattr(request.module, "SITE_LAYERS", SITE_LAYERS)))
+    return folder
+
+
 def note_timing(key: str, seconds: float) -> None:
     TIMINGS[key] = round(seconds, 2)
     print(f"[browser timing] {key}: {seconds:.1f} s")
@@ -148,3 +177,118 @@ def close_page(page) -> None:
     now = time.monotonic()
     for kid in page.kernel_ids:
         CLOSED.append((kid, now))
+
+
+# What sticks out of the window, and which texts or menus are cut (their text wider than their box).
+# Elements inside a box that clips them still count: a clipped control is what the instructor saw. A menu
+# (<select>) is cut when a copy of it at its natural width (its widest option and its arrow) is wider.
+FIT_JS = """({texts, selects}) => {
+  const shown = (e, r = e.getBoundingClientRect()) => r.width > 0 && r.height > 0
+    && getComputedStyle(e).visibility !== 'hidden';
+  const name = (e) => e.tagName + '.' + String(e.className.baseVal ?? e.className).trim().split(/\\s+/)
+    .slice(0, 3).join('.') + (e.id ? '#' + e.id : '') + ' "' + (e.textContent || '').trim().slice(0, 30)
+    + '"';
+  const wide = [], cut = [];
+  let measured = 0;
+  for (const e of document.querySelectorAll('body *')) {
+    const r = e.getBoundingClientRect();  // the style only of what sticks out (a page has thousands of nodes)
+    if (r.right > innerWidth + 1 && shown(e, r) && wide.length < 10) {
+      wide.push(name(e) + ` right=${Math.round(r.right)}`);
+    }
+  }
+  for (const e of document.querySelectorAll(texts)) {
+    if (!shown(e)) continue;
+    measured += 1;
+    if (e.scrollWidth > e.clientWidth + 1 && cut.length < 10) {
+      cut.push(name(e) + ` ${e.scrollWidth}>${e.clientWidth}`);
+    }
+  }
+  for (const e of selects ? document.querySelectorAll(selects) : []) {
+    if (!shown(e)) continue;
+    measured += 1;
+    const twin = e.cloneNode(true);
+    twin.removeAttribute('id');
+    twin.style.cssText = 'position:absolute;visibility:hidden;width:auto;min-width:0;max-width:none';
+    document.body.appendChild(twin);
+    const need = twin.getBoundingClientRect().width, has = e.getBoundingClientRect().width;
+    twin.remove();
+    if (need > has + 1 && cut.length < 10) cut.push(name(e) + ` ${Math.round(need)}>${Math.round(has)}`);
+  }
+  return { scroll: document.scrollingElement.scrollWidth, inner: innerWidth,
+           client: document.documentElement.clientWidth, measured, wide, cut };
+}"""
+
+
+def fit(page, texts: str, selects: str = "") -> dict:
+    """FIT_JS on the page: {scroll (the document's scrollWidth), inner (the window's width), client (the
+    width the page lays out in, without a scroll bar), measured (texts and menus looked at), wide (what
+    sticks out of the window), cut (texts and menus cut)}."""
+    return page.evaluate(FIT_JS, {"texts": texts, "selects": selects})
+
+
+def serious_violations(page, path: Path) -> list[str]:
+    """axe-core on the page as it is now (inject it first, once: page.evaluate(Axe().axe_script)): every
+    violation goes to path; the serious or critical ones come back as 'id (impact): targets'."""
+    violations = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")["violations"]
+    dump_json(path, {"violations": violations})
+    return [f"{v['id']} ({v['impact']}): {[n['target'] for n in v['nodes'][:3]]}" for v in violations
+            if v["impact"] in SERIOUS]
+
+
+# ---- the static site (docs/site.md), opened from file://
+
+# navigator.clipboard.writeText stood in for before the page loads: it records the text (or refuses)
+CLIPBOARD_JS = """(refuse) => {
+  window.__copied = [];
+  Object.defineProperty(navigator, 'clipboard', {configurable: true, value: {
+    writeText: (text) => refuse ? Promise.reject(new DOMException('denied', 'NotAllowedError'))
+                                : (window.__copied.push(text), Promise.resolve()),
+  }});
+}"""
+
+# the page's arrays as base64 (float32 / int32 bytes): one transfer, exact
+ARRAYS_JS = """() => {
+  const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let s = "";
+    for (let i = 0; i < u.length; i += 0x8000) {
+      s += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
+    }
+    return btoa(s); };
+  const L = window.gptqExplorer.layer(), c = window.gptqExplorer.codes();
+  return {W: b64(L.W), H: b64(L.H), d_out: L.d_out, d_in: L.d_in, codes: b64(c)};
+}"""
+
+
+def open_site(browser, site: Path, hash_: str = "", clipboard: str | None = None,
+              viewport: tuple[int, int] = (1600, 1100), init_script: str | None = None):
+    """The page from file://, ready (its run drawn, RTN's curve too); any request that is not file:// is
+    aborted and recorded (page.outside), page errors go to page.errors. clipboard: "record" or "refuse"
+    stands in for navigator.clipboard.writeText; init_script runs before the page's own scripts."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.outside, page.errors = [], []
+
+    def route(r):
+        if r.request.url.startswith("file://"):
+            r.continue_()
+        else:
+            page.outside.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    if clipboard:
+        page.add_init_script(f"({CLIPBOARD_JS})({'true' if clipboard == 'refuse' else 'false'})")
+    if init_script:
+        page.add_init_script(init_script)
+    page.goto((site / "index.html").as_uri() + hash_)
+    page.wait_for_function("window.gptqExplorer !== undefined", timeout=30_000)
+    page.evaluate("() => window.gptqExplorer.ready()")
+    return page
+
+
+def page_arrays(page) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    raw = page.evaluate(ARRAYS_JS)
+    o, i = raw["d_out"], raw["d_in"]
+    W = np.frombuffer(base64.b64decode(raw["W"]), dtype="<f4").reshape(o, i)
+    H = np.frombuffer(base64.b64decode(raw["H"]), dtype="<f4").reshape(i, i)
+    codes = np.frombuffer(base64.b64decode(raw["codes"]), dtype="<i4").reshape(o, i)
+    return W, H, codes

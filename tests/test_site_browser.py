@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_fixtures import ARTIFACTS
+from browser_fixtures import ARTIFACTS, open_site, page_arrays
 from browser_helpers import launch_chromium
 
 from gptq_explorer.engine import QuantConfig, gptq_quantize, gptq_steps, rtn_quantize
@@ -25,7 +25,7 @@ from gptq_explorer.services.layer_source import SyntheticSource
 
 pytestmark = pytest.mark.browser
 
-LAYERS = "0:self_attn.q_proj,0:mlp.up_proj"
+SITE_LAYERS = "0:self_attn.q_proj,0:mlp.up_proj"  # the shared `site` fixture exports these
 AGREEMENT = 0.999
 # bits 2/3/4, groups of 128 and per row, sym on/off, desc_act on/off, static groups, damping
 KEYS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent")
@@ -40,29 +40,6 @@ GRID = [dict(zip(KEYS, values)) for values in (
 )]
 TIMINGS: dict = {}
 
-# the page's arrays as base64 (float32 / int32 bytes): one transfer, exact
-ARRAYS_JS = """() => {
-  const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let s = "";
-    for (let i = 0; i < u.length; i += 0x8000) {
-      s += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
-    }
-    return btoa(s); };
-  const L = window.gptqExplorer.layer(), c = window.gptqExplorer.codes();
-  return {W: b64(L.W), H: b64(L.H), d_out: L.d_out, d_in: L.d_in, codes: b64(c)};
-}"""
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    from gptq_explorer.models.cache_folders import offline_model_ready
-    from gptq_explorer.services.site_export import export_site, parse_layers
-
-    if not offline_model_ready():
-        pytest.skip("the offline SmolLM2 is not converted (gptq-explorer prepare)")
-    folder = tmp_path_factory.mktemp("site") / "site"
-    export_site(folder, layers=parse_layers(LAYERS))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def browser(chromium):
@@ -76,35 +53,6 @@ def browser(chromium):
         b.close()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "site_timings.json").write_text(json.dumps(TIMINGS, indent=1) + "\n")
-
-
-def open_site(browser, site: Path, hash_: str = ""):
-    """The page from file://; any request that is not file:// is aborted and recorded."""
-    page = browser.new_page(viewport={"width": 1600, "height": 1100})
-    page.outside, page.errors = [], []
-
-    def route(r):
-        if r.request.url.startswith("file://"):
-            r.continue_()
-        else:
-            page.outside.append(r.request.url)
-            r.abort()
-
-    page.route("**/*", route)
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    page.goto((site / "index.html").as_uri() + hash_)
-    page.wait_for_function("window.gptqExplorer !== undefined", timeout=30_000)
-    page.evaluate("() => window.gptqExplorer.ready()")
-    return page
-
-
-def page_arrays(page) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    raw = page.evaluate(ARRAYS_JS)
-    o, i = raw["d_out"], raw["d_in"]
-    W = np.frombuffer(base64.b64decode(raw["W"]), dtype="<f4").reshape(o, i)
-    H = np.frombuffer(base64.b64decode(raw["H"]), dtype="<f4").reshape(i, i)
-    codes = np.frombuffer(base64.b64decode(raw["codes"]), dtype="<i4").reshape(o, i)
-    return W, H, codes
 
 
 def test_page_codes_equal_the_numpy_engine(browser, site):
@@ -176,7 +124,57 @@ def test_state_in_the_address_and_the_animation(browser, site):
         page.evaluate("() => window.gptqExplorer.ready()")
         drawn = page.evaluate("() => document.querySelector('#figure').gptqState")
         assert drawn["n"] == 576 and page.evaluate("() => window.gptqExplorer.layer().d_out") == 1536
+        # grids in a row, none waited for: RTN's Gram matrices are made one at a time, the last grid's after
+        # the one in progress (the first frame waits for it), and RTN's numbers are that grid's
+        page.evaluate("() => { const x = window.gptqExplorer; x.set({bits: 3}); x.set({bits: 2}); }")
+        page.evaluate("() => window.gptqExplorer.set({bits: 5, sym: false})")
+        state = page.evaluate("() => window.gptqExplorer.state()")
+        W = page_arrays(page)[0].astype(np.float64)
+        cfg = QuantConfig(**{k: state[k] for k in KEYS})
+        summary = page.evaluate("() => window.gptqExplorer.summary()")
+        assert (cfg.bits, cfg.sym) == (5, False)
+        D = W - rtn_quantize(W, cfg).weight
+        assert summary["weight_mse_rtn"] == pytest.approx(np.mean(D ** 2), rel=1e-9)
         TIMINGS["changes_address_and_layer"] = page.evaluate("() => window.gptqExplorer.timings()")["changes"]
+        assert page.outside == [] and page.errors == []
+    finally:
+        page.close()
+
+
+def test_a_layer_that_needs_more_damping(browser, site, tmp_path):
+    """The page on a layer whose H + 1% damping is not positive definite (q_proj's H less 3% of its mean
+    diagonal): the GPTQ worker raises the damping to 10%, and the page has RTN's numbers made again with it
+    (the RTN worker weighs RTN's errors with the damping the run used) before it draws."""
+    from gptq_explorer.services.site_export import packed_upper, read_layer
+
+    folder = tmp_path / "site"
+    shutil.copytree(site, folder)
+    entry = json.loads((folder / "manifest.json").read_text())["layers"][0]
+    W, H = read_layer(folder, entry)
+    H = (H - np.float32(0.03 * np.mean(np.diag(H))) * np.eye(len(H), dtype=np.float32)).astype(np.float32)
+    text = (folder / entry["file"]).read_text(encoding="ascii")
+    payload = {"W": base64.b64encode(W.astype("<f4").tobytes()).decode(),
+               "H": base64.b64encode(packed_upper(H).tobytes()).decode()}
+    (folder / entry["file"]).write_text(text[:text.rindex("] = ") + 4] + json.dumps(payload) + ";\n")
+    page = open_site(browser, folder, "#col=200")
+    try:
+        W, H, codes = page_arrays(page)
+        cfg = QuantConfig(**{k: page.evaluate("() => window.gptqExplorer.state()")[k] for k in KEYS})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = gptq_quantize(W.astype(np.float64), H.astype(np.float64), cfg)
+        assert cfg.damp_percent == 0.01 and ref.damp_percent_used == pytest.approx(0.1)
+        assert "quantized with damp_percent=0.100" in page.inner_text("#messages")
+        summary = page.evaluate("() => window.gptqExplorer.summary()")
+        assert summary["damp_percent_used"] == pytest.approx(0.1)
+        assert np.mean(codes == ref.codes) >= AGREEMENT
+        assert summary["loss_gptq"] == pytest.approx(ref.loss, rel=1e-6)
+        D = W.astype(np.float64) - rtn_quantize(W.astype(np.float64), cfg).weight
+        H64 = H.astype(np.float64)
+        Hd = H64 + 0.1 * np.mean(np.diag(H64)) * np.eye(len(H))
+        assert summary["loss_rtn"] == pytest.approx(0.5 * np.sum((D @ Hd) * D), rel=1e-6)
+        drawn = page.evaluate("() => document.querySelector('#figure').gptqState")
+        assert drawn["k"] == 200 and np.isfinite(drawn["rtn_y"][200])
         assert page.outside == [] and page.errors == []
     finally:
         page.close()

@@ -11,29 +11,18 @@ shared ones (browser_fixtures.py, registered in conftest.py).
 
 from __future__ import annotations
 
-import base64
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_fixtures import open_site, page_arrays
 
-from gptq_explorer.engine import QuantConfig, gptq_quantize
+from gptq_explorer.engine import QuantConfig, gptq_quantize, rtn_quantize
 
 pytestmark = pytest.mark.browser
 
-LAYERS = "0:mlp.down_proj"
+SITE_LAYERS = "0:mlp.down_proj"  # the shared `site` fixture exports it
 KEYS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent")
-
-ARRAYS_JS = """() => {
-  const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let s = "";
-    for (let i = 0; i < u.length; i += 0x8000) {
-      s += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
-    }
-    return btoa(s); };
-  const L = window.gptqExplorer.layer(), c = window.gptqExplorer.codes();
-  return {W: b64(L.W), H: b64(L.H), d_out: L.d_out, d_in: L.d_in, codes: b64(c)};
-}"""
 
 # What the page shows at each draw of the figure, recorded in the page as it happens: the seq drawn, the
 # column, whether the run's codes and summary are there yet, and the run's status line
@@ -46,59 +35,6 @@ WATCH_DRAWS_JS = """() => {
     status: document.querySelector('#run-status').textContent,
   })).observe(fig, {attributes: true, attributeFilter: ['data-drawn']});
 }"""
-
-# navigator.clipboard.writeText stood in for before the page loads: it records the text (or refuses)
-CLIPBOARD_JS = """(refuse) => {
-  window.__copied = [];
-  Object.defineProperty(navigator, 'clipboard', {configurable: true, value: {
-    writeText: (text) => refuse ? Promise.reject(new DOMException('denied', 'NotAllowedError'))
-                                : (window.__copied.push(text), Promise.resolve()),
-  }});
-}"""
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    from gptq_explorer.models.cache_folders import offline_model_ready
-    from gptq_explorer.services.site_export import export_site, parse_layers
-
-    if not offline_model_ready():
-        pytest.skip("the offline SmolLM2 is not converted (gptq-explorer prepare)")
-    folder = tmp_path_factory.mktemp("site") / "site"
-    export_site(folder, layers=parse_layers(LAYERS))
-    return folder
-
-
-def open_site(browser, site: Path, hash_: str = "", clipboard: str | None = None):
-    """The page from file://, ready; any request that is not file:// is aborted and recorded. clipboard:
-    "record" or "refuse" stands in for navigator.clipboard.writeText."""
-    page = browser.new_page(viewport={"width": 1600, "height": 1100})
-    page.outside, page.errors = [], []
-
-    def route(r):
-        if r.request.url.startswith("file://"):
-            r.continue_()
-        else:
-            page.outside.append(r.request.url)
-            r.abort()
-
-    page.route("**/*", route)
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    if clipboard:
-        page.add_init_script(f"({CLIPBOARD_JS})({'true' if clipboard == 'refuse' else 'false'})")
-    page.goto((site / "index.html").as_uri() + hash_)
-    page.wait_for_function("window.gptqExplorer !== undefined", timeout=30_000)
-    page.evaluate("() => window.gptqExplorer.ready()")
-    return page
-
-
-def page_arrays(page) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    raw = page.evaluate(ARRAYS_JS)
-    o, i = raw["d_out"], raw["d_in"]
-    W = np.frombuffer(base64.b64decode(raw["W"]), dtype="<f4").reshape(o, i)
-    H = np.frombuffer(base64.b64decode(raw["H"]), dtype="<f4").reshape(i, i)
-    codes = np.frombuffer(base64.b64decode(raw["codes"]), dtype="<i4").reshape(o, i)
-    return W, H, codes
 
 
 def test_the_first_frame_comes_before_the_run_is_done(browser, site):
@@ -131,6 +67,49 @@ def test_the_first_frame_comes_before_the_run_is_done(browser, site):
         assert float(np.mean(codes == ref.codes)) >= 0.999
         summary = page.evaluate("() => window.gptqExplorer.summary()")
         assert summary["loss_gptq"] == pytest.approx(ref.loss, rel=1e-6)
+        assert page.outside == [] and page.errors == []
+    finally:
+        page.close()
+
+
+# Every draw of the figure from the page's start (an init script: before the page's own), with the scales of
+# the scene drawn: the hook's ranges() and what the canvas published (gptqState)
+WATCH_SCALES_JS = """window.__scales = [];
+new MutationObserver((records) => { for (const r of records) {
+  const fig = r.target, s = fig.gptqState, x = window.gptqExplorer;
+  window.__scales.push({seq: Number(fig.getAttribute('data-drawn')), k: s.k, codes: x.codes() !== null,
+                        ranges: x.ranges(), cmax: s.error_cmax, top: s.curves_top});
+} }).observe(document, {attributes: true, attributeFilter: ['data-drawn'], subtree: true});"""
+
+
+def test_the_first_frame_has_the_final_scales(browser, site):
+    """The error heatmap's colour range and the curves' axis of a run's first frame (drawn from a partial
+    run) are its last frame's: they come from RTN, known before GPTQ's run ends (docs/site.md)."""
+    page = open_site(browser, site, "#col=0", init_script=WATCH_SCALES_JS)
+    try:
+        runs = {"open": page.evaluate("() => window.__scales.splice(0)")}
+        # a new grid (RTN's Gram matrix made again, on the other worker), a new order, a new damping
+        for values in ({"bits": 3, "desc_act": True}, {"desc_act": False}, {"damp_percent": 0.1}):
+            page.evaluate("(v) => window.gptqExplorer.set(v)", values)
+            runs[",".join(values)] = page.evaluate("() => window.__scales.splice(0)")
+        for name, draws in runs.items():
+            first, last = draws[0], draws[-1]
+            # drawn while GPTQ still ran, then again with its result: the same scales, and what the canvas
+            # drew is what the hook says
+            assert len(draws) >= 2 and not first["codes"] and last["codes"], (name, draws)
+            assert all(d["ranges"] == first["ranges"] for d in draws), (name, draws)
+            assert all(d["cmax"] == d["ranges"]["emax"] and d["top"] == d["ranges"]["curves_range"][1]
+                       for d in draws), (name, draws)
+        # the colour range is RTN's error's 99.5th percentile (gptq_engine.absPercentile: every 4th entry of
+        # the column-major 576 x 1536 error), the axis's top RTN's end x 1.25 (GPTQ ends below it)
+        state = page.evaluate("() => window.gptqExplorer.state()")
+        W = page_arrays(page)[0].astype(np.float64)
+        D = W - rtn_quantize(W, QuantConfig(**{k: state[k] for k in KEYS})).weight
+        emax = np.percentile(np.abs(D.T.ravel()[::4]), 99.5)
+        assert last["ranges"]["emax"] == pytest.approx(emax, rel=1e-9)
+        summary = page.evaluate("() => window.gptqExplorer.summary()")
+        assert summary["calib_mse_gptq"] < summary["calib_mse_rtn"]
+        assert 10 ** last["top"] == pytest.approx(1.25 * summary["calib_mse_rtn"], rel=1e-9)
         assert page.outside == [] and page.errors == []
     finally:
         page.close()

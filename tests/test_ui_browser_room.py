@@ -21,42 +21,22 @@ import pytest
 from browser_fixtures import (
     ARTIFACTS,
     PAGE_TIMEOUT,
+    VIEWPORTS,
     assert_clean,
     close_page,
+    fit,
     note_timing,
+    serious_violations,
     wait_on_page,
 )
-from browser_helpers import dump_json, open_page, plot_state, slider, slider_value, wait_for_app, wait_until
+from browser_helpers import open_page, plot_state, slider, slider_value, wait_for_app, wait_until
 
 pytestmark = pytest.mark.browser
 
-VIEWPORTS = ((1280, 720), (1366, 768), (1920, 1080), (1000, 800))  # a projector, laptops, a notebook's width
 TABS = {"layer": "Layer Lab", "model": "Model Lab", "sweeps": "Sweeps", "questions": "Questions"}
-SERIOUS = ("serious", "critical")
-
-# What sticks out of the window, and which labels or numbers are cut (their text wider than their box).
-# Elements inside a box that clips them still count: a clipped control is what the instructor saw.
-FIT_JS = """() => {
-  const shown = (e, r = e.getBoundingClientRect()) => r.width > 0 && r.height > 0
-    && getComputedStyle(e).visibility !== 'hidden';
-  const name = (e) => e.tagName + '.' + String(e.className.baseVal ?? e.className).trim().split(/\\s+/)
-    .slice(0, 3).join('.') + ' "' + (e.textContent || '').trim().slice(0, 30) + '"';
-  const wide = [], cut = [];
-  for (const e of document.querySelectorAll('body *')) {
-    const r = e.getBoundingClientRect();  // the style only of what sticks out (a page has thousands of nodes)
-    if (r.right > innerWidth + 1 && shown(e, r) && wide.length < 10) {
-      wide.push(name(e) + ` right=${Math.round(r.right)}`);
-    }
-  }
-  const texts = '.widget-label, .widget-readout, .lm-TabBar-tabLabel, button, .widget-html-content, '
-    + '.widget-html-content b, .widget-html-content h3, .gptq-model-name';
-  for (const e of document.querySelectorAll(texts)) {
-    if (shown(e) && e.scrollWidth > e.clientWidth + 1 && cut.length < 10) {
-      cut.push(name(e) + ` ${e.scrollWidth}>${e.clientWidth}`);
-    }
-  }
-  return { scroll: document.scrollingElement.scrollWidth, inner: innerWidth, wide, cut };
-}"""
+# the labels and numbers that must not be cut (browser_fixtures.fit)
+TEXTS = ('.widget-label, .widget-readout, .lm-TabBar-tabLabel, button, .widget-html-content, '
+         '.widget-html-content b, .widget-html-content h3, .gptq-model-name')
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +85,10 @@ def test_every_tab_fits_every_screen(page):
         page.set_viewport_size({"width": w, "height": h})
         for key in TABS:
             _tab(page, key)
-            fit = page.evaluate(FIT_JS)
+            found = fit(page, TEXTS)
             page.screenshot(path=str(ARTIFACTS / f"room-{w}x{h}-{key}.png"))
-            if fit["scroll"] > fit["inner"] or fit["wide"] or fit["cut"]:
-                problems.append(f"{w}x{h} {key}: {fit}")
+            if found["scroll"] > found["inner"] or found["wide"] or found["cut"]:
+                problems.append(f"{w}x{h} {key}: {found}")
     note_timing("room_viewports", time.monotonic() - t0)
     assert problems == [], "\n".join(problems)
     assert_clean(page, "every tab at every size")
@@ -125,10 +105,7 @@ def test_no_serious_accessibility_violation(page):
     t0 = time.monotonic()
     for key in TABS:
         _tab(page, key)
-        violations = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")["violations"]
-        dump_json(ARTIFACTS / f"axe-{key}.json", {"violations": violations})
-        bad = [f"{v['id']} ({v['impact']}): {[n['target'] for n in v['nodes'][:3]]}" for v in violations
-               if v["impact"] in SERIOUS]
+        bad = serious_violations(page, ARTIFACTS / f"axe-{key}.json")
         if bad:
             found[key] = bad
     note_timing("room_axe", time.monotonic() - t0)
@@ -202,8 +179,8 @@ def test_presenter_mode_and_save_picture(page):
     assert page.evaluate(text_size) >= 1.3 * normal  # bigger type
     box = page.locator(".gptq-layer-figure canvas").bounding_box()
     assert box["y"] + box["height"] <= 720 + 1, box  # the whole figure on the projector's screen
-    fit = page.evaluate(FIT_JS)
-    assert not (fit["wide"] or fit["cut"]), fit
+    found = fit(page, TEXTS)
+    assert not (found["wide"] or found["cut"]), found
     page.screenshot(path=str(ARTIFACTS / "room-1280x720-presenter.png"))
     page.keyboard.press("p")
     wait_on_page(page, lambda: lab.get_attribute("data-presenter") == "0", 5, "P to turn presenter mode off")

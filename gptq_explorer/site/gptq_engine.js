@@ -278,11 +278,9 @@ function layerBase(layer) {
 function orderOf(layer, descAct) {
   const orders = layer.orders || (layer.orders = {}), key = descAct ? "desc_act" : "natural";
   if (!orders[key]) {
-    const { d_out, d_in: n } = layer, { diag, Wz } = layerBase(layer);
-    const perm = Array.from({ length: n }, (_, i) => i);
+    const { d_out, d_in: n } = layer, { diag, Wz } = layerBase(layer), perm = permOf(diag, descAct);
     let W0 = Wz;
     if (descAct) {
-      perm.sort((a, b) => diag[b] - diag[a]);  // stable: ties keep their order
       W0 = new Float64Array(d_out * n);
       perm.forEach((j, p) => W0.set(Wz.subarray(j * d_out, (j + 1) * d_out), p * d_out));
     }
@@ -290,6 +288,29 @@ function orderOf(layer, descAct) {
     orders[key] = { perm, W0, diagH, wmax: absPercentile(W0, 99.5) };
   }
   return orders[key];
+}
+
+// The processing order: the columns as given, or (desc_act) by decreasing diag(H) (dead inputs at 1), a
+// stable sort: ties keep their order
+function permOf(diag, descAct) {
+  const perm = Array.from({ length: diag.length }, (_, i) => i);
+  if (descAct) perm.sort((a, b) => diag[b] - diag[a]);
+  return perm;
+}
+
+// H in processing order, damped (into Hd, n x n, symmetric): H[perm[a], perm[b]], the diagonal
+// diag + damp * mean(diag) (dead inputs at 1). The GPTQ worker factors it; the RTN worker weighs RTN's
+// errors with it (the same numbers: RTN's curve is GPTQ's baseline)
+function dampedH(layer, perm, diag, damp, Hd) {
+  const n = layer.d_in;
+  let meanDiag = 0;
+  for (let a = 0; a < n; a++) meanDiag += diag[perm[a]] / n;
+  for (let a = 0; a < n; a++) {
+    const row = perm[a] * n, o = a * n;
+    for (let b = 0; b < n; b++) Hd[o + b] = layer.H[row + perm[b]];
+    Hd[o + a] = diag[perm[a]] + damp * meanDiag;
+  }
+  return Hd;
 }
 
 // The damped H in processing order and its factor R, with the damping that worked (x10 retries). They
@@ -300,16 +321,10 @@ function factorOf(layer, cfg, perm, diag, stages) {
   const n = layer.d_in, key = `${cfg.desc_act}/${cfg.damp_percent}`;
   if (lastFactor && lastFactor.layer === layer && lastFactor.key === key) return lastFactor;
   lastFactor = null;
-  let meanDiag = 0;
-  for (let a = 0; a < n; a++) meanDiag += diag[perm[a]] / n;
   let R = null, damp = cfg.damp_percent;
-  const Hd = new Float64Array(n * n);  // H in processing order, damped (symmetric)
+  const Hd = new Float64Array(n * n);
   for (; damp <= MAX_DAMP_PERCENT * (1 + 1e-9); damp *= 10) {
-    for (let a = 0; a < n; a++) {
-      const row = perm[a] * n, o = a * n;
-      for (let b = 0; b < n; b++) Hd[o + b] = layer.H[row + perm[b]];
-      Hd[o + a] = diag[perm[a]] + damp * meanDiag;
-    }
+    dampedH(layer, perm, diag, damp, Hd);
     const t = performance.now();
     R = hessianFactor(Hd, n);
     stages.cholesky_ms = (stages.cholesky_ms || 0) + performance.now() - t;

@@ -1,36 +1,39 @@
 // The Web Workers of the static Layer Lab (docs/site.md), on the engine in gptq_engine.js (the page starts
 // each worker from the two files' text, the engine first). Two workers run this code: one runs GPTQ and
-// cuts the frames, the other RTN's Gram matrix D^T D (the costly half of RTN's running output error), on
-// the other core.
+// cuts the frames, the other RTN: its Gram matrix D^T D (the costly half of RTN's running output error),
+// then RTN's curve for each run, on the other core.
 //
 // A run tells the page as soon as it can draw: the column loop reports after each lazy block, and once it
 // has passed the column the page shows (`want`), the page gets the run's "progress" and that column's frame,
-// while the loop goes on; the result (codes, the whole curve, the summary) comes at the end.
+// while the loop goes on; the result (codes, the whole curve, the summary) comes at the end. RTN's numbers
+// come from the other worker meanwhile: the figure's scales are made from them (site.js, sceneOf).
 //
 // Messages: {type: "layer", W, Hu, d_out, d_in} (Float32Array; W row-major, Hu H's upper triangle row by
-// row, left out for the RTN worker) -> {type: "layer-ok"}; {type: "run", id, cfg, gram_key, want, frames}
-// -> {type: "progress", id, done, ...} as soon as the loop has passed column `want` (what the first frame
-// needs: diag(H), the curve so far), then {type: "frames"} for each request in `frames` the loop has
-// passed, then {type: "result", id, ...} (runMessage; RTN's numbers in it when the Gram matrix named
-// gram_key (the layer and the grid) is at hand, else null); {type: "gram", key, cfg} -> {type: "gram", key,
-// G, seconds} (G transferred); {type: "rtn", key, G} (the page passes it on) -> {type: "rtn", id, ...RTN's
-// numbers} for the current run if it has that key; {type: "frames", id, gen, ks, crop} -> {type: "frames",
-// id, gen, frames} (one per column k: the crops the canvas draws and the step's numbers).
+// row) -> {type: "layer-ok"}; {type: "run", id, cfg, want, frames} -> {type: "progress", id, done, damp,
+// ...} as soon as the loop has passed column `want` (what the first frame needs: diag(H), the curve so
+// far, the damping used), then {type: "frames"} for each request in `frames` the loop has passed, then
+// {type: "result", id, ...} (runMessage); {type: "frames", id, gen, ks, crop} -> {type: "frames", id, gen,
+// frames} (one per column k: the crops the canvas draws and the step's numbers). The RTN worker: {type:
+// "gram", key, cfg} -> {type: "gram", key, seconds} (G and RTN's error's colour range kept);
+// {type: "rtn", id, key, desc_act, damp} -> {type: "rtn", id, key, damp, ...RTN's numbers, emax} for the
+// run `id` (its order and damping), from the Gram matrix `key` (the layer and the grid), if it is the last.
 
 "use strict";
 
-// ---- the worker: one layer, its last run, the last Gram matrix
+// ---- the worker: one layer, its last run; the RTN worker: the last Gram matrix and a damped H to reuse
 
-const state = { layer: null, run: null, gram: null };
+const state = { layer: null, run: null, gram: null, Hd: null };
 
-// RTN's numbers for a run, from the Gram matrix of its grid (it needs the run's order and Hd only)
-function rtnPart(run, G) {
-  const { d_out, d_in: n } = state.layer, { perm, Hd } = run.res.prep;
-  const running = runningLoss(G, Hd, perm, n), curve = new Float64Array(n);
+// RTN's numbers for a run, from the Gram matrix of its grid and the run's order and damping; emax: RTN's
+// error's colour range (known with the Gram matrix, before GPTQ's run ends: the heatmap's scale)
+function rtnPart(G, perm, damp) {
+  const layer = state.layer, { d_out, d_in: n } = layer, { diag } = layerBase(layer);
+  if (!state.Hd || state.Hd.length !== n * n) state.Hd = new Float64Array(n * n);
+  const running = runningLoss(G, dampedH(layer, perm, diag, damp, state.Hd), perm, n), curve = new Float64Array(n);
   let wse = 0;
   for (let j = 0; j < n; j++) wse += G[j + j * n];
   for (let p = 0; p < n; p++) curve[p] = running[p] / d_out;
-  return { running, curve_rtn: curve, weight_mse_rtn: wse / (d_out * n), calib_mse_rtn: curve[n - 1],
+  return { running_rtn: running, curve_rtn: curve, weight_mse_rtn: wse / (d_out * n), calib_mse_rtn: curve[n - 1],
            loss_rtn: running[n - 1] };
 }
 
@@ -40,17 +43,12 @@ function rtnPart(run, G) {
 function runMessage(msg, post = null) {
   const t0 = performance.now(), cfg = msg.cfg, layer = state.layer, { d_out, d_in: n } = layer;
   const want = Math.min(Math.max(msg.want || 0, 0), n - 1);
-  const run = { id: msg.id, cfg, res: null, done: 0, gramKey: msg.gram_key, rtn: null, first: null,
-                waiting: (msg.frames || []).filter((f) => f.ks.length) };
+  const run = { id: msg.id, cfg, res: null, done: 0, first: null, waiting: (msg.frames || []).filter((f) => f.ks.length) };
   state.run = run;
   const stages = {}, res = gptq(layer, cfg, stages, (res, done) => {
     run.res = res;
     run.done = done;
-    if (done === 0) {  // the order and Hd are known: RTN's curve, if its Gram matrix is at hand
-      if (state.gram && state.gram.key === run.gramKey) run.rtn = rtnPart(run, state.gram.G);
-      return;
-    }
-    if (!post) return;
+    if (done === 0 || !post) return;
     if (!run.first && done > want) {
       run.first = { done, ms: performance.now() - t0 };
       post(progressMessage(run, t0));
@@ -72,7 +70,7 @@ function runMessage(msg, post = null) {
   stages.total_ms = performance.now() - t0;
   return {
     type: "result", id: msg.id, codes, perm: Int32Array.from(perm), curve_gptq: curveG, diag_h: res.prep.diagH,
-    group: res.group, wmax: res.prep.wmax, emax: absPercentile(res.Wq, 99.5, res.Q), rtn: rtnMessage(run),
+    group: res.group, wmax: res.prep.wmax,
     summary: {
       weight_mse_gptq: wseG / (d_out * n), calib_mse_gptq: curveG[n - 1], loss_gptq: res.running[n - 1],
       damp_percent_used: res.prep.damp,
@@ -88,14 +86,13 @@ function curveOf(res, done, d_out, n) {
   return curve;
 }
 
-// What the page needs to draw a first frame of a run still going on: the order, diag(H), the curve and the
-// error's colour range so far (from the columns done), RTN's numbers if they are known
+// What the page needs to draw a first frame of a run still going on: the order, diag(H), the curve so far,
+// the damping used (RTN's curve is weighed with it)
 function progressMessage(run, t0) {
   const { res, done } = run, { d_out, d_in: n } = state.layer;
   return {
     type: "progress", id: run.id, done, n, perm: Int32Array.from(res.prep.perm), diag_h: res.prep.diagH,
-    curve_gptq: curveOf(res, done, d_out, n), wmax: res.prep.wmax,
-    emax: absPercentile(res.Wq, 99.5, res.Q, done * d_out), rtn: rtnMessage(run), warnings: warningsOf(run),
+    curve_gptq: curveOf(res, done, d_out, n), wmax: res.prep.wmax, damp: res.prep.damp, warnings: warningsOf(run),
     seconds: (performance.now() - t0) / 1000,
   };
 }
@@ -109,13 +106,6 @@ function warningsOf(run) {
   const nDead = dead.reduce((a, b) => a + b, 0);
   if (nDead) warnings.push(`${nDead} dead input${nDead > 1 ? "s" : ""} (diag H = 0): zeroed, as the reference does.`);
   return warnings;
-}
-
-// what the page gets of a run's RTN side (null until its Gram matrix came)
-function rtnMessage(run) {
-  if (!run.rtn) return null;
-  const { running, curve_rtn, weight_mse_rtn, calib_mse_rtn, loss_rtn } = run.rtn;
-  return { running_rtn: running, curve_rtn, weight_mse_rtn, calib_mse_rtn, loss_rtn };
 }
 
 // U's columns js and max_{j > k} |U[k, j]| for the rows ks, kept for the run's later frames (a crop shows
@@ -143,7 +133,7 @@ function rowMaxOf(run, ks) {
 // One column's frame: the canvas's five crops (layer_run.frame) and the numbers its explanation quotes.
 // It needs the columns up to k only: a run still going on can cut it once its loop has passed k.
 function frameOf(k, crop) {
-  const run = state.run, { res, rtn } = run, { d_out, d_in: n } = state.layer;
+  const run = state.run, { res } = run, { d_out, d_in: n } = state.layer;
   const { W0, perm } = res.prep, { Wq, Q, Err1 } = res;
   const rows = Math.min(crop.rows, d_out), cols = Math.min(crop.cols, n);
   const r0 = Math.max(0, Math.min(crop.row0, d_out - rows));
@@ -194,7 +184,7 @@ function frameOf(k, crop) {
   return {
     meta: { k, r0, r1: r0 + rows, c0, c1, column: perm[k], group: res.group[k], d: res.hinvDiag[k],
             err_norm: Math.sqrt(errNorm), upd_max: errMax * uMax, loss: res.losses[k], running: res.running[k],
-            running_rtn: rtn ? rtn.running[k] : null, block, scale_mean: scaleSum / d_out },
+            block, scale_mean: scaleSum / d_out },
     z, w, q,
   };
 }
@@ -226,10 +216,10 @@ if (typeof self !== "undefined" && typeof self.postMessage === "function" && typ
     const msg = e.data;
     try {
       if (msg.type === "layer") {
-        state.layer = { W: Float64Array.from(msg.W), H: msg.Hu ? fromUpper(msg.Hu, msg.d_in) : null,
-                        d_out: msg.d_out, d_in: msg.d_in };
+        state.layer = { W: Float64Array.from(msg.W), H: fromUpper(msg.Hu, msg.d_in), d_out: msg.d_out, d_in: msg.d_in };
         state.run = null;
         state.gram = null;
+        state.Hd = null;
         lastFactor = null;
         post({ type: "layer-ok", token: msg.token });
       } else if (msg.type === "run") {
@@ -238,15 +228,15 @@ if (typeof self !== "undefined" && typeof self.postMessage === "function" && typ
         serveFrames(state.run, post);  // requests the run carried for columns it passed last
       } else if (msg.type === "gram") {  // the RTN worker
         const t0 = performance.now(), { D, Drm } = rtnDelta(state.layer, msg.cfg);
+        state.gram = null;
         const G = gram(D, Drm, state.layer.d_out, state.layer.d_in);
-        post({ type: "gram", key: msg.key, G, seconds: (performance.now() - t0) / 1000 }, [G.buffer]);
-      } else if (msg.type === "rtn") {  // the GPTQ worker: the Gram matrix the RTN worker made
-        state.gram = { key: msg.key, G: msg.G };
-        const run = state.run;
-        if (run && run.res && !run.rtn && run.gramKey === msg.key) {
-          run.rtn = rtnPart(run, msg.G);
-          post({ type: "rtn", id: run.id, ...rtnMessage(run) });
-        }
+        state.gram = { key: msg.key, G, emax: absPercentile(D, 99.5) };
+        post({ type: "gram", key: msg.key, seconds: (performance.now() - t0) / 1000 });
+      } else if (msg.type === "rtn") {  // the RTN worker: a run's RTN numbers (the page asks after "gram")
+        if (!state.gram || state.gram.key !== msg.key) return;  // a newer grid was asked for meanwhile
+        const perm = permOf(layerBase(state.layer).diag, msg.desc_act);
+        post({ type: "rtn", id: msg.id, key: msg.key, damp: msg.damp, ...rtnPart(state.gram.G, perm, msg.damp),
+               emax: state.gram.emax });
       } else if (msg.type === "frames") {
         if (!state.run || state.run.id !== msg.id) return;  // an older run's request
         state.run.waiting.push(msg);
@@ -261,5 +251,5 @@ if (typeof self !== "undefined" && typeof self.postMessage === "function" && typ
 if (typeof module !== "undefined") {
   module.exports = { gptq, prepare, gridOf, roundTie, quantCode, rtnDelta, gram, runningLoss, runMessage, frameOf,
                      state, gemmSub, choleskyLower, hessianFactor, upperInverse, uColumns, uRowMaxes, absPercentile,
-                     rtnPart, fromUpper };
+                     rtnPart, fromUpper, permOf, dampedH };
 }

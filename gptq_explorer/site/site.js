@@ -4,24 +4,25 @@
 // "ahead" frames message, as anywidget and the kernel give it in the app).
 //
 // Flow: a setting changes -> the GPTQ worker runs GPTQ on the layer, asked at once for the frames of the
-// cursor's column and the next AHEAD ones, while the RTN worker (the same code, on the other core) computes
-// RTN's Gram matrix D^T D if bits, group size or the grid changed -> as soon as the worker's column loop
-// has passed the cursor's column it sends "progress" (diag(H), the curve so far) and that column's frame:
-// the scene and the frame go to the canvas, which draws, while the loop goes on -> the run's result (codes,
-// the whole curve, the summary) comes and the scene is made again. The Gram matrix goes from the RTN
-// worker through the page to the GPTQ worker, which answers with RTN's curve and numbers: the scene and the
-// summary get them (at once when the Gram matrix was already there). Until both came, the page says what
-// is still computing. While playing, the canvas's own clock steps through the frames sent ahead, and each
-// step asks for the next.
+// cursor's column and the next AHEAD ones, while the RTN worker (the same code, on the other core) makes
+// RTN's Gram matrix D^T D if bits, group size or the grid changed, then RTN's curve and numbers -> once
+// the GPTQ loop has passed the cursor's column the worker sends "progress" (diag(H), the curve so far) and
+// that column's frame, and once RTN's numbers are here too the scene and the frame go to the canvas, which
+// draws while the loop goes on -> the result (codes, the whole curve, the summary) comes and the scene is
+// made again. Its scales come from RTN's numbers, so the first frame's are the last one's (sceneOf). Until
+// the result came, the page says what is still computing. While playing, the canvas's own clock steps
+// through the frames sent ahead, and each step asks for the next.
 //
-// Testing hook: window.gptqExplorer.{state(), layer(), codes(), ready(), timings(), set(values)}.
+// Testing hook: window.gptqExplorer.{state(), layer(), codes(), summary(), ready(), ranges(), timings(), set()}.
 
 "use strict";
 
 (function () {
   const M = window.GPTQ_SITE_MANIFEST, KNOBS = M.controls.knobs, VIEW = M.controls.view;
   const VIEW_RANGES = M.controls.view_ranges;
-  const COLORS = { w: "#1f77b4", q: "#ff7f0e", err: "#d62728", hinv: "#9467bd", upd: "#2ca02c", rtn: "#7f7f7f" };
+  // the explanation's and summary's colours: the app's text colours (layer_figure.TEXT_COLORS), the figure's
+  // darkened to a contrast of 4.5:1 on white
+  const COLORS = { w: "#1f77b4", q: "#b35900", err: "#d62728", hinv: "#7b4fa8", upd: "#237f23", rtn: "#666666" };
   const QUANT = ["bits", "group_size", "sym", "damp_percent", "desc_act", "static_groups"];
   const KEYS = ["model", "block", "sublayer", ...QUANT, "col", "rows", "cols", "row0", "fps"];
   // the app's link keys this page has no control for: said in the page, not applied
@@ -89,12 +90,7 @@
   function showMessages(problems, cls = "gptq-note") {
     const box = $("messages");
     box.querySelectorAll("." + cls).forEach((e) => e.remove());
-    for (const p of problems) {
-      const div = document.createElement("div");
-      div.className = cls;
-      div.textContent = p;
-      box.appendChild(div);
-    }
+    for (const p of problems) box.appendChild(Object.assign(document.createElement("div"), { className: cls, textContent: p }));
   }
 
   // ---- the layers: one script per layer, loaded when picked (file:// allows <script>, not fetch())
@@ -165,6 +161,8 @@
   let shown = null;  // {gen}: the canvas has the scene, once the run's first frame came
   let inflight = null;  // {id, gen, crop, ks}: the run asked for last, and the frames it was asked to cut
   const requested = new Set(), metas = new Map(), gramSeconds = new Map();
+  // frames of the run that came before RTN's numbers (the scene's scales need them); RTN's numbers as sent
+  let held = [], rtnCame = null;
   let ready = null;  // {promise, resolve, since, reason, first}: the run being computed or drawn
   let waitSeq = null, doneSeq = null;  // the frame seq that shows the run; the one that shows RTN's curve too
 
@@ -188,8 +186,9 @@
     if (id !== runId) return;  // a newer change came meanwhile
     if (workerLayer !== entry.key) {
       worker.postMessage({ type: "layer", W: layer.W, Hu: layer.Hu, d_out: layer.d_out, d_in: layer.d_in });
-      rtnWorker.postMessage({ type: "layer", W: layer.W, d_out: layer.d_out, d_in: layer.d_in });
+      rtnWorker.postMessage({ type: "layer", W: layer.W, Hu: layer.Hu, d_out: layer.d_out, d_in: layer.d_in });
       workerLayer = entry.key;
+      gramAsked = null;  // the RTN worker drops its Gram matrix with the layer
     }
     const cfg = {};
     for (const k of QUANT) cfg[k] = state[k];
@@ -198,12 +197,9 @@
     const n = entry.d_in, k = Math.max(0, Math.min(n - 1, state.col)), crop = cropOf(), g = ++gens, ahead = [];
     for (let j = k + 1; j <= Math.min(k + AHEAD, n - 1); j++) ahead.push(j);
     inflight = { id, gen: g, crop, ks: [k, ...ahead] };
-    worker.postMessage({ type: "run", id, cfg, gram_key: gramKey, want: k,
-      frames: [{ gen: g, ks: [k], crop }, { gen: g, ks: ahead, crop }] });
-    if (gramAsked !== gramKey) {
-      rtnWorker.postMessage({ type: "gram", key: gramKey, cfg });
-      gramAsked = gramKey;
-    }
+    worker.postMessage({ type: "run", id, cfg, want: k, frames: [{ gen: g, ks: [k], crop }, { gen: g, ks: ahead, crop }] });
+    rtnWanted = { id, key: gramKey, cfg, damp: cfg.damp_percent };  // H may need more damping: useRtn
+    askRtn();
     $("layer-description").textContent = `${entry.d_out}×${entry.d_in}. ${entry.description}`;
   }
 
@@ -219,15 +215,11 @@
       timings.open.stages = timings.open.stages ?? msg.stages;
       if (!current || current.id !== msg.id) startRun(msg);
       Object.assign(current, { result: msg, partial: false, done: current.n });
-      current.rtn = current.rtn || msg.rtn;
       if (ready && ready.result === null) ready.result = performance.now() - ready.since;
       refresh();
     } else if (msg.type === "frames" && current && msg.id === current.id && msg.gen === gen) {
       openMark("frames_ms");
       onFrames(msg.frames);
-    } else if (msg.type === "rtn" && current && msg.id === current.id) {
-      current.rtn = msg;
-      refresh();
     }
   };
   // A run's first message (its progress, or its result if that came first): the canvas gets the new scene
@@ -235,7 +227,8 @@
   // crop changed meanwhile.
   function startRun(msg) {
     current = { id: msg.id, result: msg, partial: msg.type === "progress", n: msg.perm.length,
-      done: msg.type === "progress" ? msg.done : msg.perm.length, rtn: msg.rtn,
+      done: msg.type === "progress" ? msg.done : msg.perm.length, rtn: null,
+      damp: msg.type === "progress" ? msg.damp : msg.summary.damp_percent_used,
       cfg: Object.fromEntries(QUANT.map((k) => [k, state[k]])), entry: entryOf(state) };
     const asked = inflight && inflight.id === msg.id && sameCrop(inflight.crop, cropOf()) ? inflight : null;
     newGeneration(asked ? asked.gen : undefined);
@@ -245,9 +238,37 @@
     $("col").max = String(current.n - 1);
     goto(Math.min(state.col, current.n - 1), true);
     showSummary();
+    useRtn();
   }
-  // the run's result or RTN's numbers came: the scene again and the frame again (a new seq: its draw is
-  // seen), the summary and the explanation
+  // RTN's side of the run asked for last: its Gram matrix if the grid changed, then its numbers. One Gram
+  // matrix at a time: while one is made, only the latest grid waits its turn (the first frame waits for it)
+  let gramBusy = false, rtnWanted = null;
+  function askRtn() {
+    const w = rtnWanted;
+    if (!w || (gramAsked !== w.key && gramBusy)) return;  // asked again when the Gram matrix is made
+    if (gramAsked !== w.key) {
+      rtnWorker.postMessage({ type: "gram", key: w.key, cfg: w.cfg });
+      [gramAsked, gramBusy] = [w.key, true];
+    }
+    rtnWorker.postMessage({ type: "rtn", id: w.id, key: w.key, desc_act: w.cfg.desc_act, damp: w.damp });
+    rtnWanted = null;
+  }
+  // RTN's numbers, once they and the run are here, made with the damping the run used (H needed more: asked
+  // again with it); the frames held for them are drawn
+  function useRtn() {
+    if (!current || current.rtn || !rtnCame || rtnCame.id !== current.id) return;
+    if (rtnCame.damp !== current.damp) {
+      rtnWanted = { id: current.id, key: rtnCame.key, cfg: current.cfg, damp: current.damp };
+      rtnCame = null;
+      return askRtn();
+    }
+    current.rtn = rtnCame;
+    held.splice(0).forEach(onFrames);
+    showSummary();
+    explain();
+  }
+  // the run's result came: the scene again and the frame again (a new seq: its draw is seen), the summary
+  // and the explanation
   function refresh() {
     if (shown) {
       model.set("scene", sceneOf(current.result));
@@ -261,17 +282,18 @@
   const complete = () => current && !current.partial && current.rtn;
   rtnWorker.onmessage = (e) => {
     const msg = e.data;
-    if (msg.type === "error") { showMessages([`RTN failed: ${msg.message}`], "gptq-error"); return; }
-    if (msg.type === "gram") {
-      gramSeconds.set(msg.key, msg.seconds);
-      worker.postMessage({ type: "rtn", key: msg.key, G: msg.G }, [msg.G.buffer]);
-    }
+    if (msg.type === "error") {  // the next change asks for the Gram matrix again
+      [gramAsked, gramBusy] = [null, false];
+      showMessages([`RTN failed: ${msg.message}`], "gptq-error");
+    } else if (msg.type === "gram") { gramSeconds.set(msg.key, msg.seconds); gramBusy = false; askRtn(); }
+    else if (msg.type === "rtn" && msg.id === runId) { rtnCame = msg; useRtn(); }
   };
 
   function newGeneration(g = ++gens) {  // a new run or crop: frames sent before are void
     gen = g;
     requested.clear();
     metas.clear();
+    held = [];
     shown = null;
     waitSeq = Infinity;  // nothing drawn counts until this generation's first frame is given to the canvas
     doneSeq = null;
@@ -284,16 +306,19 @@
       if (lo === Infinity) { lo = 1e-6; hi = 1; }
       return [Math.log10(lo * 0.8), Math.log10(hi * 1.25)];
     };
-    const g = r.curve_gptq, n = g.length;
-    const rt = current.rtn ? current.rtn.curve_rtn : new Float64Array(n).fill(NaN);  // until RTN's curve came
-    // the curves' top: GPTQ's last value, or while the run goes on, its value so far extrapolated to n
-    // columns (the scale is made again when the run ends)
-    const last = current.partial ? (g[current.done - 1] * n) / current.done : g[n - 1];
+    // The scales are made from what is known before GPTQ's run ends, so that its first frame (drawn while
+    // the run goes on) and its last have the same: the error's colour range is RTN's error's (the same
+    // grid); the curves' axis spans RTN's curve and GPTQ's so far (a running sum: its smallest positive
+    // value is its first) up to RTN's end x 1.25, unless GPTQ's end passes that (then GPTQ's end, or while
+    // the run goes on its value so far extrapolated to n columns, x 1.25: the one case of a rescale)
+    const g = r.curve_gptq, n = g.length, rt = current.rtn.curve_rtn, done = current.done;
+    const top = Math.max(rt[n - 1], 1e-30) * 1.25, reached = g[done - 1];
+    const end = reached <= top ? top : 1.25 * (current.partial ? (reached * n) / done : reached);
     const cfg = current.cfg, label = labelOf(cfg);
     return {
       n, d_out: current.entry.d_out, diag_h: Float32Array.from(r.diag_h), curve_gptq: Float32Array.from(g),
-      curve_rtn: Float32Array.from(rt), wmax: r.wmax, emax: r.emax, diag_range: logRange(r.diag_h),
-      curves_range: [logRange([...g, ...rt])[0], Math.log10(Math.max(last, rt[n - 1] || 0, 1e-30) * 1.25)],
+      curve_rtn: Float32Array.from(rt), wmax: r.wmax, emax: current.rtn.emax, diag_range: logRange(r.diag_h),
+      curves_range: [logRange([...g, ...rt])[0], Math.log10(end)],
       gen, label, diag_title: `diag(H), ${cfg.desc_act ? "desc_act order: decreasing diag(H)" : "column order"}`,
       basis: "", titles: {}, bands: [],
     };
@@ -313,6 +338,7 @@
 
   const NAMES = ["W", "updated", "Q", "error", "compensation"];
   function onFrames(frames) {
+    if (!current.rtn) { held.push(frames); return; }
     const canvasFrame = (f) => ({ gen, k: f.meta.k, r0: f.meta.r0, r1: f.meta.r1, c0: f.meta.c0, c1: f.meta.c1 });
     for (const f of frames) metas.set(f.meta.k, f.meta);
     if (!shown) {  // the run's (or crop's) first frame: the scene, then that frame, as the kernel sends them
@@ -413,9 +439,9 @@ So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${c
   }
   function showSummary() {
     $("summary").innerHTML = summaryHtml();
-    $("run-status").textContent = !current.partial ? "" : `Computing GPTQ in this browser: the frame shown `
-      + `needed the first ${current.done} of ${current.n} columns. The summary, the curves' scale and the `
-      + "error's colour range are final when all columns are done.";
+    $("run-status").textContent = [current.partial ? `Computing GPTQ in this browser: the frame shown needed the `
+      + `first ${current.done} of ${current.n} columns; its summary comes when all columns are done.` : "",
+    current.rtn ? "" : "Computing RTN's curve: the figure's scales are made from it."].join(" ").trim();
   }
   function summaryHtml() {
     const s = { ...(current.partial ? {} : current.result.summary), ...(current.rtn || {}) }, cfg = current.cfg;
@@ -431,7 +457,7 @@ So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${c
       : `Computed in ${current.result.seconds.toFixed(2)} s in this browser.`;
     return `<div style='font-size:13px;padding:4px 6px'>
 <b>${labelOf(cfg)}</b> on ${e.name}
-<table><tr><th></th><th style='color:${COLORS.upd}'>GPTQ</th><th style='color:${COLORS.rtn}'>RTN</th></tr>${body}</table>
+<table><tr><td></td><th style='color:${COLORS.upd}'>GPTQ</th><th style='color:${COLORS.rtn}'>RTN</th></tr>${body}</table>
 Calibration error RTN / GPTQ = <b>${ratio}×</b>${damp}<br>
 <small style='color:#555'>L = Σ<sub>q</sub> (w<sub>q</sub> − q<sub>q</sub>)² / (2 [H<sub>F</sub><sup>−1</sup>]<sub>qq</sub>)
 = ½ tr(ΔW (H + λI) ΔWᵀ), summed over rows, with H = 2/n · XᵀX and n = ${e.calibration.tokens} calibration
@@ -444,13 +470,7 @@ ${took}</small></div>`;
 
   // ---- controls
   function fillSelect(el, options) {
-    el.innerHTML = "";
-    for (const [value, label] of options) {
-      const o = document.createElement("option");
-      o.value = String(value);
-      o.textContent = label;
-      el.appendChild(o);
-    }
+    el.replaceChildren(...options.map(([value, label]) => new Option(label, String(value))));
   }
   fillSelect($("layer"), M.layers.map((l, i) => [i, `block ${l.block} ${l.sublayer} (${l.d_out}×${l.d_in})`]));
   const [bitsLo, bitsHi] = KNOBS.bits.range;
@@ -536,8 +556,7 @@ ${took}</small></div>`;
     } catch (e) {
       field.value = url;
       field.hidden = false;
-      field.focus();
-      field.select();
+      field.focus(); field.select();
       status.textContent = "The browser did not let the page copy: the link is selected above, copy it (Ctrl+C, ⌘C on a Mac).";
     }
   });
@@ -573,6 +592,9 @@ ${took}</small></div>`;
       return { ...current.result.summary, ...rtn, seconds: current.result.seconds };
     },
     ready: () => (ready ? ready.promise : Promise.resolve()),
+    // the scales of the scene the canvas has: the heatmaps' colour ranges (wmax, emax) and the log10 ranges
+    // of the diag(H) and curves' axes
+    ranges: () => (({ wmax, emax, diag_range, curves_range }) => ({ wmax, emax, diag_range, curves_range }))(model.get("scene")),
     timings: () => JSON.parse(JSON.stringify(timings)),
     set: (values) => { apply(values, Object.keys(values).join(",")); return window.gptqExplorer.ready(); },
   };
