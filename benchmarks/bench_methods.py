@@ -6,10 +6,12 @@
     python benchmarks/bench_methods.py --layers           # time each method on one layer, beside GPTQ
     python benchmarks/bench_methods.py --rotation         # the rotation step: dense products vs the fast one
     python benchmarks/bench_methods.py --grid             # the MSE grid search of one group, before and now
+    python benchmarks/bench_methods.py --seed 1 --only w4-g128   # a repeat on other calibration windows
 
 Each run is `gptq-explorer quantize` with the reduced protocol below (stated in every report) and writes
 its JSON report to data/results/methods/<model>/<name>.json, where tests/test_results_methods.py checks
-the claims docs/methods.md makes. Runs that exist are skipped (delete a file to redo it).
+the claims docs/methods.md makes. Runs that exist are skipped (delete a file to redo it). A repeat with
+`--seed N` draws other calibration windows (the evaluation tokens stay the same) and writes to seed-N/ there.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def rows(grid: str) -> dict[str, list[str]]:
         "gptaq-mse-order": ["--method", "gptq", "--gptaq-alpha", "0.25", "--mse-norm", "2.4", *order],
         "gptaq-mse-had": ["--method", "gptq", "--gptaq-alpha", "0.25", "--mse-norm", "2.4", "--rotation",
                           "hadamard"],
+        "gptaq-had": ["--method", "gptq", "--gptaq-alpha", "0.25", "--rotation", "hadamard"],
         "rtn-had": ["--method", "rtn", "--rotation", "hadamard"],
         "rtn-mse": ["--method", "rtn", "--mse-norm", "2.4"],
     }
@@ -65,7 +68,8 @@ LABELS = {"fp": "FP (no quantization)", "rtn": "RTN", "rtn-had": "RTN + rotation
           "rtn-mse": "RTN + MSE grid", "gptq": "GPTQ", "gptq-mse": "GPTQ + MSE grid",
           "gptq-order": "GPTQ + GAR",
           "gptaq": "GPTAQ (alpha 0.25)", "gptq-had": "GPTQ + rotation",
-          "gptaq-mse-order": "GPTAQ + MSE grid + GAR", "gptaq-mse-had": "GPTAQ + MSE grid + rotation"}
+          "gptaq-mse-order": "GPTAQ + MSE grid + GAR", "gptaq-mse-had": "GPTAQ + MSE grid + rotation",
+          "gptaq-had": "GPTAQ + rotation"}
 
 
 def median_layer_error(report: dict) -> str:
@@ -339,8 +343,12 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true", help="time the MSE grid search (before, now) and exit")
     ap.add_argument("--markdown", action="store_true", help="print the table of docs/methods.md and exit")
     ap.add_argument("--out", type=Path, default=OUT, help=f"where the reports go (default {OUT})")
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed (not 0: reports go to seed-N/)")
     args = ap.parse_args()
     OUT = args.out
+    if args.seed:
+        OUT = OUT / f"seed-{args.seed}"
+        PROTOCOL.extend(["--seed", str(args.seed)])
     if args.layers:
         time_layers()
         return
@@ -354,11 +362,13 @@ def main() -> None:
         print(markdown(OUT))
         return
     if not args.table:  # the rows first, then the grids: every grid gets its main rows early
-        if args.only in "fp":
+        if args.only in "fp" and not args.seed:
             run("fp", ["--method", "fp"])
         for method in rows("w3-g128"):
             for grid, flags in GRIDS.items():
                 name = f"{method}-{grid}"
+                if args.seed and method.startswith("rtn"):
+                    continue  # RTN reads no calibration data: a repeat would give the same numbers
                 if args.only in name:
                     run(name, [*flags, *rows(grid)[method]])
     table()

@@ -225,7 +225,8 @@ class MethodTable:
     code, quantize time), the rows the page shows highlighted; the method's button selects the run
     (on_select(report)). `rows` holds what is shown (method_rows)."""
 
-    WIDTHS = "170px 80px 80px 80px"
+    BUTTON = "220px"  # the longest label, "GPTAQ + MSE grid + rotation", needs 210 px
+    WIDTHS = f"{BUTTON} 80px 80px 80px"
 
     def __init__(self, on_select: Callable[[dict], None]):
         self.on_select = on_select
@@ -265,7 +266,7 @@ class MethodTable:
             color = COLORS[row["report"]["method"]]
             b = widgets.Button(description=row["label"], tooltip=f"show {row['label']} at {setting}",
                                button_style="info" if row["shown"] else "",
-                               layout=widgets.Layout(width="170px"))
+                               layout=widgets.Layout(width=self.BUTTON))
             b.on_click(lambda _b, report=row["report"]: self.on_select(report))
             self.buttons.append(b)
             q = row["quantize_s"]
