@@ -249,17 +249,16 @@ def downdate_counts(d_out: int, d_in: int) -> dict:
 
 
 def block_size_study(W, H, sizes=(1, 128), repeats: int = 2, cfg: QuantConfig | None = None) -> dict:
-    """Same result for every block size; the time of each (best of `repeats`, one BLAS thread)."""
+    """Same result for every block size; the time of each (best of `repeats`, one BLAS thread). The sizes
+    take turns within each repeat, so that a machine busy with other work slows them alike."""
     cfg = cfg or QuantConfig()
-    results, seconds = {}, {}
+    results, seconds = {}, dict.fromkeys(sizes, math.inf)
     with single_blas_thread():
-        for b in sizes:
-            best = math.inf
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for b in sizes:
                 t = time.perf_counter()
-                res = gptq_quantize(W, H, cfg.replace(block_size=b))
-                best = min(best, time.perf_counter() - t)
-            results[b], seconds[b] = res, best
+                results[b] = gptq_quantize(W, H, cfg.replace(block_size=b))
+                seconds[b] = min(seconds[b], time.perf_counter() - t)
     ref = results[sizes[0]]
     return {
         "seconds": seconds,
