@@ -3,8 +3,15 @@
     python benchmarks/gpu_check.py            # exits 0 with a note when there is no CUDA device
     python benchmarks/gpu_check.py --device cpu --skip-layers   # the model checks' own code, on the CPU
 
-Layers: the card, the code agreement (float64 and float32) with the CPU result on a 1536x576 layer, and
-GPU times (best of 3, synchronized) for 4096x4096 and 8192x4096 layers, 4-bit g128, desc_act off and on.
+    python benchmarks/gpu_check.py --reference-dir DIR   # also time the paper's fasterquant (DIR: a checkout
+                                                          # of IST-DASLab/gptq) on the same GPU
+
+Layers: the card, the code agreement (float64 and float32) with the CPU result on a 1536x576 layer, with the
+column loop as the Triton kernel (column_triton) and as torch ops; then GPU times (best of 3, synchronized,
+float32, 4-bit g128, desc_act off and on) for 4096x4096, 8192x4096 and 8192x8192 layers: the torch path with
+the kernel, with torch ops, and the reference, side by side; each layer's codes against the CPU's (float32,
+and float64 on 4096x4096) and its weights against the reference's; and where the kernel path's time goes
+(torch.profiler, one 4096x4096 run).
 Whole model (a random-init 4-block LLaMA saved as a folder with a byte tokenizer, calibrated and evaluated
 on the offline prose corpus): quantize_model on the CPU, with blocks moved to the GPU one at a time
 (device="cuda"), and with the model resident on the GPU; codes agree with the CPU's as far as rounding
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import tempfile
 import time
@@ -26,6 +34,7 @@ import numpy as np
 import torch
 
 from gptq_explorer import Hessian, QuantConfig, gptq_quantize
+from gptq_explorer.engine import gptq_torch
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -43,6 +52,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="the device under test (cpu only to try this script)")
     p.add_argument("--skip-layers", action="store_true", help="only the whole-model checks")
+    p.add_argument("--skip-model", action="store_true", help="only the layer checks and times")
+    p.add_argument("--reference-dir", default=os.environ.get("GPTQ_REFERENCE_DIR"),
+                   help="a checkout of IST-DASLab/gptq (gptq.py, quant.py): its fasterquant is timed too")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (the CPU path is covered by the test suite)")
@@ -51,39 +63,113 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
               f"CUDA {torch.version.cuda}")
     torch.backends.cuda.matmul.allow_tf32 = False  # as the reference: TF32 would change the codes
-    failures = 0 if a.skip_layers else layer_checks()
-    failures += model_checks(a.device)
+    failures = 0 if a.skip_layers else layer_checks(a.device) + layer_times(a.device, a.reference_dir)
+    failures += 0 if a.skip_model else model_checks(a.device)
     print("\nall CUDA checks passed" if not failures else f"\n{failures} CUDA check(s) FAILED")
     return 1 if failures else 0
 
 
-def layer_checks() -> int:
+def layer_checks(device: str = "cuda") -> int:
     failures = 0
     W, H = layer(1536, 576)
-    for dtype in (torch.float64, torch.float32):
-        for cfg in (QuantConfig(), QuantConfig(bits=3, sym=False, desc_act=True, group_size=32)):
-            cpu = gptq_quantize(W.to(dtype), H.to(dtype), cfg)
-            gpu = gptq_quantize(W.to("cuda", dtype), H.to("cuda", dtype), cfg)
-            agree = float((gpu.codes.cpu() == cpu.codes).float().mean())
-            need = 1.0 if dtype == torch.float64 else 0.999
-            ok = agree >= need and gpu.weight.device.type == "cuda"
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):14s} {cfg.label():28s} codes agree {agree:.5%}")
-    print("\n| shape | desc_act | GPU s (float32) |\n|---|---|---|")
-    for rows, cols in ((4096, 4096), (8192, 4096)):
-        W, H = layer(rows, cols, device="cuda")
+    for step in ("auto", "torch"):  # the Triton kernel where triton is installed; torch ops
+        gptq_torch.COLUMN_STEP = step
+        for dtype in (torch.float64, torch.float32):
+            for cfg in (QuantConfig(), QuantConfig(bits=3, sym=False, desc_act=True, group_size=32)):
+                cpu = gptq_quantize(W, H, cfg, dtype=dtype)  # dtype named: torch input is float32 by default
+                gpu = gptq_quantize(W.to(device), H.to(device), cfg, dtype=dtype)
+                agree = float((gpu.codes.cpu() == cpu.codes).float().mean())
+                need = 1.0 if dtype == torch.float64 else 0.999
+                ok = agree >= need and gpu.weight.device.type == torch.device(device).type
+                failures += not ok
+                kind = gptq_torch.column_step_kind(torch.device(device))
+                print(f"{'ok  ' if ok else 'FAIL'} {kind:6s} {str(dtype):14s} {cfg.label():28s} codes agree "
+                      f"{agree:.5%}")
+    gptq_torch.COLUMN_STEP = "auto"
+    return failures
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up (and the kernel's compilation)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+SHAPES = ((4096, 4096), (8192, 4096), (8192, 8192))
+
+
+def layer_times(device: str = "cuda", reference_dir: str | None = None, shapes=SHAPES):
+    """Side by side on the GPU: the kernel path, the torch-ops path, the reference (float32, 4-bit g128).
+    Codes: float64 on the GPU against float64 on the CPU (rounding alone would flip almost none). In float32
+    GPTQ is chaotic on these layers (2048 tokens for 4096 or more inputs: H is singular but for the
+    damping): a code flipped by rounding changes the rest of its row, and the CPU alone, on 1 thread and on
+    2, differs in about 1% of the rows. So float32 is held to float64: our codes', and the reference's
+    weights' agreement with the float64 result."""
+    original = None
+    if reference_dir:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_layer import load_original, run_original
+
+        original = load_original(reference_dir)
+    failures = 0
+    print("\n| shape | desc_act | kernel s | torch ops s | reference s | kernel / reference | float64 codes "
+          "= CPU's | float32 codes = float64's | reference's weights = float64's |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for rows, cols in shapes:
+        W, H = layer(rows, cols, device=device)
         for desc_act in (False, True):
             cfg = QuantConfig(desc_act=desc_act)
-            gptq_quantize(W, H, cfg)  # warm-up
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                gptq_quantize(W, H, cfg)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            print(f"| {rows} x {cols} | {'on' if desc_act else 'off'} | {np.min(times):.3f} |")
+            t_kernel = best_of(lambda: gptq_quantize(W, H, cfg), 3, device)  # noqa: B023
+            gptq_torch.COLUMN_STEP = "torch"
+            t_ops = best_of(lambda: gptq_quantize(W, H, cfg), 1, device)  # noqa: B023
+            gptq_torch.COLUMN_STEP = "auto"
+            f32 = gptq_quantize(W, H, cfg)
+            f64 = gptq_quantize(W, H, cfg, dtype=torch.float64)
+            cpu = gptq_quantize(W.cpu(), H.cpu(), cfg, dtype=torch.float64)
+            agree = float((f64.codes.cpu() == cpu.codes).float().mean())
+            failures += check(agree >= 0.9999, f"{rows} x {cols} desc_act {desc_act}: float64 codes agree "
+                                               f"with the CPU's {agree:.5%}")
+            f32_agree = float((f32.codes == f64.codes).float().mean())
+            t_ref = ref_agree = float("nan")
+            if original is not None:
+                t_ref = best_of(lambda: run_original(original, W, H, cfg), 3, device)  # noqa: B023
+                ref_w = run_original(original, W, H, cfg).double()
+                ref_agree = float(((ref_w - f64.weight).abs() <= 1e-6).float().mean())
+            print(f"| {rows} x {cols} | {'on' if desc_act else 'off'} | {t_kernel:.3f} | {t_ops:.3f} | "
+                  f"{t_ref:.3f} | {t_kernel / t_ref:.3f} | {agree:.4%} | {f32_agree:.2%} | {ref_agree:.2%} |",
+                  flush=True)
+    if torch.device(device).type == "cuda":
+        W, H = layer(4096, 4096, device=device)
+        cfg = QuantConfig()
+        profile(lambda: gptq_quantize(W, H, cfg))
     return failures
+
+
+def profile(fn) -> None:
+    """Where one run's GPU and CPU time goes: kernels by GPU time, and how many launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"\none 4096 x 4096 run, profiled: {launches} GPU kernel launches")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def check(ok: bool, what: str) -> int:

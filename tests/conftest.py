@@ -4,8 +4,14 @@ tiny_models.py); and the real-browser tests' `chromium`, `browser` and `voila`, 
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton's interpreter (tests/test_engine_kernel_triton.py runs the CUDA column kernel on the CPU): Triton
+# reads this when it is first imported, so it is set before anything can import it
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, make_byte_tokenizer, make_tiny_model
 
 # the real-browser tests' fixtures (chromium, browser, voila) and page helpers, for every browser test file

@@ -5,7 +5,9 @@ the paper; each label is unique, so it is the test id."""
 
 from __future__ import annotations
 
-from gptq_explorer.engine import QuantConfig
+import numpy as np
+
+from gptq_explorer.engine import Hessian, QuantConfig
 
 CONFIGS = [
     # plain GPTQ
@@ -37,3 +39,15 @@ CONFIGS = [
 ]
 IDS = [QuantConfig(**kw).label() for kw in CONFIGS]
 assert len(set(IDS)) == len(IDS), "two configurations with one label: their test ids would clash"
+
+
+def correlated_layer(d_in: int = 96):
+    """W (40, d_in) and the Hessian of correlated inputs with an outlier channel (index 3), with GPTAQ's
+    statistic: X_fp differs from X by a few %. Returns W, h, X, X_fp."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(d_in, d_in))
+    A[:, 3] *= 8
+    X = rng.normal(size=(3000, d_in)) @ A
+    X_fp = X + 0.03 * rng.normal(size=X.shape) @ A
+    W = rng.normal(size=(40, d_in))
+    return W, Hessian(d_in).add_batch(X, X_fp=X_fp), X, X_fp

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from engine_configs import CONFIGS, IDS
+from engine_configs import CONFIGS, IDS, correlated_layer
 
-from gptq_explorer.engine import GPTQStepper, Hessian, QuantConfig, gptq_quantize
+from gptq_explorer.engine import GPTQStepper, QuantConfig, gptq_quantize
 from gptq_explorer.engine import column_kernel as ck
 from gptq_explorer.engine import grid as grid_np
 from gptq_explorer.engine.gptq import prepare_layer
@@ -22,13 +22,7 @@ D_IN = 96
 
 @pytest.fixture(scope="module")
 def layer():
-    rng = np.random.default_rng(0)
-    A = rng.normal(size=(D_IN, D_IN))
-    A[:, 3] *= 8
-    X = rng.normal(size=(3000, D_IN)) @ A
-    X_fp = X + 0.03 * rng.normal(size=X.shape) @ A
-    W = rng.normal(size=(40, D_IN))
-    return W, Hessian(D_IN).add_batch(X, X_fp=X_fp)
+    return correlated_layer(D_IN)[:2]
 
 
 needs_numba = pytest.mark.skipif(not ck.compiled(np.float64), reason="numba is not installed")

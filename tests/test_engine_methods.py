@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_configs import CONFIGS, IDS
+from engine_configs import CONFIGS, IDS, correlated_layer
 
 from gptq_explorer.engine import GPTQStepper, Hessian, QuantConfig, gptq_quantize, rtn_quantize
 from gptq_explorer.engine.order import processing_order
@@ -17,15 +17,7 @@ D_IN = 96
 
 @pytest.fixture(scope="module")
 def layer():
-    """W (40, 96) and the Hessian of inputs with an outlier channel; X_fp differs from X by a few %."""
-    rng = np.random.default_rng(0)
-    A = rng.normal(size=(D_IN, D_IN))
-    A[:, 3] *= 8
-    X = rng.normal(size=(3000, D_IN)) @ A
-    X_fp = X + 0.03 * rng.normal(size=X.shape) @ A
-    W = rng.normal(size=(40, D_IN))
-    h = Hessian(D_IN).add_batch(X, X_fp=X_fp)
-    return W, h, X, X_fp
+    return correlated_layer(D_IN)
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=IDS)
@@ -51,11 +43,11 @@ def test_numpy_and_torch_agree_and_block_size_changes_nothing(layer, kw):
 
 
 def test_the_torch_column_step_of_cuda_agrees(layer, monkeypatch):
-    """CUDA runs the column step in torch ops (no NumPy views): the same codes, here on the CPU."""
+    """CUDA without triton runs the column step in torch ops (no NumPy views): the same codes, on the CPU."""
     from gptq_explorer.engine import gptq_torch
 
     W, h, _, _ = layer
-    monkeypatch.setattr(gptq_torch, "NUMPY_COLUMN_STEP", False)
+    monkeypatch.setattr(gptq_torch, "COLUMN_STEP", "torch")
     for kw in (dict(ternary=True, sym=False, group_size=32),
                dict(gptaq_alpha=0.25, mse_norm=2.4, group_size=32)):
         cfg = QuantConfig(**kw)

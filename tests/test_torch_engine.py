@@ -214,13 +214,13 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
 
 @pytest.mark.parametrize("cfg", PIPELINE_CONFIGS[:3], ids=lambda c: c.label())
 def test_torch_column_step_gives_the_same_codes(layer, monkeypatch, cfg):
-    """On CPU the column step runs as NumPy ufuncs; CUDA runs it as torch ops. Run the torch ops on CPU:
+    """On CPU the column step runs as NumPy ufuncs; CUDA without triton runs it as torch ops. Run them on CPU:
     float64 codes equal the NumPy engine's exactly."""
     import gptq_explorer.engine.gptq_torch as gt
 
     W, X, H = layer
     ref = gptq_quantize(W, H, cfg)
-    monkeypatch.setattr(gt, "NUMPY_COLUMN_STEP", False)
+    monkeypatch.setattr(gt, "COLUMN_STEP", "torch")
     res = gptq_quantize(torch.tensor(W), torch.tensor(H), cfg, dtype=torch.float64)
     np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
     np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)

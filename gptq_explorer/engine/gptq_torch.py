@@ -19,6 +19,8 @@ What changes is how the work is laid out:
     per sub-block where numba is installed, else NumPy ufuncs (a torch op costs several microseconds of
     dispatch on a 4096-vector); and, for big layers on several cores, the lazy updates run in a worker
     thread while the main thread quantizes the next columns.
+  * On CUDA a block's columns run as one Triton kernel (column_triton), a tile of rows per program: a
+    torch op per step would make a column a dozen kernel launches.
 The result equals the NumPy engine's up to rounding (codes exactly, in float64; tests).
 """
 
@@ -28,6 +30,7 @@ import contextlib
 import heapq
 import itertools
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -226,44 +229,82 @@ def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: in
 # errors as one matmul (two-level lazy updates: the paper's Step 2 applied inside the block too).
 SUB_BLOCK = kernel.SUB_BLOCK
 
-NUMPY_COLUMN_STEP = True  # on CPU; False runs the torch ops there too (what CUDA runs; tests use it)
+# Which column step runs: "auto" picks NumPy/numba on CPU, the Triton kernel on CUDA where triton is
+# installed, else torch ops; tests and benchmarks force "numpy", "torch" or "triton" to compare them.
+COLUMN_STEP = "auto"
+
+
+def column_step_kind(device: torch.device) -> str:
+    if COLUMN_STEP != "auto":
+        return COLUMN_STEP
+    if device.type == "cpu":
+        return "numpy"
+    from . import column_triton
+
+    return "triton" if column_triton.available(device) else "torch"
 
 
 class _ColumnSteps:
-    """Quantize a sub-block's columns and record their codes, values, scaled errors and losses (the inner
+    """Quantize a block's columns and record their codes, values, scaled errors and losses (the inner
     loop's hot path; column_kernel's module doc has the steps, in both GPTAQ forms).
 
-    On CPU: column_kernel.sub_block on zero-copy NumPy views of the torch buffers, compiled (one call per
-    sub-block) where numba is installed, else NumPy ufuncs (a torch op's dispatch costs several times a
-    ufunc's on a 4096-vector). On CUDA: torch ops, one column at a time.
+    On CPU ("numpy"): column_kernel.sub_block on zero-copy NumPy views of the torch buffers, compiled (one
+    call per sub-block) where numba is installed, else NumPy ufuncs (a torch op's dispatch costs several
+    times a ufunc's on a 4096-vector). On CUDA ("triton"): the whole block in one kernel (column_triton).
+    Else ("torch"): torch ops, one column at a time. The first two sum in sub-blocks of SUB_BLOCK columns,
+    a finished sub-block reaching the rest of the block as one matmul.
     """
 
-    def __init__(self, codes_t, losses, maxq: int, ternary: bool, gptaq: bool):
-        self.numpy = codes_t.device.type == "cpu" and NUMPY_COLUMN_STEP
+    def __init__(self, codes_t, losses, maxq: int, ternary: bool, gptaq: bool, gsel: np.ndarray):
+        """gsel: the grid row of each column (in processing order)."""
+        self.kind = column_step_kind(codes_t.device)
         self.maxq, self.ternary = maxq, ternary
         self.mode = kernel.R_FORM if gptaq else kernel.PLAIN
-        self.codes_t, self.losses = codes_t, losses
+        self.codes_t, self.losses, self.gsel = codes_t, losses, gsel
+        if self.kind == "triton":  # on the device once, not a host-to-device copy per block
+            self.gsel_t = torch.as_tensor(gsel, device=codes_t.device)
+        self.launched = False
 
-    def block(self, i1: int, i2: int, W1, E, Q, U1, grids, gsel: np.ndarray, M1=None, G1=None) -> None:
-        """The block's buffers: state W1, errors E, values Q, U1 = U[B, B], grids (scales, zeros) (groups,
-        rows), gsel (the grid row of each column), GPTAQ's M[B, B] and pending g's."""
-        bufs = [W1, E, Q, self.codes_t[i1:i2], self.losses[i1:i2], U1, *grids]
-        if self.numpy:
-            bufs = [t.numpy() for t in bufs]
-            self.d = np.ascontiguousarray(np.diagonal(bufs[5]))
-            self.gsel, self.M1, self.G1 = gsel, None if M1 is None else M1.numpy(), \
-                None if G1 is None else G1.numpy()
+    def block(self, i1: int, i2: int, W1, E, Q, U1, grids, M1=None, G1=None) -> None:
+        """Run the block's columns. Its buffers: state W1, errors E, values Q, U1 = U[B, B], grids (scales,
+        zeros) (groups, rows), GPTAQ's M[B, B] and pending g's."""
+        C, L, gsel = self.codes_t[i1:i2], self.losses[i1:i2], self.gsel[i1:i2]
+        if self.kind == "triton":
+            from . import column_triton
+
+            try:
+                column_triton.block_columns(W1, E, Q, C, L, U1, *grids, self.gsel_t[i1:i2], self.maxq,
+                                            self.ternary, M1, G1)
+                self.launched = True
+                return
+            except Exception as e:  # a GPU or setup Triton cannot compile for: torch ops, same results
+                if self.launched:
+                    raise
+                warnings.warn(f"the Triton column kernel could not run ({type(e).__name__}: {e}); GPTQ's "
+                              "column loop runs as torch ops instead (same results, slower on a GPU)",
+                              stacklevel=2)
+                self.kind = "torch"
+        if self.kind == "numpy":
+            np_bufs = [t.numpy() for t in (W1, E, Q, C, L, U1, *grids)]
+            d = np.ascontiguousarray(np.diagonal(np_bufs[5]))
+            M1n, G1n = (None, None) if M1 is None else (M1.numpy(), G1.numpy())
         else:
-            self.d, self.gsel, self.M1, self.G1 = torch.diagonal(U1).tolist(), gsel.tolist(), M1, G1
-        self.bufs = bufs
+            d = torch.diagonal(U1).tolist()
+        n = i2 - i1
+        for s1 in range(0, n, SUB_BLOCK):
+            s2 = min(s1 + SUB_BLOCK, n)
+            if self.kind == "numpy":
+                kernel.sub_block(*np_bufs[:6], s1, s2, *np_bufs[6:], gsel, d, self.maxq, self.ternary,
+                                 self.mode, M1n, G1n)
+            else:
+                self._sub_block_torch(W1, E, Q, C, L, U1, grids, gsel, d, s1, s2, M1, G1)
+            if s2 < n:  # the sub-block's errors reach the rest of the block as one matmul
+                W1[s2:].addmm_(U1[s1:s2, s2:].T, E[s1:s2], alpha=-1)
+                if M1 is not None:
+                    G1[s2:].addmm_(M1[s1:s2, s2:].T, W1[s1:s2])
 
-    def __call__(self, s1: int, s2: int) -> None:
-        W1, E, Q, C, L, U1, scales, zeros = self.bufs
-        if self.numpy:
-            kernel.sub_block(W1, E, Q, C, L, U1, s1, s2, scales, zeros, self.gsel, self.d, self.maxq,
-                             self.ternary, self.mode, self.M1, self.G1)
-            return
-        d, M1, G1 = self.d, self.M1, self.G1
+    def _sub_block_torch(self, W1, E, Q, C, L, U1, grids, gsel, d, s1: int, s2: int, M1, G1) -> None:
+        scales, zeros = grids
         for i in range(s1, s2):
             w = W1[i]
             if i > s1:  # OBS updates from this sub-block's earlier columns, pulled as one gemv
@@ -271,7 +312,7 @@ class _ColumnSteps:
             if M1 is not None:  # GPTAQ (see _Gptaq): g of this column, added as g d
                 g = G1[i] if i == s1 else torch.addmv(G1[i], W1[s1:i].T, M1[s1:i, i])
                 w.add_(g, alpha=d[i])
-            j = self.gsel[i]
+            j = int(gsel[i])
             C[i], Q[i] = _quantize(w, scales[j], zeros[j], self.maxq, self.ternary)
             err = torch.sub(w, Q[i], out=E[i])
             err /= d[i]  # Err = (w - q) / [H^-1]_qq^(1/2)
@@ -384,10 +425,11 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
         return _gptq_torch(W, H, cfg, device, dtype, worker_threads, dXXT)
 
 
-def _max_asymmetry(H: torch.Tensor, tile: int = 256) -> float:
+def _max_asymmetry(H: torch.Tensor) -> float:
     """checks.max_asymmetry, a square tile pair at a time: reading a whole column panel transposed walks H
-    with a stride of a row per element (several times slower for 4096^2)."""
-    n = H.shape[0]
+    with a stride of a row per element (several times slower for 4096^2 on a CPU). On a GPU the tiles are
+    large: each costs a few kernel launches, and memory there is fast."""
+    n, tile = H.shape[0], 256 if H.device.type == "cpu" else 4096
     worst = torch.zeros((), device=H.device, dtype=H.dtype)
     for a in range(0, n, tile):
         for c in range(a, n, tile):
@@ -526,7 +568,6 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, W0t) if gptaq else None
     del dXXT
     Qb = torch.empty_like(Errb)  # a block's values; once its corrections are out they go into W0t's rows
-    step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq)
     scales, zeros = [], []
     grids = None  # (scales, zeros) of the grids in use, (groups, rows); gsel: each column's row
     if row_grid is not None:
@@ -534,6 +575,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     if static_grids is not None:
         grids = tuple(torch.stack(g) for g in zip(*static_grids))
     gsel = (perm_np // width if static_grids is not None else np.zeros(n)).astype(np.int64)
+    step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq, gsel)
     bounds = block_bounds(n, cfg)
     with _single_thread(R.device, enabled=worker_threads > 0), \
             _LazyUpdates(St, R, W0t, bounds, worker_threads) as lazy:
@@ -558,15 +600,8 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
             if asym is not None:  # GPTAQ's in-block terms, kept two-level like the OBS updates
                 M1, G1 = asym.M[i1:i2, i1:i2].contiguous(), asym.Gt[i1:i2]
             E, Q = Errb[: i2 - i1], Qb[: i2 - i1]
-            step.block(i1, i2, W1, E, Q, U1, grids, gsel[i1:i2], M1, G1)
             with _single_thread(R.device):
-                for s1 in range(0, i2 - i1, SUB_BLOCK):
-                    s2 = min(s1 + SUB_BLOCK, i2 - i1)
-                    step(s1, s2)
-                    if s2 < i2 - i1:  # the sub-block's errors reach the rest of the block as one matmul
-                        W1[s2:].addmm_(U1[s1:s2, s2:].T, E[s1:s2], alpha=-1)
-                        if asym is not None:
-                            G1[s2:].addmm_(M1[s1:s2, s2:].T, W1[s1:s2])
+                step.block(i1, i2, W1, E, Q, U1, grids, M1, G1)
             lazy.block_done(k, Q)
             W0t[i1:i2] = Q  # W0 of these columns is no longer needed: W0t becomes Q, row by row
             if asym is not None and i2 < n:
