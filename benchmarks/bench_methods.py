@@ -72,10 +72,11 @@ LABELS = {"fp": "FP (no quantization)", "rtn": "RTN", "rtn-had": "RTN + rotation
           "gptaq-had": "GPTAQ + rotation"}
 
 
-def median_layer_error(report: dict) -> str:
-    """Median over the linears of ||X W^T - X Q^T||^2 / ||X W^T||^2 on their calibration inputs."""
+def median_layer_error(report: dict) -> float | None:
+    """Median over the linears of ||X W^T - X Q^T||^2 / ||X W^T||^2 on their calibration inputs (None for a
+    report without them: RTN's)."""
     errs = sorted(x["output_rel_error"] for x in report["layers"] if x.get("output_rel_error") is not None)
-    return f"{errs[len(errs) // 2]:.4f}" if errs else "—"
+    return errs[len(errs) // 2] if errs else None
 
 
 def markdown(folder: Path = OUT) -> str:
@@ -90,8 +91,10 @@ def markdown(folder: Path = OUT) -> str:
                 continue
             ppl, t, m = r["perplexity"], r["timings"], r["memory"]
             label = LABELS[method].replace("GAR", "desc_act") if grid.endswith("grow") else LABELS[method]
+            err = median_layer_error(r)
             lines.append(f"| {grid} | {label} | {ppl['prose']:.2f} | {ppl['code']:.2f} | "
-                         f"{median_layer_error(r)} | {t['quantize']:.0f} | {m['peak_rss_bytes'] / 1e9:.2f} |")
+                         f"{'—' if err is None else f'{err:.4f}'} | {t['quantize']:.0f} | "
+                         f"{m['peak_rss_bytes'] / 1e9:.2f} |")
     if "fp" in reports:
         ppl = reports["fp"]["perplexity"]
         lines.append(f"| — | {LABELS['fp']} | {ppl['prose']:.2f} | {ppl['code']:.2f} | — | — | — |")
@@ -108,17 +111,24 @@ def table() -> None:
 
 
 class _DenseRotation:
-    """The torch engine's rotation as it was before the fast transform: dense products with R."""
+    """The torch engine's rotation as it was before the fast transform (rotation.Rotation's products with a
+    dense R)."""
 
-    def __init__(self, n, cfg, device, dtype):
+    def __init__(self, n, seed=0, like=None):
         import torch
 
-        from gptq_explorer.engine.gptq import rotation_matrix
+        from gptq_explorer.engine.rotation import hadamard_rotation
 
-        self.R = torch.as_tensor(rotation_matrix(n, cfg), device=device).to(dtype)
+        self.R = torch.as_tensor(hadamard_rotation(n, seed), device=like.device).to(like.dtype)
 
-    def __call__(self, X, transpose: bool = False):
+    def apply(self, X, transpose: bool = False):
         return (self.R.T if transpose else self.R) @ X
+
+    def weight(self, W):
+        return W @ self.R.T
+
+    def hessian(self, H):
+        return self.R @ H @ self.R.T
 
     def back(self, Q):
         return Q @ self.R
@@ -224,12 +234,12 @@ def _before(run):
     """run() with the torch engine's MSE search and rotation as they were (for the 'before' columns)."""
     from gptq_explorer.engine import gptq_torch
 
-    saved = gptq_torch._mse_search, gptq_torch._Rotation
-    gptq_torch._mse_search, gptq_torch._Rotation = _mse_search_before, _DenseRotation
+    saved = gptq_torch._mse_search, gptq_torch.Rotation
+    gptq_torch._mse_search, gptq_torch.Rotation = _mse_search_before, _DenseRotation
     try:
         return run()
     finally:
-        gptq_torch._mse_search, gptq_torch._Rotation = saved
+        gptq_torch._mse_search, gptq_torch.Rotation = saved
 
 
 def time_layers(repeats: int = 5) -> None:
@@ -276,8 +286,8 @@ def time_layers(repeats: int = 5) -> None:
 
 def time_rotation(repeats: int = 20) -> None:
     """The rotation step of one layer (W R^T, R H R^T, R dXXT R^T and, for the result, Q R and R itself), one
-    thread: as dense products with R (the engines before the fast transform; the NumPy engine still) and with
-    the fast transform (engine/rotation.py; the torch engine's _Rotation). Best of `repeats`, interleaved."""
+    thread: as dense products with R (the engines before the fast transform) and with the fast transform
+    (engine/rotation.Rotation, which both engines use). Best of `repeats`, interleaved."""
     import time
 
     import numpy as np
@@ -285,7 +295,6 @@ def time_rotation(repeats: int = 20) -> None:
 
     from gptq_explorer.engine import QuantConfig
     from gptq_explorer.engine import rotation as rot_np
-    from gptq_explorer.engine.gptq_torch import _Rotation
 
     torch.set_num_threads(1)
     cfg = QuantConfig(rotation="hadamard")
@@ -299,20 +308,20 @@ def time_rotation(repeats: int = 20) -> None:
         return rot, W0t.T @ rot, Hr, rot @ dXXT @ rot.T
 
     def torch_fast(W, H, dXXT):
-        rotate = _Rotation(W.shape[1], cfg, W.device, W.dtype)
+        rotate = rot_np.Rotation(W.shape[1], cfg.rotation_seed, like=W)
         rot = rotate.matrix()
-        W0t = rotate(W.T.contiguous())
-        Hr = rotate(rotate(H).T)
+        W0t = rotate.apply(W.T.contiguous())
+        Hr = rotate.hessian(H)
         Hr = (Hr + Hr.T) / 2
-        return rot, rotate.back(W0t.T), Hr, rotate(rotate(dXXT).T).T
+        return rot, rotate.back(W0t.T), Hr, rotate.hessian(dXXT)
 
     def numpy_dense(W, H, dXXT):
         R = rot_np.hadamard_rotation(W.shape[1])
         return R, (W @ R.T) @ R, R @ H @ R.T, R @ dXXT @ R.T
 
     def numpy_fast(W, H, dXXT):
-        Q = rot_np.unrotate_weight(rot_np.rotate_weight(W))
-        return rot_np.hadamard_rotation(W.shape[1]), Q, rot_np.rotate_hessian(H), rot_np.rotate_hessian(dXXT)
+        rotate = rot_np.Rotation(W.shape[1])
+        return rotate.matrix(), rotate.back(rotate.weight(W)), rotate.hessian(H), rotate.hessian(dXXT)
 
     print(f"{'shape':>11s} {'torch dense':>12s} {'torch fast':>11s} {'numpy dense':>12s} {'numpy fast':>11s}"
           "   (ms; torch float32, NumPy float64)")

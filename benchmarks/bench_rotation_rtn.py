@@ -131,7 +131,7 @@ def collect(blocks: list[int], kinds: list[str]) -> dict:
 
 
 def diagnose(L: dict) -> dict:
-    from gptq_explorer.engine.rotation import rotate_weight
+    from gptq_explorer.engine.rotation import Rotation
 
     W, H = L["W"], L["H"]
     e = rtn_errors(W)
@@ -147,7 +147,7 @@ def diagnose(L: dict) -> dict:
     ch = np.argsort(np.diag(H))[::-1][:k]
     mean_err = float((D**2).mean())
     r_plain, k_plain = group_stats(W)
-    r_rot, k_rot = group_stats(rotate_weight(W))
+    r_rot, k_rot = group_stats(Rotation(W.shape[1]).weight(W))
     # sum over tokens of ||D x||^2 = n/2 tr(D H D^T) (H = 2/n sum x x^T); the first tokens' part of it
     tok0 = {t: float(((L["X0"] @ E.T) ** 2).sum()) / (L["tokens"] / 2 * out[t])
             for t, E in (("p", D), ("r", D_r))}

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from gptq_explorer.engine.rotation import (
     _block_order,
@@ -130,21 +131,28 @@ def test_layer_product_and_hessian_preserved():
 FAST_WIDTHS = [1, 7, 12, 20, 64, 96, 300, 448, 576, 720, 1536, 2048]  # dense, block-diagonal and odd
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("n", FAST_WIDTHS)
-def test_fast_transform_equals_the_dense_rotation(n):
-    from gptq_explorer.engine.rotation import hadamard_apply, rotate_hessian, rotate_weight, unrotate_weight
+def test_fast_transform_equals_the_dense_rotation(n, kind):
+    """Rotation's products (what both engines run) equal the dense R's, on NumPy arrays and torch tensors."""
+    from gptq_explorer.engine.rotation import Rotation
 
     rng = np.random.default_rng(n)
     R = hadamard_rotation(n, seed=4)
     X, W, M = rng.standard_normal((n, 5)), rng.standard_normal((9, n)), rng.standard_normal((n, n))
+    like = np.zeros(1) if kind == "numpy" else torch.zeros(1, dtype=torch.float64)
+    rotate, other_seed = Rotation(n, seed=4, like=like), Rotation(n, seed=5, like=like)
+    arr = (lambda a: a) if kind == "numpy" else torch.tensor  # noqa: E731
+    out = (lambda a: a) if kind == "numpy" else (lambda t: t.numpy())  # noqa: E731
     tol = dict(rtol=0, atol=1e-12 * np.sqrt(n))
-    np.testing.assert_allclose(hadamard_apply(X, seed=4), R @ X, **tol)
-    np.testing.assert_allclose(hadamard_apply(X, seed=4, transpose=True), R.T @ X, **tol)
-    np.testing.assert_allclose(rotate_weight(W, seed=4), W @ R.T, **tol)
-    np.testing.assert_allclose(unrotate_weight(W, seed=4), W @ R, **tol)
+    np.testing.assert_allclose(out(rotate.apply(arr(X))), R @ X, **tol)
+    np.testing.assert_allclose(out(rotate.apply(arr(X), transpose=True)), R.T @ X, **tol)
+    np.testing.assert_allclose(out(rotate.weight(arr(W))), W @ R.T, **tol)
+    np.testing.assert_allclose(out(rotate.back(arr(W))), W @ R, **tol)
     M_rotated = R @ M @ R.T  # M is not symmetric: GPTAQ's dXXT is rotated the same way
-    np.testing.assert_allclose(rotate_hessian(M, seed=4), M_rotated, rtol=0, atol=1e-11 * n)
-    assert not np.allclose(hadamard_apply(X, seed=5), R @ X) or n == 1  # the seed's signs are used
+    np.testing.assert_allclose(out(rotate.hessian(arr(M))), M_rotated, rtol=0, atol=1e-11 * n)
+    np.testing.assert_array_equal(out(rotate.matrix()), R)
+    assert not np.allclose(out(other_seed.apply(arr(X))), R @ X) or n == 1  # the seed's signs are used
 
 
 @pytest.mark.parametrize("n", [576, 1536, 300])
@@ -181,8 +189,8 @@ def test_pieces_are_the_hadamard_matrix(m):
                                 dict(group_size=-1, mse_norm=2.4)])
 @pytest.mark.parametrize("n", [576, 300])
 def test_torch_engine_rotation_matches_the_dense_products(kw, n):
-    """The torch engine rotates W, H and dXXT with the fast transform: its result equals the NumPy engine's
-    (dense R) code for code, and its weight is dequantize() @ R."""
+    """Both engines rotate W, H and dXXT with the fast transform: the torch engine's result equals the NumPy
+    engine's code for code, R is hadamard_rotation's, and the weight is dequantize() @ R."""
     import torch
 
     from gptq_explorer.engine import Hessian, QuantConfig, gptq_quantize, rtn_quantize

@@ -42,6 +42,7 @@ from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid import dequantize, grid_of, quantize_codes
 from .order import group_of_steps, processing_order
+from .rotation import Rotation, hadamard_rotation
 
 
 def hinv_cholesky_upper(H: np.ndarray) -> np.ndarray:
@@ -131,10 +132,11 @@ def prepare_layer(W, H, cfg: QuantConfig, dtype=np.float64, dXXT=None) -> Prepar
     R = None
     if cfg.rotation:
         # y = W x = (W R^T)(R x): quantize W R^T for the rotated inputs, whose Hessian is R H R^T.
-        R = rotation_matrix(n, cfg, dtype)
-        W, H = W @ R.T, R @ H @ R.T
+        rotate = Rotation(n, cfg.rotation_seed, like=W)
+        R = rotate.matrix()
+        W, H = rotate.weight(W), rotate.hessian(H)
         H = (H + H.T) / 2  # exactly symmetric again
-        dXXT = None if dXXT is None else R @ dXXT @ R.T
+        dXXT = None if dXXT is None else rotate.hessian(dXXT)
 
     # Per-row grid (group_size == -1): like the reference, from W as given, before the dead-column fix.
     row_grid = grid_of(W, cfg) if cfg.group_size == -1 else None
@@ -181,8 +183,6 @@ def prepare_layer(W, H, cfg: QuantConfig, dtype=np.float64, dXXT=None) -> Prepar
 
 def rotation_matrix(n: int, cfg: QuantConfig, dtype=np.float64) -> np.ndarray:
     """The layer's input rotation R (n, n) for cfg.rotation."""
-    from .rotation import hadamard_rotation
-
     return hadamard_rotation(n, cfg.rotation_seed).astype(dtype, copy=False)
 
 
@@ -307,7 +307,7 @@ def assemble_result(prep: PreparedLayer, cfg: QuantConfig, Q, codes, losses, sca
     identity = bool(np.array_equal(perm, np.arange(n)))
     weight = Q if identity else Q[:, invperm]
     return QuantResult(
-        weight=weight if prep.rotation is None else weight @ prep.rotation,
+        weight=weight if prep.rotation is None else Rotation(n, cfg.rotation_seed, like=weight).back(weight),
         codes=(codes if identity else codes[:, invperm]).astype(np.int32, copy=False),
         scales=scales_arr,
         zeros=zeros_arr if cfg.ternary else zeros_arr.astype(np.int32),

@@ -43,6 +43,7 @@ from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid import tie_tolerance
 from .order import group_of_steps, processing_order
+from .rotation import Rotation
 
 
 def grid_of(w: torch.Tensor, cfg: QuantConfig, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,35 +464,6 @@ class _Gptaq:
         self.Gt[i2:].addmm_(self.M[i1:i2, i2:].T, Wpre)
 
 
-class _Rotation:
-    """The layer's randomized Hadamard rotation R (rotation.py) as a fast transform on torch tensors:
-    rotation.fast_hadamard with torch.matmul, R never multiplied densely; matrix() builds R for the result."""
-
-    def __init__(self, n: int, cfg: QuantConfig, device, dtype):
-        from . import rotation
-
-        self.n, self.cfg, self.device, self.dtype = n, cfg, device, dtype
-        pieces, d = rotation.hadamard_parts(n, cfg.rotation_seed)
-        self.pieces = [torch.tensor(p, device=device, dtype=dtype) for p in pieces]  # a copy: p is read-only
-        self.d = torch.as_tensor(d, device=device, dtype=dtype)
-
-    def __call__(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """R X (transpose: R^T X) along X's first axis (n, ...): a new tensor."""
-        from .rotation import fast_hadamard
-
-        return fast_hadamard(X, self.pieces, self.d, transpose, torch.matmul)
-
-    def back(self, Q: torch.Tensor) -> torch.Tensor:
-        """Q R (rows, n): the weights back in the original basis."""
-        return self(Q.T, transpose=True).T.contiguous()
-
-    def matrix(self) -> torch.Tensor:
-        """R (n, n) itself: QuantResult.rotation."""
-        from .gptq import rotation_matrix
-
-        return torch.as_tensor(rotation_matrix(self.n, self.cfg), device=self.device).to(self.dtype)
-
-
 def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
     device = torch.device(device) if device is not None else None
     W = _shared_tensor(W, device)
@@ -517,12 +489,12 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
 
     rot = rotate = None
     if cfg.rotation:  # y = W x = (W R^T)(R x); transposed: W0t <- R W0t, H <- R H R^T
-        rotate = _Rotation(n, cfg, W0t.device, dtype)
+        rotate = Rotation(n, cfg.rotation_seed, like=W0t)
         rot = rotate.matrix()
-        W0t = rotate(W0t)
-        H = rotate(rotate(H).T)  # R (R H)^T = R H R^T for a symmetric H
+        W0t = rotate.apply(W0t)
+        H = rotate.hessian(H)
         H = (H + H.T) / 2
-        dXXT = rotate(rotate(dXXT).T).T if gptaq else None  # R dXXT R^T
+        dXXT = rotate.hessian(dXXT) if gptaq else None
 
     row_grid = grid_of(W0t, cfg, dim=0) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
@@ -658,9 +630,9 @@ def rtn_quantize_torch(W, cfg: QuantConfig, device=None, dtype=torch.float32) ->
     rows, n = W.shape
     rot = rotate = None
     if cfg.rotation:
-        rotate = _Rotation(n, cfg, W.device, dtype)
+        rotate = Rotation(n, cfg.rotation_seed, like=W)
         rot = rotate.matrix()
-        W = rotate(W.T).T.contiguous()  # W R^T
+        W = rotate.weight(W)
     width = cfg.group_width(n)
     Q = torch.empty_like(W)
     codes = torch.empty((rows, n), device=W.device, dtype=torch.int32)

@@ -18,16 +18,16 @@ the largest constructible m dividing n (11008 = 43 * 256 -> 43 blocks of 256), e
 own signs. An outlier then spreads only within its block, so max / rms drops to sqrt(n / m), not 1.
 For odd n, m = 1 and R is just diag(s): a sign flip, orthogonal but spreading nothing.
 
-Applying R without forming it (hadamard_apply; rotate_weight, rotate_hessian and unrotate_weight for the
-three products the engines need): R x = H_m (d * x) block by block, with d = s / sqrt(m). H_m is a
+Applying R without forming it (Rotation: R x, and the three products both engines need, W R^T, R H R^T
+and Q R): R x = H_m (d * x) block by block, with d = s / sqrt(m). H_m is a
 Kronecker product of its factors (2 x 2 Sylvester steps, then the Paley matrices), so x of one block,
 reshaped to one axis per factor, is transformed one axis at a time. The factors are grouped, in order,
 into pieces of order <= PIECE_ORDER (hadamard_pieces: 576 -> 48, 12; 1536 -> 32, 48; 4096 -> 64, 64), each
 applied as one small matmul along its axis: m * (k_1 + k_2 + ...) multiply-adds per vector instead of m^2,
 O(m log m) for the power-of-two part at a fixed piece order (a radix-64 Walsh-Hadamard transform: pieces
 of up to 64 keep the matmuls efficient, where radix-2 butterflies pass over memory once per factor 2).
-The same code runs on NumPy arrays and torch tensors (the torch engine passes torch.matmul and its own
-pieces); the result equals the dense R's product up to float rounding (tests/test_engine_rotation.py).
+The same code runs on NumPy arrays and torch tensors (Rotation picks np.matmul or torch.matmul); the
+result equals the dense R's product up to float rounding (tests/test_engine_rotation.py).
 """
 
 from __future__ import annotations
@@ -209,24 +209,51 @@ def hadamard_parts(n: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.nd
     return hadamard_pieces(_block_order(n)), hadamard_scales(n, seed)
 
 
-def hadamard_apply(X: np.ndarray, seed: int = 0, transpose: bool = False) -> np.ndarray:
-    """R X (transpose: R^T X) along the first axis of X (n, ...), R = hadamard_rotation(n, seed), without
-    forming R; float64."""
-    X = np.asarray(X, dtype=np.float64)
-    pieces, d = hadamard_parts(X.shape[0], seed)
-    return fast_hadamard(X, tuple(p.astype(np.float64) for p in pieces), d, transpose)
+class Rotation:
+    """R = hadamard_rotation(n, seed) as the products the engines need, never multiplied densely: on NumPy
+    arrays, or on torch tensors when `like` is one (the pieces then take its dtype and device).
 
+    apply(X): R X along X's first axis;  weight(W): W R^T;  hessian(H): R H R^T (also for a non-symmetric H:
+    GPTAQ's dXXT);  back(Q): Q R, the weights back in the original basis;  matrix(): R itself."""
 
-def rotate_weight(W: np.ndarray, seed: int = 0) -> np.ndarray:
-    """W R^T (rows of W rotated: each row w -> R w), W (rows, n)."""
-    return np.ascontiguousarray(hadamard_apply(np.asarray(W).T, seed).T)
+    def __init__(self, n: int, seed: int = 0, like=None):
+        self.n, self.seed = n, seed
+        pieces, d = hadamard_parts(n, seed)
+        if like is None or isinstance(like, np.ndarray):
+            dtype = np.float64 if like is None else like.dtype
+            self._matmul, self._like = np.matmul, None
+            self.pieces, self.d = tuple(p.astype(dtype) for p in pieces), d.astype(dtype)
+        else:
+            import torch
 
+            self._matmul, self._like = torch.matmul, like
+            self.pieces = tuple(torch.tensor(p, device=like.device, dtype=like.dtype) for p in pieces)
+            self.d = torch.as_tensor(d, device=like.device, dtype=like.dtype)
 
-def rotate_hessian(H: np.ndarray, seed: int = 0) -> np.ndarray:
-    """R H R^T (also for a non-symmetric H: GPTAQ's dXXT)."""
-    return np.ascontiguousarray(hadamard_apply(hadamard_apply(H, seed).T, seed).T)
+    def apply(self, X, transpose: bool = False):
+        """R X (transpose: R^T X) along X's first axis (n, ...): a new array."""
+        return fast_hadamard(X, self.pieces, self.d, transpose, self._matmul)
 
+    def weight(self, W):
+        """W R^T (rows, n): each row w -> R w."""
+        return self._contiguous(self.apply(W.T).T)
 
-def unrotate_weight(Q: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Q R: back to the original basis (each row q -> R^T q)."""
-    return np.ascontiguousarray(hadamard_apply(np.asarray(Q).T, seed, transpose=True).T)
+    def hessian(self, H):
+        """R H R^T."""
+        return self._contiguous(self.apply(self.apply(H).T).T)
+
+    def back(self, Q):
+        """Q R (rows, n): each row q -> R^T q."""
+        return self._contiguous(self.apply(Q.T, transpose=True).T)
+
+    def matrix(self):
+        """R (n, n), dense: QuantResult.rotation."""
+        R = hadamard_rotation(self.n, self.seed)
+        if self._like is None:
+            return R.astype(self.d.dtype, copy=False)
+        import torch
+
+        return torch.as_tensor(R, device=self._like.device).to(self._like.dtype)
+
+    def _contiguous(self, X):
+        return np.ascontiguousarray(X) if self._like is None else X.contiguous()

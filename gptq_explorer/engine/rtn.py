@@ -19,12 +19,13 @@ def rtn_quantize_numpy(W, cfg: QuantConfig, dtype=np.float64) -> QuantResult:
     W = np.array(W, dtype=dtype, copy=True)
     checks.check_finite("W", bool(np.all(np.isfinite(W))))
     rows, n = W.shape
-    R = None
+    R = rotate = None
     if cfg.rotation:
-        from .gptq import rotation_matrix
+        from .rotation import Rotation
 
-        R = rotation_matrix(n, cfg, dtype)
-        W = W @ R.T
+        rotate = Rotation(n, cfg.rotation_seed, like=W)
+        R = rotate.matrix()
+        W = rotate.weight(W)
     width = cfg.group_width(n)
     Q = np.empty_like(W)
     codes = np.empty((rows, n), dtype=np.int32)
@@ -38,7 +39,7 @@ def rtn_quantize_numpy(W, cfg: QuantConfig, dtype=np.float64) -> QuantResult:
         zeros.append(zero)
     zeros_arr = np.stack(zeros, axis=1)
     return QuantResult(
-        weight=Q if R is None else Q @ R,
+        weight=Q if rotate is None else rotate.back(Q),
         codes=codes,
         scales=np.stack(scales, axis=1),
         zeros=zeros_arr if cfg.ternary else zeros_arr.astype(np.int32),
