@@ -47,6 +47,7 @@ Helpers:
   open_site(browser, site, hash_, clipboard, viewport)   the static site from file://, drawn, every other
                    request aborted and recorded (page.outside), page errors in page.errors
   page_arrays(page)   the site's W, H and codes, exactly (float32 / int32)
+  page_heldout(page)  the site's held-out inputs, as the page decoded them
 
 docs/testing.md says how the browser tests run; browser_helpers.py has the Voila server, Chromium and
 page-reading helpers these build on (also used by scripts/ and benchmarks/, outside pytest).
@@ -283,6 +284,17 @@ def open_site(browser, site: Path, hash_: str = "", clipboard: str | None = None
     page.wait_for_function("window.gptqExplorer !== undefined", timeout=30_000)
     page.evaluate("() => window.gptqExplorer.ready()")
     return page
+
+
+def page_heldout(page) -> np.ndarray:
+    """The site's held-out inputs (tokens, d_in) as the page decoded them (float16 values, as float32)."""
+    raw = page.evaluate("""() => { const L = window.gptqExplorer.layer(), u = new Uint8Array(L.Xh.buffer);
+      let s = "";
+      for (let i = 0; i < u.length; i += 0x8000) {
+        s += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
+      }
+      return {Xh: btoa(s), tokens: L.tokens, d_in: L.d_in}; }""")
+    return np.frombuffer(base64.b64decode(raw["Xh"]), dtype="<f4").reshape(raw["tokens"], raw["d_in"])
 
 
 def page_arrays(page) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
-from browser_fixtures import ARTIFACTS, open_site, page_arrays
+from browser_fixtures import ARTIFACTS, open_site, page_arrays, page_heldout
 from browser_helpers import launch_chromium
 
 from gptq_explorer.engine import QuantConfig, gptq_quantize, gptq_steps, rtn_quantize
@@ -64,6 +64,8 @@ def test_page_codes_equal_the_numpy_engine(browser, site):
         assert 0 < opened["open_to_first_frame_ms"] <= opened["open_to_complete_ms"]
         assert opened["changes"] == []
         results = []
+        Xh = page_heldout(page).astype(np.float64)
+        assert Xh.shape == (256, 576) and np.isfinite(Xh).all() and np.abs(Xh).max() > 0.1
         for values in GRID:
             page.evaluate("(v) => window.gptqExplorer.set(v)", values)
             state = page.evaluate("() => window.gptqExplorer.state()")
@@ -84,6 +86,14 @@ def test_page_codes_equal_the_numpy_engine(browser, site):
             Hd = H64 + cfg.damp_percent * np.mean(diag) * np.eye(len(H))
             assert summary["weight_mse_rtn"] == pytest.approx(np.mean(D ** 2), rel=1e-9)
             assert summary["loss_rtn"] == pytest.approx(0.5 * np.sum((D @ Hd) * D), rel=1e-6)
+            # the held-out output errors, on the page's own held-out inputs (exact where the codes agree)
+            assert summary["heldout_mse_rtn"] == pytest.approx(np.mean((Xh @ D.T) ** 2), rel=1e-9)
+            Dg = W.astype(np.float64) - ref.weight
+            held_g = np.mean((Xh @ Dg.T) ** 2)
+            assert summary["heldout_mse_gptq"] == pytest.approx(held_g, rel=1e-6 if agree == 1 else 1e-2)
+        summary_text = page.inner_text("#summary")
+        assert "held-out output MSE (256 tokens)" in summary_text
+        assert "held-out" in summary_text.split("RTN / GPTQ")[1]  # the ratio line names it too
         TIMINGS["agreement"] = results
         TIMINGS["changes_576"] = changes = page.evaluate("() => window.gptqExplorer.timings()")["changes"]
         # each change (the first setting is the page's default: none): its first frame, then RTN's curve

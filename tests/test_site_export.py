@@ -15,11 +15,14 @@ from gptq_explorer.services import site_export
 from gptq_explorer.services.layer_source import ModelSource
 from gptq_explorer.services.site_export import (
     DEFAULT_LAYERS,
+    HELDOUT_TOKENS,
     MAX_SITE_BYTES,
     canvas_module,
     canvas_script,
     export_site,
+    heldout_inputs,
     parse_layers,
+    read_heldout,
     read_layer,
     site_arrays,
     site_bytes,
@@ -77,6 +80,27 @@ def test_the_data_round_trip_to_the_captured_arrays(tiny_site):
         np.testing.assert_array_equal(H, H_ref)
         np.testing.assert_array_equal(W, data.W.astype(np.float32))  # the capture's W, exactly
         np.testing.assert_allclose(H, data.H, rtol=1e-6, atol=1e-6 * np.abs(data.H).max())
+        # the held-out inputs: the capture's first HELDOUT_TOKENS, rounded to float16, as the manifest says
+        Xh = read_heldout(folder, entry)
+        tokens = min(HELDOUT_TOKENS, len(data.X_heldout))
+        assert Xh.dtype == np.float16 and Xh.shape == (tokens, data.W.shape[1])
+        assert list(Xh.shape) == entry["X_heldout"]["shape"]
+        np.testing.assert_array_equal(Xh, data.X_heldout[:tokens].astype(np.float16))
+        np.testing.assert_allclose(Xh, data.X_heldout[:tokens], rtol=1e-3, atol=1e-4)
+        assert entry["X_heldout"]["dtype"] == "float16" and entry["X_heldout"]["bytes"] == Xh.nbytes
+        assert entry["heldout"]["tokens"] == tokens and entry["heldout"]["of"] == len(data.X_heldout)
+
+
+def test_held_out_inputs_float16_cannot_hold_are_refused():
+    from gptq_explorer.services.layer_source import LayerData
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8))
+    ok = LayerData(rng.normal(size=(4, 8)), X, X, "layer", "")
+    assert heldout_inputs(ok).shape == (HELDOUT_TOKENS, 8)
+    big = LayerData(rng.normal(size=(4, 8)), X, X * 1e5, "layer", "")
+    with pytest.raises(ValueError, match="float16"):
+        heldout_inputs(big)
 
 
 def test_the_canvas_becomes_a_classic_script():
@@ -103,9 +127,11 @@ def test_the_canvas_is_one_module_as_the_app_loads_it():
 
 
 def test_the_default_layers_fit_the_budget():
-    """SmolLM2's four default layers (576 wide, MLP 1536) in base64, with the page: under 25 MB."""
+    """SmolLM2's four default layers (576 wide, MLP 1536: W, H's upper triangle, the held-out inputs) in
+    base64, with the page: under 25 MB."""
     shapes = {"self_attn.q_proj": (576, 576), "mlp.up_proj": (1536, 576), "mlp.down_proj": (576, 1536)}
-    raw = sum(4 * (o * i + i * (i + 1) // 2) for o, i in (shapes[s] for _, s in DEFAULT_LAYERS))
+    raw = sum(4 * (o * i + i * (i + 1) // 2) + 2 * HELDOUT_TOKENS * i
+              for o, i in (shapes[s] for _, s in DEFAULT_LAYERS))
     sources = (*site_export.PAGE_FILES, *site_export.WORKER_FILES)
     page = sum((site_export.SITE_SOURCES / n).stat().st_size for n in sources)
     assert 4 * raw / 3 + 2 * page + 200_000 < MAX_SITE_BYTES

@@ -11,8 +11,11 @@ files (one per layer, loaded when the layer is picked), the worker starts from a
 and the canvas module's `export`s become a global. The same folder works unchanged on any static host.
 
 Data: W as float32, little-endian, row-major (d_out, d_in); H (symmetric) as float32, little-endian, its
-upper triangle packed row by row (half the bytes; the page mirrors it). `manifest.json` (and the same in
-`manifest.js`, for file://) names each layer, its shapes, its encoding, its SHA-256 and where it came from.
+upper triangle packed row by row (half the bytes; the page mirrors it); the held-out inputs X_heldout
+(tokens, d_in) as float16, little-endian, row-major: the first HELDOUT_TOKENS of the app's held-out tokens,
+for the held-out output error (the app's H_heldout of 1,024 tokens would take a 1536-wide layer's file over
+the size budget; these are a quarter of its bytes). `manifest.json` (and the same in `manifest.js`, for
+file://) names each layer, its shapes, its encoding, its SHA-256 and where it came from.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ WORKER_FILES = ("gptq_engine.js", "gptq_worker.js")
 DEFAULT_LAYERS: tuple[tuple[int, str], ...] = (
     (0, "self_attn.q_proj"), (0, "mlp.up_proj"), (29, "self_attn.q_proj"), (29, "mlp.down_proj"))
 MAX_SITE_BYTES = 25 * 10**6
+# Held-out tokens per layer (a prefix of the capture's X_heldout), stored as float16
+HELDOUT_TOKENS = 256
 # What the page's controls offer, from the knobs (settings.py) and the Layer Lab's view rules
 SITE_KNOBS = ("bits", "group_size", "sym", "damp_percent", "desc_act", "static_groups")
 VIEW = {"col": 0, "rows": 24, "cols": 32, "row0": 0, "fps": 15}
@@ -123,14 +128,29 @@ def _controls() -> dict:
     return {"knobs": out, "view": VIEW, "view_ranges": VIEW_RANGES}
 
 
-def _b64(a: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
+def _b64(a: np.ndarray, dtype: str = "float32") -> str:
+    return base64.b64encode(_bytes(a, dtype)).decode("ascii")
 
 
-def _entry(raw: np.ndarray, shape: list, layout: str) -> dict:
-    b = np.ascontiguousarray(raw, dtype="<f4").tobytes()
-    return {"shape": shape, "dtype": "float32", "byteorder": "little", "layout": layout, "encoding": "base64",
+def _entry(raw: np.ndarray, shape: list, layout: str, dtype: str = "float32") -> dict:
+    b = _bytes(raw, dtype)
+    return {"shape": shape, "dtype": dtype, "byteorder": "little", "layout": layout, "encoding": "base64",
             "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+
+
+def _bytes(raw: np.ndarray, dtype: str = "float32") -> bytes:
+    return np.ascontiguousarray(raw, dtype="<f4" if dtype == "float32" else "<f2").tobytes()
+
+
+def heldout_inputs(data: LayerData, tokens: int = HELDOUT_TOKENS) -> np.ndarray:
+    """The first `tokens` held-out inputs (tokens, d_in), float16, as the page gets them. Raises ValueError
+    for an input float16 cannot hold (|x| > 65504)."""
+    X = np.asarray(data.X_heldout[:tokens])
+    big = float(np.abs(X).max()) if X.size else 0.0
+    if not np.isfinite(big) or big > np.finfo(np.float16).max:
+        raise ValueError(f"{data.name}: a held-out input of magnitude {big:.4g} does not fit the site's "
+                         "float16 encoding (at most 65504); export other layers")
+    return X.astype(np.float16)
 
 
 def export_site(folder, *, model: str = DEFAULT_MODEL, layers: Iterable[tuple[int, str]] = DEFAULT_LAYERS,
@@ -163,7 +183,8 @@ def export_site(folder, *, model: str = DEFAULT_MODEL, layers: Iterable[tuple[in
         d_out, d_in = W.shape
         slug = _slug(block, sublayer)
         path = f"data/{slug}.js"
-        payload = {"W": _b64(W), "H": _b64(packed_upper(H))}
+        Xh = heldout_inputs(data)
+        payload = {"W": _b64(W), "H": _b64(packed_upper(H)), "Xh": _b64(Xh, "float16")}
         (folder / path).write_text(
             "// One layer of the static Layer Lab (manifest.json says what it is); gptq-explorer wrote it.\n"
             f"(window.GPTQ_SITE_DATA = window.GPTQ_SITE_DATA || {{}})[{json.dumps(slug)}] = "
@@ -176,6 +197,11 @@ def export_site(folder, *, model: str = DEFAULT_MODEL, layers: Iterable[tuple[in
             "W": _entry(W, [int(d_out), int(d_in)], "row-major"),
             "H": _entry(packed_upper(H), [int(d_in), int(d_in)],
                         "upper triangle packed row by row (H is symmetric: H[j, i] = H[i, j])"),
+            "X_heldout": _entry(Xh, [int(Xh.shape[0]), int(d_in)], "row-major: one held-out token per row",
+                                "float16"),
+            "heldout": {"tokens": int(Xh.shape[0]), "of": int(data.X_heldout.shape[0]),
+                        "what": f"the first {Xh.shape[0]} of the Layer Lab's {data.X_heldout.shape[0]} "
+                                "held-out tokens (the corpus' evaluation part), rounded to float16"},
         })
 
     manifest = {
@@ -218,10 +244,20 @@ def site_bytes(folder) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+def _payload(folder, entry: dict) -> dict:
+    text = (Path(folder) / entry["file"]).read_text(encoding="ascii")
+    return json.loads(text[text.rindex("] = ") + 4:].rstrip().rstrip(";"))
+
+
 def read_layer(folder, entry: dict) -> tuple[np.ndarray, np.ndarray]:
     """(W, H) float32 back from an exported layer file, as the page decodes it."""
-    text = (Path(folder) / entry["file"]).read_text(encoding="ascii")
-    payload = json.loads(text[text.rindex("] = ") + 4:].rstrip().rstrip(";"))
+    payload = _payload(folder, entry)
     W = np.frombuffer(base64.b64decode(payload["W"]), dtype="<f4").reshape(entry["W"]["shape"])
     packed = np.frombuffer(base64.b64decode(payload["H"]), dtype="<f4")
     return W, unpack_upper(packed, entry["d_in"])
+
+
+def read_heldout(folder, entry: dict) -> np.ndarray:
+    """The held-out inputs (tokens, d_in) back from an exported layer file: float16."""
+    raw = base64.b64decode(_payload(folder, entry)["Xh"])
+    return np.frombuffer(raw, dtype="<f2").reshape(entry["X_heldout"]["shape"])

@@ -482,6 +482,21 @@ function gram(D, Drm, d_out, n) {
   return G;
 }
 
+// The held-out output MSE of a quantized layer (layer_run._heldout_mse): ||X_h D^T||^2 / (tokens d_out), with
+// D = W - Q (d_out x n, row-major) and X_h the held-out inputs (tokens x n, row-major)
+function heldoutMse(Drm, Xh, d_out, n, tokens) {
+  let sum = 0;
+  for (let t = 0; t < tokens; t++) {
+    const x = Xh.subarray(t * n, (t + 1) * n);
+    for (let r = 0, o = 0; r < d_out; r++, o += n) {
+      let y = 0;
+      for (let j = 0; j < n; j++) y += Drm[o + j] * x[j];
+      sum += y * y;
+    }
+  }
+  return sum / (tokens * d_out);
+}
+
 // layer_run._running_loss: r[k] = 1/2 sum_{a,b<=k} (D^T D)_ab Hd_ab over processing positions a, b
 function runningLoss(G, Hd, perm, n) {
   const out = new Float64Array(n);

@@ -8,15 +8,16 @@
 // while the loop goes on; the result (codes, the whole curve, the summary) comes at the end. RTN's numbers
 // come from the other worker meanwhile: the figure's scales are made from them (site.js, sceneOf).
 //
-// Messages: {type: "layer", W, Hu, d_out, d_in} (Float32Array; W row-major, Hu H's upper triangle row by
-// row) -> {type: "layer-ok"}; {type: "run", id, cfg, want, frames} -> {type: "progress", id, done, damp,
+// Messages: {type: "layer", W, Hu, Xh, tokens, d_out, d_in} (Float32Array; W row-major, Hu H's upper triangle
+// row by row, Xh the held-out inputs (tokens, d_in) row-major) -> {type: "layer-ok"}; {type: "run", id, cfg, want, frames} -> {type: "progress", id, done, damp,
 // ...} as soon as the loop has passed column `want` (what the first frame needs: diag(H), the curve so
 // far, the damping used), then {type: "frames"} for each request in `frames` the loop has passed, then
 // {type: "result", id, ...} (runMessage); {type: "frames", id, gen, ks, crop} -> {type: "frames", id, gen,
 // frames} (one per column k: the crops the canvas draws and the step's numbers). The RTN worker: {type:
 // "gram", key, cfg} -> {type: "gram", key, seconds} (G and RTN's error's colour range kept);
 // {type: "rtn", id, key, desc_act, damp} -> {type: "rtn", id, key, damp, ...RTN's numbers, emax} for the
-// run `id` (its order and damping), from the Gram matrix `key` (the layer and the grid), if it is the last.
+// run `id` (its order and damping), from the Gram matrix `key` (the layer and the grid), if it is the last;
+// then {type: "rtn-heldout", key, heldout_mse_rtn} (after: the first frame does not wait for it).
 
 "use strict";
 
@@ -57,6 +58,7 @@ function runMessage(msg, post = null) {
   });
   const perm = res.prep.perm, Wcm = colMajor(layer);
   const codes = new Int32Array(d_out * n);  // row-major, original column order
+  const Drm = layer.Xh ? new Float64Array(d_out * n) : null;  // W - Q, row-major: the held-out error's
   let wseG = 0;
   for (let p = 0; p < n; p++) {
     const j = perm[p], o = p * d_out, oj = j * d_out;
@@ -64,16 +66,19 @@ function runMessage(msg, post = null) {
       codes[r * n + j] = res.codes[o + r];
       const e = Wcm[oj + r] - res.Q[o + r];
       wseG += e * e;
+      if (Drm) Drm[r * n + j] = e;
     }
   }
   const curveG = curveOf(res, n, d_out, n);
+  const t1 = performance.now(), heldout = Drm ? heldoutMse(Drm, layer.Xh, d_out, n, layer.tokens) : undefined;
+  stages.heldout_ms = performance.now() - t1;
   stages.total_ms = performance.now() - t0;
   return {
     type: "result", id: msg.id, codes, perm: Int32Array.from(perm), curve_gptq: curveG, diag_h: res.prep.diagH,
     group: res.group, wmax: res.prep.wmax,
     summary: {
       weight_mse_gptq: wseG / (d_out * n), calib_mse_gptq: curveG[n - 1], loss_gptq: res.running[n - 1],
-      damp_percent_used: res.prep.damp,
+      heldout_mse_gptq: heldout, damp_percent_used: res.prep.damp,
     },
     warnings: warningsOf(run), seconds: (performance.now() - t0) / 1000, stages, first: run.first,
   };
@@ -216,7 +221,8 @@ if (typeof self !== "undefined" && typeof self.postMessage === "function" && typ
     const msg = e.data;
     try {
       if (msg.type === "layer") {
-        state.layer = { W: Float64Array.from(msg.W), H: fromUpper(msg.Hu, msg.d_in), d_out: msg.d_out, d_in: msg.d_in };
+        state.layer = { W: Float64Array.from(msg.W), H: fromUpper(msg.Hu, msg.d_in), d_out: msg.d_out, d_in: msg.d_in,
+                        Xh: msg.Xh || null, tokens: msg.tokens || 0 };
         state.run = null;
         state.gram = null;
         state.Hd = null;
@@ -230,13 +236,16 @@ if (typeof self !== "undefined" && typeof self.postMessage === "function" && typ
         const t0 = performance.now(), { D, Drm } = rtnDelta(state.layer, msg.cfg);
         state.gram = null;
         const G = gram(D, Drm, state.layer.d_out, state.layer.d_in);
-        state.gram = { key: msg.key, G, emax: absPercentile(D, 99.5) };
+        state.gram = { key: msg.key, G, emax: absPercentile(D, 99.5), Drm, heldout: undefined };
         post({ type: "gram", key: msg.key, seconds: (performance.now() - t0) / 1000 });
       } else if (msg.type === "rtn") {  // the RTN worker: a run's RTN numbers (the page asks after "gram")
         if (!state.gram || state.gram.key !== msg.key) return;  // a newer grid was asked for meanwhile
         const perm = permOf(layerBase(state.layer).diag, msg.desc_act);
         post({ type: "rtn", id: msg.id, key: msg.key, damp: msg.damp, ...rtnPart(state.gram.G, perm, msg.damp),
                emax: state.gram.emax });
+        const g = state.gram, { d_out, d_in, Xh, tokens } = state.layer;
+        if (Xh && g.heldout === undefined) g.heldout = heldoutMse(g.Drm, Xh, d_out, d_in, tokens);  // per grid
+        if (Xh) post({ type: "rtn-heldout", key: msg.key, heldout_mse_rtn: g.heldout });
       } else if (msg.type === "frames") {
         if (!state.run || state.run.id !== msg.id) return;  // an older run's request
         state.run.waiting.push(msg);
@@ -251,5 +260,5 @@ if (typeof self !== "undefined" && typeof self.postMessage === "function" && typ
 if (typeof module !== "undefined") {
   module.exports = { gptq, prepare, gridOf, roundTie, quantCode, rtnDelta, gram, runningLoss, runMessage, frameOf,
                      state, gemmSub, choleskyLower, hessianFactor, upperInverse, uColumns, uRowMaxes, absPercentile,
-                     rtnPart, fromUpper, permOf, dampedH };
+                     rtnPart, fromUpper, permOf, dampedH, heldoutMse };
 }

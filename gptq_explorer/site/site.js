@@ -95,12 +95,22 @@
 
   // ---- the layers: one script per layer, loaded when picked (file:// allows <script>, not fetch())
   const loaded = new Map(), decoded = new Map();  // layer key -> promise of it, and the layer once here
-  function f32FromBase64(text) {
+  function bytesFromBase64(text) {
     // the browser's own decoder where it has one (Chromium 140+, Firefox 133+, Safari 18.2+): ~10x faster
-    if (Uint8Array.fromBase64) return new Float32Array(Uint8Array.fromBase64(text).buffer);
+    if (Uint8Array.fromBase64) return Uint8Array.fromBase64(text);
     const bin = atob(text), bytes = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    return new Float32Array(bytes.buffer);  // the manifest's little-endian float32 (every browser's order)
+    return bytes;
+  }
+  // the manifest's little-endian float32 and float16 (little-endian is every browser's order)
+  const f32FromBase64 = (text) => new Float32Array(bytesFromBase64(text).buffer);
+  function f16FromBase64(text) {  // each float16 exactly, as float32
+    const h = new Uint16Array(bytesFromBase64(text).buffer), out = new Float32Array(h.length);
+    for (let i = 0; i < h.length; i++) {
+      const x = h[i], sign = x & 0x8000 ? -1 : 1, e = (x >> 10) & 0x1f, m = x & 0x3ff;
+      out[i] = e === 0 ? sign * m * 2 ** -24 : e === 31 ? (m ? NaN : sign * Infinity) : sign * (1024 + m) * 2 ** (e - 25);
+    }
+    return out;
   }
   function loadLayer(entry) {
     if (loaded.has(entry.key)) return loaded.get(entry.key);
@@ -109,7 +119,8 @@
         const raw = window.GPTQ_SITE_DATA[entry.key];
         delete window.GPTQ_SITE_DATA[entry.key];  // the base64 text is not needed again
         // H's upper triangle, row by row, as stored: the worker unpacks it (fullH() for the testing hook)
-        const layer = { W: f32FromBase64(raw.W), Hu: f32FromBase64(raw.H), H: null, d_out: entry.d_out, d_in: entry.d_in };
+        const layer = { W: f32FromBase64(raw.W), Hu: f32FromBase64(raw.H), H: null, d_out: entry.d_out, d_in: entry.d_in,
+          Xh: raw.Xh ? f16FromBase64(raw.Xh) : null, tokens: raw.Xh ? entry.X_heldout.shape[0] : 0 };
         decoded.set(entry.key, layer);
         resolve(layer);
       };
@@ -185,8 +196,10 @@
     } catch (e) { showMessages([e.message], "gptq-error"); return; }
     if (id !== runId) return;  // a newer change came meanwhile
     if (workerLayer !== entry.key) {
-      worker.postMessage({ type: "layer", W: layer.W, Hu: layer.Hu, d_out: layer.d_out, d_in: layer.d_in });
-      rtnWorker.postMessage({ type: "layer", W: layer.W, Hu: layer.Hu, d_out: layer.d_out, d_in: layer.d_in });
+      const msg = { type: "layer", W: layer.W, Hu: layer.Hu, Xh: layer.Xh, tokens: layer.tokens, d_out: layer.d_out,
+        d_in: layer.d_in };
+      worker.postMessage(msg);
+      rtnWorker.postMessage(msg);
       workerLayer = entry.key;
       gramAsked = null;  // the RTN worker drops its Gram matrix with the layer
     }
@@ -279,7 +292,11 @@
     showSummary();
     explain();
   }
-  const complete = () => current && !current.partial && current.rtn;
+  // RTN's held-out error per Gram matrix key (it depends on the grid only), sent after RTN's numbers
+  const heldoutRtn = new Map();
+  const rtnHeldout = () => (current && current.rtn ? heldoutRtn.get(current.rtn.key) : undefined);
+  const hasHeldout = () => !!decoded.get(current.entry.key).Xh;
+  const complete = () => current && !current.partial && current.rtn && (!hasHeldout() || rtnHeldout() !== undefined);
   rtnWorker.onmessage = (e) => {
     const msg = e.data;
     if (msg.type === "error") {  // the next change asks for the Gram matrix again
@@ -287,6 +304,11 @@
       showMessages([`RTN failed: ${msg.message}`], "gptq-error");
     } else if (msg.type === "gram") { gramSeconds.set(msg.key, msg.seconds); gramBusy = false; askRtn(); }
     else if (msg.type === "rtn" && msg.id === runId) { rtnCame = msg; useRtn(); }
+    else if (msg.type === "rtn-heldout") {  // new for its grid: the run waiting for it is complete now
+      const known = heldoutRtn.has(msg.key);
+      heldoutRtn.set(msg.key, msg.heldout_mse_rtn);
+      if (!known && current && current.rtn && current.rtn.key === msg.key) refresh();
+    }
   };
 
   function newGeneration(g = ++gens) {  // a new run or crop: frames sent before are void
@@ -444,13 +466,15 @@ So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${c
     current.rtn ? "" : "Computing RTN's curve: the figure's scales are made from it."].join(" ").trim();
   }
   function summaryHtml() {
-    const s = { ...(current.partial ? {} : current.result.summary), ...(current.rtn || {}) }, cfg = current.cfg;
-    const e = current.entry, num = (x) => (x === undefined ? "…" : g3(x));  // what is still computing: "…"
-    const rows = [["weight MSE", "weight_mse"], [`calibration output MSE (${e.calibration.tokens} tokens)`, "calib_mse"],
-      ["OBS loss L (calibration)", "loss"]];
+    const s = { ...(current.partial ? {} : current.result.summary), ...(current.rtn || {}), heldout_mse_rtn: rtnHeldout() };
+    const cfg = current.cfg, e = current.entry, num = (x) => (x === undefined ? "…" : g3(x));  // still computing: "…"
+    const rows = [["weight MSE", "weight_mse"], [`calibration output MSE (${e.calibration.tokens} tokens)`, "calib_mse"]];
+    if (hasHeldout()) rows.push([`held-out output MSE (${e.heldout.tokens} tokens)`, "heldout_mse"]);
+    rows.push(["OBS loss L (calibration)", "loss"]);
     const td = "<td style='text-align:right;padding-left:8px'>";
     const body = rows.map(([name, key]) => `<tr><td>${name}</td>${td}${num(s[key + "_gptq"])}</td>${td}${num(s[key + "_rtn"])}</td></tr>`).join("");
-    const ratio = !complete() ? "…" : (s.calib_mse_gptq > 0 ? s.calib_mse_rtn / s.calib_mse_gptq : Infinity).toFixed(2);
+    const times = (key) => (!complete() ? "…" : (s[key + "_gptq"] > 0 ? s[key + "_rtn"] / s[key + "_gptq"] : Infinity).toFixed(2));
+    const ratio = `calibration <b>${times("calib_mse")}×</b>` + (hasHeldout() ? `, held-out <b>${times("heldout_mse")}×</b>` : "");
     const damp = current.partial || Math.abs(s.damp_percent_used - cfg.damp_percent) < 1e-12 ? ""
       : `<br><b>Damping raised to ${g3(s.damp_percent_used)}</b> to make H + λI invertible.`;
     const took = current.partial ? "GPTQ is still running in this browser…"
@@ -458,10 +482,10 @@ So far: ${t(COLORS.upd, `GPTQ ${g3(m.running, 4)}`)} vs ${t(COLORS.rtn, `RTN ${c
     return `<div style='font-size:13px;padding:4px 6px'>
 <b>${labelOf(cfg)}</b> on ${e.name}
 <table><tr><td></td><th style='color:${COLORS.upd}'>GPTQ</th><th style='color:${COLORS.rtn}'>RTN</th></tr>${body}</table>
-Calibration error RTN / GPTQ = <b>${ratio}×</b>${damp}<br>
+Output error RTN / GPTQ: ${ratio}${damp}<br>
 <small style='color:#555'>L = Σ<sub>q</sub> (w<sub>q</sub> − q<sub>q</sub>)² / (2 [H<sub>F</sub><sup>−1</sup>]<sub>qq</sub>)
 = ½ tr(ΔW (H + λI) ΔWᵀ), summed over rows, with H = 2/n · XᵀX and n = ${e.calibration.tokens} calibration
-<i>tokens</i>. This page has H only, not the held-out inputs: the app's held-out error is not shown here.
+<i>tokens</i>.${hasHeldout() ? ` Held-out: ${e.heldout.what} (the app uses all ${e.heldout.of}).` : ""}
 ${took}</small></div>`;
   }
   // QuantConfig.label (the run's, not the scene's: the summary is written before the run's scene is drawn)
@@ -582,13 +606,14 @@ ${took}</small></div>`;
     // the layer actually used: W (d_out, d_in) and H (d_in, d_in), float32, row-major
     layer: () => {
       const l = current ? decoded.get(current.entry.key) : null;
-      return l ? { W: l.W, H: fullH(l), d_out: l.d_out, d_in: l.d_in } : null;
+      return l ? { W: l.W, H: fullH(l), Xh: l.Xh, tokens: l.tokens, d_out: l.d_out, d_in: l.d_in } : null;
     },
     // (d_out, d_in) row-major, original column order; null while the run is still going on
     codes: () => (current && !current.partial ? current.result.codes : null),
     summary: () => {  // GPTQ's numbers once its run is done, and RTN's once they came
       if (!current || current.partial) return null;
       const rtn = current.rtn ? Object.fromEntries(["weight_mse_rtn", "calib_mse_rtn", "loss_rtn"].map((k) => [k, current.rtn[k]])) : {};
+      if (rtnHeldout() !== undefined) rtn.heldout_mse_rtn = rtnHeldout();
       return { ...current.result.summary, ...rtn, seconds: current.result.seconds };
     },
     ready: () => (ready ? ready.promise : Promise.resolve()),
