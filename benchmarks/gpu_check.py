@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="the device under test (cpu only to try this script)")
     p.add_argument("--skip-layers", action="store_true", help="only the whole-model checks")
     p.add_argument("--skip-model", action="store_true", help="only the layer checks and times")
+    p.add_argument("--skip-times", action="store_true", help="no layer times (the code checks only)")
     p.add_argument("--reference-dir", default=os.environ.get("GPTQ_REFERENCE_DIR"),
                    help="a checkout of IST-DASLab/gptq (gptq.py, quant.py): its fasterquant is timed too")
     a = p.parse_args(argv)
@@ -63,7 +64,10 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
               f"CUDA {torch.version.cuda}")
     torch.backends.cuda.matmul.allow_tf32 = False  # as the reference: TF32 would change the codes
-    failures = 0 if a.skip_layers else layer_checks(a.device) + layer_times(a.device, a.reference_dir)
+    failures = 0
+    if not a.skip_layers:
+        failures += layer_checks(a.device) + method_checks(a.device)
+        failures += 0 if a.skip_times else layer_times(a.device, a.reference_dir)
     failures += 0 if a.skip_model else model_checks(a.device)
     print("\nall CUDA checks passed" if not failures else f"\n{failures} CUDA check(s) FAILED")
     return 1 if failures else 0
@@ -86,6 +90,32 @@ def layer_checks(device: str = "cuda") -> int:
                 print(f"{'ok  ' if ok else 'FAIL'} {kind:6s} {str(dtype):14s} {cfg.label():28s} codes agree "
                       f"{agree:.5%}")
     gptq_torch.COLUMN_STEP = "auto"
+    return failures
+
+
+def method_checks(device: str = "cuda") -> int:
+    """Every configuration of the engine's shared test grid (tests/engine_configs.py: plain GPTQ, MSE grid,
+    GAR, ternary, GPTAQ, rotation, and together), float64 on the device against the NumPy engine: the codes
+    equal, as the CPU's torch path's are (tests)."""
+    sys.path.insert(0, str(TESTS))
+    from engine_configs import CONFIGS, correlated_layer
+
+    W, h, _, _ = correlated_layer()
+    failures = 0
+    worst = 1.0
+    for kw in CONFIGS:
+        cfg = QuantConfig(**kw)
+        dXXT = h.dXXT if cfg.gptaq_alpha else None
+        ref = gptq_quantize(W, h.H, cfg, dXXT=dXXT)
+        t = lambda a: torch.tensor(a, device=device)  # noqa: E731
+        got = gptq_quantize(t(W), t(h.H), cfg, dXXT=None if dXXT is None else t(dXXT), dtype=torch.float64)
+        agree = float((got.codes.cpu().numpy() == ref.codes).mean())
+        worst = min(worst, agree)
+        if agree < 1.0:
+            failures += check(False, f"{cfg.label()}: float64 codes agree with NumPy's {agree:.4%}")
+    kind = gptq_torch.column_step_kind(torch.device(device))
+    failures += check(worst == 1.0, f"{len(CONFIGS)} engine configurations ({kind} column step), float64: "
+                                    f"codes equal the NumPy engine's (worst {worst:.4%})")
     return failures
 
 
