@@ -5,13 +5,16 @@ tiny_models.py); and the real-browser tests' `chromium`, `browser` and `voila`, 
 from __future__ import annotations
 
 import os
+import sys
 
-# Triton's interpreter (tests/test_engine_kernel_triton.py runs the CUDA column kernel on the CPU): Triton
-# reads this when it is first imported, so it is set before anything can import it
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without CUDA, Triton's interpreter runs the CUDA column kernel on the CPU
+# (tests/test_engine_kernel_triton.py). Triton reads this when it is first imported: set before that.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tiny_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, make_byte_tokenizer, make_tiny_model
 
 # the real-browser tests' fixtures (chromium, browser, voila) and page helpers, for every browser test file

@@ -47,7 +47,7 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def div(a, b):  # IEEE division: div_rn is float32's; float64's plain division is already IEEE
+    def _div(a, b):  # IEEE division: div_rn is float32's; float64's plain division is already IEEE
         if a.dtype == tl.float32:
             return tl.math.div_rn(a, b)
         else:
@@ -80,7 +80,7 @@ if triton is not None:
                 c = 1.0 + (w > s / 2).to(w.dtype) - (w < z / 2).to(w.dtype)
                 q = tl.where(c == 2.0, s, tl.where(c == 0.0, z, 0.0))
             else:
-                x = div(w, s)
+                x = _div(w, s)
                 # grid.round_half_even: a value within tol of a half-integer is that half-integer, then
                 # half to even. floor(x + 1/2) is exact here: x is either a half-integer or farther than
                 # tol (at least an ulp) from one
@@ -90,7 +90,7 @@ if triton is not None:
                 n = tl.where((n - x == 0.5) & (n - 2.0 * tl.floor(n / 2.0) != 0.0), n - 1.0, n)
                 c = tl.minimum(tl.maximum(n + z, 0.0), maxq)
                 q = s * (c - z)
-            err = div(w - q, d)
+            err = _div(w - q, d)
             err = tl.where(in_rows, err, 0.0)
             tl.store(LP + pid * B + i, tl.sum(err * err, axis=0))
             if GPTAQ:
