@@ -147,7 +147,7 @@ def heldout_inputs(data: LayerData, tokens: int = HELDOUT_TOKENS) -> np.ndarray:
     for an input float16 cannot hold (|x| > 65504)."""
     X = np.asarray(data.X_heldout[:tokens])
     big = float(np.abs(X).max()) if X.size else 0.0
-    if not np.isfinite(big) or big > np.finfo(np.float16).max:
+    if not np.isfinite(big) or big > float(np.finfo(np.float16).max):
         raise ValueError(f"{data.name}: a held-out input of magnitude {big:.4g} does not fit the site's "
                          "float16 encoding (at most 65504); export other layers")
     return X.astype(np.float16)
