@@ -142,18 +142,18 @@ def _mse_search_before(w, dim, xmin, xmax, scale, zero, bits, sym, norm, ternary
     every shrink factor, |w - q|^norm by pow (the results are identical: tests/test_engine_methods.py)."""
     import torch
 
-    from gptq_explorer.engine import gptq_torch
     from gptq_explorer.engine import grid as grid_np
+    from gptq_explorer.engine import grid_torch
 
     maxq = 2**bits - 1
     best = torch.full_like(scale, float("inf"))
     scale, zero = scale.clone(), zero.clone()
     for i in range(int(grid_np.MSE_MAXSHRINK * grid_np.MSE_GRID)):
         p = 1 - i / grid_np.MSE_GRID
-        s1, z1 = (p * xmax, p * xmin) if ternary else gptq_torch._uniform(p * xmin, p * xmax, bits, sym)
+        s1, z1 = (p * xmax, p * xmin) if ternary else grid_torch._uniform(p * xmin, p * xmax, bits, sym)
         s, z = s1.unsqueeze(dim), z1.unsqueeze(dim)
         if ternary:
-            _, q = gptq_torch._quantize(w, s, z, maxq, ternary=True)
+            _, q = grid_torch.quantize(w, s, z, maxq, ternary=True)
         else:
             q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z).mul_(s)
         err = (q - w).abs_().pow_(norm).sum(dim=dim)
@@ -196,8 +196,8 @@ def time_grid(repeats: int = 7) -> None:
     import numpy as np
     import torch
 
-    from gptq_explorer.engine import gptq_torch
     from gptq_explorer.engine import grid as grid_np
+    from gptq_explorer.engine import grid_torch
 
     torch.set_num_threads(1)
     w = np.random.default_rng(0).standard_t(df=4, size=(576, 128)) * 0.02
@@ -215,8 +215,8 @@ def time_grid(repeats: int = 7) -> None:
         runs = {"NumPy before": numpy_before,
                 "NumPy now": functools.partial(grid_np.grid_params, w, bits, sym, 2.4),
                 "torch before": functools.partial(_before, functools.partial(
-                    gptq_torch._grid_params, wt, bits, sym, 0, 2.4)),
-                "torch now": functools.partial(gptq_torch._grid_params, wt, bits, sym, 0, 2.4)}
+                    grid_torch.grid_params, wt, bits, sym, 0, 2.4)),
+                "torch now": functools.partial(grid_torch.grid_params, wt, bits, sym, 0, 2.4)}
         out = {name: run() for name, run in runs.items()}
         assert all(np.array_equal(np.asarray(out[a][0]), np.asarray(out[b][0]))
                    for a, b in (("NumPy before", "NumPy now"), ("torch before", "torch now")))
@@ -232,14 +232,14 @@ def time_grid(repeats: int = 7) -> None:
 
 def _before(run):
     """run() with the torch engine's MSE search and rotation as they were (for the 'before' columns)."""
-    from gptq_explorer.engine import gptq_torch
+    from gptq_explorer.engine import gptq_torch, grid_torch
 
-    saved = gptq_torch._mse_search, gptq_torch.Rotation
-    gptq_torch._mse_search, gptq_torch.Rotation = _mse_search_before, _DenseRotation
+    saved = grid_torch._mse_search, gptq_torch.Rotation
+    grid_torch._mse_search, gptq_torch.Rotation = _mse_search_before, _DenseRotation
     try:
         return run()
     finally:
-        gptq_torch._mse_search, gptq_torch.Rotation = saved
+        grid_torch._mse_search, gptq_torch.Rotation = saved
 
 
 def time_layers(repeats: int = 5) -> None:

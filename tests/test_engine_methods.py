@@ -222,7 +222,7 @@ def test_pruned_mse_search_is_the_full_search(bits, sym, norm, ternary, monkeypa
     """The MSE grid skips (row, shrink factor) pairs whose clipping error alone exceeds the row's best error:
     the grids are identical to the full search's, in NumPy and in torch (pruning off by an infinite margin),
     and at 3 and 4 bits most of these heavy-tailed rows do skip the smallest factor."""
-    from gptq_explorer.engine import gptq_torch, grid
+    from gptq_explorer.engine import grid, grid_torch
 
     rng = np.random.default_rng(bits)
     w = rng.standard_t(df=4, size=(96, 128)) * 0.02
@@ -243,10 +243,10 @@ def test_pruned_mse_search_is_the_full_search(bits, sym, norm, ternary, monkeypa
     for dtype in (torch.float64, torch.float32):
         for dim in (1, 0):
             wt = torch.tensor(w if dim == 1 else w.T.copy(), dtype=dtype)
-            pruned = gptq_torch._grid_params(wt, bits, sym, dim, norm, ternary)
+            pruned = grid_torch.grid_params(wt, bits, sym, dim, norm, ternary)
             with monkeypatch.context() as m:
                 m.setattr(grid, "PRUNE_MARGIN", float("inf"))
-                full = gptq_torch._grid_params(wt, bits, sym, dim, norm, ternary)
+                full = grid_torch.grid_params(wt, bits, sym, dim, norm, ternary)
             torch.testing.assert_close(pruned, full, rtol=0, atol=0)
             if dtype == torch.float64:
                 np.testing.assert_array_equal(pruned[0].numpy(), scale)
