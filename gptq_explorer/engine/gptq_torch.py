@@ -337,8 +337,15 @@ def _max_asymmetry(H: torch.Tensor) -> float:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    lo, hi = torch.aminmax(t)  # NaN propagates and Inf is extreme: one pass, no boolean copy
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return _finite_range(t)[0]
+
+
+def _finite_range(t: torch.Tensor) -> tuple[bool, float, float]:
+    """(all finite, min, max) in one pass: NaN propagates into aminmax and Inf is extreme, so no boolean
+    copy is needed."""
+    lo, hi = torch.aminmax(t)
+    lo, hi = float(lo), float(hi)
+    return bool(np.isfinite(lo) and np.isfinite(hi)), lo, hi
 
 
 class _Gptaq:
@@ -373,9 +380,9 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     # copied before anything writes into it (dead inputs)
     H = _shared_tensor(H, W0t.device, dtype)
     checks.check_finite("W", _all_finite(W0t))
-    checks.check_finite("H", _all_finite(H))
-    h_min, h_max = torch.aminmax(H)
-    checks.check_symmetric(_max_asymmetry(H), max(-float(h_min), float(h_max)))
+    finite, h_min, h_max = _finite_range(H)
+    checks.check_finite("H", finite)
+    checks.check_symmetric(_max_asymmetry(H), max(-h_min, h_max))
     gptaq = cfg.gptaq_alpha > 0
     if gptaq:
         dXXT = _to_tensor(dXXT, W0t.device, dtype)
@@ -497,7 +504,8 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
         scales_t, zeros_t = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         g_idx = (invperm // width).to(torch.int32)
     # Into buffers whose work is done (W0t, now Q; St; codes_t), not new layer-sized tensors: a fresh one
-    # costs page faults as well as the copy
+    # costs page faults as well as the copy. (Not one transposing copy of the codes into a new int32 tensor:
+    # torch's converting transposed copy is slower than these two.)
     if reordered:
         weight = original_order(W0t, W0t.view(rows, n))
         codes = original_order(codes_t, codes_t.view(rows, n)).to(torch.int32)
