@@ -29,8 +29,8 @@ from gptq_explorer.services.site_export import (
 )
 
 LAYERS = ((0, "self_attn.q_proj"), (1, "mlp.down_proj"))
-PAGE = ("index.html", "site.js", "site.css", "gptq_engine.js", "gptq_worker.js", "worker_source.js",
-        "layer_canvas.js", "manifest.js", "manifest.json")
+PAGE = ("index.html", "site_text.js", "site.js", "site.css", "gptq_engine.js", "gptq_worker.js",
+        "worker_source.js", "layer_canvas.js", "manifest.js", "manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def test_the_site_has_its_files_and_fits_the_budget(tiny_site):
         assert (folder / entry["file"]).is_file()
     assert site_bytes(folder) <= MAX_SITE_BYTES
     # nothing in the page reaches outside its folder
-    for name in ("index.html", "site.js", "gptq_engine.js", "gptq_worker.js", "layer_canvas.js"):
+    scripts = ("index.html", "site_text.js", "site.js", "gptq_engine.js", "gptq_worker.js", "layer_canvas.js")
+    for name in scripts:
         text = (folder / name).read_text(encoding="utf-8")
         assert not re.search(r"https?://|\bfetch\(\w|XMLHttpRequest|import\(", text), name
 

@@ -38,7 +38,7 @@ PACKAGE = Path(__file__).resolve().parents[1]
 SITE_SOURCES = PACKAGE / "site"
 CANVAS_ESM = PACKAGE / "ui" / "layer_canvas.js"  # read as text: services never import the front-ends
 CANVAS_IMPORT = re.compile(r'^import \{[^}]*\} from "\./(layer_canvas_\w+\.js)";\n', re.M)
-PAGE_FILES = ("index.html", "site.js", "site.css")
+PAGE_FILES = ("index.html", "site_text.js", "site.js", "site.css")
 # the workers' code: the engine, then the workers' side (the page starts them from both files' text)
 WORKER_FILES = ("gptq_engine.js", "gptq_worker.js")
 # One attention and one MLP layer, early and late (SmolLM2 has 30 blocks); down_proj is the 1536-wide one
