@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gptq_explorer import Hessian, QuantConfig, gptq_quantize, rtn_quantize
+from gptq_explorer.engine.lazy_updates import LazyUpdates
 
 
 def smollm_like_layer(d_out=128, d_in=576, tokens=2048, seed=0):
@@ -197,10 +198,10 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
     ref = gptq_quantize(W, H, cfg)
     threads = torch.get_num_threads()
     monkeypatch.setattr(gt, "SINGLE_THREAD_WORK", 0)
-    monkeypatch.setattr(gt._LazyUpdates, "BLOCKS_PER_TASK", 2)
+    monkeypatch.setattr(LazyUpdates, "BLOCKS_PER_TASK", 2)
     started = []
-    original_work = gt._LazyUpdates._work
-    monkeypatch.setattr(gt._LazyUpdates, "_work", lambda self: (started.append(1), original_work(self)))
+    original_work = LazyUpdates._work
+    monkeypatch.setattr(LazyUpdates, "_work", lambda self: (started.append(1), original_work(self)))
     torch.set_num_threads(2)
     try:
         res = gptq_quantize(torch.tensor(W), torch.tensor(H), cfg, dtype=torch.float64)
@@ -210,6 +211,42 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
     np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
     np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
     assert torch.get_num_threads() == threads
+
+
+def test_lazy_updates_reach_later_blocks_in_pairs(layer, monkeypatch):
+    """A block's correction reaches the next block at once and the blocks after it together with the next
+    block's, as one matmul over both blocks' rows (faster on a CPU); a last odd block goes alone."""
+    W, X, H = layer  # 576 columns: blocks of 128, 128, 128, 128, 64
+    applied = []
+    original = LazyUpdates._apply
+
+    def record(self, rows, j0, j1, D):
+        applied.append((rows, j0, j1))
+        original(self, rows, j0, j1, D)
+
+    monkeypatch.setattr(LazyUpdates, "_apply", record)
+    gptq_quantize(torch.tensor(W), torch.tensor(H), QuantConfig(bits=4, group_size=128), dtype=torch.float64)
+    assert applied == [((0, 128), 1, 2), ((0, 256), 2, 5), ((256, 384), 3, 4), ((256, 512), 4, 5)]
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_results_own_their_memory_and_leave_the_inputs_alone(layer, desc_act):
+    """The results reuse the engine's work buffers (no fresh layer-sized tensors at the end): check that
+    weight and codes share no memory with each other or with the caller's W and H, which stay as given."""
+    W, X, H = layer
+    W32, H32 = torch.tensor(W, dtype=torch.float32), torch.tensor(H, dtype=torch.float32)
+    W0, H0 = W32.clone(), H32.clone()
+    res = gptq_quantize(W32, H32, QuantConfig(bits=4, group_size=128, desc_act=desc_act))
+    assert torch.equal(W32, W0) and torch.equal(H32, H0)
+
+    def span(t):
+        start = t.untyped_storage().data_ptr()
+        return start, start + t.untyped_storage().nbytes()
+
+    spans = sorted(span(t) for t in (res.weight, res.codes, W32, H32))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert res.codes.dtype == torch.int32 and res.codes.is_contiguous() and res.weight.is_contiguous()
+    np.testing.assert_array_equal(res.weight.numpy(), res.dequantize().numpy())
 
 
 @pytest.mark.parametrize("cfg", PIPELINE_CONFIGS[:3], ids=lambda c: c.label())

@@ -14,7 +14,10 @@ What changes is how the work is laid out:
   * Transposed layout: column i of W is row i of W0t, so every per-column op touches contiguous memory.
   * Two-level lazy updates: inside a 128-column block, columns are quantized in sub-blocks of 16; a
     column pulls the OBS updates of its sub-block's earlier columns as one matrix-vector product, and a
-    finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down).
+    finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down);
+    and one level up, the blocks after the next get two blocks' corrections as one matmul (lazy_updates).
+  * Four layer-sized buffers (W0t, R, St, the codes), each touched once: the reordering and the results
+    reuse them, and the transposed copies go in square tiles.
   * On CPU a sub-block's columns run in column_kernel on views of the torch buffers: one compiled call
     per sub-block where numba is installed, else NumPy ufuncs (a torch op costs several microseconds of
     dispatch on a 4096-vector); and, for big layers on several cores, the lazy updates run in a worker
@@ -27,9 +30,6 @@ The result equals the NumPy engine's up to rounding (codes exactly, in float64; 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
-import threading
 import warnings
 
 import numpy as np
@@ -41,6 +41,7 @@ from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid_torch import grid_of, quantize
+from .lazy_updates import LazyUpdates
 from .order import group_of_steps, processing_order
 from .rotation import Rotation
 
@@ -81,6 +82,35 @@ def _to_tensor(x, device, dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device or x.device, dtype=dtype, copy=True)
     return torch.tensor(np.asarray(x), device=device or "cpu", dtype=dtype)
+
+
+# Side of the square tiles _transpose_into copies (CPU): a tile pair of float32 fits in L2 cache.
+TRANSPOSE_TILE = 256
+
+
+def _transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst = src^T (converted to dst's dtype). On CPU tile by tile: torch's transposed copy of a whole layer
+    walks one side a row per element, and is slower (docs/performance.md)."""
+    if src.device.type != "cpu":
+        return dst.copy_(src.T)
+    k = TRANSPOSE_TILE
+    for a in range(0, src.shape[1], k):
+        for b in range(0, src.shape[0], k):
+            dst[a : a + k, b : b + k].copy_(src[b : b + k, a : a + k].T)
+    return dst
+
+
+def _storage_as(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                temporary: bool = False) -> torch.Tensor:
+    """A tensor of shape and dtype in buf's memory (buf's contents are dead), or a new one where buf does
+    not fit: a layer-sized buffer already touched costs no page faults, a fresh one does. Not temporary (a
+    result): only where the sizes match exactly, so that a result holds no memory beyond its own."""
+    flat = buf.view(-1)
+    size, have = torch.empty((), dtype=dtype).element_size(), flat.element_size()
+    need, got = size * int(np.prod(shape)), have * flat.numel()
+    if have % size == 0 and (got >= need if temporary else got == need):
+        return flat.view(dtype)[: need // size].view(shape)
+    return torch.empty(shape, device=buf.device, dtype=dtype)
 
 
 # Columns per diagonal block of _factor_upper's blocked factorization.
@@ -221,95 +251,6 @@ class _ColumnSteps:
             L[s1:s2] = E[s1:s2].square().sum(dim=1) / 2
 
 
-class _LazyUpdates:
-    """The paper's lazy batch updates (Step 2) in the R form: after block k, S[:, later] += D_k R[k, later].
-
-    Pipelined on a multi-core CPU: the share of the next block is applied at once by the main thread;
-    the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks each, nearest
-    columns first, while the main thread quantizes the next blocks' columns (torch ops release the GIL).
-    Before a block is used, the main thread waits only for the tasks that write into it.
-    """
-
-    BLOCKS_PER_TASK = 4
-
-    def __init__(self, St, R, W0t, bounds, worker_threads: int):
-        self.St, self.R, self.W0t, self.bounds = St, R, W0t, bounds
-        self.worker_threads = worker_threads
-        self.pending = [0] * len(bounds)  # worker tasks not yet applied, per target block
-        self.tasks: list = []  # heap: (first target block, sequence, source block, end target block, D)
-        self.sequence = itertools.count()
-        self.cond = threading.Condition()
-        self.closed = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, daemon=True) if worker_threads > 0 else None
-
-    def __enter__(self):
-        if self.thread is not None:
-            self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if self.thread is None:
-            return
-        if exc_type is None:
-            self.wait(0, len(self.bounds))
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-        self.thread.join()
-
-    def _apply(self, k: int, j0: int, j1: int, D: torch.Tensor) -> None:
-        """St for blocks j0..j1-1 += D_k R[block k, their columns], transposed."""
-        (a, b), c, e = self.bounds[k], self.bounds[j0][0], self.bounds[j1 - 1][1]
-        self.St[c:e].addmm_(self.R[a:b, c:e].T, D)
-
-    def _work(self) -> None:
-        torch.set_num_threads(self.worker_threads)
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.tasks or self.closed)
-                if self.closed:
-                    return
-                j0, _, k, j1, D = heapq.heappop(self.tasks)
-            try:
-                self._apply(k, j0, j1, D)
-            except BaseException as exc:  # re-raised in the main thread by wait()
-                self.error = exc
-            with self.cond:
-                for j in range(j0, j1):
-                    self.pending[j] -= 1
-                self.cond.notify_all()
-
-    def wait(self, j0: int, j1: int) -> None:
-        """Until no worker task still writes into blocks j0..j1-1."""
-        if self.thread is None:
-            return
-        with self.cond:
-            self.cond.wait_for(lambda: self.error is not None or not any(self.pending[j0:j1]))
-        if self.error is not None:
-            raise self.error
-
-    def block_done(self, k: int, Q: torch.Tensor) -> None:
-        """Block k is quantized to Q: its share of every later block's correction."""
-        a, b = self.bounds[k]
-        nb = len(self.bounds)
-        if k + 1 == nb:
-            return
-        D = self.W0t[a:b] - Q  # D = W0 - Q for the block's columns
-        if self.thread is None:
-            self._apply(k, k + 1, nb, D)
-            return
-        self.wait(k + 1, k + 2)  # no concurrent writes into the next block
-        self._apply(k, k + 1, k + 2, D)
-        with self.cond:
-            for j0 in range(k + 2, nb, self.BLOCKS_PER_TASK):
-                j1 = min(j0 + self.BLOCKS_PER_TASK, nb)
-                heapq.heappush(self.tasks, (j0, next(self.sequence), k, j1, D))
-                for j in range(j0, j1):
-                    self.pending[j] += 1
-            self.cond.notify_all()
-
-
 def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32, dXXT=None) -> QuantResult:
     checks.check_shapes(tuple(W.shape), tuple(H.shape))
     checks.check_gptaq(cfg, None if dXXT is None else tuple(dXXT.shape), tuple(H.shape))
@@ -415,8 +356,10 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     reordered = cfg.desc_act or cfg.group_aware
     perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
     perm = torch.as_tensor(perm_np, device=W0t.device)
-    if reordered:
-        W0t = W0t.index_select(0, perm)
+    # St, the pending corrections, is taken now: while reordering it is scratch space (zeroed before use)
+    St = torch.empty_like(W0t)
+    if reordered:  # W0t's rows into processing order; the old buffer becomes St
+        W0t, St = torch.index_select(W0t, 0, perm, out=St), W0t
         if gptaq:
             dXXT = dXXT.index_select(0, perm).index_select(1, perm)
 
@@ -424,7 +367,11 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     mean_diag = float(diag.mean())
     for damp in checks.damping_schedule(cfg.damp_percent):
         # the factorization overwrites its argument: a fresh copy (permuted) of H for every try
-        R = H.index_select(0, perm).index_select(1, perm) if reordered else H.clone()
+        if reordered:  # rows gathered into St's memory (dead until zeroed), then the columns
+            R = torch.index_select(H, 0, perm, out=_storage_as(St, H.shape, dtype, temporary=True))
+            R = R.index_select(1, perm)
+        else:
+            R = H.clone()
         R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:
             R = _factor_upper(R)
@@ -436,7 +383,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     checks.warn_damping(cfg.damp_percent, damp)
     del H, diag
 
-    St = torch.zeros_like(W0t)  # pending corrections, transposed: S = D[:, :i] @ R[:i, :]
+    St.zero_()  # pending corrections, transposed: S = D[:, :i] @ R[:i, :]
     codes_t = torch.empty_like(W0t)  # integer codes, stored as floats until the end
     # a block's scaled errors (w - q) / U_ii, the paper's Err1 (GPTAQ: Err'); later blocks need only D
     Errb = torch.empty((min(cfg.block_size, n), rows), device=W0t.device, dtype=dtype)
@@ -454,7 +401,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq, gsel)
     bounds = block_bounds(n, cfg)
     with _single_thread(R.device, enabled=worker_threads > 0), \
-            _LazyUpdates(St, R, W0t, bounds, worker_threads) as lazy:
+            LazyUpdates(St, R, W0t, bounds, worker_threads) as lazy:
         for k, (i1, i2) in enumerate(bounds):
             lazy.wait(k, k + 1)  # every earlier block's correction has reached St[i1:i2]
             eye = torch.eye(i2 - i1, device=R.device, dtype=dtype)
@@ -465,6 +412,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
                     # GPTAQ: the state also holds the pending g's share, sum_k g_k U[k, j] (see _Gptaq)
                     group = W1 if asym is None else torch.addmm(W1, U1.T, asym.Gt[i1:i2])
                 else:  # a group wider than the block: its grid needs the state of columns past i2
+                    lazy.flush()
                     lazy.wait(k, len(bounds))
                     pending = St if asym is None else St + asym.Gt
                     group = _state_t(W0t, pending, R, i1, min(i1 + width, n))
@@ -485,9 +433,10 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     invperm = torch.argsort(perm)
 
     def original_order(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if reordered:  # gathered into St first: then t's own storage may take the result
+        """out = t^T with t's rows back in the original column order."""
+        if reordered:  # gathered into St first (dead now): then t's own memory may take the result
             t = torch.index_select(t, 0, invperm, out=St)
-        return out.copy_(t.T)
+        return _transpose_into(out, t)
 
     if row_grid is not None:
         scales_t, zeros_t = row_grid[0][:, None], row_grid[1][:, None]
@@ -504,14 +453,13 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
         scales_t, zeros_t = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         g_idx = (invperm // width).to(torch.int32)
     # Into buffers whose work is done (W0t, now Q; St; codes_t), not new layer-sized tensors: a fresh one
-    # costs page faults as well as the copy. (Not one transposing copy of the codes into a new int32 tensor:
-    # torch's converting transposed copy is slower than these two.)
+    # costs page faults as well as the copy.
     if reordered:
         weight = original_order(W0t, W0t.view(rows, n))
-        codes = original_order(codes_t, codes_t.view(rows, n)).to(torch.int32)
+        codes = original_order(codes_t, _storage_as(codes_t, (rows, n), torch.int32))
     else:
         weight = original_order(W0t, St.view(rows, n))
-        codes = original_order(codes_t, W0t.view(rows, n)).to(torch.int32)
+        codes = original_order(codes_t, _storage_as(W0t, (rows, n), torch.int32))
     return QuantResult(
         weight=weight if rotate is None else rotate.back(weight),
         codes=codes,
