@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     from gptq_explorer.metrics import perplexity
     from gptq_explorer.models import load_model, set_weight
     from gptq_explorer.models.quantize import quantize_model
+    from gptq_explorer.services.reports import environment
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
                       "ids_file": ids_file.name}  # fmt: skip
         row: dict = {"model": a.model, "config": cfg.to_dict(), "calibration": calib_info,
                      "evaluation": {"tokens": a.eval_tokens, "seqlen": a.eval_seqlen}, "threads": a.threads,
-                     "true_sequential_ours": a.true_sequential, "load_average_start": load_avg()}  # fmt: skip
+                     "true_sequential_ours": a.true_sequential, "load_average_start": load_avg(),
+                     "environment": environment()}  # fmt: skip
         # ours
         ours = load_model(a.model)
         if a.nudge:

@@ -64,6 +64,8 @@ def test_json_schema_and_perplexities(reports):
     assert "quantize" in gptq["timings"] and gptq["memory"]["peak_rss_bytes"] > 0
     assert {rep["environment"]["device"] for rep in reports.values()} == {"cpu"}  # no --device: the CPU
     assert "gpu" not in gptq["environment"]
+    # the vector instructions torch's CPU kernels use, which set CPU timings (AVX2 vs AVX512: about 2x)
+    assert gptq["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
 
 
 def test_fp_perplexity_is_the_models_own(reports, tiny):

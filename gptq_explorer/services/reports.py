@@ -13,6 +13,7 @@ stays short on a small CPU machine. describe_report: a report's settings in word
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -109,8 +110,22 @@ def environment(device=None) -> dict:
         load = None
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "gptq_explorer": ours, "git": git_state(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": load,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), **cpu(), "load_average": load,
             "device": str(device or "cpu"), **gpu(device)}
+
+
+def cpu() -> dict:
+    """{"cpu": model name (Linux), "cpu_capability": the vector instructions torch's CPU kernels use, e.g.
+    "AVX2" or "AVX512"}: CPU timings halve or double with them (docs/performance.md)."""
+    import torch
+
+    name = platform.processor() or None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": name, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def gpu(device) -> dict:
