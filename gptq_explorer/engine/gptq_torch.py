@@ -297,16 +297,14 @@ class _Gptaq:
     k itself before it is rounded, and an error g_k subtracted from the one it propagates (Err' = Err - g).
     Then W0 - Q = Err' U still holds, so the lazy updates stay as they are; only g is accumulated, lazily,
     from the pre-rounding values (transposed layout: Gt[k] = g_k): inside a block two-level, like the OBS
-    updates (_ColumnSteps), and from each finished block to the later ones (block_done)."""
+    updates (_ColumnSteps), and from each finished block to the later ones as lazy updates of their own
+    (`updates.block_done(k, the block state W1 once quantized)`)."""
 
-    def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, W0t: torch.Tensor):
+    def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, W0t: torch.Tensor, bounds):
         # dXXT U^T = dXXT R^-T: one triangular solve, no inverse
         self.M = alpha * torch.linalg.solve_triangular(R.T, dXXT, upper=False, left=False).triu_(1)
         self.Gt = torch.zeros_like(W0t)
-
-    def block_done(self, i1: int, i2: int, Wpre: torch.Tensor) -> None:
-        """The block's pre-rounding values Wpre (the block state W1 once quantized) reach the later g's."""
-        self.Gt[i2:].addmm_(self.M[i1:i2, i2:].T, Wpre)
+        self.updates = LazyUpdates(self.Gt, self.M, bounds)
 
 
 def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
@@ -388,7 +386,8 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     # a block's scaled errors (w - q) / U_ii, the paper's Err1 (GPTAQ: Err'); later blocks need only D
     Errb = torch.empty((min(cfg.block_size, n), rows), device=W0t.device, dtype=dtype)
     losses = torch.empty(n, device=W0t.device, dtype=dtype)
-    asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, W0t) if gptaq else None
+    bounds = block_bounds(n, cfg)
+    asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, W0t, bounds) if gptaq else None
     del dXXT
     Qb = torch.empty_like(Errb)  # a block's values; once its corrections are out they go into W0t's rows
     scales, zeros = [], []
@@ -399,9 +398,8 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
         grids = tuple(torch.stack(g) for g in zip(*static_grids))
     gsel = (perm_np // width if static_grids is not None else np.zeros(n)).astype(np.int64)
     step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq, gsel)
-    bounds = block_bounds(n, cfg)
     with _single_thread(R.device, enabled=worker_threads > 0), \
-            LazyUpdates(St, R, W0t, bounds, worker_threads) as lazy:
+            LazyUpdates(St, R, bounds, worker_threads) as lazy:
         for k, (i1, i2) in enumerate(bounds):
             lazy.wait(k, k + 1)  # every earlier block's correction has reached St[i1:i2]
             eye = torch.eye(i2 - i1, device=R.device, dtype=dtype)
@@ -414,6 +412,8 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
                 else:  # a group wider than the block: its grid needs the state of columns past i2
                     lazy.flush()
                     lazy.wait(k, len(bounds))
+                    if asym is not None:
+                        asym.updates.flush()
                     pending = St if asym is None else St + asym.Gt
                     group = _state_t(W0t, pending, R, i1, min(i1 + width, n))
                 scale, zero = grid_of(group[:width], cfg, dim=0)
@@ -426,10 +426,11 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
             E, Q = Errb[: i2 - i1], Qb[: i2 - i1]
             with _single_thread(R.device):
                 step.block(i1, i2, W1, E, Q, U1, grids, M1, G1)
-            lazy.block_done(k, Q)
+            if i2 < n:
+                lazy.block_done(k, W0t[i1:i2] - Q)  # D = W0 - Q
+                if asym is not None:
+                    asym.updates.block_done(k, W1)
             W0t[i1:i2] = Q  # W0 of these columns is no longer needed: W0t becomes Q, row by row
-            if asym is not None and i2 < n:
-                asym.block_done(i1, i2, W1)
     invperm = torch.argsort(perm)
 
     def original_order(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

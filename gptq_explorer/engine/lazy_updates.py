@@ -1,8 +1,9 @@
 """GPTQ's lazy batch updates (the paper's Step 2) for the torch path, in the R form of gptq_torch.py.
 
-After block k is quantized, D_k = W0 - Q over its columns, and every later column's pending correction
-grows by D_k R[k, later] (S in gptq_torch's module doc, kept transposed as St). This module decides when
-and by which thread those matmuls run; it never changes what they add up to.
+After block k, its source rows V_k reach every later block j as T[j] += C[k, j]^T V_k (transposed layout):
+for the pending corrections T = St, C = R and V_k = D_k = W0 - Q over the block's columns; for GPTAQ's term
+T = Gt, C = M and V_k the block's pre-rounding values. This module decides when and by which thread those
+matmuls run; it never changes what they add up to.
 """
 
 from __future__ import annotations
@@ -15,26 +16,26 @@ import torch
 
 
 class LazyUpdates:
-    """The paper's lazy batch updates (Step 2) in the R form: after block k, S[:, later] += D_k R[k, later].
+    """T[later] += C[k, later]^T V_k after each block k (see the module doc).
 
-    In pairs of blocks: a block's D reaches the next block at once, the blocks after that only with the
-    next block's D, as one matmul over both (the same multiply-adds with twice the inner dimension, which a
+    In pairs of blocks: a block's V reaches the next block at once, the blocks after that only with the
+    next block's V, as one matmul over both (the same multiply-adds with twice the inner dimension, which a
     CPU's matmul runs faster: docs/performance.md).
 
-    Pipelined on a multi-core CPU: the share of the next block is applied at once by the main thread;
-    the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks each, nearest
-    columns first, while the main thread quantizes the next blocks' columns (torch ops release the GIL).
-    Before a block is used, the main thread waits only for the tasks that write into it.
+    Pipelined on a multi-core CPU (worker_threads > 0): the share of the next block is applied at once by
+    the main thread; the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks
+    each, nearest columns first, while the main thread quantizes the next blocks' columns (torch ops
+    release the GIL). Before a block is used, the main thread waits only for the tasks that write into it.
     """
 
     BLOCKS_PER_TASK = 4
 
-    def __init__(self, St, R, W0t, bounds, worker_threads: int):
-        self.St, self.R, self.W0t, self.bounds = St, R, W0t, bounds
+    def __init__(self, T: torch.Tensor, C: torch.Tensor, bounds, worker_threads: int = 0):
+        self.T, self.C, self.bounds = T, C, bounds
         self.worker_threads = worker_threads
-        self.held = None  # (block k, D over blocks k and k + 1): D_k, so far only in block k + 1
+        self.held = None  # (block k, its rows V_k), so far only in block k + 1
         self.pending = [0] * len(bounds)  # worker tasks not yet applied, per target block
-        self.tasks: list = []  # heap: (first target block, sequence, source rows, end target block, D)
+        self.tasks: list = []  # heap: (first target block, sequence, source rows, end target block, V)
         self.sequence = itertools.count()
         self.cond = threading.Condition()
         self.closed = False
@@ -56,10 +57,10 @@ class LazyUpdates:
             self.cond.notify_all()
         self.thread.join()
 
-    def _apply(self, rows: tuple[int, int], j0: int, j1: int, D: torch.Tensor) -> None:
-        """St for blocks j0..j1-1 += D R[rows, their columns], transposed (D: the D of those rows)."""
+    def _apply(self, rows: tuple[int, int], j0: int, j1: int, V: torch.Tensor) -> None:
+        """T for blocks j0..j1-1 += C[rows, their columns]^T V (V: the source rows of those rows)."""
         (a, b), c, e = rows, self.bounds[j0][0], self.bounds[j1 - 1][1]
-        self.St[c:e].addmm_(self.R[a:b, c:e].T, D)
+        self.T[c:e].addmm_(self.C[a:b, c:e].T, V)
 
     def _work(self) -> None:
         torch.set_num_threads(self.worker_threads)
@@ -68,9 +69,9 @@ class LazyUpdates:
                 self.cond.wait_for(lambda: self.tasks or self.closed)
                 if self.closed:
                     return
-                j0, _, rows, j1, D = heapq.heappop(self.tasks)
+                j0, _, rows, j1, V = heapq.heappop(self.tasks)
             try:
-                self._apply(rows, j0, j1, D)
+                self._apply(rows, j0, j1, V)
             except BaseException as exc:  # re-raised in the main thread by wait()
                 self.error = exc
             with self.cond:
@@ -87,48 +88,43 @@ class LazyUpdates:
         if self.error is not None:
             raise self.error
 
-    def _spread(self, rows: tuple[int, int], j: int, D: torch.Tensor) -> None:
-        """D of these rows into blocks j and later: block j at once, the rest by the worker if any."""
+    def _spread(self, rows: tuple[int, int], j: int, V: torch.Tensor) -> None:
+        """V of these rows into blocks j and later: block j at once, the rest by the worker if any."""
         nb = len(self.bounds)
         if self.thread is None:
-            self._apply(rows, j, nb, D)
+            self._apply(rows, j, nb, V)
             return
         self.wait(j, j + 1)  # no concurrent writes into block j
-        self._apply(rows, j, j + 1, D)
+        self._apply(rows, j, j + 1, V)
         with self.cond:
             for j0 in range(j + 1, nb, self.BLOCKS_PER_TASK):
                 j1 = min(j0 + self.BLOCKS_PER_TASK, nb)
-                heapq.heappush(self.tasks, (j0, next(self.sequence), rows, j1, D))
+                heapq.heappush(self.tasks, (j0, next(self.sequence), rows, j1, V))
                 for t in range(j0, j1):
                     self.pending[t] += 1
             self.cond.notify_all()
 
-    def block_done(self, k: int, Q: torch.Tensor) -> None:
-        """Block k is quantized to Q: its share of every later block's correction (D = W0 - Q)."""
+    def block_done(self, k: int, V: torch.Tensor) -> None:
+        """Block k is done: its source rows V (D = W0 - Q; GPTAQ: the pre-rounding values) reach every later
+        block, the next one at once."""
         (a, b), nb = self.bounds[k], len(self.bounds)
         if k + 1 == nb:
             return
-        if self.held is None and k + 2 < nb:  # the first of a pair: D_k into block k + 1 only, for now
-            D = torch.empty((self.bounds[k + 1][1] - a, Q.shape[1]), device=Q.device, dtype=Q.dtype)
-            torch.sub(self.W0t[a:b], Q, out=D[: b - a])
-            self.held = (k, D)
+        if self.held is None and k + 2 < nb:  # the first of a pair: into block k + 1 only, for now
+            self.held = (k, V)
             self.wait(k + 1, k + 2)
-            self._apply((a, b), k + 1, k + 2, D[: b - a])
-            return
-        if self.held is None:
-            self._spread((a, b), k + 1, self.W0t[a:b] - Q)
-            return
-        first, D = self.held  # the second of a pair: both blocks' D into every block after it
-        self.held = None
-        a0 = self.bounds[first][0]
-        torch.sub(self.W0t[a:b], Q, out=D[a - a0 :])
-        self._spread((a0, b), k + 1, D)
+            self._apply((a, b), k + 1, k + 2, V)
+        elif self.held is None:
+            self._spread((a, b), k + 1, V)
+        else:  # the second of a pair: both blocks' rows into every block after it, as one matmul
+            first, V0 = self.held
+            self.held = None
+            self._spread((self.bounds[first][0], b), k + 1, torch.cat((V0, V)))
 
     def flush(self) -> None:
-        """A held D into every later block now (a group wider than a block needs their full state)."""
+        """A held block's rows into every later block now (a group wider than a block needs their state)."""
         if self.held is not None:
-            first, D = self.held
+            first, V = self.held
             self.held = None
-            a, b = self.bounds[first]
             if first + 2 < len(self.bounds):
-                self._spread((a, b), first + 2, D[: b - a])
+                self._spread(self.bounds[first], first + 2, V)
