@@ -138,8 +138,9 @@ def main(argv=None) -> None:
     original = load_original(args.reference_dir) if args.reference_dir else None
     ref_name = "IST-DASLab gptq.py (original)" if original else "reference restated (engine/reference.py)"
     gflops = matmul_gflops()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}; "
-          f"matmul {gflops:.0f} GFLOP/s (float32); {args.tokens} calibration tokens; best of {repeats}")
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), threads "
+          f"{torch.get_num_threads()}, numpy {np.__version__}; matmul {gflops:.0f} GFLOP/s (float32); "
+          f"{args.tokens} calibration tokens; best of {repeats}")
     print(f"reference: {ref_name}")
     print()
     header = ("| shape (out x in) | desc_act | reference s | torch s | NumPy f64 s | torch / ref | "
