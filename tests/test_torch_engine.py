@@ -230,6 +230,24 @@ def test_lazy_updates_reach_later_blocks_in_pairs(layer, monkeypatch):
 
 
 @pytest.mark.parametrize("desc_act", [False, True])
+def test_gptaq_term_in_row_blocks_gives_the_same_codes(monkeypatch, desc_act):
+    """The torch path forms GPTAQ's M one block of rows at a time (a solve with R's trailing block each); with
+    blocks that do not divide the layer, float64 codes still equal the NumPy engine's exactly."""
+    from engine_configs import correlated_layer
+
+    import gptq_explorer.engine.gptq_torch as gt
+
+    W, h, _, _ = correlated_layer(96)
+    cfg = QuantConfig(bits=3, group_size=32, gptaq_alpha=0.5, desc_act=desc_act)
+    ref = gptq_quantize(W, h.H, cfg, dXXT=h.dXXT)
+    monkeypatch.setattr(gt._Gptaq, "SOLVE_ROWS", 40)
+    res = gptq_quantize(torch.tensor(W), torch.tensor(h.H), cfg, dXXT=torch.tensor(h.dXXT),
+                        dtype=torch.float64)
+    np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
+    np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
 def test_results_own_their_memory_and_leave_the_inputs_alone(layer, desc_act):
     """The results reuse the engine's work buffers (no fresh layer-sized tensors at the end): check that
     weight and codes share no memory with each other or with the caller's W and H, which stay as given."""

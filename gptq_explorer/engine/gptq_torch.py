@@ -300,9 +300,20 @@ class _Gptaq:
     updates (_ColumnSteps), and from each finished block to the later ones as lazy updates of their own
     (`updates.block_done(k, the block state W1 once quantized)`)."""
 
+    # Rows of M per triangular solve (see __init__).
+    SOLVE_ROWS = 512
+
     def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, W0t: torch.Tensor, bounds):
-        # dXXT U^T = dXXT R^-T: one triangular solve, no inverse
-        self.M = alpha * torch.linalg.solve_triangular(R.T, dXXT, upper=False, left=False).triu_(1)
+        # dXXT U^T = dXXT R^-T, no inverse. M keeps only the part right of the diagonal, and for the rows from
+        # i0 on that part is dXXT[rows, i0:] R[i0:, i0:]^-T (U's trailing block is R's trailing block's
+        # inverse): a triangular solve per block of rows, a third of one solve's work with the whole R.
+        n = R.shape[0]
+        M = torch.zeros_like(R)
+        for i0 in range(0, n, self.SOLVE_ROWS):
+            i1 = min(i0 + self.SOLVE_ROWS, n)
+            M[i0:i1, i0:] = torch.linalg.solve_triangular(R[i0:, i0:].T, dXXT[i0:i1, i0:], upper=False,
+                                                          left=False)
+        self.M = M.triu_(1).mul_(alpha)
         self.Gt = torch.zeros_like(W0t)
         self.updates = LazyUpdates(self.Gt, self.M, bounds)
 
