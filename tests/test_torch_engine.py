@@ -213,9 +213,13 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
     assert torch.get_num_threads() == threads
 
 
-def test_lazy_updates_reach_later_blocks_in_pairs(layer, monkeypatch):
-    """A block's correction reaches the next block at once and the blocks after it together with the next
-    block's, as one matmul over both blocks' rows (faster on a CPU); a last odd block goes alone."""
+@pytest.mark.parametrize("run, expected", [
+    (2, [((0, 128), 1, 2), ((0, 256), 2, 5), ((256, 384), 3, 4), ((256, 512), 4, 5)]),
+    (3, [((0, 128), 1, 2), ((0, 256), 2, 3), ((0, 384), 3, 5), ((384, 512), 4, 5)]),
+])
+def test_lazy_updates_reach_later_blocks_in_runs(layer, monkeypatch, run, expected):
+    """A block's correction reaches the next block at once and the blocks after it together with the rest
+    of its run's, as one matmul over the run's rows (faster on a CPU); a last short run goes alone."""
     W, X, H = layer  # 576 columns: blocks of 128, 128, 128, 128, 64
     applied = []
     original = LazyUpdates._apply
@@ -225,8 +229,24 @@ def test_lazy_updates_reach_later_blocks_in_pairs(layer, monkeypatch):
         original(self, rows, j0, j1, D)
 
     monkeypatch.setattr(LazyUpdates, "_apply", record)
+    monkeypatch.setattr(LazyUpdates, "BLOCKS_PER_MATMUL", run)
     gptq_quantize(torch.tensor(W), torch.tensor(H), QuantConfig(bits=4, group_size=128), dtype=torch.float64)
-    assert applied == [((0, 128), 1, 2), ((0, 256), 2, 5), ((256, 384), 3, 4), ((256, 512), 4, 5)]
+    assert applied == expected
+
+
+@pytest.mark.parametrize("cfg", [*PIPELINE_CONFIGS, QuantConfig(bits=4, group_size=256, gptaq_alpha=0.5)],
+                         ids=lambda c: c.label())
+def test_runs_of_three_blocks_give_the_same_codes(layer, monkeypatch, cfg):
+    """Runs of three blocks per matmul (held blocks, flushed before a group wider than a block), float64:
+    the NumPy engine's codes exactly."""
+    W, X, H = layer
+    dXXT = None if cfg.gptaq_alpha == 0 else H / 8
+    ref = gptq_quantize(W, H, cfg, dXXT=dXXT)
+    monkeypatch.setattr(LazyUpdates, "BLOCKS_PER_MATMUL", 3)
+    res = gptq_quantize(torch.tensor(W), torch.tensor(H), cfg, dtype=torch.float64,
+                        dXXT=None if dXXT is None else torch.tensor(dXXT))
+    np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
+    np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
 
 
 @pytest.mark.parametrize("desc_act", [False, True])

@@ -10,14 +10,17 @@ What changes is how the work is laid out:
       - lazy updates: with D = W0 - Q, the algorithm satisfies D = Err U, i.e. Err = D R, so the pending
         correction of later columns accumulates as S += D_B R_B (the size of the reference's Err1 @ U);
       - a block's state (earlier columns fixed) is W0_B + S_B R_BB^-1 = W0_B + S_B U_BB, with U_BB a
-        block-sized triangular inverse.
-  * Transposed layout: column i of W is row i of W0t, so every per-column op touches contiguous memory.
+        block-sized triangular inverse; folded into R's panels once (_fold_block_inverses), the lazy
+        updates add up S_B U_BB directly, and a block's state is one addition.
+  * Transposed layout: column i of W is row i of every work buffer, so every per-column op touches
+    contiguous memory. W itself is only read: each block copies its columns out, transposed.
   * Two-level lazy updates: inside a 128-column block, columns are quantized in sub-blocks of 16; a
     column pulls the OBS updates of its sub-block's earlier columns as one matrix-vector product, and a
     finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down);
     and one level up, the blocks after the next get two blocks' corrections as one matmul (lazy_updates).
-  * Four layer-sized buffers (W0t, R, St, the codes), each touched once: the reordering and the results
-    reuse them, and the transposed copies go in square tiles.
+  * Two layer-sized work buffers (R; S, which takes each block's values once the block has started) and
+    the codes as bytes, each touched once; with a column order, W's permuted copy too. The results go into
+    the buffers whose work is done (square layers: no fresh layer-sized tensor), transposed in tiles.
   * On CPU a sub-block's columns run in column_kernel on views of the torch buffers: one compiled call
     per sub-block where numba is installed, else NumPy ufuncs (a torch op costs several microseconds of
     dispatch on a 4096-vector); and, for big layers on several cores, the lazy updates run in a worker
@@ -118,7 +121,8 @@ FACTOR_BLOCK = 256
 
 
 def _factor_upper(A: torch.Tensor, block: int = FACTOR_BLOCK) -> torch.Tensor:
-    """R upper triangular with A = R R^T, in place in A (only its upper triangle is read).
+    """R upper triangular with A = R R^T, in place in A's upper triangle (only that is read; below the
+    diagonal is scratch, and everything downstream reads only upper triangles).
 
     A blocked Cholesky that starts from the last diagonal block: with A = [[A11, A12], [A21, A22]] and
     R = [[R11, R12], [0, R22]], A22 = R22 R22^T (a small factorization of the reversed block),
@@ -144,13 +148,45 @@ def _factor_upper(A: torch.Tensor, block: int = FACTOR_BLOCK) -> torch.Tensor:
         for c0 in range(0, k0, block):  # A11 -= R12 R12^T, upper triangle only, a column panel at a time
             c1 = min(c0 + block, k0)
             A[:c1, c0:c1].addmm_(P[:c1], P[c0:c1].T, alpha=-1)
-    return A.triu_()
+    return A
 
 
-def _state_t(W0t: torch.Tensor, St: torch.Tensor, R: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Fully updated weights of columns a..b (as rows of the transposed layout) when every column before
-    a is quantized: W0 + S R_FF^-1, i.e. W0^T + R_FF^-T S^T."""
-    return W0t[a:b] + torch.linalg.solve_triangular(R[a:b, a:b].T, St[a:b], upper=False)
+def _fold_block_inverses(R: torch.Tensor, bounds) -> None:
+    """In place: every block's column panel above the diagonal times the block's U = R_BB^-1, and U itself
+    in the diagonal block (only the upper triangles are meaningful).
+
+    The lazy updates then add up S_B U_BB rather than S_B, so a block's state W0_B + S_B U_BB is one
+    addition when the block starts, not a matmul: the fold costs half that matmul's multiply-adds (only the
+    panel above the diagonal), once."""
+    for i1, i2 in bounds:
+        eye = torch.eye(i2 - i1, device=R.device, dtype=R.dtype)
+        U = torch.linalg.solve_triangular(R[i1:i2, i1:i2], eye, upper=True)
+        if i1:
+            R[:i1, i1:i2] = R[:i1, i1:i2] @ U
+        R[i1:i2, i1:i2] = U
+
+
+def _group_state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, bounds, k: int, width: int,
+                 asym=None) -> torch.Tensor:
+    """Fully updated weights (transposed) of the group that starts at block k and is wider than a block,
+    when every column before it is quantized: W0 + S R_FF^-1 over its columns F.
+
+    With R folded (_fold_block_inverses: R~ = R blockdiag(U)) and S~ = S blockdiag(U) in the lazy updates'
+    buffer, S R_FF^-1 = S~ R~_FF^-1, and R~_FF has identity diagonal blocks: block j's part is
+    X_j = S~_j - sum_{l<j} X_l R~_lj, one matmul per block. GPTAQ's pending g's add U_jj^T G_j to S~_j."""
+    i1 = bounds[k][0]
+    end = min(i1 + width, W0.shape[1])
+    X = torch.empty((end - i1, S.shape[1]), device=S.device, dtype=S.dtype)
+    for a, b in bounds[k:]:
+        if a >= end:
+            break
+        Xj = X[a - i1 : b - i1]
+        Xj.copy_(S[a:b])
+        if asym is not None:
+            Xj.addmm_(R[a:b, a:b].T, asym.Gt[a:b])
+        if a > i1:
+            Xj.addmm_(R[i1:a, a:b].T, X[: a - i1], alpha=-1)
+    return X.add_(_transpose_into(torch.empty_like(X), W0[:, i1:end]))
 
 
 # Columns handled one at a time inside a sub-block; the rest of the block gets each sub-block's
@@ -183,12 +219,17 @@ class _ColumnSteps:
     a finished sub-block reaching the rest of the block as one matmul.
     """
 
-    def __init__(self, codes_t, losses, maxq: int, ternary: bool, gptaq: bool, gsel: np.ndarray):
-        """gsel: the grid row of each column (in processing order)."""
+    def __init__(self, codes_t, losses, maxq: int, ternary: bool, gptaq: bool, gsel: np.ndarray,
+                 block_rows: int):
+        """codes_t: the codes (transposed, uint8: bits <= 8); gsel: the grid row of each column (in processing
+        order); block_rows: the widest block's columns."""
         self.kind = column_step_kind(codes_t.device)
         self.maxq, self.ternary = maxq, ternary
         self.mode = kernel.R_FORM if gptaq else kernel.PLAIN
         self.codes_t, self.losses, self.gsel = codes_t, losses, gsel
+        # a block's codes as the steps compute them, in the values' dtype (then into codes_t: a quarter of
+        # the memory to fault in and to transpose at the end)
+        self.Cb = torch.empty((block_rows, codes_t.shape[1]), device=codes_t.device, dtype=losses.dtype)
         if self.kind == "triton":  # on the device once, not a host-to-device copy per block
             self.gsel_t = torch.as_tensor(gsel, device=codes_t.device)
         self.launched = False
@@ -196,7 +237,12 @@ class _ColumnSteps:
     def block(self, i1: int, i2: int, W1, E, Q, U1, grids, M1=None, G1=None) -> None:
         """Run the block's columns. Its buffers: state W1, errors E, values Q, U1 = U[B, B], grids (scales,
         zeros) (groups, rows), GPTAQ's M[B, B] and pending g's."""
-        C, L, gsel = self.codes_t[i1:i2], self.losses[i1:i2], self.gsel[i1:i2]
+        C = self.Cb[: i2 - i1]
+        self._columns(i1, i2, W1, E, Q, C, U1, grids, M1, G1)
+        self.codes_t[i1:i2] = C
+
+    def _columns(self, i1: int, i2: int, W1, E, Q, C, U1, grids, M1, G1) -> None:
+        L, gsel = self.losses[i1:i2], self.gsel[i1:i2]
         if self.kind == "triton":
             from . import column_triton
 
@@ -298,12 +344,12 @@ class _Gptaq:
     Then W0 - Q = Err' U still holds, so the lazy updates stay as they are; only g is accumulated, lazily,
     from the pre-rounding values (transposed layout: Gt[k] = g_k): inside a block two-level, like the OBS
     updates (_ColumnSteps), and from each finished block to the later ones as lazy updates of their own
-    (`updates.block_done(k, the block state W1 once quantized)`)."""
+    (`updates`, whose source rows are the block's state W1, once quantized). R must not be folded yet."""
 
     # Rows of M per triangular solve (see __init__).
     SOLVE_ROWS = 512
 
-    def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, W0t: torch.Tensor, bounds):
+    def __init__(self, dXXT: torch.Tensor, R: torch.Tensor, alpha: float, like: torch.Tensor, bounds):
         # dXXT U^T = dXXT R^-T, no inverse. M keeps only the part right of the diagonal, and for the rows from
         # i0 on that part is dXXT[rows, i0:] R[i0:, i0:]^-T (U's trailing block is R's trailing block's
         # inverse): a triangular solve per block of rows, a third of one solve's work with the whole R.
@@ -314,70 +360,68 @@ class _Gptaq:
             M[i0:i1, i0:] = torch.linalg.solve_triangular(R[i0:, i0:].T, dXXT[i0:i1, i0:], upper=False,
                                                           left=False)
         self.M = M.triu_(1).mul_(alpha)
-        self.Gt = torch.zeros_like(W0t)
+        self.Gt = torch.zeros_like(like)  # (n, rows), as the pending corrections
         self.updates = LazyUpdates(self.Gt, self.M, bounds)
 
 
 def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
     device = torch.device(device) if device is not None else None
-    W = _shared_tensor(W, device)
-    # Transposed layout: row i of W0t is column i of W (later: column perm[i]), so every per-column op
-    # reads and writes contiguous memory. A copy (converted to dtype on the way): never write into the
-    # caller's tensor.
-    W0t = torch.empty((W.shape[1], W.shape[0]), device=W.device, dtype=dtype).copy_(W.T)
+    # W0 as given where it already has this device and dtype (only read: each block's columns are copied
+    # out, transposed, when the block starts), else converted. Never written while it is the caller's.
+    W0 = _shared_tensor(W, device, dtype)
     del W
-    # H as given where it already has this device and dtype: _factor_upper works on a copy, and H is
-    # copied before anything writes into it (dead inputs)
-    H = _shared_tensor(H, W0t.device, dtype)
-    checks.check_finite("W", _all_finite(W0t))
+    # H likewise: the factorization works on a copy
+    H = _shared_tensor(H, W0.device, dtype)
+    checks.check_finite("W", _all_finite(W0))
     finite, h_min, h_max = _finite_range(H)
     checks.check_finite("H", finite)
     checks.check_symmetric(_max_asymmetry(H), max(-h_min, h_max))
     gptaq = cfg.gptaq_alpha > 0
     if gptaq:
-        dXXT = _to_tensor(dXXT, W0t.device, dtype)
+        dXXT = _to_tensor(dXXT, W0.device, dtype)
         checks.check_finite("dXXT", _all_finite(dXXT))
-    n, rows = W0t.shape
+    rows, n = W0.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
     dynamic_groups = is_dynamic(cfg)
 
     rot = rotate = None
-    if cfg.rotation:  # y = W x = (W R^T)(R x); transposed: W0t <- R W0t, H <- R H R^T
-        rotate = Rotation(n, cfg.rotation_seed, like=W0t)
+    if cfg.rotation:  # y = W x = (W R^T)(R x): W <- W R^T, H <- R H R^T
+        rotate = Rotation(n, cfg.rotation_seed, like=W0)
         rot = rotate.matrix()
-        W0t = rotate.apply(W0t)
+        W0 = rotate.weight(W0)
         H = rotate.hessian(H)
         H = (H + H.T) / 2
         dXXT = rotate.hessian(dXXT) if gptaq else None
 
-    row_grid = grid_of(W0t, cfg, dim=0) if cfg.group_size == -1 else None
+    row_grid = grid_of(W0, cfg) if cfg.group_size == -1 else None
     dead = torch.diag(H) == 0
     checks.warn_all_dead(int(dead.sum()), n)
     if bool(dead.any()):
         H = H.clone() if rot is None else H
         H[dead, dead] = 1.0
-        W0t[dead] = 0.0
+        W0 = W0.clone() if rot is None else W0  # never the caller's
+        W0[:, dead] = 0.0
         if gptaq:
             dXXT[:, dead] = 0.0
     static_grids = None
     if cfg.static_groups and cfg.group_size != -1:
-        static_grids = [grid_of(W0t[s : s + width], cfg, dim=0) for s in range(0, n, width)]
+        static_grids = [grid_of(W0[:, s : s + width], cfg) for s in range(0, n, width)]
     reordered = cfg.desc_act or cfg.group_aware
     perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
-    perm = torch.as_tensor(perm_np, device=W0t.device)
-    # St, the pending corrections, is taken now: while reordering it is scratch space (zeroed before use)
-    St = torch.empty_like(W0t)
-    if reordered:  # W0t's rows into processing order; the old buffer becomes St
-        W0t, St = torch.index_select(W0t, 0, perm, out=St), W0t
+    perm = torch.as_tensor(perm_np, device=W0.device)
+    if reordered:  # W0's columns into processing order (a gather within each row)
+        W0 = W0.index_select(1, perm)
         if gptaq:
             dXXT = dXXT.index_select(0, perm).index_select(1, perm)
+    # S, the pending corrections (transposed); taken now: while reordering it is scratch space
+    S = torch.empty((n, rows), device=W0.device, dtype=dtype)
 
     diag = torch.diag(H)[perm] if reordered else torch.diag(H)
     mean_diag = float(diag.mean())
     for damp in checks.damping_schedule(cfg.damp_percent):
         # the factorization overwrites its argument: a fresh copy (permuted) of H for every try
-        if reordered:  # rows gathered into St's memory (dead until zeroed), then the columns
-            R = torch.index_select(H, 0, perm, out=_storage_as(St, H.shape, dtype, temporary=True))
+        if reordered:  # rows gathered into S's memory (dead until zeroed), then the columns
+            R = torch.index_select(H, 0, perm, out=_storage_as(S, H.shape, dtype, temporary=True))
             R = R.index_select(1, perm)
         else:
             R = H.clone()
@@ -392,15 +436,16 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     checks.warn_damping(cfg.damp_percent, damp)
     del H, diag
 
-    St.zero_()  # pending corrections, transposed: S = D[:, :i] @ R[:i, :]
-    codes_t = torch.empty_like(W0t)  # integer codes, stored as floats until the end
-    # a block's scaled errors (w - q) / U_ii, the paper's Err1 (GPTAQ: Err'); later blocks need only D
-    Errb = torch.empty((min(cfg.block_size, n), rows), device=W0t.device, dtype=dtype)
-    losses = torch.empty(n, device=W0t.device, dtype=dtype)
     bounds = block_bounds(n, cfg)
-    asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, W0t, bounds) if gptaq else None
+    asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, S, bounds) if gptaq else None
     del dXXT
-    Qb = torch.empty_like(Errb)  # a block's values; once its corrections are out they go into W0t's rows
+    _fold_block_inverses(R, bounds)
+    S.zero_()
+    codes_t = torch.empty((n, rows), device=W0.device, dtype=torch.uint8)  # integer codes (bits <= 8)
+    # a block's original weights, its state, its scaled errors (w - q) / U_ii (the paper's Err1; GPTAQ: Err')
+    block_rows = max(b - a for a, b in bounds)
+    W0b, W1b, Errb = (torch.empty((block_rows, rows), device=W0.device, dtype=dtype) for _ in range(3))
+    losses = torch.empty(n, device=W0.device, dtype=dtype)
     scales, zeros = [], []
     grids = None  # (scales, zeros) of the grids in use, (groups, rows); gsel: each column's row
     if row_grid is not None:
@@ -408,25 +453,27 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     if static_grids is not None:
         grids = tuple(torch.stack(g) for g in zip(*static_grids))
     gsel = (perm_np // width if static_grids is not None else np.zeros(n)).astype(np.int64)
-    step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq, gsel)
+    step = _ColumnSteps(codes_t, losses, maxq, cfg.ternary, gptaq, gsel, block_rows)
     with _single_thread(R.device, enabled=worker_threads > 0), \
-            LazyUpdates(St, R, bounds, worker_threads) as lazy:
+            LazyUpdates(S, R, bounds, worker_threads) as lazy:
         for k, (i1, i2) in enumerate(bounds):
-            lazy.wait(k, k + 1)  # every earlier block's correction has reached St[i1:i2]
-            eye = torch.eye(i2 - i1, device=R.device, dtype=dtype)
-            U1 = torch.linalg.solve_triangular(R[i1:i2, i1:i2], eye, upper=True)  # U[i1:i2, i1:i2]
-            W1 = torch.addmm(W0t[i1:i2], U1.T, St[i1:i2])  # the block's state W0 + S R_BB^-1, transposed
+            wide_group = dynamic_groups and i1 % width == 0 and i2 - i1 < width
+            if wide_group:  # its grid needs the state of columns past i2: every held correction in now
+                lazy.flush()
+                lazy.wait(k, len(bounds))
+                if asym is not None:
+                    asym.updates.flush()
+            lazy.wait(k, k + 1)  # every earlier block's correction has reached S[i1:i2]
+            U1 = R[i1:i2, i1:i2].contiguous()  # U[B, B] (see _fold_block_inverses)
+            W0_B = _transpose_into(W0b[: i2 - i1], W0[:, i1:i2])
+            # the block's state W0 + S_B U_BB, transposed (GPTAQ: where its lazy updates read it)
+            W1 = W1b[: i2 - i1] if asym is None else asym.updates.source(k)
+            torch.add(W0_B, S[i1:i2], out=W1)
             if dynamic_groups and i1 % width == 0:
-                if i2 - i1 >= width:
-                    # GPTAQ: the state also holds the pending g's share, sum_k g_k U[k, j] (see _Gptaq)
+                if wide_group:
+                    group = _group_state(W0, S, R, bounds, k, width, asym)
+                else:  # GPTAQ: the state also holds the pending g's share, sum_k g_k U[k, j] (see _Gptaq)
                     group = W1 if asym is None else torch.addmm(W1, U1.T, asym.Gt[i1:i2])
-                else:  # a group wider than the block: its grid needs the state of columns past i2
-                    lazy.flush()
-                    lazy.wait(k, len(bounds))
-                    if asym is not None:
-                        asym.updates.flush()
-                    pending = St if asym is None else St + asym.Gt
-                    group = _state_t(W0t, pending, R, i1, min(i1 + width, n))
                 scale, zero = grid_of(group[:width], cfg, dim=0)
                 scales.append(scale)
                 zeros.append(zero)
@@ -434,21 +481,16 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
             M1 = G1 = None
             if asym is not None:  # GPTAQ's in-block terms, kept two-level like the OBS updates
                 M1, G1 = asym.M[i1:i2, i1:i2].contiguous(), asym.Gt[i1:i2]
-            E, Q = Errb[: i2 - i1], Qb[: i2 - i1]
+            # S of these columns is no longer needed: the block's values Q go there (S becomes Q^T)
+            Q = S[i1:i2]
             with _single_thread(R.device):
-                step.block(i1, i2, W1, E, Q, U1, grids, M1, G1)
+                step.block(i1, i2, W1, Errb[: i2 - i1], Q, U1, grids, M1, G1)
             if i2 < n:
-                lazy.block_done(k, W0t[i1:i2] - Q)  # D = W0 - Q
+                torch.sub(W0_B, Q, out=lazy.source(k))  # D = W0 - Q
+                lazy.block_done(k)
                 if asym is not None:
-                    asym.updates.block_done(k, W1)
-            W0t[i1:i2] = Q  # W0 of these columns is no longer needed: W0t becomes Q, row by row
+                    asym.updates.block_done(k)
     invperm = torch.argsort(perm)
-
-    def original_order(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = t^T with t's rows back in the original column order."""
-        if reordered:  # gathered into St first (dead now): then t's own memory may take the result
-            t = torch.index_select(t, 0, invperm, out=St)
-        return _transpose_into(out, t)
 
     if row_grid is not None:
         scales_t, zeros_t = row_grid[0][:, None], row_grid[1][:, None]
@@ -464,14 +506,19 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     else:
         scales_t, zeros_t = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
         g_idx = (invperm // width).to(torch.int32)
-    # Into buffers whose work is done (W0t, now Q; St; codes_t), not new layer-sized tensors: a fresh one
-    # costs page faults as well as the copy.
-    if reordered:
-        weight = original_order(W0t, W0t.view(rows, n))
-        codes = original_order(codes_t, _storage_as(codes_t, (rows, n), torch.int32))
-    else:
-        weight = original_order(W0t, St.view(rows, n))
-        codes = original_order(codes_t, _storage_as(W0t, (rows, n), torch.int32))
+
+    def original_order(t: torch.Tensor, scratch, out: torch.Tensor) -> torch.Tensor:
+        """out = t^T with t's rows back in the original column order (gathered into scratch first)."""
+        if reordered:
+            t = torch.index_select(t, 0, invperm, out=scratch)
+        return _transpose_into(out, t)
+
+    # Into buffers whose work is done (R; S, now Q^T; the permuted W0; codes_t), not new layer-sized tensors
+    # where the sizes allow: a fresh one costs page faults as well as the copy.
+    scratch = _storage_as(W0, S.shape, dtype, temporary=True) if reordered else None
+    weight = original_order(S, scratch, _storage_as(R, (rows, n), dtype))
+    scratch = _storage_as(S, codes_t.shape, codes_t.dtype, temporary=True) if reordered else None
+    codes = original_order(codes_t, scratch, _storage_as(W0 if reordered else S, (rows, n), torch.int32))
     return QuantResult(
         weight=weight if rotate is None else rotate.back(weight),
         codes=codes,

@@ -1,9 +1,9 @@
 """GPTQ's lazy batch updates (the paper's Step 2) for the torch path, in the R form of gptq_torch.py.
 
 After block k, its source rows V_k reach every later block j as T[j] += C[k, j]^T V_k (transposed layout):
-for the pending corrections T = St, C = R and V_k = D_k = W0 - Q over the block's columns; for GPTAQ's term
-T = Gt, C = M and V_k the block's pre-rounding values. This module decides when and by which thread those
-matmuls run; it never changes what they add up to.
+for the pending corrections T = S, C = R (folded: gptq_torch._fold_block_inverses) and V_k = D_k = W0 - Q
+over the block's columns; for GPTAQ's term T = Gt, C = M and V_k the block's pre-rounding values. This
+module decides when and by which thread those matmuls run; it never changes what they add up to.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 class LazyUpdates:
     """T[later] += C[k, later]^T V_k after each block k (see the module doc).
 
-    In pairs of blocks: a block's V reaches the next block at once, the blocks after that only with the
-    next block's V, as one matmul over both (the same multiply-adds with twice the inner dimension, which a
-    CPU's matmul runs faster: docs/performance.md).
+    In runs of BLOCKS_PER_MATMUL blocks (pairs): a block's V reaches the next block at once, the blocks after
+    that only with the run's last block's V, as one matmul over the run's rows (the same multiply-adds with
+    a larger inner dimension, which a CPU's matmul runs faster: docs/performance.md; runs of 3 to 6 blocks
+    measured no faster than pairs).
 
     Pipelined on a multi-core CPU (worker_threads > 0): the share of the next block is applied at once by
     the main thread; the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks
@@ -29,11 +30,14 @@ class LazyUpdates:
     """
 
     BLOCKS_PER_TASK = 4
+    BLOCKS_PER_MATMUL = 2
 
     def __init__(self, T: torch.Tensor, C: torch.Tensor, bounds, worker_threads: int = 0):
         self.T, self.C, self.bounds = T, C, bounds
         self.worker_threads = worker_threads
-        self.held = None  # (block k, its rows V_k), so far only in block k + 1
+        self.rows = max(b - a for a, b in bounds)  # the widest block's
+        self.sources = None  # room for the held blocks' source rows and the next's: one matrix, no copy
+        self.held = None  # (first, last) held block: their rows have reached blocks up to last + 1 only
         self.pending = [0] * len(bounds)  # worker tasks not yet applied, per target block
         self.tasks: list = []  # heap: (first target block, sequence, source rows, end target block, V)
         self.sequence = itertools.count()
@@ -104,27 +108,41 @@ class LazyUpdates:
                     self.pending[t] += 1
             self.cond.notify_all()
 
-    def block_done(self, k: int, V: torch.Tensor) -> None:
-        """Block k is done: its source rows V (D = W0 - Q; GPTAQ: the pre-rounding values) reach every later
-        block, the next one at once."""
-        (a, b), nb = self.bounds[k], len(self.bounds)
+    def source(self, k: int) -> torch.Tensor:
+        """Where the caller writes block k's source rows V_k before block_done(k) (D = W0 - Q; GPTAQ: the
+        pre-rounding values): under the held blocks' rows, if any. The worker may still read an earlier
+        run's rows, so with a worker every run gets new room."""
+        a, b = self.bounds[k]
+        if self.held is None:
+            if self.sources is None or self.thread is not None:
+                self.sources = self.T.new_empty((self.BLOCKS_PER_MATMUL * self.rows, self.T.shape[1]))
+            return self.sources[: b - a]
+        top = a - self.bounds[self.held[0]][0]
+        return self.sources[top : top + b - a]
+
+    def block_done(self, k: int) -> None:
+        """Block k is done, its source rows written into source(k): they reach every later block, the next
+        one at once."""
+        nb, b = len(self.bounds), self.bounds[k][1]
         if k + 1 == nb:
             return
-        if self.held is None and k + 2 < nb:  # the first of a pair: into block k + 1 only, for now
-            self.held = (k, V)
+        first = k if self.held is None else self.held[0]
+        a = self.bounds[first][0]
+        V = self.sources[: b - a]
+        if k - first + 1 < self.BLOCKS_PER_MATMUL and k + 2 < nb:
+            # held: into block k + 1 only, where every held block's share is still missing
+            self.held = (first, k)
             self.wait(k + 1, k + 2)
             self._apply((a, b), k + 1, k + 2, V)
-        elif self.held is None:
-            self._spread((a, b), k + 1, V)
-        else:  # the second of a pair: both blocks' rows into every block after it, as one matmul
-            first, V0 = self.held
+        else:  # the held blocks' rows and block k's into every block after it, as one matmul
             self.held = None
-            self._spread((self.bounds[first][0], b), k + 1, torch.cat((V0, V)))
+            self._spread((a, b), k + 1, V)
 
     def flush(self) -> None:
-        """A held block's rows into every later block now (a group wider than a block needs their state)."""
+        """The held blocks' rows into every later block now (a quantization group wider than a block needs
+        their state)."""
         if self.held is not None:
-            first, V = self.held
-            self.held = None
-            if first + 2 < len(self.bounds):
-                self._spread(self.bounds[first], first + 2, V)
+            (first, last), self.held = self.held, None
+            a, b = self.bounds[first][0], self.bounds[last][1]
+            if last + 2 < len(self.bounds):
+                self._spread((a, b), last + 2, self.sources[: b - a])
