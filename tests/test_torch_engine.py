@@ -1,6 +1,7 @@
 """The torch path equals the NumPy engine: exactly in float64, to the issue's bounds in float32."""
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -211,6 +212,41 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
     np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
     np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
     assert torch.get_num_threads() == threads
+
+
+def test_the_waiting_thread_runs_queued_lazy_updates(layer, monkeypatch):
+    """While the main thread waits for a block's corrections it runs queued tasks itself: with a worker that
+    never takes one, every task runs on the main thread, and float64 codes still equal the NumPy engine's."""
+    import gptq_explorer.engine.gptq_torch as gt
+
+    W, X, H = layer
+    cfg = QuantConfig(bits=4, group_size=256, block_size=64)  # 9 blocks; groups wider than a block
+    ref = gptq_quantize(W, H, cfg)
+    ran_on = []
+    original_run, original_work = LazyUpdates._run, LazyUpdates._work
+
+    def idle_worker(self):  # takes nothing; after 20 s (a main thread that only waits) it works after all
+        with self.cond:
+            if self.cond.wait_for(lambda: self.closed, timeout=20):
+                return
+        original_work(self)
+
+    def run(self, task):
+        ran_on.append(threading.current_thread() is threading.main_thread())
+        original_run(self, task)
+
+    monkeypatch.setattr(gt, "SINGLE_THREAD_WORK", 0)
+    monkeypatch.setattr(LazyUpdates, "BLOCKS_PER_TASK", 2)
+    monkeypatch.setattr(LazyUpdates, "_work", idle_worker)
+    monkeypatch.setattr(LazyUpdates, "_run", run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = gptq_quantize(torch.tensor(W), torch.tensor(H), cfg, dtype=torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+    assert ran_on and all(ran_on)
+    np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
 
 
 @pytest.mark.parametrize("run, expected", [

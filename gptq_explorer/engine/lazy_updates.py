@@ -8,7 +8,6 @@ module decides when and by which thread those matmuls run; it never changes what
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import threading
 
@@ -26,7 +25,8 @@ class LazyUpdates:
     Pipelined on a multi-core CPU (worker_threads > 0): the share of the next block is applied at once by
     the main thread; the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks
     each, nearest columns first, while the main thread quantizes the next blocks' columns (torch ops
-    release the GIL). Before a block is used, the main thread waits only for the tasks that write into it.
+    release the GIL). Before a block is used, the main thread waits only for the tasks that write into it,
+    and runs queued tasks itself meanwhile; two tasks never write into the same block at once.
     """
 
     BLOCKS_PER_TASK = 4
@@ -39,7 +39,8 @@ class LazyUpdates:
         self.sources = None  # room for the held blocks' source rows and the next's: one matrix, no copy
         self.held = None  # (first, last) held block: their rows have reached blocks up to last + 1 only
         self.pending = [0] * len(bounds)  # worker tasks not yet applied, per target block
-        self.tasks: list = []  # heap: (first target block, sequence, source rows, end target block, V)
+        self.tasks: list = []  # queued: (first target block, sequence, source rows, end target block, V)
+        self.busy = [False] * len(bounds)  # target blocks a running task writes into
         self.sequence = itertools.count()
         self.cond = threading.Condition()
         self.closed = False
@@ -66,29 +67,55 @@ class LazyUpdates:
         (a, b), c, e = rows, self.bounds[j0][0], self.bounds[j1 - 1][1]
         self.T[c:e].addmm_(self.C[a:b, c:e].T, V)
 
+    def _take(self):
+        """The queued task for the nearest blocks among those no running task writes into, marked running;
+        None if there is none (called holding self.cond)."""
+        free = [t for t in self.tasks if not any(self.busy[t[0] : t[3]])]
+        if not free:
+            return None
+        task = min(free)
+        self.tasks.remove(task)
+        for j in range(task[0], task[3]):
+            self.busy[j] = True
+        return task
+
+    def _run(self, task) -> None:
+        j0, _, rows, j1, V = task
+        try:
+            self._apply(rows, j0, j1, V)
+        except BaseException as exc:  # re-raised in the main thread by wait()
+            self.error = exc
+        with self.cond:
+            for j in range(j0, j1):
+                self.pending[j] -= 1
+                self.busy[j] = False
+            self.cond.notify_all()
+
     def _work(self) -> None:
         torch.set_num_threads(self.worker_threads)
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.tasks or self.closed)
+                self.cond.wait_for(lambda: self.closed or any(not any(self.busy[t[0] : t[3]])
+                                                              for t in self.tasks))
                 if self.closed:
                     return
-                j0, _, rows, j1, V = heapq.heappop(self.tasks)
-            try:
-                self._apply(rows, j0, j1, V)
-            except BaseException as exc:  # re-raised in the main thread by wait()
-                self.error = exc
-            with self.cond:
-                for j in range(j0, j1):
-                    self.pending[j] -= 1
-                self.cond.notify_all()
+                task = self._take()
+            self._run(task)
 
     def wait(self, j0: int, j1: int) -> None:
-        """Until no worker task still writes into blocks j0..j1-1."""
+        """Until no task still writes into blocks j0..j1-1. Meanwhile the calling thread runs queued tasks
+        itself: its own work between blocks is a fraction of the worker's, which would otherwise leave its
+        core idle."""
         if self.thread is None:
             return
-        with self.cond:
-            self.cond.wait_for(lambda: self.error is not None or not any(self.pending[j0:j1]))
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.error is not None or not any(self.pending[j0:j1])
+                                   or any(not any(self.busy[t[0] : t[3]]) for t in self.tasks))
+                if self.error is not None or not any(self.pending[j0:j1]):
+                    break
+                task = self._take()
+            self._run(task)
         if self.error is not None:
             raise self.error
 
@@ -103,7 +130,7 @@ class LazyUpdates:
         with self.cond:
             for j0 in range(j + 1, nb, self.BLOCKS_PER_TASK):
                 j1 = min(j0 + self.BLOCKS_PER_TASK, nb)
-                heapq.heappush(self.tasks, (j0, next(self.sequence), rows, j1, V))
+                self.tasks.append((j0, next(self.sequence), rows, j1, V))
                 for t in range(j0, j1):
                     self.pending[t] += 1
             self.cond.notify_all()
