@@ -152,6 +152,35 @@ def test_factor_upper():
         _factor_upper(H.clone(), block=64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_transpose_into(monkeypatch, dtype):
+    """dst = src^T for a whole matrix, a column panel (not contiguous) and a dtype change (bytes to int32,
+    the codes), in panels of rows that do not divide the matrix."""
+    from gptq_explorer.engine import gptq_torch
+
+    monkeypatch.setattr(gptq_torch, "TRANSPOSE_PANEL", 7)
+    src = torch.randint(0, 250, (45, 61)).to(dtype)
+    for part in (src, src[:, 10:33], src[3:40]):
+        for out in (torch.float32, torch.int32):
+            dst = torch.full((part.shape[1], part.shape[0]), -1, dtype=out)
+            assert gptq_torch._transpose_into(dst, part) is dst
+            assert torch.equal(dst, part.T.to(out))
+
+
+def test_max_asymmetry():
+    """max |H - H^T| wherever the asymmetry sits: above or below the diagonal, in the last (partial) panel."""
+    from gptq_explorer.engine.gptq_torch import _max_asymmetry
+
+    rng = np.random.default_rng(0)
+    for n, (i, j) in ((300, (3, 290)), (300, (290, 3)), (300, (299, 260)), (129, (128, 0)), (5, (1, 2))):
+        A = torch.tensor(rng.standard_normal((n, n)))
+        A = A + A.T
+        assert _max_asymmetry(A) == 0.0
+        A[i, j] += 0.25
+        assert _max_asymmetry(A) == pytest.approx(0.25, rel=1e-12)
+        assert _max_asymmetry(A.float()) == pytest.approx(float((A - A.T).abs().max()), rel=1e-6)
+
+
 def test_everything_works_without_numba():
     """numba is optional: with it missing, the compiled step reports unavailable and the torch path and
     the Layer Lab's loop run the NumPy version (a fresh interpreter where `import numba` fails)."""

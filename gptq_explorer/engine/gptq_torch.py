@@ -87,19 +87,26 @@ def _to_tensor(x, device, dtype) -> torch.Tensor:
     return torch.tensor(np.asarray(x), device=device or "cpu", dtype=dtype)
 
 
-# Side of the square tiles _transpose_into copies (CPU): a tile pair of float32 fits in L2 cache.
-TRANSPOSE_TILE = 256
+# Rows of the source that _transpose_into converts per panel when the dtype changes (the codes: bytes in,
+# int32 out): a panel transposed in the source's dtype stays in cache until it is converted.
+TRANSPOSE_PANEL = 512
 
 
 def _transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst = src^T (converted to dst's dtype). On CPU tile by tile: torch's transposed copy of a whole layer
-    walks one side a row per element, and is slower (docs/performance.md)."""
+    """dst = src^T (converted to dst's dtype). On CPU always as torch's blocked transposed copy, which it
+    takes only for the transpose of a contiguous matrix of dst's dtype: a column panel is made contiguous
+    first, a dtype change goes panel by panel. Other ways measured 2-3 times slower on one of our machines
+    and no faster on another (docs/performance.md)."""
     if src.device.type != "cpu":
         return dst.copy_(src.T)
-    k = TRANSPOSE_TILE
-    for a in range(0, src.shape[1], k):
-        for b in range(0, src.shape[0], k):
-            dst[a : a + k, b : b + k].copy_(src[b : b + k, a : a + k].T)
+    if src.dtype == dst.dtype:
+        return dst.copy_(src.contiguous().T)
+    src = src.contiguous()
+    p = TRANSPOSE_PANEL
+    panel = src.new_empty(src.shape[1] * min(p, src.shape[0]))
+    for a in range(0, src.shape[0], p):
+        b = min(a + p, src.shape[0])
+        dst[:, a:b].copy_(panel[: src.shape[1] * (b - a)].view(src.shape[1], b - a).copy_(src[a:b].T))
     return dst
 
 
@@ -311,15 +318,20 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
 
 
 def _max_asymmetry(H: torch.Tensor) -> float:
-    """checks.max_asymmetry, a square tile pair at a time: reading a whole column panel transposed walks H
-    with a stride of a row per element (several times slower for 4096^2 on a CPU). On a GPU the tiles are
-    large: each costs a few kernel launches, and memory there is fast."""
-    n, tile = H.shape[0], 256 if H.device.type == "cpu" else 4096
-    worst = torch.zeros((), device=H.device, dtype=H.dtype)
-    for a in range(0, n, tile):
-        for c in range(a, n, tile):
-            lo, hi = torch.aminmax(H[a : a + tile, c : c + tile] - H[c : c + tile, a : a + tile].T)
-            worst = torch.maximum(worst, torch.maximum(-lo, hi))
+    """checks.max_asymmetry, a panel of columns at a time: H[a:, a:b] copied out contiguous, then transposed
+    by torch's blocked copy (see _transpose_into) and compared with the rows H[a:b, a:]. Reading the panel
+    transposed directly walks H a row per element (2-3 times slower for 4096^2 on a CPU). On a GPU the
+    panels are wide: each costs a few kernel launches, and memory there is fast."""
+    n = H.shape[0]
+    p = min(n, 128 if H.device.type == "cpu" else 4096)
+    column, row = H.new_empty(n * p), H.new_empty(n * p)
+    worst = H.new_zeros(())
+    for a in range(0, n, p):
+        b = min(a + p, n)
+        panel = column[: (n - a) * (b - a)].view(n - a, b - a).copy_(H[a:, a:b])
+        diff = row[: (b - a) * (n - a)].view(b - a, n - a).copy_(panel.T).sub_(H[a:b, a:])
+        lo, hi = torch.aminmax(diff)
+        worst = torch.maximum(worst, torch.maximum(-lo, hi))
     return float(worst)
 
 
