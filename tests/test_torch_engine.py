@@ -2,6 +2,7 @@
 
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -247,6 +248,49 @@ def test_the_waiting_thread_runs_queued_lazy_updates(layer, monkeypatch):
         torch.set_num_threads(threads)
     assert ran_on and all(ran_on)
     np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128, block_size=32),
+                                 QuantConfig(bits=4, group_size=96, block_size=32, desc_act=True),
+                                 QuantConfig(bits=3, group_size=256, block_size=64)],  # groups wider
+                         ids=lambda c: c.label())
+def test_each_block_gets_its_corrections_in_order(layer, monkeypatch, cfg):
+    """Whichever thread applies them and however the threads are timed, every block gets the finished
+    blocks' corrections in the order those blocks finished: the same float sums, so float32 results do not
+    change from run to run with a worker thread. The worker is slowed at random so that tasks queue up."""
+    import random
+
+    import gptq_explorer.engine.gptq_torch as gt
+
+    W, X, H = layer
+    arrivals: dict[int, list[int]] = {}
+    original_apply = LazyUpdates._apply
+    rng = random.Random(0)
+
+    def apply(self, rows, j0, j1, V):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(rng.random() * 0.004)
+        for j in range(j0, j1):
+            arrivals.setdefault(j, []).append(rows[0])
+        original_apply(self, rows, j0, j1, V)
+
+    monkeypatch.setattr(gt, "SINGLE_THREAD_WORK", 0)
+    monkeypatch.setattr(LazyUpdates, "_apply", apply)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    results = []
+    try:
+        for _ in range(3):
+            arrivals.clear()
+            results.append(gptq_quantize(torch.tensor(W, dtype=torch.float32),
+                                         torch.tensor(H, dtype=torch.float32), cfg))
+            assert len(arrivals) == 576 // cfg.block_size - 1
+            for j, sources in arrivals.items():
+                assert sources == sorted(sources), f"block {j} got corrections out of order: {sources}"
+    finally:
+        torch.set_num_threads(threads)
+    for res in results[1:]:
+        assert torch.equal(res.codes, results[0].codes) and torch.equal(res.weight, results[0].weight)
 
 
 @pytest.mark.parametrize("run, expected", [

@@ -26,7 +26,8 @@ class LazyUpdates:
     the main thread; the rest (most of the multiply-adds) goes to a worker thread as tasks of a few blocks
     each, nearest columns first, while the main thread quantizes the next blocks' columns (torch ops
     release the GIL). Before a block is used, the main thread waits only for the tasks that write into it,
-    and runs queued tasks itself meanwhile; two tasks never write into the same block at once.
+    and runs queued tasks itself meanwhile. Two tasks never write into the same block at once, and a block
+    gets its corrections in the order the blocks finished (results do not depend on the threads' timing).
     """
 
     BLOCKS_PER_TASK = 4
@@ -67,13 +68,26 @@ class LazyUpdates:
         (a, b), c, e = rows, self.bounds[j0][0], self.bounds[j1 - 1][1]
         self.T[c:e].addmm_(self.C[a:b, c:e].T, V)
 
+    def _ready(self) -> list:
+        """The queued tasks that may start now: no running task and no earlier queued one writes into their
+        blocks. Each block thus gets its corrections in the order the blocks finished, whichever thread
+        applies them: the same float sums in every run (called holding self.cond)."""
+        claimed, ready = list(self.busy), []
+        for task in self.tasks:  # in the order they were queued
+            blocks = range(task[0], task[3])
+            if not any(claimed[j] for j in blocks):
+                ready.append(task)
+            for j in blocks:
+                claimed[j] = True
+        return ready
+
     def _take(self):
-        """The queued task for the nearest blocks among those no running task writes into, marked running;
-        None if there is none (called holding self.cond)."""
-        free = [t for t in self.tasks if not any(self.busy[t[0] : t[3]])]
-        if not free:
+        """The ready task for the nearest blocks, marked running; None if there is none (called holding
+        self.cond)."""
+        ready = self._ready()
+        if not ready:
             return None
-        task = min(free)
+        task = min(ready)
         self.tasks.remove(task)
         for j in range(task[0], task[3]):
             self.busy[j] = True
@@ -95,8 +109,7 @@ class LazyUpdates:
         torch.set_num_threads(self.worker_threads)
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or any(not any(self.busy[t[0] : t[3]])
-                                                              for t in self.tasks))
+                self.cond.wait_for(lambda: self.closed or bool(self._ready()))
                 if self.closed:
                     return
                 task = self._take()
@@ -111,7 +124,7 @@ class LazyUpdates:
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.error is not None or not any(self.pending[j0:j1])
-                                   or any(not any(self.busy[t[0] : t[3]]) for t in self.tasks))
+                                   or bool(self._ready()))
                 if self.error is not None or not any(self.pending[j0:j1]):
                     break
                 task = self._take()
