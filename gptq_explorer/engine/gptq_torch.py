@@ -323,7 +323,7 @@ def _max_asymmetry(H: torch.Tensor) -> float:
     transposed directly walks H a row per element (2-3 times slower for 4096^2 on a CPU). On a GPU the
     panels are wide: each costs a few kernel launches, and memory there is fast."""
     n = H.shape[0]
-    p = min(n, 128 if H.device.type == "cpu" else 4096)
+    p = min(n, 128 if H.device.type == "cpu" else 1024)
     column, row = H.new_empty(n * p), H.new_empty(n * p)
     worst = H.new_zeros(())
     for a in range(0, n, p):
