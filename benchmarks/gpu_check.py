@@ -36,6 +36,9 @@ import torch
 from gptq_explorer import Hessian, QuantConfig, gptq_quantize
 from gptq_explorer.engine import gptq_torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_layer import best_of_prepared, load_original, prepare_original  # noqa: E402
+
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
@@ -124,16 +127,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_of(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up (and the kernel's compilation)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_of(fn, repeats: int, device: str, prepare=None) -> float:
+    """Best synchronized wall time of fn(), after a warm-up (and the kernel's compilation); with prepare,
+    of the call prepare() returns, whose set-up is not timed."""
+    prepare = prepare or (lambda: fn)
+    prepare()()
+    return best_of_prepared(prepare, repeats, sync=lambda: sync(device))
 
 
 SHAPES = ((4096, 4096), (8192, 4096), (8192, 8192))
@@ -148,9 +147,6 @@ def layer_times(device: str = "cuda", reference_dir: str | None = None, shapes=S
     weights' agreement with the float64 result."""
     original = None
     if reference_dir:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_layer import load_original, run_original
-
         original = load_original(reference_dir)
     failures = 0
     print("\n| shape | desc_act | kernel s | torch ops s | reference s | kernel / reference | float64 codes "
@@ -173,8 +169,8 @@ def layer_times(device: str = "cuda", reference_dir: str | None = None, shapes=S
             f32_agree = float((f32.codes == f64.codes).float().mean())
             t_ref = ref_agree = float("nan")
             if original is not None:
-                t_ref = best_of(lambda: run_original(original, W, H, cfg), 3, device)  # noqa: B023
-                ref_w = run_original(original, W, H, cfg).double()
+                t_ref = best_of(None, 3, device, prepare=lambda: prepare_original(original, W, H, cfg))  # noqa: B023
+                ref_w = prepare_original(original, W, H, cfg)().double()
                 ref_agree = float(((ref_w - f64.weight).abs() <= 1e-6).float().mean())
             print(f"| {rows} x {cols} | {'on' if desc_act else 'off'} | {t_kernel:.3f} | {t_ops:.3f} | "
                   f"{t_ref:.3f} | {t_kernel / t_ref:.3f} | {agree:.4%} | {f32_agree:.2%} | {ref_agree:.2%} |",
