@@ -20,7 +20,8 @@ What changes is how the work is laid out:
     and one level up, the blocks after the next get two blocks' corrections as one matmul (lazy_updates).
   * Two layer-sized work buffers (R; S, which takes each block's values once the block has started) and
     the codes as bytes, each touched once; with a column order, W's permuted copy too. The results go into
-    the buffers whose work is done (square layers: no fresh layer-sized tensor), transposed in tiles.
+    the buffers whose work is done (square layers: no fresh layer-sized tensor), by torch's blocked
+    transposed copy (_transpose_into).
   * On CPU a sub-block's columns run in column_kernel on views of the torch buffers: one compiled call
     per sub-block where numba is installed, else NumPy ufuncs (a torch op costs several microseconds of
     dispatch on a 4096-vector); and, for big layers on several cores, the lazy updates run in a worker
