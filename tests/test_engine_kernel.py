@@ -137,19 +137,41 @@ def test_torch_path_gives_the_engine_codes(layer, compiled, kw):
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-9)
 
 
-def test_factor_upper():
-    from gptq_explorer.engine.gptq_torch import _factor_upper
+@pytest.mark.parametrize("width", [64, 32, 100])
+def test_factor_upper(monkeypatch, width):
+    """H = R R^T, R upper triangular, by blocks of any width (the last one partial; runs of several blocks
+    and a first run narrower than the others); folded, each block's panel times U_BB = R_BB^-1 and U_BB on
+    the diagonal, as _fold_block_inverses makes it."""
+    from gptq_explorer.engine import gptq_torch
+    from gptq_explorer.engine.gptq_torch import _factor_upper, _fold_block_inverses
 
+    monkeypatch.setattr(gptq_torch, "FACTOR_RUN", 128)
     rng = np.random.default_rng(0)
     X = torch.tensor(rng.standard_normal((700, 300)))
     H = X.T @ X / 700
-    R = _factor_upper(H.clone(), block=64)
+    bounds = [(a, min(a + width, 300)) for a in range(0, 300, width)]
+    R = _factor_upper(H.clone(), bounds, fold=False)
     R = torch.triu(R)  # below the diagonal: scratch
     assert bool((torch.diagonal(R) > 0).all())
     torch.testing.assert_close(R @ R.T, H, rtol=0, atol=1e-12)
+    _fold_block_inverses(R, bounds)
+    folded = torch.triu(_factor_upper(H.clone(), bounds))
+    torch.testing.assert_close(folded, torch.triu(R), rtol=0, atol=1e-10)
     H[5, 5] = -1.0
-    with pytest.raises(torch.linalg.LinAlgError):
-        _factor_upper(H.clone(), block=64)
+    for fold in (True, False):
+        with pytest.raises(torch.linalg.LinAlgError):
+            _factor_upper(H.clone(), bounds, fold)
+
+
+def test_runs():
+    from gptq_explorer.engine.gptq_torch import _runs
+
+    assert _runs([(0, 128), (128, 256), (256, 384), (384, 512)], 256) == [[(0, 128), (128, 256)],
+                                                                         [(256, 384), (384, 512)]]
+    assert _runs([(0, 128), (128, 256), (256, 320)], 256) == [[(0, 128), (128, 256), (256, 320)]]
+    assert _runs([(0, 64), (64, 192), (192, 320)], 256) == [[(0, 64)], [(64, 192), (192, 320)]]
+    assert _runs([(0, 32), (32, 300)], 256) == [[(0, 32)], [(32, 300)]]
+    assert _runs([(0, 50)], 256) == [[(0, 50)]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])

@@ -10,8 +10,8 @@ What changes is how the work is laid out:
       - lazy updates: with D = W0 - Q, the algorithm satisfies D = Err U, i.e. Err = D R, so the pending
         correction of later columns accumulates as S += D_B R_B (the size of the reference's Err1 @ U);
       - a block's state (earlier columns fixed) is W0_B + S_B R_BB^-1 = W0_B + S_B U_BB, with U_BB a
-        block-sized triangular inverse; folded into R's panels once (_fold_block_inverses), the lazy
-        updates add up S_B U_BB directly, and a block's state is one addition.
+        block-sized triangular inverse; folded into R's panels as H is factored (at no extra cost), the
+        lazy updates add up S_B U_BB directly, and a block's state is one addition.
   * Transposed layout: column i of W is row i of every work buffer, so every per-column op touches
     contiguous memory. W itself is only read: each block copies its columns out, transposed.
   * Two-level lazy updates: inside a 128-column block, columns are quantized in sub-blocks of 16; a
@@ -124,38 +124,68 @@ def _storage_as(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
     return torch.empty(shape, device=buf.device, dtype=dtype)
 
 
-# Columns per diagonal block of _factor_upper's blocked factorization.
-FACTOR_BLOCK = 256
+# Columns per run of _factor_upper: the blocks of a run update everything above and left of it as one
+# matmul this deep (256 measured fastest of 256/384/512; narrower ones run the matmul slower).
+FACTOR_RUN = 256
 
 
-def _factor_upper(A: torch.Tensor, block: int = FACTOR_BLOCK) -> torch.Tensor:
+def _runs(bounds, width: int) -> list[list[tuple[int, int]]]:
+    """Consecutive blocks grouped into runs at least `width` columns wide, counted from the last block
+    (the first run may be narrower)."""
+    runs, run = [], []
+    for block in reversed(bounds):
+        run.insert(0, block)
+        if run[-1][1] - run[0][0] >= width:
+            runs.insert(0, run)
+            run = []
+    return [run] + runs if run else runs
+
+
+def _factor_upper(A: torch.Tensor, bounds, fold: bool = True) -> torch.Tensor:
     """R upper triangular with A = R R^T, in place in A's upper triangle (only that is read; below the
-    diagonal is scratch, and everything downstream reads only upper triangles).
+    diagonal is scratch, and everything downstream reads only upper triangles), by the GPTQ blocks
+    (bounds); fold: R folded as the lazy updates use it, each block's column panel above the diagonal
+    times the block's U = R_BB^-1 and U in the diagonal block (see _fold_block_inverses).
 
-    A blocked Cholesky that starts from the last diagonal block: with A = [[A11, A12], [A21, A22]] and
+    A blocked Cholesky that starts from the last block: with A = [[A11, A12], [A21, A22]] and
     R = [[R11, R12], [0, R22]], A22 = R22 R22^T (a small factorization of the reversed block),
-    R12 = A12 R22^-T, and A11 - R12 R12^T = R11 R11^T is the same problem again. Nearly all the work is in
-    the matmuls of that last update, upper triangle only, one column panel at a time; no n x n reversed
-    copies (the flips that factor the reversed matrix with LAPACK would need), no temporary n x n factor.
+    R12 = A12 R22^-T, and A11 - R12 R12^T = R11 R11^T is the same problem again. Folded, the panel is
+    R12 U22 = A12 A22^-1, and R12 R12^T = A12 (A12 A22^-1)^T: one block-sized matmul per block gives the
+    folded panel and the update at once (the fold costs nothing). Blocks go in runs (_runs): inside a run
+    each block updates the run's earlier columns; the rest of A11 gets the whole run's update as one
+    matmul FACTOR_RUN deep, upper triangle only, a column panel at a time. No n x n reversed copies (the
+    flips that factor the reversed matrix with LAPACK would need), no n x n temporaries.
     Raises LinAlgError when A is not positive definite.
     """
-    n = A.shape[0]
-    for k1 in range(n, 0, -block):
-        k0 = max(k1 - block, 0)
-        L, info = torch.linalg.cholesky_ex(torch.flip(A[k0:k1, k0:k1], (0, 1)))
-        if int(info) != 0:
-            raise torch.linalg.LinAlgError("not positive definite")
-        Rkk = torch.flip(L, (0, 1))
-        A[k0:k1, k0:k1] = Rkk
-        if k0 == 0:
-            break
-        # R12 = A12 R22^-T, as a matmul with the block's triangular inverse (a solve is several times slower)
-        eye = torch.eye(k1 - k0, device=A.device, dtype=A.dtype)
-        P = A[:k0, k0:k1] @ torch.linalg.solve_triangular(Rkk, eye, upper=True).T
-        A[:k0, k0:k1] = P
-        for c0 in range(0, k0, block):  # A11 -= R12 R12^T, upper triangle only, a column panel at a time
-            c1 = min(c0 + block, k0)
-            A[:c1, c0:c1].addmm_(P[:c1], P[c0:c1].T, alpha=-1)
+    runs = _runs(bounds, FACTOR_RUN)
+    # the run's new panels, written into A once the run's update of A11 (which reads A12) is done
+    T = A.new_empty((A.shape[0], max(run[-1][1] - run[0][0] for run in runs)))
+    for run in reversed(runs):
+        r0, r1 = run[0][0], run[-1][1]
+        for a, b in reversed(run):
+            L, info = torch.linalg.cholesky_ex(torch.flip(A[a:b, a:b], (0, 1)))
+            if int(info) != 0:
+                raise torch.linalg.LinAlgError("not positive definite")
+            Rbb = torch.flip(L, (0, 1))
+            # the block's triangular inverse; panels multiply by it (a solve is several times slower)
+            eye = torch.eye(b - a, device=A.device, dtype=A.dtype)
+            U = torch.linalg.solve_triangular(Rbb, eye, upper=True)
+            A[a:b, a:b] = U if fold else Rbb
+            if a == 0:
+                break
+            Tb = T[:a, a - r0 : b - r0]
+            torch.mm(A[:a, a:b], U.T @ U if fold else U.T, out=Tb)  # A12 A22^-1, or R12 = A12 R22^-T
+            left = A[:a, a:b] if fold else Tb
+            if a > r0:  # the run's earlier columns, at once: the next blocks of the run factor them
+                A[:a, r0:a].addmm_(left, Tb[r0:a].T, alpha=-1)
+        if r0:
+            left = A[:r0, r0:r1] if fold else T[:r0, : r1 - r0]
+            for c0 in range(0, r0, FACTOR_RUN):  # A11 -= R12 R12^T, upper triangle only, by column panels
+                c1 = min(c0 + FACTOR_RUN, r0)
+                A[:c1, c0:c1].addmm_(left[:c1], T[c0:c1, : r1 - r0].T, alpha=-1)
+        for a, b in run:
+            if a:
+                A[:a, a:b] = T[:a, a - r0 : b - r0]
     return A
 
 
@@ -164,8 +194,8 @@ def _fold_block_inverses(R: torch.Tensor, bounds) -> None:
     in the diagonal block (only the upper triangles are meaningful).
 
     The lazy updates then add up S_B U_BB rather than S_B, so a block's state W0_B + S_B U_BB is one
-    addition when the block starts, not a matmul: the fold costs half that matmul's multiply-adds (only the
-    panel above the diagonal), once."""
+    addition when the block starts, not a matmul. _factor_upper folds as it factors, at no cost; this is
+    for GPTAQ, whose M is computed from R before the fold."""
     for i1, i2 in bounds:
         eye = torch.eye(i2 - i1, device=R.device, dtype=R.dtype)
         U = torch.linalg.solve_triangular(R[i1:i2, i1:i2], eye, upper=True)
@@ -429,6 +459,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     # S, the pending corrections (transposed); taken now: while reordering it is scratch space
     S = torch.empty((n, rows), device=W0.device, dtype=dtype)
 
+    bounds = block_bounds(n, cfg)
     diag = torch.diag(H)[perm] if reordered else torch.diag(H)
     mean_diag = float(diag.mean())
     for damp in checks.damping_schedule(cfg.damp_percent):
@@ -440,7 +471,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
             R = H.clone()
         R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:
-            R = _factor_upper(R)
+            R = _factor_upper(R, bounds, fold=not gptaq)  # GPTAQ's M needs R itself: folded below
             break
         except torch.linalg.LinAlgError:
             continue
@@ -449,10 +480,11 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     checks.warn_damping(cfg.damp_percent, damp)
     del H, diag
 
-    bounds = block_bounds(n, cfg)
-    asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, S, bounds) if gptaq else None
+    asym = None
+    if gptaq:
+        asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, S, bounds)
+        _fold_block_inverses(R, bounds)
     del dXXT
-    _fold_block_inverses(R, bounds)
     S.zero_()
     codes_t = torch.empty((n, rows), device=W0.device, dtype=torch.uint8)  # integer codes (bits <= 8)
     # a block's original weights, its state, its scaled errors (w - q) / U_ii (the paper's Err1; GPTAQ: Err')

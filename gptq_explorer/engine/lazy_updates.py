@@ -1,7 +1,7 @@
 """GPTQ's lazy batch updates (the paper's Step 2) for the torch path, in the R form of gptq_torch.py.
 
 After block k, its source rows V_k reach every later block j as T[j] += C[k, j]^T V_k (transposed layout):
-for the pending corrections T = S, C = R (folded: gptq_torch._fold_block_inverses) and V_k = D_k = W0 - Q
+for the pending corrections T = S, C = R (folded: gptq_torch._factor_upper) and V_k = D_k = W0 - Q
 over the block's columns; for GPTAQ's term T = Gt, C = M and V_k the block's pre-rounding values. This
 module decides when and by which thread those matmuls run; it never changes what they add up to.
 """
