@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import tempfile
@@ -127,12 +128,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_of(fn, repeats: int, device: str, prepare=None) -> float:
-    """Best synchronized wall time of fn(), after a warm-up (and the kernel's compilation); with prepare,
-    of the call prepare() returns, whose set-up is not timed."""
-    prepare = prepare or (lambda: fn)
-    prepare()()
-    return best_of_prepared(prepare, repeats, sync=lambda: sync(device))
+def best_of(fn, repeats: int, device: str) -> float:
+    """Best synchronized wall time of fn(), after a warm-up (and the kernel's compilation)."""
+    fn()
+    return best_of_prepared(lambda: fn, repeats, sync=lambda: sync(device))
 
 
 SHAPES = ((4096, 4096), (8192, 4096), (8192, 8192))
@@ -169,8 +168,9 @@ def layer_times(device: str = "cuda", reference_dir: str | None = None, shapes=S
             f32_agree = float((f32.codes == f64.codes).float().mean())
             t_ref = ref_agree = float("nan")
             if original is not None:
-                t_ref = best_of(None, 3, device, prepare=lambda: prepare_original(original, W, H, cfg))  # noqa: B023
-                ref_w = prepare_original(original, W, H, cfg)().double()
+                prepare = functools.partial(prepare_original, original, W, H, cfg)
+                ref_w = prepare()().double()  # also the warm-up: set-up is never timed (best_of_prepared)
+                t_ref = best_of_prepared(prepare, 3, sync=lambda: sync(device))
                 ref_agree = float(((ref_w - f64.weight).abs() <= 1e-6).float().mean())
             print(f"| {rows} x {cols} | {'on' if desc_act else 'off'} | {t_kernel:.3f} | {t_ops:.3f} | "
                   f"{t_ref:.3f} | {t_kernel / t_ref:.3f} | {agree:.4%} | {f32_agree:.2%} | {ref_agree:.2%} |",

@@ -349,18 +349,17 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
 
 
 def _max_asymmetry(H: torch.Tensor) -> float:
-    """checks.max_asymmetry, a panel of columns at a time: H[a:, a:b] copied out contiguous, then transposed
-    by torch's blocked copy (see _transpose_into) and compared with the rows H[a:b, a:]. Reading the panel
-    transposed directly walks H a row per element (2-3 times slower for 4096^2 on a CPU). On a GPU the
-    panels are wide: each costs a few kernel launches, and memory there is fast."""
+    """checks.max_asymmetry, a panel of columns at a time: H[a:, a:b] transposed (_transpose_into: torch's
+    blocked copy on a CPU) and compared with the rows H[a:b, a:]. Reading the panel transposed directly
+    walks H a row per element (2-3 times slower for 4096^2 on a CPU). On a GPU the panels are wide: each
+    costs a few kernel launches, and memory there is fast."""
     n = H.shape[0]
     p = min(n, 128 if H.device.type == "cpu" else 1024)
-    column, row = H.new_empty(n * p), H.new_empty(n * p)
+    row = H.new_empty(n * p)
     worst = H.new_zeros(())
     for a in range(0, n, p):
         b = min(a + p, n)
-        panel = column[: (n - a) * (b - a)].view(n - a, b - a).copy_(H[a:, a:b])
-        diff = row[: (b - a) * (n - a)].view(b - a, n - a).copy_(panel.T).sub_(H[a:b, a:])
+        diff = _transpose_into(row[: (b - a) * (n - a)].view(b - a, n - a), H[a:, a:b]).sub_(H[a:b, a:])
         lo, hi = torch.aminmax(diff)
         worst = torch.maximum(worst, torch.maximum(-lo, hi))
     return float(worst)
