@@ -1,4 +1,7 @@
-"""models.capture: named hooks that always come off, StopForward, and capture_inputs on a tiny LLaMA."""
+"""models.capture: named hooks that always come off, StopForward, capture_inputs on a tiny LLaMA, and
+forward passes in turns."""
+
+import contextvars
 
 import numpy as np
 import pytest
@@ -9,10 +12,14 @@ from gptq_explorer.models import get_adapter
 from gptq_explorer.models.capture import (
     Cancelled,
     StopForward,
+    TurnsDiverged,
     capture_inputs,
     clean_copy,
     hooks,
+    park,
+    run_in_turns,
     run_until_stopped,
+    turn_index,
 )
 
 
@@ -112,3 +119,84 @@ def test_clean_copy_has_no_hooks_and_the_same_outputs(model):
     x = ids(1)
     with torch.no_grad():
         assert torch.equal(copy(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_turns_meet_at_each_park_and_go_on_in_order():
+    log = []
+
+    def turn(k):
+        def run():
+            for key in ("a", "b"):
+                log.append((key, turn_index()))
+                park(key)
+            return 10 * k
+        return run
+
+    results = run_in_turns([turn(k) for k in range(3)], on_all=lambda key: log.append(("all", key)))
+    assert results == [0, 10, 20]
+    assert log == [("a", 0), ("a", 1), ("a", 2), ("all", "a"), ("b", 0), ("b", 1), ("b", 2), ("all", "b")]
+    assert turn_index() is None
+    assert run_in_turns([lambda: 1, lambda: 2]) == [1, 2]  # turns that never park just run through
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("caller's")
+    assert run_in_turns([var.get]) == ["caller's"]  # a turn sees the caller's context variables
+
+
+def test_turns_that_part_ways_or_fail_are_unwound():
+    with pytest.raises(TurnsDiverged, match="turn 0 waits at 1 but turn 1 reached 2"):
+        run_in_turns([lambda: park(1), lambda: park(2)])
+    with pytest.raises(TurnsDiverged, match="turn 0 waits at 1 but turn 1 reached 'its end'"):
+        run_in_turns([lambda: park(1), lambda: None])
+    with pytest.raises(RuntimeError, match="outside run_in_turns"):
+        park(1)
+    unwound = []
+
+    def waits():
+        try:
+            park("x")
+        finally:
+            unwound.append(turn_index())
+
+    with pytest.raises(ZeroDivisionError):  # on_all fails: the waiting turns' finally blocks still run
+        run_in_turns([waits, waits], on_all=lambda key: 1 / 0)
+    assert unwound == [0, 1]
+
+    def fails():
+        raise ValueError("in a turn")
+
+    unwound.clear()
+    with pytest.raises(ValueError, match="in a turn"):  # a turn fails: the one already waiting is unwound
+        run_in_turns([waits, fails, waits])
+    assert unwound == [0]
+
+
+def test_a_forward_in_turns_parks_in_hooks_and_gives_the_same_outputs(model):
+    """A block run in turns of samples, every turn parked at each linear: the hooks see each turn's own
+    input and the outputs are those of the block run on each turn's samples."""
+    ad = get_adapter(model)
+    block = ad.get_blocks(model)[0]
+    lin = linears(model)
+    x = torch.randn(4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(16)[None]
+    emb = model.model.rotary_emb(x, pos)
+    order = []
+
+    def hook(call):
+        order.append((call.name, turn_index(), call.input.shape[0]))
+        park(call.name)
+
+    def forward(s):
+        return block(x[s:s + 2], position_embeddings=emb, position_ids=pos)
+
+    with torch.no_grad():
+        with hooks(lin, hook, when="before"):
+            out = run_in_turns([lambda: forward(0), lambda: forward(2)], on_all=lambda key: order.append(key))
+        plain = [forward(0), forward(2)]
+    out = [o[0] if isinstance(o, tuple) else o for o in out]
+    plain = [o[0] if isinstance(o, tuple) else o for o in plain]
+    assert all(torch.equal(a, b) for a, b in zip(out, plain))
+    names = [o[0] for o in order if isinstance(o, tuple)][::2]
+    assert sorted(names) == sorted(lin) and no_hooks(model)
+    for name in names:  # each linear: turn 0, turn 1, then on_all
+        i = order.index((name, 0, 2))
+        assert order[i + 1 : i + 3] == [(name, 1, 2), name]

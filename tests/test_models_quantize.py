@@ -1,5 +1,6 @@
 """Whole-model sequential quantization on tiny models of every family."""
 
+import contextlib
 import threading
 
 import pytest
@@ -34,6 +35,7 @@ def snapshot(model):
 def runs(tiny_dirs, tmp_path_factory):
     """Per family: FP logits/last hidden, and 3-bit g32 RTN and GPTQ runs (GPTQ cached with Hessians)."""
     cache, cache_b = tmp_path_factory.mktemp("qcache"), tmp_path_factory.mktemp("qcache_batched")
+    cache_t = tmp_path_factory.mktemp("qcache_turns")
     ids = calib()
     out = {}
     for fam in TINY_FAMILIES:
@@ -50,11 +52,26 @@ def runs(tiny_dirs, tmp_path_factory):
             load_model(str(tiny_dirs[fam])), ids, CFG3, progress=False, cache_dir=cache_b, single_pass=False,
             batch_size=3,
         )  # fmt: skip
+        # the single pass in turns of 3 samples (the loop's batches), as it runs on a CPU with larger inputs
+        with turns_of(3, fp.model):
+            turns = quantize_model(load_model(str(tiny_dirs[fam])), ids, CFG3, progress=False,
+                                   cache_dir=cache_t / fam)
         out[fam] = dict(
-            fp=fp, fp_logits=fp_logits, fp_hidden=fp_hidden, rtn=rtn, gptq=gptq, batched=batched,
-            cache={"gptq": cache, "batched": cache_b},
+            fp=fp, fp_logits=fp_logits, fp_hidden=fp_hidden, rtn=rtn, gptq=gptq, batched=batched, turns=turns,
+            cache={"gptq": cache, "batched": cache_b, "turns": cache_t / fam},
         )  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def turns_of(samples: int, model):
+    """A context in which the single pass runs in turns of `samples` calibration samples (of calib()'s
+    length): TURN_BYTES set to that many samples' widest activation."""
+    from gptq_explorer.models import quantize_sequential as qs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qs, "TURN_BYTES", samples * calib().shape[1] * max(qs._widths(model)) * 4)
+        yield
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -102,14 +119,14 @@ def test_report_and_results(runs, family):
     assert not qm.cancelled and qm.nsamples == 8 and qm.seqlen == 32
 
 
-@pytest.mark.parametrize("mode", ["gptq", "batched"])
+@pytest.mark.parametrize("mode", ["gptq", "batched", "turns"])
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_each_hessian_comes_from_the_quantized_upstream(runs, family, mode):
     """True-sequential invariant: every layer's Hessian equals the Hessian of its input in the FINAL
     quantized model (everything upstream of it was already quantized when it was collected). Holds for
-    the single-pass hooks and for the paper's pass-per-group loop alike."""
+    the single-pass hooks (in one turn or several) and for the paper's pass-per-group loop alike."""
     qm = runs[family][mode]
-    assert qm.memory["single_pass"] == (mode == "gptq") and not qm.from_cache
+    assert qm.memory["single_pass"] == (mode != "batched") and not qm.from_cache
     hs = load_cached_hessians(runs[family]["cache"][mode], qm.cache_key)
     from gptq_explorer.models import quantizable_modules
 
@@ -230,6 +247,34 @@ def test_single_pass_equals_the_papers_loop(runs, family):
     total_a, total_b = sum(r.output_mse for r in a.layers), sum(r.output_mse for r in b.layers)
     assert total_a == pytest.approx(total_b, rel=0.1)
     assert b.timings["forward"] > 0 and a.timings["hessian"] > 0
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_single_pass_in_turns_equals_the_papers_loop_bit_for_bit(runs, family):
+    """In turns of 3 samples the single pass runs the same tensors through the same kernels as the loop
+    in batches of 3, and adds them to each Hessian in the same order: the same numbers exactly."""
+    a, b = runs[family]["turns"], runs[family]["batched"]
+    assert [r.name for r in a.layers] == [r.name for r in b.layers]
+    for rep, ref in zip(a.layers, b.layers):
+        assert torch.equal(a.results[rep.name].codes, b.results[rep.name].codes), rep.name
+        assert (rep.loss, rep.output_mse, rep.h_trace) == (ref.loss, ref.output_mse, ref.h_trace), rep.name
+
+
+def test_turns_are_whole_samples_within_turn_bytes(tiny_dirs, monkeypatch):
+    from types import SimpleNamespace
+
+    from gptq_explorer.models import quantize_sequential as qs
+
+    model = load_model(str(tiny_dirs["llama"])).model
+    c = model.config
+    per_sample = 32 * max(c.hidden_size, c.intermediate_size) * 4
+    job = SimpleNamespace(device=torch.device("cpu"), qm=SimpleNamespace(model=model))
+    monkeypatch.setattr(qs, "TURN_BYTES", 3 * per_sample + per_sample // 2)
+    assert qs._turns(job, 8, 32) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    monkeypatch.setattr(qs, "TURN_BYTES", per_sample // 4)  # one sample is more: still one per turn
+    assert qs._turns(job, 3, 32) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    job.device = torch.device("cuda")  # a GPU takes every sample at once
+    assert qs._turns(job, 8, 32) == [slice(0, 8)]
 
 
 def test_cache_roundtrip(runs, tiny_dirs):

@@ -43,6 +43,13 @@ def runs(llama, tmp_path_factory):
     for name, bs in (("gptaq_loop", 8), ("gptaq_loop3", 3)):
         out[name] = quantize_model(load_model(llama), ids, BASE.replace(gptaq_alpha=0.25), progress=False,
                                    single_pass=False, batch_size=bs)
+    # the single pass in turns of 3 samples, as on a CPU with larger inputs (TURN_BYTES: 3 samples' widest)
+    from gptq_explorer.models import quantize_sequential as qs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qs, "TURN_BYTES", 3 * ids.shape[1] * max(qs._widths(load_model(llama).model)) * 4)
+        out["gptaq_turns3"] = quantize_model(load_model(llama), ids, BASE.replace(gptaq_alpha=0.25),
+                                             progress=False)
     return out
 
 
@@ -75,6 +82,17 @@ def test_gptaq_single_pass_equals_the_papers_loop(runs):
                 assert (codes == ref_codes).float().mean() > 0.999, rep.name
                 assert rep.loss == pytest.approx(ref.loss, rel=1e-4), rep.name
                 assert rep.output_rel_error == pytest.approx(ref.output_rel_error, rel=1e-3), rep.name
+
+
+def test_gptaq_single_pass_in_turns_equals_the_papers_loop_bit_for_bit(runs):
+    """In turns of 3 samples both streams run the loop's batches of 3 through the same kernels, and each
+    turn pairs its quantized inputs with its own full-precision ones: the same numbers exactly."""
+    a, loop = runs["gptaq_turns3"], runs["gptaq_loop3"]
+    assert a.memory["single_pass"] and a.memory["gptaq_fp_inputs_bytes"] == runs["gptaq"].memory[
+        "gptaq_fp_inputs_bytes"]  # every turn's full-precision inputs are kept until its group is quantized
+    for rep, ref in zip(a.layers, loop.layers, strict=True):
+        assert rep.name == ref.name and torch.equal(a.results[rep.name].codes, loop.results[rep.name].codes)
+        assert (rep.loss, rep.output_mse) == (ref.loss, ref.output_mse), rep.name
 
 
 def test_gptaq_memory_and_time_fields(llama, runs):

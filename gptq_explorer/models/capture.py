@@ -24,6 +24,11 @@ TransformerLens' hook points: hook functions attached to named modules for the d
     Cancelled                                 what capture_inputs (and the services built on it) raise when
                                               should_cancel() says stop.
     clean_copy(model)                         a deep copy with no hooks on it, in eval mode.
+    run_in_turns(fns, on_all)                 run the callables fns (say, one block forward per batch of
+                                              samples) in turns; a hook inside one may call park(key):
+                                              that forward waits there until all of them wait at key,
+                                              then on_all(key) runs once and they go on. turn_index()
+                                              says which one is running (None outside the turns).
 
 Typical uses:
 
@@ -38,6 +43,14 @@ Typical uses:
 
     X = capture_inputs(lm.model, {"q": q_proj, "k": k_proj}, ids)["q"]      # (tokens, d_in)
 
+Turns let one forward pass over many samples run as several smaller ones that meet at chosen points:
+whole-model GPTQ needs a group's input over every sample before the group runs, and one forward over all
+samples at once makes tensors of hundreds of MB that glibc maps afresh, and the kernel faults in, each time
+(docs/performance.md, "Whole models"). Each turn is a greenlet: the same OS thread, so torch's thread pool
+and grad mode are shared, and a turn costs no thread. Thread-local state that a forward sets around a
+point where it parks (an autocast region, say) would leak into the other turns: park only in hooks of
+modules that run outside such regions (a block's linears).
+
 Hooks live on the module objects, so a second capture on the same (shared) model in another thread sees
 the first one's hooks: callers that share a model serialise their captures (services.layer_source holds a
 lock) or work on clean_copy(model).
@@ -46,6 +59,7 @@ lock) or work on clean_copy(model).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -128,6 +142,69 @@ def run_until_stopped(fn: Callable[..., Any], *args, **kwargs) -> Any:
             return fn(*args, **kwargs)
         except StopForward:
             return None
+
+
+class TurnsDiverged(RuntimeError):
+    """run_in_turns: the turns did not all park at the same place (or some finished while others parked)."""
+
+
+def turn_index() -> int | None:
+    """The index of the turn running now (see run_in_turns); None outside the turns."""
+    import greenlet
+
+    return getattr(greenlet.getcurrent(), "turn_index", None)  # set on the greenlets run_in_turns starts
+
+
+def park(key: Any) -> None:
+    """From a hook inside a turn: wait here until every unfinished turn has parked at key (compared with ==);
+    run_in_turns then calls on_all(key) once and resumes the turns in order."""
+    import greenlet
+
+    if turn_index() is None:
+        raise RuntimeError("park() was called outside run_in_turns: there is no other turn to wait for")
+    greenlet.getcurrent().parent.switch(key)
+
+
+def run_in_turns(fns: list[Callable[[], Any]], on_all: Callable[[Any], None] | None = None) -> list[Any]:
+    """Call each of fns in a turn of its own (a greenlet), in order, and return their results. A turn that
+    calls park(key) stops there; when all unfinished turns have stopped at the same key, on_all(key) runs
+    and they go on, in order, to their next park or their end. A turn that never parks just runs through.
+    Turns that stop at different keys, or finish while others wait, raise TurnsDiverged. An exception in
+    a turn or in on_all propagates; the turns still waiting are then unwound (GreenletExit) first."""
+    import greenlet
+
+    turns = []
+    for k, fn in enumerate(fns):
+        g = greenlet.greenlet(fn)
+        g.turn_index = k
+        g.gr_context = contextvars.copy_context()  # a new greenlet would start with an empty context
+        turns.append(g)
+    results: list[Any] = [None] * len(turns)
+    waiting = list(range(len(turns)))
+    try:
+        while waiting:
+            parked: dict[int, Any] = {}
+            for k in waiting:
+                value = turns[k].switch()
+                if turns[k].dead:
+                    results[k] = value
+                else:
+                    parked[k] = value
+            if parked:
+                first, key = next(iter(parked.items()))
+                odd = [(k, parked.get(k, "its end")) for k in waiting if k not in parked or parked[k] != key]
+                if odd:
+                    k, where = odd[0]
+                    raise TurnsDiverged(f"turn {first} waits at {key!r} but turn {k} reached {where!r}: the "
+                                        "turns must run the same hooked modules in the same order")
+                if on_all is not None:
+                    on_all(key)
+            waiting = list(parked)
+    finally:
+        for g in turns:
+            if not g.dead:
+                g.throw()  # GreenletExit inside the waiting turn: its frames unwind, its finally blocks run
+    return results
 
 
 def model_device(model: nn.Module) -> torch.device:

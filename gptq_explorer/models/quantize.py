@@ -8,9 +8,12 @@
        calibrated on what the quantized model before it really produces.
 
 Two schedules give the same result:
-  * single pass (default when it fits in memory): all samples go through a block as ONE batch; a forward
-    pre-hook on each group quantizes the group when its input arrives, before the group runs. One block
-    forward per block.
+  * single pass (default when it fits in memory): every sample goes through a block once; a forward
+    pre-hook on each group quantizes the group when its input has arrived, before the group runs. One block
+    forward per block. On a CPU the forward runs in turns of a few samples (models.capture.run_in_turns)
+    that wait for each other at each group, so no activation grows past a few MB (quantize_sequential's
+    TURN_BYTES); on a GPU in one turn. In turns of b samples it gives the loop's numbers in batches of b,
+    bit for bit.
   * the paper's loop (single_pass=False, in batches of batch_size): one pass per group (stopped after the
     group's last linear) plus a final pass for the outputs: ~2.7 block forwards per block, but only a
     batch of activations alive at a time.
@@ -25,7 +28,8 @@ schedule only to fill the per-layer report (Hessian statistics, output errors).
 Memory: the model + two (nsamples, seqlen, hidden) float32 buffers (block inputs and outputs; SmolLM2 at
 128 x 512: 2 x 151 MB; GPTAQ: three in the single pass, four in the loop) + one group's Hessian (at most
 1536^2 floats = 9.4 MB for SmolLM2; GPTAQ's dXXT doubles it) + the activations of one block: for the whole
-calibration set in single-pass mode (about nsamples*seqlen*(3*intermediate + 8*hidden)*4 bytes; GPTAQ
+calibration set in single-pass mode (at most nsamples*seqlen*(3*intermediate + 8*hidden)*4 bytes, a bound
+that the turns keep well under; GPTAQ
 adds the kept full-precision inputs, at most nsamples*seqlen*(3*hidden + intermediate)*4 bytes, reported
 as memory["gptaq_fp_inputs_bytes"]; single_pass=None only picks it when all that is under min(4 GiB, 30%
 of free RAM), or 25% of free GPU memory), for one batch otherwise.
@@ -92,12 +96,14 @@ def quantize_model(
     'blocks.<i>.<name>' (negative i counts from the end), applied in order: e.g.
     {"blocks.0.*": {"bits": 8}, "blocks.-1.*": {"bits": 8}}.
     device: where blocks run and GPTQ solves (None = the model's device; otherwise blocks are moved there
-    one at a time, like the paper's code). batch_size: calibration samples per block forward.
-    single_pass: true-sequential in ONE forward pass per block: all samples go through the block as one
-    batch and each group is quantized by a pre-hook the moment its input arrives, before its own forward
-    (the paper's code needs one pass per group plus one). Same result, ~2.5x fewer block forwards, but the
-    activations of the whole calibration set are alive at once. None = when they fit in memory. GPTAQ
-    too: one more forward per block with the original weights gives each group's full-precision input.
+    one at a time, like the paper's code). batch_size: calibration samples per block forward in the
+    paper's loop, and per forward when catching block 0's inputs (the single pass sizes its own turns).
+    single_pass: true-sequential in ONE forward pass per block: every sample goes through the block once
+    (in turns that wait for each other at each group) and each group is quantized by a pre-hook once its
+    input over all samples has arrived, before its own forward (the paper's code needs one pass per group
+    plus one). Same result, ~2.5x fewer block forwards, but each group's input over the whole calibration
+    set is alive at once. None = when that fits in memory. GPTAQ too: one more forward per block with the
+    original weights gives each group's full-precision input.
     cancel: a threading.Event or a callable returning True to stop; raises QuantizationCancelled after
     restoring the original weights. cache_dir: reuse / store results (and Hessians, if save_hessians)
     keyed by sha256 of (model weights, calibration ids, config, method, overrides).

@@ -1,15 +1,18 @@
 """The sequential method, block by block (see models/quantize.py for the whole story): Hessian collection with
 hooks, one layer's quantization and report, and the two schedules that give the same result: the single
-pass (one block forward, a pre-hook quantizes each group as its input arrives; GPTAQ first runs the block
-once more with its original weights, keeping each group's full-precision input) and the paper's loop (one
-pass per group plus one for the outputs). RTN without data quantizes every linear directly."""
+pass (one block forward, in turns of a few samples that wait for each other at each group, where a
+pre-hook quantizes the group once every turn's input is in; GPTAQ first runs the block once more with its
+original weights, keeping each group's full-precision input) and the paper's loop (one pass per group plus
+one for the outputs). RTN without data quantizes every linear directly."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +27,16 @@ from .adapters import (
     run_block,
     set_weight,
 )
-from .capture import HookCall, StopForward, hooks, run_until_stopped
+from .capture import (
+    HookCall,
+    StopForward,
+    TurnsDiverged,
+    hooks,
+    park,
+    run_in_turns,
+    run_until_stopped,
+    turn_index,
+)
 from .quantize_results import LayerReport, QuantizationCancelled, QuantizedModel, _result_to_cpu
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,15 +227,38 @@ def _rtn_without_data(job: _Job, blocks):
                 _quantize_layer(job, f"{ad.block_prefix(i)}.{rel}", i, gi, linears[rel])
 
 
-def _single_pass_bytes(model, nsamples: int, seqlen: int, gptaq: bool = False) -> int:
-    """Rough peak activation memory of one block run on the whole calibration set at once (float32);
-    gptaq: plus the full-precision inputs kept for the quantized pass (q/k/v, o, gate/up: hidden each,
-    down: intermediate) and the full-precision stream's hidden states."""
+# The single pass runs a block over the samples in turns (models.capture.run_in_turns) that meet at each
+# group: on a CPU, as many whole samples per turn as keep the widest activation (tokens x the MLP's width,
+# float32) within TURN_BYTES. glibc serves an allocation above 32 MB with a fresh mapping, faulted in 4 KB
+# at a time on every forward; within a few MB a turn's tensors are reused from malloc's heap and stay in
+# cache. On a GPU one turn takes every sample (its memory was checked by _single_pass_fits).
+TURN_BYTES = 16 << 20
+
+
+def _widths(model) -> tuple[int, int]:
+    """(hidden size, the MLP's intermediate size) from the model's config."""
     c = model.config
     hidden = c.hidden_size
     inter = next(
         (v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(c, k, None))), 4 * hidden
     )
+    return hidden, inter
+
+
+def _turns(job: _Job, nsamples: int, seqlen: int) -> list[slice]:
+    """The single pass's turns: slices of whole samples (see TURN_BYTES)."""
+    if job.device.type == "cuda":
+        return [slice(0, nsamples)]
+    per_sample = seqlen * max(_widths(job.qm.model)) * 4
+    step = max(1, TURN_BYTES // per_sample)
+    return [slice(s, min(s + step, nsamples)) for s in range(0, nsamples, step)]
+
+
+def _single_pass_bytes(model, nsamples: int, seqlen: int, gptaq: bool = False) -> int:
+    """Rough peak activation memory of one block run on the whole calibration set at once (float32);
+    gptaq: plus the full-precision inputs kept for the quantized pass (q/k/v, o, gate/up: hidden each,
+    down: intermediate) and the full-precision stream's hidden states."""
+    hidden, inter = _widths(model)
     per_token = 3 * inter + 8 * hidden + (inter + 4 * hidden if gptaq else 0)
     return nsamples * seqlen * per_token * 4
 
@@ -241,73 +276,102 @@ def _single_pass_fits(model, nsamples: int, seqlen: int, device, gptaq: bool = F
 
 
 def _group_input_hook(job: _Job, i, groups, on_first):
-    """A pre-hook for a single pass over block i: on_first(gi, x) with the input of group gi the first
-    time one of its linears runs; a later member must get the very same tensor (the single pass gives
-    a group one Hessian, built before any member runs)."""
+    """A pre-hook for a single pass over block i, run in turns: on_first(gi, x) with a turn's input of
+    group gi the first time one of its linears runs in that turn; a later member must get the very same
+    tensor (the single pass gives a group one Hessian, built before any member runs). Returns the hook
+    and the groups it has seen."""
     group_of = {r: gi for gi, g in enumerate(groups) for r in g}
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[tuple, weakref.ref] = {}  # (turn, group) -> its input; weak: the turn owns the tensor
+    groups_seen: set[int] = set()
 
     def before_linear(call: HookCall) -> None:
         gi, x = group_of[call.name], call.input
-        if gi in seen:
-            if x is not seen[gi]:
+        key = (turn_index(), gi)
+        if key in seen:
+            if x is not seen[key]():
                 raise RuntimeError(
                     f"{job.adapter.block_prefix(i)}.{call.name} does not share its input with the rest of "
                     f"its group {groups[gi]}; run quantize_model with single_pass=False"
                 )
             return
         job.check_cancel()
-        seen[gi] = x
+        seen[key] = weakref.ref(x)
+        groups_seen.add(gi)
         on_first(gi, x)
 
-    return before_linear, seen
+    return before_linear, groups_seen
+
+
+def _in_turns(job: _Job, i, block, inps, extra, hook, linears, groups, on_all=None) -> torch.Tensor:
+    """Block i over inps in turns (_turns), hook on every linear of the groups before it runs; returns
+    the block's outputs (on inps' device). on_all(gi): every turn has parked at group gi (see
+    models.capture.run_in_turns)."""
+    out = torch.empty_like(inps)
+
+    def forward(sl: slice) -> None:
+        out[sl] = run_block(block, inps[sl].to(job.device), extra).to(out.device, out.dtype)
+
+    try:
+        with hooks({r: linears[r] for g in groups for r in g}, hook, when="before"):
+            job.check_cancel()
+            run_in_turns([functools.partial(forward, sl) for sl in _turns(job, *inps.shape[:2])], on_all)
+    except TurnsDiverged as e:
+        raise RuntimeError(f"block {i}: {e}; run quantize_model with single_pass=False") from e
+    return out
 
 
 def _fp_pass_block(job: _Job, i, block, linears, groups, fp_inps, extra, tm):
     """GPTAQ's full-precision stream in the single pass: block i, its weights still the original ones, run
-    once over all samples; returns ({group: (its input, that tensor's version)}, the block's outputs). The
-    quantized pass then pairs each kept input with its own for dXXT, so the full-precision block never has
-    to run again, nor be copied."""
-    kept: dict[int, tuple] = {}
+    over all samples (in the quantized pass's turns); returns ({(turn, group): (its input, that tensor's
+    version)}, the block's outputs). The quantized pass then pairs each kept input with its own for dXXT,
+    so the full-precision block never has to run again, nor be copied."""
+    kept: dict[tuple, tuple] = {}
     # with its version: an in-place write later in the block would make it something else than the input
-    hook, _ = _group_input_hook(job, i, groups, lambda gi, x: kept.__setitem__(gi, (x, x._version)))
+    hook, _ = _group_input_hook(job, i, groups,
+                                lambda gi, x: kept.__setitem__((turn_index(), gi), (x, x._version)))
     t0 = time.perf_counter()
-    with hooks({r: linears[r] for g in groups for r in g}, hook, when="before"):
-        job.check_cancel()
-        out = run_block(block, fp_inps.to(job.device), extra)
+    out = _in_turns(job, i, block, fp_inps, extra, hook, linears, groups)
     spent = time.perf_counter() - t0
     tm["forward"] += spent
     tm["forward_fp"] = tm.get("forward_fp", 0.0) + spent
     mem, kept_bytes = job.qm.memory, _distinct_bytes(x for x, _ in kept.values())
     mem["gptaq_fp_inputs_bytes"] = max(mem["gptaq_fp_inputs_bytes"], kept_bytes)
-    return kept, out.to(fp_inps.device)
+    return kept, out
 
 
 def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, bar, fp_in=None):
-    """Quantize one block in a single forward over all samples: a pre-hook on each group's linears
-    collects the Hessian from the group's input and quantizes the whole group before the first of them
-    runs, so everything downstream already sees quantized weights (true-sequential semantics).
-    fp_in (GPTAQ): the groups' full-precision inputs from _fp_pass_block, for each Hessian's dXXT; each is
-    dropped once its group is quantized."""
+    """Quantize one block in a single forward over all samples, run in turns that meet at each group: a
+    pre-hook on each group's linears adds a turn's input to the group's Hessian and parks the turn; once
+    every turn is there the whole group is quantized, before the first of them runs, so everything
+    downstream already sees quantized weights (true-sequential semantics).
+    fp_in (GPTAQ): the groups' full-precision inputs per turn from _fp_pass_block, for each Hessian's
+    dXXT; each is dropped once it has been added."""
     from ..engine import Hessian
 
     ad, qm, device = job.adapter, job.qm, job.device
     spent = {"q": 0.0, "h": 0.0}
+    hessians: dict[int, Hessian] = {}
 
-    def quantize_group(gi: int, x: torch.Tensor) -> None:
+    def add_input(gi: int, x: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        h = Hessian(x.shape[-1], backend="torch", device=device)
-        dXXT = None
+        h = hessians.setdefault(gi, Hessian(x.shape[-1], backend="torch", device=device))
         if fp_in is None:
             h.add_batch(x)
         else:
-            x_fp, version = fp_in.pop(gi)
+            x_fp, version = fp_in.pop((turn_index(), gi))
             if x_fp._version != version:  # a later op of the block wrote into it: no longer its input
                 raise RuntimeError(f"block {i}: the full-precision input of {groups[gi]} was changed in "
                                    "place after they ran; run quantize_model with single_pass=False")
-            dXXT = h.add_batch(x, X_fp=x_fp).dXXT
+            h.add_batch(x, X_fp=x_fp)
             del x_fp
-        H = h.H
+        spent["h"] += time.perf_counter() - t0
+        park(gi)  # until every turn has added its input: then quantize_group(gi) has run
+
+    def quantize_group(gi: int) -> None:
+        t0 = time.perf_counter()
+        h = hessians.pop(gi)
+        H, dXXT = h.H, (None if fp_in is None else h.dXXT)
+        del h
         spent["h"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         owner = f"{ad.block_prefix(i)}.{groups[gi][0]}"
@@ -324,18 +388,16 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
             _quantize_layer(job, name, i, gi, linears[r], H, dict(stats), dXXT)
         spent["q"] += time.perf_counter() - t0
 
-    hook, seen = _group_input_hook(job, i, groups, quantize_group)
+    hook, seen = _group_input_hook(job, i, groups, add_input)
     t0 = time.perf_counter()
-    with hooks({r: linears[r] for g in groups for r in g}, hook, when="before"):
-        job.check_cancel()
-        out = run_block(block, inps.to(device), extra)
+    out = _in_turns(job, i, block, inps, extra, hook, linears, groups, quantize_group)
     missing = [g for gi, g in enumerate(groups) if gi not in seen]
     if missing:
         raise RuntimeError(f"block {i}: the linears {missing} never ran, so they were not quantized")
     tm["quantize"] += spent["q"]
     tm["hessian"] = tm.get("hessian", 0.0) + spent["h"]
     tm["forward"] += time.perf_counter() - t0 - spent["q"] - spent["h"]
-    return out.to(inps.device)
+    return out
 
 
 def _quantize_group(job: _Job, i, gi, group, linears, coll: _GroupCollector, bar) -> None:
