@@ -255,9 +255,9 @@ def _turns(job: _Job, nsamples: int, seqlen: int) -> list[slice]:
 
 
 def _single_pass_bytes(model, nsamples: int, seqlen: int, gptaq: bool = False) -> int:
-    """Rough peak activation memory of one block run on the whole calibration set at once (float32);
-    gptaq: plus the full-precision inputs kept for the quantized pass (q/k/v, o, gate/up: hidden each,
-    down: intermediate) and the full-precision stream's hidden states."""
+    """Rough peak activation memory of one block run on the whole calibration set at once (float32), a
+    bound the turns keep well under; gptaq: plus the full-precision inputs kept for the quantized pass
+    (q/k/v, o, gate/up: hidden each, down: intermediate) and the full-precision stream's hidden states."""
     hidden, inter = _widths(model)
     per_token = 3 * inter + 8 * hidden + (inter + 4 * hidden if gptaq else 0)
     return nsamples * seqlen * per_token * 4
