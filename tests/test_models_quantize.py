@@ -53,7 +53,7 @@ def runs(tiny_dirs, tmp_path_factory):
             batch_size=3,
         )  # fmt: skip
         # the single pass in turns of 3 samples (the loop's batches), as it runs on a CPU with larger inputs
-        with turns_of(3, fp.model):
+        with turns_of(3):
             turns = quantize_model(load_model(str(tiny_dirs[fam])), ids, CFG3, progress=False,
                                    cache_dir=cache_t / fam)
         out[fam] = dict(
@@ -64,13 +64,12 @@ def runs(tiny_dirs, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def turns_of(samples: int, model):
-    """A context in which the single pass runs in turns of `samples` calibration samples (of calib()'s
-    length): TURN_BYTES set to that many samples' widest activation."""
+def turns_of(samples: int):
+    """A context in which the single pass runs in turns of `samples` calibration samples."""
     from gptq_explorer.models import quantize_sequential as qs
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qs, "TURN_BYTES", samples * calib().shape[1] * max(qs._widths(model)) * 4)
+        mp.setattr(qs, "_samples_per_turn", lambda model, seqlen: samples)
         yield
 
 

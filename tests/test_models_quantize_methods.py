@@ -43,11 +43,11 @@ def runs(llama, tmp_path_factory):
     for name, bs in (("gptaq_loop", 8), ("gptaq_loop3", 3)):
         out[name] = quantize_model(load_model(llama), ids, BASE.replace(gptaq_alpha=0.25), progress=False,
                                    single_pass=False, batch_size=bs)
-    # the single pass in turns of 3 samples, as on a CPU with larger inputs (TURN_BYTES: 3 samples' widest)
+    # the single pass in turns of 3 samples, as on a CPU with larger inputs
     from gptq_explorer.models import quantize_sequential as qs
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qs, "TURN_BYTES", 3 * ids.shape[1] * max(qs._widths(load_model(llama).model)) * 4)
+        mp.setattr(qs, "_samples_per_turn", lambda model, seqlen: 3)
         out["gptaq_turns3"] = quantize_model(load_model(llama), ids, BASE.replace(gptaq_alpha=0.25),
                                              progress=False)
     return out

@@ -245,12 +245,16 @@ def _widths(model) -> tuple[int, int]:
     return hidden, inter
 
 
+def _samples_per_turn(model, seqlen: int) -> int:
+    """Whole samples per turn on a CPU: as many as keep the widest activation within TURN_BYTES."""
+    return max(1, TURN_BYTES // (seqlen * max(_widths(model)) * 4))
+
+
 def _turns(job: _Job, nsamples: int, seqlen: int) -> list[slice]:
-    """The single pass's turns: slices of whole samples (see TURN_BYTES)."""
+    """The single pass's turns: slices of whole samples (one slice on a GPU)."""
     if job.device.type == "cuda":
         return [slice(0, nsamples)]
-    per_sample = seqlen * max(_widths(job.qm.model)) * 4
-    step = max(1, TURN_BYTES // per_sample)
+    step = _samples_per_turn(job.qm.model, seqlen)
     return [slice(s, min(s + step, nsamples)) for s in range(0, nsamples, step)]
 
 
