@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from tiny_models import EXTRA_LLAMA_LIKE, TINY_FAMILIES, VOCAB
 
 from gptq_explorer.metrics import (
     layer_output_mse,
@@ -13,6 +15,8 @@ from gptq_explorer.metrics import (
     output_mse_from_hessian,
     perplexity,
 )
+from gptq_explorer.metrics import perplexity_eval as pe
+from gptq_explorer.models import load_model
 
 
 class Bigram(torch.nn.Module):
@@ -120,6 +124,37 @@ def test_layer_output_mse(lib):
     assert output_mse_from_hessian(args[0], args[1], Hs) == pytest.approx(ref / (20 * 6))
     with pytest.raises(ValueError, match="in_features"):
         layer_output_mse(args[0], args[1], args[2][..., :3])
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES + EXTRA_LLAMA_LIKE)
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_logits_a_few_tokens_at_a_time(tiny_dirs, family, amp_dtype, monkeypatch):
+    """For a supported family window_losses never makes a window's logits: the output embedding runs on
+    at most head_tokens(vocab) tokens at a time (here 5 of 23 scored tokens per window), and the losses are
+    the whole window's logits' cross-entropy."""
+    model = load_model(str(tiny_dirs[family])).model
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), pe._autocast(torch.device("cpu"), amp_dtype):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    full = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+    monkeypatch.setattr(pe, "HEAD_MIN_TOKENS", 5)
+    monkeypatch.setattr(pe, "LOGITS_BYTES", 4 * VOCAB)  # one token's worth: the floor of 5 decides
+    head = model.get_output_embeddings()
+    rows = []
+    handle = head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    try:
+        losses = pe.window_losses(model, ids, amp_dtype)
+    finally:
+        handle.remove()
+    assert rows == [(5,), (5,), (5,), (5,), (3,)] * 3
+    tol = 1e-6 if amp_dtype is None else 1e-2
+    torch.testing.assert_close(losses, full, atol=tol, rtol=tol)
+
+
+def test_models_without_an_adapter_give_their_own_logits():
+    """A model no family adapter describes (the bigram table here) is evaluated from its forward's logits:
+    nothing is assumed about what its output embedding is."""
+    assert pe._output_embeddings(Bigram(np.zeros((3, 3)))) is None
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from gptq_explorer.models import (
     catch_block_inputs,
     get_adapter,
     get_weight,
+    head_inputs,
     head_logits,
     load_model,
     quantizable_modules,
@@ -128,6 +129,25 @@ def test_blocks_one_by_one_reproduce_logits(tiny, family, batch_size):
         assert (head_logits(model, out2, ad) - full).abs().max() > 1e-3
     finally:
         set_weight(m, W)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES + EXTRA_LLAMA_LIKE)
+def test_head_inputs_are_what_the_logits_are_made_from(tiny, family):
+    """The output embedding applied to head_inputs gives the model's logits, and the forward pass stopped
+    before the output embedding ran (its logits were never made)."""
+    model = tiny[family].model
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        hidden = head_inputs(model, ids)
+    finally:
+        handle.remove()
+    assert calls == [] and hidden.shape == (2, 24, H)
+    torch.testing.assert_close(head(hidden), full, atol=0, rtol=0)
 
 
 def test_eager_attention_mask_is_caught(tiny_dirs):

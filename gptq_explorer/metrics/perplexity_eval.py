@@ -61,16 +61,62 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+# Tokens per product of the vocabulary projection: their logits and log-softmax (tokens x vocab floats
+# each) take LOGITS_BYTES, tens of MB whatever the window and the vocabulary, where a whole window's take
+# hundreds (800 MB for SmolLM2's 2048-token windows). 256 SmolLM2 tokens (48 MB) ran fastest of 128-512
+# at two threads, about as fast as the whole window (docs/performance.md); never fewer than
+# HEAD_MIN_TOKENS, whose products would run slower.
+LOGITS_BYTES = 48 * 2**20
+HEAD_MIN_TOKENS = 64
+
+
+def head_tokens(vocab: int) -> int:
+    return max(HEAD_MIN_TOKENS, LOGITS_BYTES // (4 * vocab))
+
+
+def _output_embeddings(model):
+    """The module whose output is the model's logits, as is, where a family adapter says where things are
+    (every supported family: no scaling or capping after it); None for any other model, whose logits come
+    from its own forward."""
+    from ..models.adapters import UnsupportedModelError, get_adapter
+
+    try:
+        get_adapter(model)
+    except UnsupportedModelError:
+        return None
+    return model.get_output_embeddings()
+
+
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, amp_dtype=None) -> torch.Tensor:
-    """Per-window mean next-token CE for a batch of windows (batch, seqlen); float32 on the CPU."""
+    """Per-window mean next-token CE for a batch of windows (batch, seqlen); float32 on the CPU.
+
+    For a supported family the forward pass stops at the output embedding (models.head_inputs), which then
+    makes the logits a few tokens at a time (head_tokens): the same numbers as the whole window's logits,
+    without two window-sized tensors (seqlen x vocab floats, 400 MB for SmolLM2 at 2048 tokens)."""
     device = next(model.parameters()).device
     windows = windows.to(device)
+    targets = windows[:, 1:]
+    head = _output_embeddings(model)
+    if head is None:
+        with _autocast(device, amp_dtype):
+            logits = model(input_ids=windows, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return ce.view(targets.shape).mean(dim=1).cpu()
+    from ..models.adapters import head_inputs
+
     with _autocast(device, amp_dtype):
-        logits = model(input_ids=windows, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="none")
-    return ce.view(windows.shape[0], -1).mean(dim=1).cpu()
+        hidden = head_inputs(model, windows)
+    ce = torch.empty(targets.shape, device=device)
+    step = head_tokens(head.weight.shape[0])
+    for b in range(targets.shape[0]):
+        for a in range(0, targets.shape[1], step):
+            e = min(a + step, targets.shape[1])
+            with _autocast(device, amp_dtype):
+                logits = head(hidden[b, a:e])
+            ce[b, a:e] = F.cross_entropy(logits.float(), targets[b, a:e], reduction="none")
+    return ce.mean(dim=1).cpu()
 
 
 @torch.no_grad()
@@ -88,8 +134,9 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a token stream with the paper's protocol (see the module doc).
 
-    ids: 1-D LongTensor (or (1, N)). batch_size: windows per forward pass (None: as many as keep one
-    batch's logits near 256 MB). device: move the model there for the evaluation (and back after).
+    ids: 1-D LongTensor (or (1, N)). batch_size: windows per forward pass (None: as many as would keep one
+    batch's whole logits near 256 MB; a supported family's are made a slice at a time, see window_losses).
+    device: move the model there for the evaluation (and back after).
     amp_dtype: e.g. torch.bfloat16 to run the forward passes under autocast (the loss stays float32).
     max_windows: evaluate only the first windows (quick looks).
     progress: True = a tqdm bar (`desc`), False = nothing, or a callable given the fraction of windows done

@@ -322,6 +322,24 @@ def run_blocks(blocks, inputs: BlockInputs, batch_size: int = 8, device=None) ->
 
 
 @torch.no_grad()
+def head_inputs(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """What the model's output embedding (lm_head) receives for input_ids (batch, seqlen): the last block's
+    outputs after the final norm, (batch, seqlen, hidden). The forward pass stops there, so the logits,
+    seqlen x vocab floats per window, are never made at once; the output embedding turns slices of this into
+    logits (metrics.perplexity_eval, a slice of tokens at a time)."""
+    got: list[torch.Tensor] = []
+
+    def record(call: HookCall) -> None:
+        got.append(call.input)
+        raise StopForward
+
+    with hooks({"head": model.get_output_embeddings()}, record, when="before"):
+        if run_until_stopped(model, input_ids=input_ids, use_cache=False) is not None:
+            raise RuntimeError("the model finished its forward pass without calling its output embeddings")
+    return got[0]
+
+
+@torch.no_grad()
 def head_logits(model, hidden: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
     """Logits from the last block's outputs: final norm (+ OPT project_out) then lm_head."""
     adapter = adapter or get_adapter(model)
