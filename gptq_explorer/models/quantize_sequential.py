@@ -352,7 +352,7 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
     dXXT; each is dropped once it has been added."""
     from ..engine import Hessian
 
-    ad, qm, device = job.adapter, job.qm, job.device
+    device = job.device
     spent = {"q": 0.0, "h": 0.0}
     hessians: dict[int, Hessian] = {}
 
@@ -373,23 +373,8 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
 
     def quantize_group(gi: int) -> None:
         t0 = time.perf_counter()
-        h = hessians.pop(gi)
-        H, dXXT = h.H, (None if fp_in is None else h.dXXT)
-        del h
-        spent["h"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        owner = f"{ad.block_prefix(i)}.{groups[gi][0]}"
-        stats = _hessian_stats(H, job.cfgs[owner].damp_percent, job.hessian_condition)
-        group_bytes = H.numel() * 4 + (0 if dXXT is None else dXXT.numel() * 4)
-        qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], group_bytes)
-        if job.keep_hessians:
-            job.hessians[owner] = H.detach().cpu()
-        for r in groups[gi]:
-            name = f"{ad.block_prefix(i)}.{r}"
-            bar.set_postfix_str(name)
-            if name != owner:
-                job.alias[name] = owner
-            _quantize_layer(job, name, i, gi, linears[r], H, dict(stats), dXXT)
+        h = hessians.pop(gi)  # every linear of a group sees the same input: one Hessian
+        _quantize_group(job, i, gi, dict.fromkeys(groups[gi], h), linears, bar)
         spent["q"] += time.perf_counter() - t0
 
     hook, seen = _group_input_hook(job, i, groups, add_input)
@@ -404,31 +389,28 @@ def _single_pass_block(job: _Job, i, block, linears, groups, inps, extra, tm, ba
     return out
 
 
-def _quantize_group(job: _Job, i, gi, group, linears, coll: _GroupCollector, bar) -> None:
-    """Quantize one group of block i from the Hessians its collector gathered. Linears that share an input
-    (k, v, q) share one Hessian: its statistics are computed, and it is kept, once, under the first of them
-    (the owner); the others are recorded as its aliases."""
+def _quantize_group(job: _Job, i, gi, hessians: dict, linears, bar) -> None:
+    """Quantize block i's linears named in `hessians` (block-relative name -> engine Hessian, in order), for
+    both schedules. Linears that share an input (k, v, q) share one Hessian object: its H, dXXT and
+    statistics are made, and H kept, once, under the first of them (the owner); the others are recorded as
+    its aliases."""
     qm, ad = job.qm, job.adapter
-    owners: dict[int, tuple] = {}  # id(Hessian) -> (owner layer, stats); coll keeps them alive
+    owners: dict[int, tuple] = {}  # id(Hessian) -> (owner layer, H, dXXT, stats)
     group_bytes = 0
-    for rel in group:
+    for rel, h in hessians.items():
         name = f"{ad.block_prefix(i)}.{rel}"
         bar.set_postfix_str(name)
-        h = coll.hessians[rel]
-        H = h.H
         if id(h) in owners:  # shares its input with an earlier layer of the group
-            job.alias[name] = owners[id(h)][0]
-            stats = owners[id(h)][1]
+            owner, H, dXXT, stats = owners[id(h)]
+            job.alias[name] = owner
         else:
-            group_bytes += H.numel() * H.element_size()
+            H, dXXT = h.H, (h.dXXT if job.gptaq else None)
             stats = _hessian_stats(H, job.cfgs[name].damp_percent, job.hessian_condition)
-            owners[id(h)] = (name, stats)
+            owners[id(h)] = (name, H, dXXT, stats)
+            group_bytes += sum(t.numel() * t.element_size() for t in (H, dXXT) if t is not None)
             if job.keep_hessians:
                 job.hessians[name] = H.detach().cpu()
         job.check_cancel()
-        dXXT = h.dXXT if job.gptaq else None
-        if dXXT is not None:
-            group_bytes += 0 if job.alias.get(name) else dXXT.numel() * dXXT.element_size()
         _quantize_layer(job, name, i, gi, linears[rel], H, dict(stats), dXXT)
     qm.memory["hessian_bytes_max_group"] = max(qm.memory["hessian_bytes_max_group"], group_bytes)
 
@@ -455,7 +437,7 @@ def _papers_loop_block(job: _Job, i, block, linears, groups, inps, outs, extra, 
             mem = job.qm.memory
             mem["gptaq_fp_inputs_bytes"] = max(mem["gptaq_fp_inputs_bytes"], fp_pass[2].peak_bytes)
         t0 = time.perf_counter()
-        _quantize_group(job, i, gi, group, linears, coll, bar)
+        _quantize_group(job, i, gi, {rel: coll.hessians[rel] for rel in group}, linears, bar)
         del coll, fp_pass  # free the group's Hessians before the next group collects its own
         tm["quantize"] += time.perf_counter() - t0
     t0 = time.perf_counter()
