@@ -174,21 +174,6 @@ def test_runs():
     assert _runs([(0, 50)], 256) == [[(0, 50)]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
-def test_transpose_into(monkeypatch, dtype):
-    """dst = src^T for a whole matrix, a column panel (not contiguous) and a dtype change (bytes to int32,
-    the codes), in panels of rows that do not divide the matrix."""
-    from gptq_explorer.engine import gptq_torch
-
-    monkeypatch.setattr(gptq_torch, "TRANSPOSE_PANEL", 7)
-    src = torch.randint(0, 250, (45, 61)).to(dtype)
-    for part in (src, src[:, 10:33], src[3:40]):
-        for out in (torch.float32, torch.int32):
-            dst = torch.full((part.shape[1], part.shape[0]), -1, dtype=out)
-            assert gptq_torch._transpose_into(dst, part) is dst
-            assert torch.equal(dst, part.T.to(out))
-
-
 def test_max_asymmetry():
     """max |H - H^T| wherever the asymmetry sits: above or below the diagonal, in the last (partial) panel."""
     from gptq_explorer.engine.gptq_torch import _max_asymmetry

@@ -192,14 +192,17 @@ PIPELINE_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", PIPELINE_CONFIGS, ids=lambda c: c.label())
 def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
-    """Big layers on a multi-core CPU run the lazy updates in a worker thread; force that path on a
-    small layer and check it changes nothing: float64 codes equal the NumPy engine's exactly."""
+    """Big layers on a multi-core CPU run the lazy updates in a worker thread (and, reordered, W's gather
+    beside the main thread); force that path on a small layer and check it changes
+    nothing: float64 codes equal the NumPy engine's exactly."""
     import gptq_explorer.engine.gptq_torch as gt
 
     W, X, H = layer
     ref = gptq_quantize(W, H, cfg)
     threads = torch.get_num_threads()
     monkeypatch.setattr(gt, "SINGLE_THREAD_WORK", 0)
+    besides, beside = [], gt.beside
+    monkeypatch.setattr(gt, "beside", lambda fn, enabled: (besides.append(enabled), beside(fn, enabled))[1])
     monkeypatch.setattr(LazyUpdates, "BLOCKS_PER_TASK", 2)
     started = []
     original_work = LazyUpdates._work
@@ -210,6 +213,7 @@ def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
     finally:
         torch.set_num_threads(threads)
     assert started, "the pipelined path did not run"
+    assert besides == ([True] if cfg.desc_act else [])
     np.testing.assert_array_equal(res.codes.numpy(), ref.codes)
     np.testing.assert_allclose(res.losses.numpy(), ref.losses, rtol=1e-8, atol=1e-14)
     assert torch.get_num_threads() == threads

@@ -21,7 +21,7 @@ What changes is how the work is laid out:
   * Two layer-sized work buffers (R; S, which takes each block's values once the block has started) and
     the codes as bytes, each touched once; with a column order, W's permuted copy too. The results go into
     the buffers whose work is done (square layers: no fresh layer-sized tensor), by torch's blocked
-    transposed copy (_transpose_into).
+    transposed copy (layout.transpose_into).
   * On CPU a sub-block's columns run in column_kernel on views of the torch buffers: one compiled call
     per sub-block where numba is installed, else NumPy ufuncs (a torch op costs several microseconds of
     dispatch on a 4096-vector); and, for big layers on several cores, the lazy updates run in a worker
@@ -45,6 +45,7 @@ from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid_torch import grid_of, quantize
+from .layout import beside, shared_tensor, storage_as, to_tensor, transpose_into
 from .lazy_updates import LazyUpdates
 from .order import group_of_steps, processing_order
 from .rotation import Rotation
@@ -71,57 +72,6 @@ def _single_thread(device: torch.device, enabled: bool = True):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _shared_tensor(x, device, dtype=None) -> torch.Tensor:
-    """x as a tensor on device (and of dtype), sharing x's memory where it already is one: for inputs that
-    are only read (a read-only NumPy array is copied: torch warns on sharing it)."""
-    if not isinstance(x, torch.Tensor):
-        x = np.asarray(x)
-        x = torch.as_tensor(x) if x.flags.writeable else torch.tensor(x)
-    return x.detach().to(device=device or x.device, dtype=dtype)
-
-
-def _to_tensor(x, device, dtype) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device=device or x.device, dtype=dtype, copy=True)
-    return torch.tensor(np.asarray(x), device=device or "cpu", dtype=dtype)
-
-
-# Rows of the source that _transpose_into converts per panel when the dtype changes (the codes: bytes in,
-# int32 out): a panel transposed in the source's dtype stays in cache until it is converted.
-TRANSPOSE_PANEL = 512
-
-
-def _transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst = src^T (converted to dst's dtype). On CPU always as torch's blocked transposed copy, which it
-    takes only for the transpose of a contiguous matrix of dst's dtype: a column panel is made contiguous
-    first, a dtype change goes panel by panel. Other ways measured 2-3 times slower on one of our machines
-    and no faster on another (docs/performance.md)."""
-    if src.device.type != "cpu":
-        return dst.copy_(src.T)
-    if src.dtype == dst.dtype:
-        return dst.copy_(src.contiguous().T)
-    src = src.contiguous()
-    p = TRANSPOSE_PANEL
-    panel = src.new_empty(src.shape[1] * min(p, src.shape[0]))
-    for a in range(0, src.shape[0], p):
-        b = min(a + p, src.shape[0])
-        dst[:, a:b].copy_(panel[: src.shape[1] * (b - a)].view(src.shape[1], b - a).copy_(src[a:b].T))
-    return dst
-
-
-def _storage_as(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-                temporary: bool = False) -> torch.Tensor:
-    """A tensor of shape and dtype in buf's memory (buf's contents are dead), or a new one where buf does
-    not fit: a layer-sized buffer already touched costs no page faults, a fresh one does. Not temporary (a
-    result): only where the sizes match exactly, so that a result holds no memory beyond its own."""
-    flat = buf.view(-1)
-    size, have = torch.empty((), dtype=dtype).element_size(), flat.element_size()
-    need, got = size * int(np.prod(shape)), have * flat.numel()
-    if have % size == 0 and (got >= need if temporary else got == need):
-        return flat.view(dtype)[: need // size].view(shape)
-    return torch.empty(shape, device=buf.device, dtype=dtype)
 
 
 # Columns per run of _factor_upper: the blocks of a run update everything above and left of it as one
@@ -224,7 +174,7 @@ def _group_state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, bounds, k: 
             Xj.addmm_(R[a:b, a:b].T, asym.Gt[a:b])
         if a > i1:
             Xj.addmm_(R[i1:a, a:b].T, X[: a - i1], alpha=-1)
-    return X.add_(_transpose_into(torch.empty_like(X), W0[:, i1:end]))
+    return X.add_(transpose_into(torch.empty_like(X), W0[:, i1:end]))
 
 
 # Columns handled one at a time inside a sub-block; the rest of the block gets each sub-block's
@@ -349,7 +299,7 @@ def gptq_quantize_torch(W, H, cfg: QuantConfig, device=None, dtype=torch.float32
 
 
 def _max_asymmetry(H: torch.Tensor) -> float:
-    """checks.max_asymmetry, a panel of columns at a time: H[a:, a:b] transposed (_transpose_into: torch's
+    """checks.max_asymmetry, a panel of columns at a time: H[a:, a:b] transposed (transpose_into: torch's
     blocked copy on a CPU) and compared with the rows H[a:b, a:]. Reading the panel transposed directly
     walks H a row per element (2-3 times slower for 4096^2 on a CPU). On a GPU the panels are wide: each
     costs a few kernel launches, and memory there is fast."""
@@ -359,7 +309,7 @@ def _max_asymmetry(H: torch.Tensor) -> float:
     worst = H.new_zeros(())
     for a in range(0, n, p):
         b = min(a + p, n)
-        diff = _transpose_into(row[: (b - a) * (n - a)].view(b - a, n - a), H[a:, a:b]).sub_(H[a:b, a:])
+        diff = transpose_into(row[: (b - a) * (n - a)].view(b - a, n - a), H[a:, a:b]).sub_(H[a:b, a:])
         lo, hi = torch.aminmax(diff)
         worst = torch.maximum(worst, torch.maximum(-lo, hi))
     return float(worst)
@@ -410,17 +360,17 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     device = torch.device(device) if device is not None else None
     # W0 as given where it already has this device and dtype (only read: each block's columns are copied
     # out, transposed, when the block starts), else converted. Never written while it is the caller's.
-    W0 = _shared_tensor(W, device, dtype)
+    W0 = shared_tensor(W, device, dtype)
     del W
     # H likewise: the factorization works on a copy
-    H = _shared_tensor(H, W0.device, dtype)
+    H = shared_tensor(H, W0.device, dtype)
     checks.check_finite("W", _all_finite(W0))
     finite, h_min, h_max = _finite_range(H)
     checks.check_finite("H", finite)
     checks.check_symmetric(_max_asymmetry(H), max(-h_min, h_max))
     gptaq = cfg.gptaq_alpha > 0
     if gptaq:
-        dXXT = _to_tensor(dXXT, W0.device, dtype)
+        dXXT = to_tensor(dXXT, W0.device, dtype)
         checks.check_finite("dXXT", _all_finite(dXXT))
     rows, n = W0.shape
     maxq, width = cfg.maxq, cfg.group_width(n)
@@ -451,8 +401,10 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     reordered = cfg.desc_act or cfg.group_aware
     perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
     perm = torch.as_tensor(perm_np, device=W0.device)
-    if reordered:  # W0's columns into processing order (a gather within each row)
-        W0 = W0.index_select(1, perm)
+    W0_later = None
+    if reordered:  # W0's columns into processing order (a gather within each row, which torch runs on one
+        # core): with a worker thread, beside H's gathers below
+        W0_later = beside(lambda W=W0: W.index_select(1, perm), enabled=worker_threads > 0)
         if gptaq:
             dXXT = dXXT.index_select(0, perm).index_select(1, perm)
     # S, the pending corrections (transposed); taken now: while reordering it is scratch space
@@ -464,10 +416,12 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     for damp in checks.damping_schedule(cfg.damp_percent):
         # the factorization overwrites its argument: a fresh copy (permuted) of H for every try
         if reordered:  # rows gathered into S's memory (dead until zeroed), then the columns
-            R = torch.index_select(H, 0, perm, out=_storage_as(S, H.shape, dtype, temporary=True))
+            R = torch.index_select(H, 0, perm, out=storage_as(S, H.shape, dtype, temporary=True))
             R = R.index_select(1, perm)
         else:
             R = H.clone()
+        if W0_later is not None:  # before the factorization, which takes every thread
+            W0, W0_later = W0_later(), None
         R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:
             R = _factor_upper(R, bounds, fold=not gptaq)  # GPTAQ's M needs R itself: folded below
@@ -509,7 +463,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
                     asym.updates.flush()
             lazy.wait(k, k + 1)  # every earlier block's correction has reached S[i1:i2]
             U1 = R[i1:i2, i1:i2].contiguous()  # U[B, B] (see _fold_block_inverses)
-            W0_B = _transpose_into(W0b[: i2 - i1], W0[:, i1:i2])
+            W0_B = transpose_into(W0b[: i2 - i1], W0[:, i1:i2])
             # the block's state W0 + S_B U_BB, transposed (GPTAQ: where its lazy updates read it)
             W1 = W1b[: i2 - i1] if asym is None else asym.updates.source(k)
             torch.add(W0_B, S[i1:i2], out=W1)
@@ -555,14 +509,14 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
         """out = t^T with t's rows back in the original column order (gathered into scratch first)."""
         if reordered:
             t = torch.index_select(t, 0, invperm, out=scratch)
-        return _transpose_into(out, t)
+        return transpose_into(out, t)
 
     # Into buffers whose work is done (R; S, now Q^T; the permuted W0; codes_t), not new layer-sized tensors
     # where the sizes allow: a fresh one costs page faults as well as the copy.
-    scratch = _storage_as(W0, S.shape, dtype, temporary=True) if reordered else None
-    weight = original_order(S, scratch, _storage_as(R, (rows, n), dtype))
-    scratch = _storage_as(S, codes_t.shape, codes_t.dtype, temporary=True) if reordered else None
-    codes = original_order(codes_t, scratch, _storage_as(W0 if reordered else S, (rows, n), torch.int32))
+    scratch = storage_as(W0, S.shape, dtype, temporary=True) if reordered else None
+    weight = original_order(S, scratch, storage_as(R, (rows, n), dtype))
+    scratch = storage_as(S, codes_t.shape, codes_t.dtype, temporary=True) if reordered else None
+    codes = original_order(codes_t, scratch, storage_as(W0 if reordered else S, (rows, n), torch.int32))
     return QuantResult(
         weight=weight if rotate is None else rotate.back(weight),
         codes=codes,
@@ -581,7 +535,7 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
 
 def rtn_quantize_torch(W, cfg: QuantConfig, device=None, dtype=torch.float32) -> QuantResult:
     checks.check_shapes(tuple(W.shape), None)
-    W = _to_tensor(W, torch.device(device) if device is not None else None, dtype)
+    W = to_tensor(W, torch.device(device) if device is not None else None, dtype)
     checks.check_finite("W", bool(torch.isfinite(W).all()))
     rows, n = W.shape
     rot = rotate = None

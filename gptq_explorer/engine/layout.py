@@ -1,0 +1,81 @@
+"""Memory and layout for the torch path (gptq_torch): tensors shared or copied in, transposed copies,
+results written into buffers whose work is done, and a copy run beside the main thread.
+
+On a CPU, GPTQ's work outside the matmuls is mostly moving memory: transposing a layer, gathering its
+columns into another order, touching fresh layer-sized buffers for the first time (page faults). These
+helpers do each of those the cheapest way measured (docs/performance.md, "One layer").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+
+def shared_tensor(x, device, dtype=None) -> torch.Tensor:
+    """x as a tensor on device (and of dtype), sharing x's memory where it already is one: for inputs that
+    are only read (a read-only NumPy array is copied: torch warns on sharing it)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        x = torch.as_tensor(x) if x.flags.writeable else torch.tensor(x)
+    return x.detach().to(device=device or x.device, dtype=dtype)
+
+
+def to_tensor(x, device, dtype) -> torch.Tensor:
+    """A copy of x as a tensor on device, of dtype (never x's memory)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device or x.device, dtype=dtype, copy=True)
+    return torch.tensor(np.asarray(x), device=device or "cpu", dtype=dtype)
+
+
+# Rows of the source that transpose_into converts per panel when the dtype changes (the codes: bytes in,
+# int32 out): a panel transposed in the source's dtype stays in cache until it is converted.
+TRANSPOSE_PANEL = 512
+
+
+def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst = src^T (converted to dst's dtype). On CPU always as torch's blocked transposed copy, which it
+    takes only for the transpose of a contiguous matrix of dst's dtype: a column panel is made contiguous
+    first, a dtype change goes panel by panel. Other ways measured 2-3 times slower on one of our machines
+    and no faster on another (docs/performance.md)."""
+    if src.device.type != "cpu":
+        return dst.copy_(src.T)
+    if src.dtype == dst.dtype:
+        return dst.copy_(src.contiguous().T)
+    src = src.contiguous()
+    p = TRANSPOSE_PANEL
+    panel = src.new_empty(src.shape[1] * min(p, src.shape[0]))
+    for a in range(0, src.shape[0], p):
+        b = min(a + p, src.shape[0])
+        dst[:, a:b].copy_(panel[: src.shape[1] * (b - a)].view(src.shape[1], b - a).copy_(src[a:b].T))
+    return dst
+
+
+def storage_as(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+               temporary: bool = False) -> torch.Tensor:
+    """A tensor of shape and dtype in buf's memory (buf's contents are dead), or a new one where buf does
+    not fit: a layer-sized buffer already touched costs no page faults, a fresh one does. Not temporary (a
+    result): only where the sizes match exactly, so that a result holds no memory beyond its own."""
+    flat = buf.view(-1)
+    size, have = torch.empty((), dtype=dtype).element_size(), flat.element_size()
+    need, got = size * int(np.prod(shape)), have * flat.numel()
+    if have % size == 0 and (got >= need if temporary else got == need):
+        return flat.view(dtype)[: need // size].view(shape)
+    return torch.empty(shape, device=buf.device, dtype=dtype)
+
+
+def beside(fn: Callable[[], torch.Tensor], enabled: bool) -> Callable[[], torch.Tensor]:
+    """Start fn() in a thread of its own (enabled) or run it now; returns a function that gives its result
+    (waiting for it; fn's exception is raised there). For a copy that runs on one core (a gather: torch
+    does not split it between threads) while the main thread does another: on a 2-core machine two such
+    copies take about the time of one."""
+    if not enabled:
+        value = fn()
+        return lambda: value
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gptq-copy")
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)  # the thread ends once fn has
+    return future.result

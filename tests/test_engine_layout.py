@@ -1,0 +1,50 @@
+"""engine.layout: the torch path's transposed copies, buffers reused for results, and the copy run beside the
+main thread."""
+
+import threading
+
+import pytest
+import torch
+
+from gptq_explorer.engine import layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_transpose_into(monkeypatch, dtype):
+    """dst = src^T for a whole matrix, a column panel (not contiguous) and a dtype change (bytes to int32,
+    the codes), in panels of rows that do not divide the matrix."""
+    monkeypatch.setattr(layout, "TRANSPOSE_PANEL", 7)
+    src = torch.randint(0, 250, (45, 61)).to(dtype)
+    for part in (src, src[:, 10:33], src[3:40]):
+        for out in (torch.float32, torch.int32):
+            dst = torch.full((part.shape[1], part.shape[0]), -1, dtype=out)
+            assert layout.transpose_into(dst, part) is dst
+            assert torch.equal(dst, part.T.to(out))
+
+
+def test_storage_as_reuses_memory_only_where_it_fits():
+    buf = torch.zeros(4, 6)  # 96 bytes
+    same = layout.storage_as(buf, (6, 4), torch.int32)
+    assert same.data_ptr() == buf.data_ptr() and same.shape == (6, 4)
+    assert layout.storage_as(buf, (3, 4), torch.float32).data_ptr() != buf.data_ptr()  # a result: exact only
+    assert layout.storage_as(buf, (3, 4), torch.float32, temporary=True).data_ptr() == buf.data_ptr()
+    assert layout.storage_as(buf, (5, 6), torch.float32, temporary=True).data_ptr() != buf.data_ptr()
+
+
+def test_beside_runs_in_another_thread_and_returns_or_raises():
+    where = []
+
+    def work():
+        where.append(threading.current_thread().name)
+        return torch.ones(3)
+
+    assert torch.equal(layout.beside(work, enabled=True)(), torch.ones(3))
+    assert torch.equal(layout.beside(work, enabled=False)(), torch.ones(3))
+    assert where[0].startswith("gptq-copy") and where[1] == threading.current_thread().name
+
+    def fails():
+        raise ValueError("broken copy")
+
+    later = layout.beside(fails, enabled=True)
+    with pytest.raises(ValueError, match="broken copy"):
+        later()
