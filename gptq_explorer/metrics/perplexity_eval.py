@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models.adapters import UnsupportedModelError, get_adapter, head_inputs
+
 
 @dataclass
 class PerplexityResult:
@@ -78,8 +80,6 @@ def _output_embeddings(model):
     """The module whose output is the model's logits, as is, where a family adapter says where things are
     (every supported family: no scaling or capping after it); None for any other model, whose logits come
     from its own forward."""
-    from ..models.adapters import UnsupportedModelError, get_adapter
-
     try:
         get_adapter(model)
     except UnsupportedModelError:
@@ -104,8 +104,6 @@ def window_losses(model, windows: torch.Tensor, amp_dtype=None) -> torch.Tensor:
         logits = logits[:, :-1].float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return ce.view(targets.shape).mean(dim=1).cpu()
-    from ..models.adapters import head_inputs
-
     with _autocast(device, amp_dtype):
         hidden = head_inputs(model, windows)
     ce = torch.empty(targets.shape, device=device)
