@@ -80,7 +80,8 @@ def test_compiled_sub_block_equals_numpy(dtype, mode, ternary):
     d = np.ascontiguousarray(np.diag(U1))
     outs = []
     for run in (ck._call_compiled, ck.sub_block_numpy):
-        W, E, Q, C, L = W1.copy(), *(np.zeros_like(W1) for _ in range(3)), np.zeros(len(d), dtype)
+        W, E, Q, L = W1.copy(), np.zeros_like(W1), np.zeros_like(W1), np.zeros(len(d), dtype)
+        C = np.zeros(W1.shape, np.uint8)  # the codes as bytes, as every caller keeps them
         Gc = G.copy()
         for s1 in range(0, len(d), 16):  # sub-blocks, with the caller's matmuls between them
             s2 = min(s1 + 16, len(d))
@@ -150,11 +151,16 @@ def test_factor_upper(monkeypatch, width):
     X = torch.tensor(rng.standard_normal((700, 300)))
     H = X.T @ X / 700
     bounds = [(a, min(a + width, 300)) for a in range(0, 300, width)]
-    R = _factor_upper(H.clone(), bounds, fold=False)
+    inverses = {}
+    R = _factor_upper(H.clone(), bounds, fold=False, inverses=inverses)
     R = torch.triu(R)  # below the diagonal: scratch
+    assert sorted(inverses) == [a for a, _ in bounds]
+    for a, b in bounds:  # each block's triangular inverse, for the fold
+        eye = torch.eye(b - a, dtype=H.dtype)
+        torch.testing.assert_close(inverses[a] @ R[a:b, a:b], eye, rtol=0, atol=1e-10)
     assert bool((torch.diagonal(R) > 0).all())
     torch.testing.assert_close(R @ R.T, H, rtol=0, atol=1e-12)
-    _fold_block_inverses(R, bounds)
+    _fold_block_inverses(R, bounds, inverses)
     folded = torch.triu(_factor_upper(H.clone(), bounds))
     torch.testing.assert_close(folded, torch.triu(R), rtol=0, atol=1e-10)
     H[5, 5] = -1.0

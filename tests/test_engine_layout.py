@@ -48,3 +48,21 @@ def test_beside_runs_in_another_thread_and_returns_or_raises():
     later = layout.beside(fails, enabled=True)
     with pytest.raises(ValueError, match="broken copy"):
         later()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_columns_in_processing_order_transposed(background):
+    """A range of columns, transposed, in W's own order (each range a transposed copy) and in another order
+    (W transposed whole once, a range gathered from its rows), with ranges that do not divide W."""
+    W = torch.randn(9, 23)
+    perm = torch.randperm(23)
+    for order in (None, perm):
+        columns = layout.Columns(W, order, background=background)
+        columns.ready()
+        assert (columns.Wt is None) == (order is None)
+        for i1, i2 in ((0, 5), (5, 16), (16, 23)):
+            out = torch.full((i2 - i1, 9), float("nan"))
+            assert columns(i1, i2, out) is out
+            expected = W[:, i1:i2] if order is None else W[:, order[i1:i2]]
+            assert torch.equal(out, expected.T)
+    assert columns.W is None and torch.equal(columns.Wt, W.T)  # the transposed copy replaces W

@@ -192,17 +192,23 @@ PIPELINE_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", PIPELINE_CONFIGS, ids=lambda c: c.label())
 def test_pipelined_lazy_updates_give_the_same_codes(layer, monkeypatch, cfg):
-    """Big layers on a multi-core CPU run the lazy updates in a worker thread (and, reordered, W's gather
-    beside the main thread); force that path on a small layer and check it changes
+    """Big layers on a multi-core CPU run the lazy updates in a worker thread (and, reordered, W's transposed
+    copy beside the main thread); force that path on a small layer and check it changes
     nothing: float64 codes equal the NumPy engine's exactly."""
     import gptq_explorer.engine.gptq_torch as gt
+    import gptq_explorer.engine.layout as layout
 
     W, X, H = layer
     ref = gptq_quantize(W, H, cfg)
     threads = torch.get_num_threads()
     monkeypatch.setattr(gt, "SINGLE_THREAD_WORK", 0)
-    besides, beside = [], gt.beside
-    monkeypatch.setattr(gt, "beside", lambda fn, enabled: (besides.append(enabled), beside(fn, enabled))[1])
+    besides, beside = [], layout.beside
+
+    def spy(fn, enabled):
+        besides.append(enabled)
+        return beside(fn, enabled)
+
+    monkeypatch.setattr(layout, "beside", spy)
     monkeypatch.setattr(LazyUpdates, "BLOCKS_PER_TASK", 2)
     started = []
     original_work = LazyUpdates._work

@@ -8,7 +8,7 @@ as one matmul (the caller's). `sub_block` is the part inside a sub-block, column
     w_i  = W1[i] - sum_{k<i} U1[k, i] E[k]                      (k in the sub-block)
            GPTAQ, U form (the NumPy engine's P):  + sum_{k<i} X1[k, i] W1[k]
            GPTAQ, R form (the torch path's M):    + d_i g_i,  g_i = G[i] + sum_{k<i} X1[k, i] W1[k]
-    c_i  = the codes of w_i on the column's grid;  q_i = its values
+    C[i] = the codes of w_i on the column's grid (bytes: at most 8 bits);  q_i = its values
     E[i] = (w_i - q_i) / d_i   (R form: minus g_i);  L[i] = sum ((w_i - q_i) / d_i)^2 / 2
     W1[i] = w_i (the pre-rounding value, which GPTAQ's later updates need)
 
@@ -49,6 +49,7 @@ def sub_block_numpy(W1, E, Q, C, L, U1, s1, s2, scales, zeros, gsel, d, maxq, te
     """Columns s1..s2-1 of a block (arrays as in the module doc; scales, zeros (groups, rows), gsel (bs,):
     column i uses grid row gsel[i]). NumPy ufuncs, one column at a time."""
     band = _tie_band(W1.dtype, maxq)
+    c = np.empty(W1.shape[1], W1.dtype)  # a column's codes in the values' dtype, then into C
     for i in range(s1, s2):
         w = W1[i]
         if i > s1:  # OBS updates from this sub-block's earlier columns, as one vector-matrix product
@@ -60,11 +61,12 @@ def sub_block_numpy(W1, E, Q, C, L, U1, s1, s2, scales, zeros, gsel, d, maxq, te
             w += d[i] * g
         scale, zero = scales[gsel[i]], zeros[gsel[i]]
         if ternary:
-            C[i] = grid_np.ternary_codes(w, scale, zero)
-            Q[i] = grid_np.dequantize(C[i], scale, zero, ternary=True)
+            c[...] = grid_np.ternary_codes(w, scale, zero)
+            Q[i] = grid_np.dequantize(c, scale, zero, ternary=True)
         else:
-            _codes(w, scale, zero, maxq, band, out=C[i])
-            np.multiply(scale, np.subtract(C[i], zero, out=Q[i]), out=Q[i])
+            _codes(w, scale, zero, maxq, band, out=c)
+            np.multiply(scale, np.subtract(c, zero, out=Q[i]), out=Q[i])
+        C[i] = c
         err = np.subtract(w, Q[i], out=E[i])
         err /= d[i]  # Err = (w - q) / [H^-1]_qq^(1/2)
         L[i] = np.dot(err, err) / 2  # the paper's Losses: (w - q)^2 / U_qq^2 / 2
@@ -185,7 +187,8 @@ def _self_check(dtype) -> bool:
     scales, zeros = np.full((1, 8), 0.25, dtype), np.full((1, 8), 8.0, dtype)
     outs = []
     for run in (_call_compiled, sub_block_numpy):
-        W1, E, Q, C, L = W.copy(), np.zeros_like(W), np.zeros_like(W), np.zeros_like(W), np.zeros(4, dtype)
+        W1, E, Q, L = W.copy(), np.zeros_like(W), np.zeros_like(W), np.zeros(4, dtype)
+        C = np.zeros(W.shape, np.uint8)
         run(W1, E, Q, C, L, U1, 0, 4, scales, zeros, np.zeros(4, np.int64), np.diag(U1).copy(), 15)
         outs.append((C, W1, E, Q, L))
     (c1, *rest1), (c2, *rest2) = outs  # the updates sum in another order than BLAS: equal up to rounding
@@ -210,7 +213,8 @@ def sub_block(W1, E, Q, C, L, U1, s1, s2, scales, zeros, gsel, d, maxq, ternary=
               X1=None, G=None, load: bool = True) -> None:
     """The compiled version when it is available for these arrays, the NumPy one otherwise; load=False:
     only if it is built already (no numba import, no compile). Arrays must be C-contiguous (the compiled
-    version is built for that layout); gsel an int64 array."""
+    version is built for that layout); gsel an int64 array; C bytes (np.uint8: the compiled version is built
+    for that type; others work, compiled once more)."""
     ready = compiled(W1.dtype) if load else COMPILED and np.dtype(W1.dtype) in _ready
     run = _call_compiled if ready else sub_block_numpy
     run(W1, E, Q, C, L, U1, s1, s2, scales, zeros, gsel, d, maxq, ternary, mode, X1, G)
@@ -230,7 +234,7 @@ def record_columns(prep, cfg: QuantConfig, load: bool = False):
     dtype = Wt.dtype
     maxq, width, ternary = cfg.maxq, cfg.group_width(n), cfg.ternary
     dynamic_groups = is_dynamic(cfg)
-    Errt, Qt, codes_t = np.empty_like(Wt), np.empty_like(Wt), np.empty_like(Wt)
+    Errt, Qt, codes_t = np.empty_like(Wt), np.empty_like(Wt), np.empty(Wt.shape, np.uint8)
     losses = np.empty(n, dtype)
     if prep.row_grid is not None:
         grids, gsel = [prep.row_grid], np.zeros(n, np.int64)

@@ -13,13 +13,14 @@ What changes is how the work is laid out:
         block-sized triangular inverse; folded into R's panels as H is factored (at no extra cost), the
         lazy updates add up S_B U_BB directly, and a block's state is one addition.
   * Transposed layout: column i of W is row i of every work buffer, so every per-column op touches
-    contiguous memory. W itself is only read: each block copies its columns out, transposed.
+    contiguous memory. W itself is only read: each block copies its columns out, transposed (with a column
+    order, W is transposed whole once and a block gathers its rows: layout.Columns).
   * Two-level lazy updates: inside a 128-column block, columns are quantized in sub-blocks of 16; a
     column pulls the OBS updates of its sub-block's earlier columns as one matrix-vector product, and a
     finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down);
     and one level up, the blocks after the next get two blocks' corrections as one matmul (lazy_updates).
   * Two layer-sized work buffers (R; S, which takes each block's values once the block has started) and
-    the codes as bytes, each touched once; with a column order, W's permuted copy too. The results go into
+    the codes as bytes, each touched once; with a column order, W's transposed copy too. The results go into
     the buffers whose work is done (square layers: no fresh layer-sized tensor), by torch's blocked
     transposed copy (layout.transpose_into).
   * On CPU a sub-block's columns run in column_kernel on views of the torch buffers: one compiled call
@@ -45,7 +46,7 @@ from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid_torch import grid_of, quantize
-from .layout import beside, shared_tensor, storage_as, to_tensor, transpose_into
+from .layout import Columns, shared_tensor, storage_as, to_tensor, transpose_into
 from .lazy_updates import LazyUpdates
 from .order import group_of_steps, processing_order
 from .rotation import Rotation
@@ -91,11 +92,12 @@ def _runs(bounds, width: int) -> list[list[tuple[int, int]]]:
     return [run] + runs if run else runs
 
 
-def _factor_upper(A: torch.Tensor, bounds, fold: bool = True) -> torch.Tensor:
+def _factor_upper(A: torch.Tensor, bounds, fold: bool = True, inverses: dict | None = None) -> torch.Tensor:
     """R upper triangular with A = R R^T, in place in A's upper triangle (only that is read; below the
     diagonal is scratch, and everything downstream reads only upper triangles), by the GPTQ blocks
     (bounds); fold: R folded as the lazy updates use it, each block's column panel above the diagonal
-    times the block's U = R_BB^-1 and U in the diagonal block (see _fold_block_inverses).
+    times the block's U = R_BB^-1 and U in the diagonal block (see _fold_block_inverses); inverses (not
+    folded): a dict that receives each block's U by its first column, for _fold_block_inverses.
 
     A blocked Cholesky that starts from the last block: with A = [[A11, A12], [A21, A22]] and
     R = [[R11, R12], [0, R22]], A22 = R22 R22^T (a small factorization of the reversed block),
@@ -121,6 +123,8 @@ def _factor_upper(A: torch.Tensor, bounds, fold: bool = True) -> torch.Tensor:
             eye = torch.eye(b - a, device=A.device, dtype=A.dtype)
             U = torch.linalg.solve_triangular(Rbb, eye, upper=True)
             A[a:b, a:b] = U if fold else Rbb
+            if inverses is not None:
+                inverses[a] = U
             if a == 0:
                 break
             Tb = T[:a, a - r0 : b - r0]
@@ -139,22 +143,22 @@ def _factor_upper(A: torch.Tensor, bounds, fold: bool = True) -> torch.Tensor:
     return A
 
 
-def _fold_block_inverses(R: torch.Tensor, bounds) -> None:
-    """In place: every block's column panel above the diagonal times the block's U = R_BB^-1, and U itself
-    in the diagonal block (only the upper triangles are meaningful).
+def _fold_block_inverses(R: torch.Tensor, bounds, inverses: dict) -> None:
+    """In place: every block's column panel above the diagonal times the block's U = R_BB^-1 (inverses, by
+    the block's first column, from _factor_upper), and U itself in the diagonal block (only the upper
+    triangles are meaningful).
 
     The lazy updates then add up S_B U_BB rather than S_B, so a block's state W0_B + S_B U_BB is one
     addition when the block starts, not a matmul. _factor_upper folds as it factors, at no cost; this is
     for GPTAQ, whose M is computed from R before the fold."""
     for i1, i2 in bounds:
-        eye = torch.eye(i2 - i1, device=R.device, dtype=R.dtype)
-        U = torch.linalg.solve_triangular(R[i1:i2, i1:i2], eye, upper=True)
+        U = inverses[i1]
         if i1:
             R[:i1, i1:i2] = R[:i1, i1:i2] @ U
         R[i1:i2, i1:i2] = U
 
 
-def _group_state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, bounds, k: int, width: int,
+def _group_state(columns, S: torch.Tensor, R: torch.Tensor, bounds, k: int, width: int,
                  asym=None) -> torch.Tensor:
     """Fully updated weights (transposed) of the group that starts at block k and is wider than a block,
     when every column before it is quantized: W0 + S R_FF^-1 over its columns F.
@@ -163,7 +167,7 @@ def _group_state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, bounds, k: 
     buffer, S R_FF^-1 = S~ R~_FF^-1, and R~_FF has identity diagonal blocks: block j's part is
     X_j = S~_j - sum_{l<j} X_l R~_lj, one matmul per block. GPTAQ's pending g's add U_jj^T G_j to S~_j."""
     i1 = bounds[k][0]
-    end = min(i1 + width, W0.shape[1])
+    end = min(i1 + width, S.shape[0])
     X = torch.empty((end - i1, S.shape[1]), device=S.device, dtype=S.dtype)
     for a, b in bounds[k:]:
         if a >= end:
@@ -174,7 +178,7 @@ def _group_state(W0: torch.Tensor, S: torch.Tensor, R: torch.Tensor, bounds, k: 
             Xj.addmm_(R[a:b, a:b].T, asym.Gt[a:b])
         if a > i1:
             Xj.addmm_(R[i1:a, a:b].T, X[: a - i1], alpha=-1)
-    return X.add_(transpose_into(torch.empty_like(X), W0[:, i1:end]))
+    return X.add_(columns(i1, end, torch.empty_like(X)))
 
 
 # Columns handled one at a time inside a sub-block; the rest of the block gets each sub-block's
@@ -215,9 +219,11 @@ class _ColumnSteps:
         self.maxq, self.ternary = maxq, ternary
         self.mode = kernel.R_FORM if gptaq else kernel.PLAIN
         self.codes_t, self.losses, self.gsel = codes_t, losses, gsel
-        # a block's codes as the steps compute them, in the values' dtype (then into codes_t: a quarter of
-        # the memory to fault in and to transpose at the end)
-        self.Cb = torch.empty((block_rows, codes_t.shape[1]), device=codes_t.device, dtype=losses.dtype)
+        # the torch and Triton steps compute a block's codes in the values' dtype, then copy them into
+        # codes_t (bytes: a quarter of the memory to fault in and to transpose at the end); column_kernel
+        # writes bytes itself
+        self.Cb = None if self.kind == "numpy" else torch.empty((block_rows, codes_t.shape[1]),
+                                                                 device=codes_t.device, dtype=losses.dtype)
         if self.kind == "triton":  # on the device once, not a host-to-device copy per block
             self.gsel_t = torch.as_tensor(gsel, device=codes_t.device)
         self.launched = False
@@ -225,9 +231,11 @@ class _ColumnSteps:
     def block(self, i1: int, i2: int, W1, E, Q, U1, grids, M1=None, G1=None) -> None:
         """Run the block's columns. Its buffers: state W1, errors E, values Q, U1 = U[B, B], grids (scales,
         zeros) (groups, rows), GPTAQ's M[B, B] and pending g's."""
-        C = self.Cb[: i2 - i1]
+        in_place = self.kind == "numpy"
+        C = self.codes_t[i1:i2] if in_place else self.Cb[: i2 - i1]
         self._columns(i1, i2, W1, E, Q, C, U1, grids, M1, G1)
-        self.codes_t[i1:i2] = C
+        if not in_place:
+            self.codes_t[i1:i2] = C
 
     def _columns(self, i1: int, i2: int, W1, E, Q, C, U1, grids, M1, G1) -> None:
         L, gsel = self.losses[i1:i2], self.gsel[i1:i2]
@@ -358,8 +366,8 @@ class _Gptaq:
 
 def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, dXXT=None) -> QuantResult:
     device = torch.device(device) if device is not None else None
-    # W0 as given where it already has this device and dtype (only read: each block's columns are copied
-    # out, transposed, when the block starts), else converted. Never written while it is the caller's.
+    # W0 as given where it already has this device and dtype (only read: see layout.Columns), else
+    # converted. Never written while it is the caller's.
     W0 = shared_tensor(W, device, dtype)
     del W
     # H likewise: the factorization works on a copy
@@ -400,15 +408,15 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
         static_grids = [grid_of(W0[:, s : s + width], cfg) for s in range(0, n, width)]
     reordered = cfg.desc_act or cfg.group_aware
     perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
-    perm = torch.as_tensor(perm_np, device=W0.device)
-    W0_later = None
-    if reordered:  # W0's columns into processing order (a gather within each row, which torch runs on one
-        # core): with a worker thread, beside H's gathers below
-        W0_later = beside(lambda W=W0: W.index_select(1, perm), enabled=worker_threads > 0)
-        if gptaq:
-            dXXT = dXXT.index_select(0, perm).index_select(1, perm)
+    perm = torch.as_tensor(perm_np, device=H.device)
+    # each block's original columns, transposed; with a column order W0 is transposed whole first (one core
+    # in torch): with a worker thread, beside H's gathers below
+    columns = Columns(W0, perm if reordered else None, background=worker_threads > 0)
+    del W0
+    if reordered and gptaq:
+        dXXT = dXXT.index_select(0, perm).index_select(1, perm)
     # S, the pending corrections (transposed); taken now: while reordering it is scratch space
-    S = torch.empty((n, rows), device=W0.device, dtype=dtype)
+    S = torch.empty((n, rows), device=perm.device, dtype=dtype)
 
     bounds = block_bounds(n, cfg)
     diag = torch.diag(H)[perm] if reordered else torch.diag(H)
@@ -420,11 +428,11 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
             R = R.index_select(1, perm)
         else:
             R = H.clone()
-        if W0_later is not None:  # before the factorization, which takes every thread
-            W0, W0_later = W0_later(), None
+        columns.ready()  # before the factorization, which takes every thread
         R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:
-            R = _factor_upper(R, bounds, fold=not gptaq)  # GPTAQ's M needs R itself: folded below
+            inverses = {} if gptaq else None  # GPTAQ's M needs R itself: folded below
+            R = _factor_upper(R, bounds, fold=not gptaq, inverses=inverses)
             break
         except torch.linalg.LinAlgError:
             continue
@@ -436,14 +444,14 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     asym = None
     if gptaq:
         asym = _Gptaq(dXXT, R, cfg.gptaq_alpha, S, bounds)
-        _fold_block_inverses(R, bounds)
+        _fold_block_inverses(R, bounds, inverses)
     del dXXT
     S.zero_()
-    codes_t = torch.empty((n, rows), device=W0.device, dtype=torch.uint8)  # integer codes (bits <= 8)
+    codes_t = torch.empty((n, rows), device=R.device, dtype=torch.uint8)  # integer codes (bits <= 8)
     # a block's original weights, its state, its scaled errors (w - q) / U_ii (the paper's Err1; GPTAQ: Err')
     block_rows = max(b - a for a, b in bounds)
-    W0b, W1b, Errb = (torch.empty((block_rows, rows), device=W0.device, dtype=dtype) for _ in range(3))
-    losses = torch.empty(n, device=W0.device, dtype=dtype)
+    W0b, W1b, Errb = (torch.empty((block_rows, rows), device=R.device, dtype=dtype) for _ in range(3))
+    losses = torch.empty(n, device=R.device, dtype=dtype)
     scales, zeros = [], []
     grids = None  # (scales, zeros) of the grids in use, (groups, rows); gsel: each column's row
     if row_grid is not None:
@@ -463,13 +471,13 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
                     asym.updates.flush()
             lazy.wait(k, k + 1)  # every earlier block's correction has reached S[i1:i2]
             U1 = R[i1:i2, i1:i2].contiguous()  # U[B, B] (see _fold_block_inverses)
-            W0_B = transpose_into(W0b[: i2 - i1], W0[:, i1:i2])
+            W0_B = columns(i1, i2, W0b[: i2 - i1])
             # the block's state W0 + S_B U_BB, transposed (GPTAQ: where its lazy updates read it)
             W1 = W1b[: i2 - i1] if asym is None else asym.updates.source(k)
             torch.add(W0_B, S[i1:i2], out=W1)
             if dynamic_groups and i1 % width == 0:
                 if wide_group:
-                    group = _group_state(W0, S, R, bounds, k, width, asym)
+                    group = _group_state(columns, S, R, bounds, k, width, asym)
                 else:  # GPTAQ: the state also holds the pending g's share, sum_k g_k U[k, j] (see _Gptaq)
                     group = W1 if asym is None else torch.addmm(W1, U1.T, asym.Gt[i1:i2])
                 scale, zero = grid_of(group[:width], cfg, dim=0)
@@ -511,12 +519,13 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
             t = torch.index_select(t, 0, invperm, out=scratch)
         return transpose_into(out, t)
 
-    # Into buffers whose work is done (R; S, now Q^T; the permuted W0; codes_t), not new layer-sized tensors
+    # Into buffers whose work is done (R; S, now Q^T; W0 transposed; codes_t), not new layer-sized tensors
     # where the sizes allow: a fresh one costs page faults as well as the copy.
-    scratch = storage_as(W0, S.shape, dtype, temporary=True) if reordered else None
+    spare = columns.Wt if reordered else None
+    scratch = storage_as(spare, S.shape, dtype, temporary=True) if reordered else None
     weight = original_order(S, scratch, storage_as(R, (rows, n), dtype))
     scratch = storage_as(S, codes_t.shape, codes_t.dtype, temporary=True) if reordered else None
-    codes = original_order(codes_t, scratch, storage_as(W0 if reordered else S, (rows, n), torch.int32))
+    codes = original_order(codes_t, scratch, storage_as(spare if reordered else S, (rows, n), torch.int32))
     return QuantResult(
         weight=weight if rotate is None else rotate.back(weight),
         codes=codes,

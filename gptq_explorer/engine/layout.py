@@ -79,3 +79,30 @@ def beside(fn: Callable[[], torch.Tensor], enabled: bool) -> Callable[[], torch.
     future = pool.submit(fn)
     pool.shutdown(wait=False)  # the thread ends once fn has
     return future.result
+
+
+class Columns:
+    """W's columns in the processing order, transposed (row i: the i-th column processed), a range at a time.
+
+    In W's own order (perm None) a range is a transposed copy of its columns. In another order W is first
+    transposed whole, in a thread of its own where `background` (see beside), and a range is a gather of
+    its rows: the whole transposed copy costs less than gathering W's columns into the new order and then
+    transposing each range (docs/performance.md). Call ready() before work that takes every thread."""
+
+    def __init__(self, W: torch.Tensor, perm: torch.Tensor | None = None, background: bool = False):
+        self.W, self.perm, self.Wt = W, perm, None
+        self._later = None
+        if perm is not None:
+            self._later = beside(lambda: transpose_into(W.new_empty(W.shape[::-1]), W), background)
+
+    def ready(self) -> None:
+        """Wait for W's transposed copy, if any (then W itself is no longer referenced)."""
+        if self._later is not None:
+            self.Wt, self._later, self.W = self._later(), None, None
+
+    def __call__(self, i1: int, i2: int, out: torch.Tensor) -> torch.Tensor:
+        """Columns i1..i2-1 (processing order) into out, (i2 - i1, rows)."""
+        if self.perm is None:
+            return transpose_into(out, self.W[:, i1:i2])
+        self.ready()
+        return torch.index_select(self.Wt, 0, self.perm[i1:i2], out=out)
