@@ -31,6 +31,20 @@ def test_storage_as_reuses_memory_only_where_it_fits():
     assert layout.storage_as(buf, (5, 6), torch.float32, temporary=True).data_ptr() != buf.data_ptr()
 
 
+def test_padded_rows_where_a_row_is_a_multiple_of_the_aliasing_stride():
+    like = torch.empty(0)
+    padded = layout.padded_empty(3, 1024, like)  # 4096 bytes a row
+    assert padded.shape == (3, 1024) and padded.stride() == (1024 + layout.ROW_PAD // 4, 1)
+    assert layout.padded_empty(3, 1000, like).is_contiguous()
+    assert layout.padded_empty(3, 1024, torch.empty(0, dtype=torch.float64)).stride() == (1032, 1)
+    # a result in a padded matrix's memory: its elements' size, the padding aside; the padding is not lost
+    same = layout.storage_as(padded, (1024, 3), torch.int32)
+    assert same.data_ptr() == padded.data_ptr() and same.is_contiguous() and same.shape == (1024, 3)
+    assert layout.storage_as(padded, (1000, 3), torch.float32).data_ptr() != padded.data_ptr()
+    big = layout.storage_as(padded, (3 * 1024 + 2 * layout.ROW_PAD // 4,), torch.float32, temporary=True)
+    assert big.data_ptr() == padded.data_ptr()  # the span from the first element to the last
+
+
 def test_beside_runs_in_another_thread_and_returns_or_raises():
     where = []
 

@@ -19,7 +19,8 @@ What changes is how the work is laid out:
     column pulls the OBS updates of its sub-block's earlier columns as one matrix-vector product, and a
     finished sub-block reaches the rest of the block as one matmul (the paper's Step 2, one level down);
     and one level up, the blocks after the next get two blocks' corrections as one matmul (lazy_updates).
-  * Two layer-sized work buffers (R; S, which takes each block's values once the block has started) and
+  * Two layer-sized work buffers (R, its rows padded where their length would alias in the CPU's caches:
+    layout.padded_empty; S, which takes each block's values once the block has started) and
     the codes as bytes, each touched once; with a column order, W's transposed copy too. The results go into
     the buffers whose work is done (square layers: no fresh layer-sized tensor), by torch's blocked
     transposed copy (layout.transpose_into).
@@ -46,7 +47,7 @@ from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid_torch import grid_of, quantize
-from .layout import Columns, shared_tensor, storage_as, to_tensor, transpose_into
+from .layout import Columns, padded_empty, shared_tensor, storage_as, to_tensor, transpose_into
 from .lazy_updates import LazyUpdates
 from .order import group_of_steps, processing_order
 from .rotation import Rotation
@@ -423,11 +424,12 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     mean_diag = float(diag.mean())
     for damp in checks.damping_schedule(cfg.damp_percent):
         # the factorization overwrites its argument: a fresh copy (permuted) of H for every try
-        if reordered:  # rows gathered into S's memory (dead until zeroed), then the columns
-            R = torch.index_select(H, 0, perm, out=storage_as(S, H.shape, dtype, temporary=True))
-            R = R.index_select(1, perm)
+        # (padded rows: R's panels are the factorization's and the lazy updates' matmul operands)
+        if reordered:  # columns gathered into S's memory (dead until zeroed), then the rows
+            R = torch.index_select(H, 1, perm, out=storage_as(S, H.shape, dtype, temporary=True))
+            R = torch.index_select(R, 0, perm, out=padded_empty(n, n, S))
         else:
-            R = H.clone()
+            R = padded_empty(n, n, S).copy_(H)
         columns.ready()  # before the factorization, which takes every thread
         R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:

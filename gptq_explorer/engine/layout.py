@@ -1,5 +1,6 @@
 """Memory and layout for the torch path (gptq_torch): tensors shared or copied in, transposed copies,
-results written into buffers whose work is done, and a copy run beside the main thread.
+W's columns in the processing order, rows padded against cache aliasing, results written into buffers
+whose work is done, and a copy run beside the main thread.
 
 On a CPU, GPTQ's work outside the matmuls is mostly moving memory: transposing a layer, gathering its
 columns into another order, touching fresh layer-sized buffers for the first time (page faults). These
@@ -54,15 +55,38 @@ def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+# Rows whose length in bytes is a multiple of this fall on few cache sets: a matmul over panels of such a
+# matrix runs 5-8% slower on a CPU (docs/performance.md), so padded_empty gives them ROW_PAD bytes more.
+ALIASING_STRIDE = 4096
+ROW_PAD = 64
+
+
+def padded_empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized (rows, cols) matrix of like's dtype and device: on a CPU, where a row's bytes are a
+    multiple of ALIASING_STRIDE, a view of a matrix ROW_PAD bytes wider."""
+    size = like.element_size()
+    pad = ROW_PAD // size if like.device.type == "cpu" and cols * size % ALIASING_STRIDE == 0 else 0
+    return like.new_empty((rows, cols + pad))[:, :cols]
+
+
+def _span(buf: torch.Tensor) -> torch.Tensor:
+    """buf's memory as one flat tensor, from its first element to its last (a padded_empty matrix's row
+    padding included)."""
+    if buf.is_contiguous():
+        return buf.view(-1)
+    return buf.as_strided((1 + sum((n - 1) * st for n, st in zip(buf.shape, buf.stride())),), (1,))
+
+
 def storage_as(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                temporary: bool = False) -> torch.Tensor:
     """A tensor of shape and dtype in buf's memory (buf's contents are dead), or a new one where buf does
     not fit: a layer-sized buffer already touched costs no page faults, a fresh one does. Not temporary (a
-    result): only where the sizes match exactly, so that a result holds no memory beyond its own."""
-    flat = buf.view(-1)
+    result): only where buf's elements are exactly the size of the result (a padded_empty matrix's row
+    padding aside), so that a result holds no memory beyond its own."""
+    flat = _span(buf)
     size, have = torch.empty((), dtype=dtype).element_size(), flat.element_size()
     need, got = size * int(np.prod(shape)), have * flat.numel()
-    if have % size == 0 and (got >= need if temporary else got == need):
+    if have % size == 0 and got >= need and (temporary or need == buf.numel() * buf.element_size()):
         return flat.view(dtype)[: need // size].view(shape)
     return torch.empty(shape, device=buf.device, dtype=dtype)
 
