@@ -523,11 +523,12 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
 
     # Into buffers whose work is done (R; S, now Q^T; W0 transposed; codes_t), not new layer-sized tensors
     # where the sizes allow: a fresh one costs page faults as well as the copy.
-    spare = columns.Wt if reordered else None
-    scratch = storage_as(spare, S.shape, dtype, temporary=True) if reordered else None
+    # With a column order, W0's transposed copy is the weight's scratch and then takes the codes.
+    codes_home = columns.Wt if reordered else S
+    scratch = storage_as(codes_home, S.shape, dtype, temporary=True) if reordered else None
     weight = original_order(S, scratch, storage_as(R, (rows, n), dtype))
     scratch = storage_as(S, codes_t.shape, codes_t.dtype, temporary=True) if reordered else None
-    codes = original_order(codes_t, scratch, storage_as(spare if reordered else S, (rows, n), torch.int32))
+    codes = original_order(codes_t, scratch, storage_as(codes_home, (rows, n), torch.int32))
     return QuantResult(
         weight=weight if rotate is None else rotate.back(weight),
         codes=codes,

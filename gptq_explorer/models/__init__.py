@@ -10,8 +10,7 @@ _LAZY = {
     **dict.fromkeys(
         ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "Adapter", "BlockInputs", "UnsupportedModelError",
          "catch_block_inputs", "get_adapter", "get_weight", "head_inputs", "head_logits",
-         "quantizable_modules",
-         "run_block", "run_blocks", "set_weight"], "adapters"),
+         "quantizable_modules", "run_block", "run_blocks", "set_weight"], "adapters"),
     **dict.fromkeys(["CURATED_MODELS", "DEFAULT_MODEL"], "catalog"),
     **dict.fromkeys(
         ["LoadedModel", "available_offline", "estimate_model_memory", "load_model"], "loading"),
