@@ -1,5 +1,5 @@
-"""engine.layout: the torch path's transposed copies, buffers reused for results, and the copy run beside the
-main thread."""
+"""engine.layout: the torch path's transposed copies, H in another order, buffers reused for results, and the
+copy run beside the main thread."""
 
 import threading
 
@@ -43,6 +43,20 @@ def test_padded_rows_where_a_row_is_a_multiple_of_the_aliasing_stride():
     assert layout.storage_as(padded, (1000, 3), torch.float32).data_ptr() != padded.data_ptr()
     big = layout.storage_as(padded, (3 * 1024 + 2 * layout.ROW_PAD // 4,), torch.float32, temporary=True)
     assert big.data_ptr() == padded.data_ptr()  # the span from the first element to the last
+
+
+@pytest.mark.parametrize("n", [1, 5, 13])
+def test_permuted_into_a_padded_matrix(monkeypatch, n):
+    """out = A[perm][:, perm] in bands of rows (5 rows here: one band, bands dividing n, a last short band),
+    into a padded matrix whose padding stays untouched."""
+    monkeypatch.setattr(layout, "PERMUTE_BAND", 5)
+    A = torch.arange(n * n, dtype=torch.float32).view(n, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    wide = torch.full((n, n + 3), -1.0)
+    out = wide[:, :n]
+    assert layout.permuted_into(out, A, perm) is out
+    assert torch.equal(out, A[perm][:, perm])
+    assert bool((wide[:, n:] == -1).all())
 
 
 def test_beside_runs_in_another_thread_and_returns_or_raises():

@@ -47,7 +47,7 @@ from .blocks import block_bounds
 from .blocks import dynamic_groups as is_dynamic
 from .config import QuantConfig, QuantResult
 from .grid_torch import grid_of, quantize
-from .layout import Columns, padded_empty, shared_tensor, storage_as, to_tensor, transpose_into
+from .layout import Columns, padded_empty, permuted_into, shared_tensor, storage_as, to_tensor, transpose_into
 from .lazy_updates import LazyUpdates
 from .order import group_of_steps, processing_order
 from .rotation import Rotation
@@ -411,12 +411,13 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     perm_np = processing_order(torch.diag(H).cpu().numpy(), cfg)
     perm = torch.as_tensor(perm_np, device=H.device)
     # each block's original columns, transposed; with a column order W0 is transposed whole first (one core
-    # in torch): with a worker thread, beside H's gathers below
+    # in torch): with a worker thread, beside H's permuted copy below
     columns = Columns(W0, perm if reordered else None, background=worker_threads > 0)
     del W0
     if reordered and gptaq:
-        dXXT = dXXT.index_select(0, perm).index_select(1, perm)
-    # S, the pending corrections (transposed); taken now: while reordering it is scratch space
+        with _single_thread(dXXT.device, enabled=worker_threads > 0):
+            dXXT = permuted_into(torch.empty_like(dXXT), dXXT, perm)
+    # S, the pending corrections (transposed); taken now: on a GPU, while reordering, it is scratch space
     S = torch.empty((n, rows), device=perm.device, dtype=dtype)
 
     bounds = block_bounds(n, cfg)
@@ -425,11 +426,12 @@ def _gptq_torch(W, H, cfg: QuantConfig, device, dtype, worker_threads: int = 0, 
     for damp in checks.damping_schedule(cfg.damp_percent):
         # the factorization overwrites its argument: a fresh copy (permuted) of H for every try
         # (padded rows: R's panels are the factorization's and the lazy updates' matmul operands)
-        if reordered:  # columns gathered into S's memory (dead until zeroed), then the rows
-            R = torch.index_select(H, 1, perm, out=storage_as(S, H.shape, dtype, temporary=True))
-            R = torch.index_select(R, 0, perm, out=padded_empty(n, n, S))
+        R = padded_empty(n, n, S)
+        if reordered:  # on one core where W's transposed copy has the other
+            with _single_thread(R.device, enabled=worker_threads > 0):
+                R = permuted_into(R, H, perm, scratch=storage_as(S, H.shape, dtype, temporary=True))
         else:
-            R = padded_empty(n, n, S).copy_(H)
+            R.copy_(H)
         columns.ready()  # before the factorization, which takes every thread
         R.diagonal().add_(damp * mean_diag)  # the paper's dampening, lambda I
         try:

@@ -1,5 +1,5 @@
 """Memory and layout for the torch path (gptq_torch): tensors shared or copied in, transposed copies,
-W's columns in the processing order, rows padded against cache aliasing, results written into buffers
+W's columns and H in the processing order, rows padded against cache aliasing, results written into buffers
 whose work is done, and a copy run beside the main thread.
 
 On a CPU, GPTQ's work outside the matmuls is mostly moving memory: transposing a layer, gathering its
@@ -67,6 +67,29 @@ def padded_empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     size = like.element_size()
     pad = ROW_PAD // size if like.device.type == "cpu" and cols * size % ALIASING_STRIDE == 0 else 0
     return like.new_empty((rows, cols + pad))[:, :cols]
+
+
+# Rows per band in permuted_into: a band and its column gather stay in the CPU's caches.
+PERMUTE_BAND = 64
+
+
+def permuted_into(out: torch.Tensor, A: torch.Tensor, perm: torch.Tensor,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """out = A[perm][:, perm] (a square matrix in another order, as H for act-order). On a CPU a band of
+    PERMUTE_BAND rows at a time: its rows gathered, then its columns, in two small buffers, then copied
+    into out: one pass over A and one over out, where gathering all columns and then all rows is two
+    passes over a layer-sized intermediate (and torch's column gather straight into a padded_empty
+    matrix takes a slow path: docs/performance.md). Elsewhere two whole gathers, the first into scratch
+    (A's shape; a new tensor if None)."""
+    if A.device.type != "cpu":
+        return torch.index_select(torch.index_select(A, 1, perm, out=scratch), 0, perm, out=out)
+    n, band = A.shape[1], min(PERMUTE_BAND, A.shape[0])
+    rows, both = A.new_empty((band, n)), A.new_empty((band, n))
+    for a in range(0, A.shape[0], band):
+        b = min(a + band, A.shape[0])
+        torch.index_select(A, 0, perm[a:b], out=rows[: b - a])
+        out[a:b].copy_(torch.index_select(rows[: b - a], 1, perm, out=both[: b - a]))
+    return out
 
 
 def _span(buf: torch.Tensor) -> torch.Tensor:
